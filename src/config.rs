@@ -1,0 +1,113 @@
+//! Command line and environment: every `serve` flag is also read from `POSTERN_<FLAG>`.
+//!
+//! clap does the parsing; [`ServeArgs::validate`] turns the raw flags into the typed
+//! [`Config`] the server runs on, with one clear error per mistake.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// postern: STARTTLS, implicit TLS and SMTP AUTH in front of a plain-SMTP server.
+#[derive(Debug, Parser)]
+#[command(name = "postern", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Serve(ServeArgs),
+    /// Read a password (stdin or a tty prompt) and print a users-file line for it.
+    HashPassword(HashPasswordArgs),
+}
+
+/// Ports used when neither `--listen` nor `--listen-tls` is given.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:587";
+pub const DEFAULT_LISTEN_TLS: &str = "0.0.0.0:465";
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Submission listener offering STARTTLS (repeatable). TLS and AUTH are required before
+    /// any mail transaction. If neither --listen nor --listen-tls is given, postern listens on
+    /// 0.0.0.0:587 (STARTTLS) and 0.0.0.0:465 (implicit TLS).
+    #[arg(long, env = "POSTERN_LISTEN", value_delimiter = ',', value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Implicit-TLS listener, RFC 8314 (repeatable). AUTH is required.
+    #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_name = "ADDR")]
+    pub listen_tls: Vec<SocketAddr>,
+
+    /// The legacy plain-SMTP server that receives the mail.
+    #[arg(long, env = "POSTERN_BACKEND", value_name = "HOST:PORT")]
+    pub backend: String,
+
+    /// PEM certificate chain (leaf first).
+    #[arg(long, env = "POSTERN_CERT", value_name = "PATH", default_value = "/etc/postern/tls.crt")]
+    pub cert: PathBuf,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA or Ed25519).
+    #[arg(long, env = "POSTERN_KEY", value_name = "PATH", default_value = "/etc/postern/tls.key")]
+    pub key: PathBuf,
+
+    /// Credentials file, Dovecot passwd-file style: `user:{SCHEME}data[:ignored...]`.
+    #[arg(long, env = "POSTERN_USERS", value_name = "PATH", default_value = "/etc/postern/users")]
+    pub users: PathBuf,
+
+    /// Name used in the greeting and the EHLO reply [default: the machine's host name].
+    #[arg(long, env = "POSTERN_HOSTNAME", value_name = "NAME")]
+    pub hostname: Option<String>,
+
+    /// How long a TLS handshake may take.
+    #[arg(long, env = "POSTERN_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// How long to wait for each command before AUTH (RFC 5321 §4.5.3.2 suggests 5 minutes).
+    #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub command_timeout: Duration,
+
+    /// Budget for reaching the backend after AUTH: connect, greeting and EHLO reply.
+    #[arg(long, env = "POSTERN_BACKEND_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub backend_timeout: Duration,
+
+    /// Close a relayed session when neither side sent a byte for this long.
+    #[arg(long, env = "POSTERN_RELAY_IDLE_TIMEOUT", value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub relay_idle_timeout: Duration,
+
+    /// How often the backend's capabilities are probed with EHLO.
+    #[arg(long, env = "POSTERN_PROBE_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub probe_interval: Duration,
+
+    /// Log format.
+    #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG, if set, takes precedence.
+    #[arg(long, env = "POSTERN_LOG_LEVEL", value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct HashPasswordArgs {
+    /// Hash scheme of the printed line.
+    #[arg(long, value_enum, default_value_t = HashScheme::Argon2id)]
+    pub scheme: HashScheme,
+}
+
+/// Schemes `hash-password` can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HashScheme {
+    Argon2id,
+    #[value(name = "sha512-crypt")]
+    Sha512Crypt,
+    Bcrypt,
+}

@@ -1,0 +1,7 @@
+//! postern: a TLS and SMTP AUTH front for legacy plain-SMTP servers.
+//!
+//! # Layout
+//!
+//! - [`config`]: command line and environment.
+
+pub mod config;
