@@ -5,3 +5,4 @@
 //! - [`config`]: command line and environment.
 
 pub mod config;
+pub mod smtp;
