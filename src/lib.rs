@@ -3,5 +3,7 @@
 //! # Layout
 //!
 //! - [`config`]: command line and environment.
+//! - [`sasl`]: sans-IO SASL exchanges (PLAIN, LOGIN, CRAM-MD5): AUTH lines in, credentials out.
 
 pub mod config;
+pub mod sasl;
