@@ -336,6 +336,9 @@ mod tests {
 
     const RFC2195_CHALLENGE: &str = "<1896.697170952@postoffice.reston.mci.net>";
 
+    /// A table row: name, initial response, continuation lines, every step expected.
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<&'a str>, Vec<Step>);
+
     fn b64(bytes: &[u8]) -> String {
         STANDARD.encode(bytes)
     }
@@ -403,7 +406,7 @@ mod tests {
         let same_authzid = b64(b"tim\0tim\0tanstaaftanstaaf");
         let utf8 = b64("\0jürgen\0pässword".as_bytes());
         let binary_password = b64(b"\0tim\0\xff\xfe");
-        let cases: Vec<(&str, Option<&str>, Vec<&str>, Vec<Step>)> = vec![
+        let cases: Vec<Case> = vec![
             // RFC 4616 §4 examples.
             (
                 "initial response",
@@ -507,7 +510,7 @@ mod tests {
     fn login() {
         let user = b64(b"tim");
         let pass = b64(b"tanstaaftanstaaf");
-        let cases: Vec<(&str, Option<&str>, Vec<&str>, Vec<Step>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "two prompts",
                 None,
@@ -610,7 +613,7 @@ mod tests {
         let not_hex = b64(b"tim g913a602c7eda7a495b4e6e7334d3890");
         let no_space = b64(b"timb913a602c7eda7a495b4e6e7334d3890");
         let no_user = b64(b" b913a602c7eda7a495b4e6e7334d3890");
-        let cases: Vec<(&str, Option<&str>, Vec<&str>, Vec<Step>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "RFC 2195 example",
                 None,
