@@ -4,6 +4,8 @@
 //!
 //! - [`config`]: command line and environment.
 //! - [`sasl`]: sans-IO SASL exchanges (PLAIN, LOGIN, CRAM-MD5): AUTH lines in, credentials out.
+//! - [`users`]: the Dovecot-style passwd-file credential store and password verification.
 
 pub mod config;
 pub mod sasl;
+pub mod users;
