@@ -6,3 +6,5 @@
 
 pub mod config;
 pub mod smtp;
+pub mod sasl;
+pub mod users;
