@@ -1,0 +1,346 @@
+//! A stand-in for `conn.rs` that drives a [`Session`] from raw client bytes and checks the
+//! pre-AUTH invariants after every step, panicking on the first violation.
+//!
+//! Shared by `tests/properties.rs` (proptest) and `fuzz/fuzz_targets/session.rs`
+//! (libFuzzer) through `#[path]`, so both check exactly the same rules. It sees only the
+//! public API: what the session does is judged from its [`Action`]s and replies, the way
+//! a client and the driver would see them, never from its private state.
+//!
+//! The driver does what `conn.rs` does, minus the I/O: lines come out of a [`LineBuffer`];
+//! on [`Action::StartTls`] it drops the buffered bytes (RFC 3207 §4.2) and reports the
+//! handshake; [`Action::Verify`] and [`Action::ConnectBackend`] are answered at once from
+//! an [`Oracle`]; [`Action::Close`] and [`Action::Relay`] end the session.
+
+// Each includer uses a different subset.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern::session::{Action, Limits, ListenerKind, Session, Verdict};
+use postern::smtp::line::MAX_COMMAND_LINE;
+use postern::smtp::{Capabilities, LineBuffer, Reply};
+
+/// Answers the driver's questions from fixed lists, cycling through them.
+#[derive(Debug, Clone)]
+pub struct Oracle {
+    verdicts: Vec<Verdict>,
+    ready: Vec<bool>,
+    next_verdict: usize,
+    next_ready: usize,
+}
+
+impl Oracle {
+    /// Empty lists mean "always Valid" and "always ready".
+    pub fn new(verdicts: Vec<Verdict>, ready: Vec<bool>) -> Self {
+        Oracle {
+            verdicts,
+            ready,
+            next_verdict: 0,
+            next_ready: 0,
+        }
+    }
+
+    fn verdict(&mut self) -> Verdict {
+        let verdict = self
+            .verdicts
+            .get(self.next_verdict % self.verdicts.len().max(1))
+            .copied()
+            .unwrap_or(Verdict::Valid);
+        self.next_verdict += 1;
+        verdict
+    }
+
+    fn ready(&mut self) -> bool {
+        let ready = self
+            .ready
+            .get(self.next_ready % self.ready.len().max(1))
+            .copied()
+            .unwrap_or(true);
+        self.next_ready += 1;
+        ready
+    }
+}
+
+/// How the session ended, if it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Closed,
+    Relayed,
+}
+
+/// Which driver call produced a list of actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Line,
+    LineTooLong,
+    Verified(Verdict),
+    BackendReady(bool),
+}
+
+/// The backend capabilities the properties use unless they bring their own.
+pub fn default_capabilities() -> Capabilities {
+    Capabilities::from_ehlo_reply(
+        &[
+            "legacy.test",
+            "PIPELINING",
+            "SIZE 1000",
+            "STARTTLS",
+            "AUTH LOGIN",
+            "XCLIENT ADDR",
+            "8BITMIME",
+        ]
+        .map(String::from),
+    )
+}
+
+/// Limits without delays; error limits as given.
+pub fn limits(max_errors: u32, max_auth_failures: u32) -> Limits {
+    Limits {
+        max_errors,
+        max_auth_failures,
+        auth_failure_delay: Duration::ZERO,
+    }
+}
+
+/// The simulated driver plus the facts the invariants are checked against.
+pub struct Driver {
+    session: Session,
+    kind: ListenerKind,
+    lines: LineBuffer,
+    oracle: Oracle,
+    /// TLS is up: an implicit-TLS listener, or `on_tls_established` was called.
+    tls: bool,
+    /// A line got `250` to EHLO/HELO since the connection (or TLS) started.
+    greeted: bool,
+    /// The last reply was `334`: the next line is a SASL response, not a command.
+    in_sasl: bool,
+    /// Code of the last reply sent, for "235 is followed by Relay".
+    last_code: Option<u16>,
+    /// Every reply code sent, in order; for callers that want to look at coverage.
+    pub codes: Vec<u16>,
+    pub end: Option<End>,
+}
+
+impl Driver {
+    pub fn new(
+        kind: ListenerKind,
+        capabilities: Capabilities,
+        limits: Limits,
+        oracle: Oracle,
+    ) -> Self {
+        let session = Session::new(
+            kind,
+            "mx.test".into(),
+            Arc::new(capabilities),
+            Box::new(|| "<1.2@mx.test>".to_owned()),
+            limits,
+        );
+        let mut driver = Driver {
+            session,
+            kind,
+            lines: LineBuffer::new(),
+            oracle,
+            tls: kind == ListenerKind::ImplicitTls,
+            greeted: false,
+            in_sasl: false,
+            last_code: None,
+            codes: Vec::new(),
+            end: None,
+        };
+        let greeting = driver.session.greeting();
+        driver.check_reply(&greeting);
+        assert_eq!(greeting.code, 220, "greeting");
+        driver
+    }
+
+    /// Bytes from the client, in whatever chunks the network delivered them.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.end.is_some() {
+            return;
+        }
+        self.lines.extend(bytes);
+        while self.end.is_none() {
+            match self.lines.next_line() {
+                Ok(Some(line)) => self.on_line(&line),
+                Ok(None) => return,
+                Err(_) => {
+                    let actions = self.session.on_line_too_long();
+                    assert!(
+                        matches!(actions.last(), Some(Action::Close)),
+                        "an over-long line must close: {actions:?}"
+                    );
+                    self.perform(actions, Origin::LineTooLong);
+                }
+            }
+        }
+    }
+
+    fn on_line(&mut self, line: &[u8]) {
+        let as_command = !self.in_sasl;
+        let verb = verb(line);
+        let clean = !line.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0));
+        let actions = self.session.on_line(line);
+        let first_code = actions.iter().find_map(|action| match action {
+            Action::Reply(reply) => Some(reply.code),
+            _ => None,
+        });
+        let shown = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
+
+        if as_command && matches!(verb.as_slice(), b"MAIL" | b"RCPT" | b"DATA" | b"BDAT") {
+            // No mail transaction before AUTH: refusals only, and nothing that moves the
+            // session towards TLS, verification or the relay.
+            for action in &actions {
+                match action {
+                    Action::Reply(reply) => assert!(
+                        (400..600).contains(&reply.code),
+                        "{shown:?} before AUTH got {}",
+                        reply.first_line()
+                    ),
+                    Action::Close | Action::Delay(_) => {}
+                    other => panic!("{shown:?} before AUTH caused {other:?}"),
+                }
+            }
+            assert!(first_code.is_some(), "{shown:?} got no reply");
+        }
+        if as_command && verb == b"AUTH" && clean {
+            let expected = if !self.tls {
+                // RFC 3207 / RFC 4954 §4: credentials only over TLS.
+                538
+            } else if !self.greeted {
+                // RFC 3207 §4.2: the EHLO before STARTTLS does not count.
+                503
+            } else {
+                0
+            };
+            if expected != 0 {
+                assert_eq!(first_code, Some(expected), "{shown:?}: {actions:?}");
+            }
+        }
+        if as_command && verb == b"STARTTLS" && self.tls && clean && line.len() <= MAX_COMMAND_LINE
+        {
+            assert_eq!(first_code, Some(503), "STARTTLS under TLS");
+        }
+        let hello = as_command && matches!(verb.as_slice(), b"EHLO" | b"HELO");
+        self.perform(actions, Origin::Line);
+        if hello && first_code == Some(250) {
+            self.greeted = true;
+        }
+    }
+
+    fn perform(&mut self, actions: Vec<Action>, origin: Origin) {
+        let count = actions.len();
+        for (index, action) in actions.into_iter().enumerate() {
+            assert!(self.end.is_none(), "action after the end: {action:?}");
+            if self.last_code == Some(235) {
+                assert!(matches!(action, Action::Relay), "235 not followed by Relay");
+            }
+            match action {
+                Action::Reply(reply) => {
+                    self.check_reply(&reply);
+                    if reply.code == 235 {
+                        assert_eq!(origin, Origin::BackendReady(true), "235 from {origin:?}");
+                    }
+                }
+                Action::StartTls => {
+                    assert_eq!(origin, Origin::Line);
+                    assert_eq!(self.last_code, Some(220), "StartTls without 220");
+                    assert!(!self.tls, "StartTls under TLS");
+                    assert_eq!(self.kind, ListenerKind::Submission);
+                    // RFC 3207 §4.2: nothing pipelined after STARTTLS is acted on.
+                    self.lines.discard();
+                    self.session.on_tls_established();
+                    self.tls = true;
+                    self.greeted = false;
+                    self.in_sasl = false;
+                    self.last_code = None;
+                }
+                Action::Verify { credentials, .. } => {
+                    assert!(self.tls, "credentials accepted without TLS");
+                    assert!(self.greeted, "Verify before EHLO/HELO");
+                    assert!(!credentials.username().is_empty());
+                    let verdict = self.oracle.verdict();
+                    let next = self.session.on_verified(verdict);
+                    self.perform(next, Origin::Verified(verdict));
+                }
+                Action::ConnectBackend { hello } => {
+                    assert_eq!(origin, Origin::Verified(Verdict::Valid), "ConnectBackend");
+                    assert!(hello.command_line().ends_with("\r\n"));
+                    assert_eq!(hello.command_line().matches('\n').count(), 1);
+                    let ready = self.oracle.ready();
+                    let next = self.session.on_backend_ready(ready);
+                    self.perform(next, Origin::BackendReady(ready));
+                }
+                Action::Relay => {
+                    // The one door to the backend: TLS, valid credentials, a ready backend.
+                    assert_eq!(origin, Origin::BackendReady(true), "Relay");
+                    assert!(self.tls, "Relay without TLS");
+                    assert_eq!(self.last_code, Some(235), "Relay without 235");
+                    assert!(self.session.authenticated().is_some());
+                    assert_eq!(index + 1, count, "actions after Relay");
+                    self.end = Some(End::Relayed);
+                }
+                Action::Delay(_) => {}
+                Action::Close => {
+                    assert_eq!(index + 1, count, "actions after Close");
+                    self.end = Some(End::Closed);
+                }
+            }
+        }
+        assert_eq!(self.session.is_tls(), self.tls, "is_tls disagrees");
+        if self.end != Some(End::Relayed) {
+            assert!(
+                self.session.authenticated().is_none(),
+                "authenticated early"
+            );
+        }
+    }
+
+    /// Every reply line is `DDD-text` or `DDD text` (the last one), CRLF-terminated, with
+    /// no CR or LF inside (RFC 5321 §4.2).
+    fn check_reply(&mut self, reply: &Reply) {
+        assert_wire_form(reply);
+        self.in_sasl = reply.code == 334;
+        self.last_code = Some(reply.code);
+        self.codes.push(reply.code);
+    }
+}
+
+/// Checks the wire form of a reply: see [`Driver::check_reply`].
+pub fn assert_wire_form(reply: &Reply) {
+    let mut wire = Vec::new();
+    reply.encode(&mut wire);
+    let text = String::from_utf8_lossy(&wire).into_owned();
+    assert!(wire.ends_with(b"\r\n"), "{text:?}");
+    let body = &wire[..wire.len() - 2];
+    let lines: Vec<&[u8]> = split_crlf(body);
+    let code = format!("{:03}", reply.code);
+    assert!((200..600).contains(&reply.code), "{text:?}");
+    for (index, line) in lines.iter().enumerate() {
+        let last = index + 1 == lines.len();
+        assert!(line.len() >= 4, "short line in {text:?}");
+        assert_eq!(&line[..3], code.as_bytes(), "{text:?}");
+        assert_eq!(line[3], if last { b' ' } else { b'-' }, "{text:?}");
+        assert!(
+            !line.iter().any(|&b| b == b'\r' || b == b'\n'),
+            "CR or LF inside {text:?}"
+        );
+    }
+}
+
+fn split_crlf(bytes: &[u8]) -> Vec<&[u8]> {
+    let mut lines = Vec::new();
+    let mut rest = bytes;
+    while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+        lines.push(&rest[..end]);
+        rest = &rest[end + 2..];
+    }
+    lines.push(rest);
+    lines
+}
+
+/// The first space-separated word, uppercased.
+fn verb(line: &[u8]) -> Vec<u8> {
+    let end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    line[..end].to_ascii_uppercase()
+}
