@@ -228,6 +228,11 @@ impl Exchange {
     /// further line returns `Malformed`.
     pub fn step(&mut self, line: &[u8]) -> Step {
         let state = std::mem::replace(&mut self.state, State::Finished);
+        // Before decoding, so that even `*` gets Malformed: a finished exchange has
+        // nothing left to cancel.
+        if let State::Finished = state {
+            return Step::Malformed;
+        }
         let data = match decode(line) {
             Some(Response::Data(data)) => data,
             Some(Response::Cancel) => return Step::Cancelled,
@@ -479,6 +484,12 @@ mod tests {
                 "line after the end",
                 Some(&tim),
                 vec![&tim],
+                vec![password("tim", b"tanstaaftanstaaf"), Step::Malformed],
+            ),
+            (
+                "cancel after the end",
+                Some(&tim),
+                vec!["*"],
                 vec![password("tim", b"tanstaaftanstaaf"), Step::Malformed],
             ),
         ];

@@ -365,7 +365,7 @@ proptest! {
     #![proptest_config(config(512))]
 
     #[test]
-    fn sasl_exchanges_accept_any_line(
+    fn sasl_exchanges_accept_any_line_and_finish_for_good(
         mechanism in mechanism(),
         initial in prop::option::of(sasl_line()),
         lines in prop::collection::vec(sasl_line(), 0..6),
@@ -374,9 +374,15 @@ proptest! {
         let (mut exchange, mut step) = Exchange::start(mechanism, initial.as_deref(), &challenge);
         prop_assert_eq!(exchange.mechanism(), mechanism);
         check_step(&step, &challenge)?;
+        let mut finished = !matches!(step, Step::Challenge(_));
         for line in &lines {
             step = exchange.step(line);
             check_step(&step, &challenge)?;
+            if finished {
+                // A finished exchange answers nothing but Malformed, whatever comes.
+                prop_assert_eq!(&step, &Step::Malformed, "after the end: {:?}", line);
+            }
+            finished |= !matches!(step, Step::Challenge(_));
         }
     }
 
