@@ -23,7 +23,7 @@ use postern::sasl::{Credentials, Exchange, Mechanism, Step};
 use postern::session::{ListenerKind, Verdict};
 use postern::smtp::line::{MAX_COMMAND_LINE, MAX_LINE};
 use postern::smtp::reply::{MAX_REPLY_LINE, MAX_REPLY_LINES};
-use postern::smtp::{BackendReply, Command, LineBuffer, Reply};
+use postern::smtp::{BackendReply, Capabilities, Command, LineBuffer, Reply};
 use postern::users::UserDb;
 
 use session_driver::{Driver, End, Oracle, assert_wire_form, default_capabilities, limits};
@@ -705,6 +705,38 @@ proptest! {
     #[test]
     fn session_keeps_its_invariants_for_any_client(connection in connection()) {
         run(&connection);
+    }
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Whatever the backend advertises, the EHLO reply postern builds from it is well
+    /// formed: the backend's lines reach clients, so they must not break the framing.
+    #[test]
+    fn ehlo_reply_is_well_formed_for_any_backend_capabilities(
+        backend in prop::collection::vec(
+            (reply_text(), prop::collection::vec(any::<u8>(), 0..4)),
+            1..8,
+        ),
+        kind in prop::sample::select(&[ListenerKind::Submission, ListenerKind::ImplicitTls][..]),
+    ) {
+        // Each backend line is text with a few raw bytes appended; LF is the one byte
+        // that cannot be inside a parsed line.
+        let mut wire = Vec::new();
+        for (index, (text, raw)) in backend.iter().enumerate() {
+            let sep = if index + 1 == backend.len() { " " } else { "-" };
+            wire.extend_from_slice(format!("250{sep}{text}").as_bytes());
+            wire.extend(raw.iter().filter(|&&b| b != b'\n'));
+            wire.extend_from_slice(b"\r\n");
+        }
+        let Ok(Some((reply, _))) = BackendReply::parse(&wire) else {
+            return Ok(());
+        };
+        let capabilities = Capabilities::from_ehlo_reply(&reply.lines);
+        let mut driver = Driver::new(kind, capabilities, limits(10, 3), Oracle::new(vec![], vec![]));
+        driver.feed(b"EHLO client.test\r\n");
+        prop_assert_eq!(driver.codes.last(), Some(&250));
     }
 }
 

@@ -49,11 +49,13 @@ fn keyword_of(line: &str) -> &str {
     line.split([' ', '=']).next().unwrap_or("")
 }
 
-/// Lines postern implements itself, lines meant for postern only, and empty lines
-/// (smtp-sink ends its list with a bare `250 `), which are no ehlo-line at all.
+/// Lines postern implements itself, lines meant for postern only, and lines that are no
+/// ehlo-line at all: empty ones (smtp-sink ends its list with a bare `250 `) and ones with
+/// control characters (RFC 5321 §4.1.1.1 allows only printable ASCII and SP), where a
+/// bare CR, which the reply parser leaves inside a line, would break the client's framing.
 fn is_hidden(line: &str) -> bool {
     let keyword = keyword_of(line.trim_start());
-    if keyword.is_empty() {
+    if keyword.is_empty() || line.chars().any(|c| c.is_ascii_control()) {
         return true;
     }
     ["STARTTLS", "AUTH", "XCLIENT", "XFORWARD"]
@@ -82,6 +84,8 @@ mod tests {
             "AUTHORITY",
             "SMTPUTF8",
             "CHUNKING",
+            "SIZE\r1000",
+            "X-NUL\0",
             "",
         ]
         .map(String::from)
