@@ -54,6 +54,16 @@ pub struct ServeArgs {
     )]
     pub listen_tls: Vec<SocketAddr>,
 
+    /// Inbound MX listener, port 25 style (repeatable): STARTTLS and AUTH offered but not
+    /// required; an anonymous session is handed to the backend at its first MAIL.
+    #[arg(
+        long,
+        env = "POSTERN_LISTEN_MX",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
+    pub listen_mx: Vec<SocketAddr>,
+
     /// The legacy plain-SMTP server that receives the mail.
     #[arg(long, env = "POSTERN_BACKEND", value_name = "HOST:PORT")]
     pub backend: String,
@@ -112,6 +122,36 @@ pub struct ServeArgs {
     /// How often the backend's capabilities are probed with EHLO.
     #[arg(long, env = "POSTERN_PROBE_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub probe_interval: Duration,
+
+    /// Tell the backend the real client with XCLIENT (address, port, HELO, login) when its
+    /// EHLO offers XCLIENT (Postfix: smtpd_authorized_xclient_hosts).
+    #[arg(long, env = "POSTERN_XCLIENT", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub xclient: bool,
+
+    /// Send a PROXY protocol header with the real client address on every backend
+    /// connection, probes included (Postfix: smtpd_upstream_proxy_protocol = haproxy).
+    #[arg(
+        long,
+        env = "POSTERN_BACKEND_PROXY_PROTOCOL",
+        value_enum,
+        value_name = "VERSION"
+    )]
+    pub backend_proxy_protocol: Option<crate::proxy_proto::Version>,
+
+    /// Expect a PROXY protocol v1 or v2 header first on every client connection (behind
+    /// a load balancer). Requires --proxy-protocol-from.
+    #[arg(long, env = "POSTERN_PROXY_PROTOCOL", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub proxy_protocol: bool,
+
+    /// Networks allowed to send a PROXY header (CIDR, repeatable or comma-separated);
+    /// connections from anywhere else are closed.
+    #[arg(
+        long,
+        env = "POSTERN_PROXY_PROTOCOL_FROM",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 
     /// Serve GET /metrics (Prometheus), /healthz and /readyz on this address [default: disabled].
     #[arg(long, env = "POSTERN_METRICS_LISTEN", value_name = "ADDR")]

@@ -18,6 +18,7 @@
 //! - [`session`]: the pre-AUTH state machine.
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`backend`]: dials the backend and probes its capabilities.
+//! - [`proxy_proto`]: HAProxy PROXY protocol v1/v2 framing, decoding and encoding.
 //! - [`relay`]: the verbatim post-AUTH splice.
 //! - [`limits`]: per-network connection and AUTH-failure limits.
 //! - [`listener`]: accept loops and the connection limit.
@@ -34,6 +35,7 @@ pub mod conn;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod proxy_proto;
 pub mod relay;
 pub mod reload;
 pub mod sasl;
