@@ -18,7 +18,9 @@
 //! - [`session`]: the pre-AUTH state machine.
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`backend`]: dials the backend and probes its capabilities.
+//! - [`proxy_proto`]: HAProxy PROXY protocol v1/v2 framing, decoding and encoding.
 //! - [`relay`]: the verbatim post-AUTH splice.
+//! - [`limits`]: per-network connection and AUTH-failure limits.
 //! - [`listener`]: accept loops and the connection limit.
 //! - [`server`]: `postern serve`: wiring, shared state, signals.
 //! - [`tls`]: certificate loading and the rustls configuration.
@@ -33,8 +35,10 @@ pub mod backend;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod proxy_proto;
 pub mod relay;
 pub mod reload;
 pub mod sasl;

@@ -188,12 +188,24 @@ fn readme_commands(readme: &str) -> Vec<ReadmeCommand> {
             .iter()
             .take_while(|w| w.contains('=') && !w.starts_with('-'))
             .count();
-        if words.get(env_count).is_some_and(|w| w == "postern") {
-            commands.push(ReadmeCommand {
-                words: words[env_count..].to_vec(),
-                has_env: env_count > 0,
-            });
-        }
+        let command = &words[env_count..];
+        let args = match command {
+            [first, rest @ ..] if first == "postern" => rest,
+            // `cargo run [--release] -- demo`: what follows `--` goes to postern.
+            [cargo, run, rest @ ..] if cargo == "cargo" && run == "run" => {
+                match rest.iter().position(|w| w == "--") {
+                    Some(dashes) => &rest[dashes + 1..],
+                    None => continue,
+                }
+            }
+            _ => continue,
+        };
+        let mut words = vec!["postern".to_owned()];
+        words.extend_from_slice(args);
+        commands.push(ReadmeCommand {
+            words,
+            has_env: env_count > 0,
+        });
     }
     commands
 }
@@ -266,8 +278,10 @@ fn readme_flags_match_the_command_line() {
 fn flags_markdown() -> String {
     let cli = Cli::command();
     let mut out = String::from(
-        "\n<!-- Generated from the clap definitions by tests/cli.rs; edit the doc comments in \
-         src/, then run `UPDATE_README=1 cargo test --test cli readme_flags`. -->\n",
+        "\n## Flags\n\n\
+         <!-- Generated from the clap definitions by tests/cli.rs: edit the doc comments in \
+         src/, then run `UPDATE_README=1 cargo test --test cli readme_flags`. -->\n\n\
+         `postern serve --help` shows the same, `postern man` as a man page.\n",
     );
     for (name, intro) in [
         (
