@@ -126,7 +126,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             print_banner(&args, &backend, &files, ready);
         }
         _ = early_interrupt.recv() => {
-            println!("postern demo: interrupted while starting; nothing was sent");
+            say("postern demo: interrupted while starting; nothing was sent\n");
             return Ok(());
         }
     }
@@ -139,8 +139,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     let path = dir.path().display().to_string();
     dir.close()
         .map_err(|e| format!("removing the demo directory {path}: {e}"))?;
-    println!("postern demo: stopped; removed {path}");
-    flush();
+    say(&format!("postern demo: stopped; removed {path}\n"));
     result
 }
 
@@ -310,13 +309,16 @@ async fn readyz(addr: SocketAddr) -> std::io::Result<u16> {
 }
 
 fn print_banner(args: &DemoArgs, backend: &str, files: &Files, backend_up: bool) {
-    print!("{}", banner(args, backend, files, backend_up));
-    flush();
+    say(&banner(args, backend, files, backend_up));
 }
 
-fn flush() {
-    // Nothing useful to do if the console is gone; the demo keeps running.
-    let _ = std::io::stdout().flush();
+/// Writes to stdout and flushes (the console is the demo's interface, and a pipe must
+/// see each line when it happens). Unlike `print!`, a closed stdout (`postern demo |
+/// head`) does not panic: the demo keeps running.
+fn say(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
 }
 
 /// What to type to try the proxy: the console is the demo's user interface.
@@ -353,7 +355,7 @@ fn banner(args: &DemoArgs, backend: &str, files: &Files, backend_up: bool) -> St
         let state = if backend_up {
             "answers EHLO"
         } else {
-            "NOT answering yet: mail will get 421 until it does"
+            "NOT answering yet: AUTH gets 454 4.7.0 until it does"
         };
         line(&format!(
             "  backend       {backend}   your server ({state})"
