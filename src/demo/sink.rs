@@ -92,6 +92,7 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session for a new connection; `hostname` appears in the greeting and EHLO.
     pub fn new(hostname: &str) -> Self {
         Session {
             hostname: hostname.to_owned(),
