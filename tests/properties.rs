@@ -571,6 +571,12 @@ impl Input {
     }
 }
 
+const KINDS: &[ListenerKind] = &[
+    ListenerKind::Submission,
+    ListenerKind::ImplicitTls,
+    ListenerKind::Mx,
+];
+
 const TIM_PLAIN: &[u8] = b"\0tim\0tanstaaftanstaaf";
 
 fn session_line() -> impl Strategy<Value = Vec<u8>> {
@@ -664,7 +670,7 @@ struct Connection {
 
 fn connection() -> impl Strategy<Value = Connection> {
     (
-        prop::sample::select(&[ListenerKind::Submission, ListenerKind::ImplicitTls][..]),
+        prop::sample::select(KINDS),
         1..12u32,
         1..5u32,
         prop::collection::vec(verdict(), 0..4),
@@ -700,8 +706,9 @@ fn run(connection: &Connection) -> Driver {
 proptest! {
     #![proptest_config(config(1024))]
 
-    /// No MAIL before AUTH, no relay without TLS, valid credentials and a ready backend,
-    /// no AUTH on a pre-TLS greeting, well-formed replies: see `support/session_driver.rs`.
+    /// No MAIL before AUTH, no relay without TLS, valid credentials and a ready backend
+    /// (bar the MX listener's anonymous hand-off at MAIL), no AUTH on a pre-TLS greeting,
+    /// well-formed replies: see `support/session_driver.rs`.
     #[test]
     fn session_keeps_its_invariants_for_any_client(connection in connection()) {
         run(&connection);
@@ -719,7 +726,7 @@ proptest! {
             (reply_text(), prop::collection::vec(any::<u8>(), 0..4)),
             1..8,
         ),
-        kind in prop::sample::select(&[ListenerKind::Submission, ListenerKind::ImplicitTls][..]),
+        kind in prop::sample::select(KINDS),
     ) {
         // Each backend line is text with a few raw bytes appended; LF is the one byte
         // that cannot be inside a parsed line.
@@ -761,7 +768,7 @@ fn session_generator_reaches_every_outcome() {
     );
 }
 
-/// The driver itself accepts the happy path on both listeners.
+/// The driver itself accepts the happy paths on every listener.
 #[test]
 fn session_driver_relays_the_happy_path() {
     let auth = [&b"AUTH PLAIN "[..], &b64(TIM_PLAIN), b"\r\n"].concat();
@@ -771,6 +778,15 @@ fn session_driver_relays_the_happy_path() {
             vec![&b"EHLO c\r\n"[..], b"STARTTLS\r\n", b"EHLO c\r\n", &auth],
         ),
         (ListenerKind::ImplicitTls, vec![&b"EHLO c\r\n"[..], &auth]),
+        (
+            ListenerKind::Mx,
+            vec![&b"EHLO c\r\n"[..], b"STARTTLS\r\n", b"EHLO c\r\n", &auth],
+        ),
+        // MX hands an anonymous session to the backend at its first MAIL.
+        (
+            ListenerKind::Mx,
+            vec![&b"EHLO c\r\n"[..], b"MAIL FROM:<>\r\n"],
+        ),
     ] {
         let mut driver = Driver::new(
             kind,
