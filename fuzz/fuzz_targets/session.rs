@@ -4,8 +4,8 @@
 //! MAIL other than 4xx/5xx, a malformed reply line, ...).
 //!
 //! Input layout, so that the fuzzer controls the driver deterministically too:
-//! - byte 0: bit 0 the listener (STARTTLS or implicit TLS), bits 1-4 the error limit,
-//!   bits 5-7 the AUTH failure limit;
+//! - byte 0: bits 0-1 the listener (STARTTLS, implicit TLS, MX, STARTTLS), bits 2-4 the
+//!   error limit, bits 5-7 the AUTH failure limit;
 //! - byte 1: four verdicts, two bits each (Valid, Invalid, Throttled, Valid);
 //! - byte 2: eight backend-ready answers, one bit each;
 //! - byte 3: the size of the chunks the rest arrives in (1 to 64 bytes);
@@ -24,12 +24,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&[setup, verdicts, ready, chunk], client)) = data.split_first_chunk::<4>() else {
         return;
     };
-    let kind = if setup & 1 == 0 {
-        ListenerKind::Submission
-    } else {
-        ListenerKind::ImplicitTls
+    let kind = match setup & 3 {
+        1 => ListenerKind::ImplicitTls,
+        2 => ListenerKind::Mx,
+        _ => ListenerKind::Submission,
     };
-    let max_errors = u32::from((setup >> 1) & 0x0f) + 1;
+    let max_errors = u32::from((setup >> 2) & 0x07) + 1;
     let max_auth_failures = u32::from(setup >> 5) + 1;
     let verdicts = (0..4)
         .map(|i| match (verdicts >> (2 * i)) & 3 {
