@@ -3,5 +3,7 @@
 //! # Layout
 //!
 //! - [`config`]: command line and environment.
+//! - [`bench`]: `postern bench`, a load generator for SMTP submission servers.
 
+pub mod bench;
 pub mod config;
