@@ -18,6 +18,8 @@
 #   KEEP=1                 keep the work directory (configs, logs, JSON, recorded mail)
 #   POSTERN_EXTRA="..."    extra flags for `postern serve`
 #   BENCH_EXTRA="..."      extra flags for every `postern bench` run
+#   POSTERN_BIN=path       measure this postern build as the proxy (A/B a change); the
+#                          load generator is still this tree's build
 #
 # Everything listens on 127.0.0.1 only. Needs root only to install nginx if it is missing.
 set -euo pipefail
@@ -51,6 +53,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 postern=$target_dir/release/postern
+proxy_bin=${POSTERN_BIN:-$postern}
 sink=$target_dir/release/examples/bench_sink
 hz=$(getconf CLK_TCK)
 
@@ -165,7 +168,7 @@ start_proxy() {
         ;;
     postern)
         # shellcheck disable=SC2086 # POSTERN_EXTRA is a list of flags
-        taskset -c "$PROXY_CPU" "$postern" serve \
+        taskset -c "$PROXY_CPU" "$proxy_bin" serve \
             --listen "127.0.0.1:$POSTERN_SMTP" --listen-tls "127.0.0.1:$POSTERN_SMTPS" \
             --backend "127.0.0.1:$SINK_PORT" --cert "$work/cert.pem" --key "$work/key.pem" \
             --users "$work/users" --hostname bench.invalid --log-level warn \

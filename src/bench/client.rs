@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine;
@@ -117,6 +118,9 @@ pub struct Script {
     pub message_size: u64,
     /// Per-step limit: each read of a reply and each write.
     pub timeout: Duration,
+    /// What the first TLS handshake negotiated (version, cipher suite, key exchange),
+    /// for the report: the key exchange in particular differs between servers.
+    pub negotiated: OnceLock<String>,
 }
 
 /// Anything a session can run over: plain TCP or TLS.
@@ -148,6 +152,7 @@ impl Session {
             }
             (Mode::Tls, Some((connector, name))) => {
                 let tls = within(Stage::Tls, t, connector.connect(name.clone(), tcp)).await?;
+                note_negotiated(script, &tls);
                 let mut conn = Conn::new(Box::new(tls) as Box<dyn Io>);
                 conn.greeting(t).await?;
                 conn
@@ -169,6 +174,7 @@ impl Session {
                     .into_inner()
                     .map_err(|n| fail(Stage::Starttls, format!("{n} bytes sent after 220")))?;
                 let tls = within(Stage::Tls, t, connector.connect(name.clone(), tcp)).await?;
+                note_negotiated(script, &tls);
                 Conn::new(Box::new(tls) as Box<dyn Io>)
             }
             (Mode::Tls | Mode::Starttls, None) => {
@@ -205,6 +211,27 @@ impl Session {
         let _ = tokio::time::timeout(t, self.conn.io.shutdown()).await;
         Ok(())
     }
+}
+
+/// Records the first handshake's parameters, e.g. `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519`.
+fn note_negotiated(script: &Script, tls: &tokio_rustls::client::TlsStream<TcpStream>) {
+    if script.negotiated.get().is_some() {
+        return;
+    }
+    let conn = tls.get_ref().1;
+    let describe = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+    let _ = script.negotiated.set(format!(
+        "{} {} {}",
+        describe(conn.protocol_version().map(|v| format!("{v:?}"))),
+        describe(
+            conn.negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+        ),
+        describe(
+            conn.negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))
+        ),
+    ));
 }
 
 /// A reply: its code and the full text (all lines, CRLF-separated), for error details

@@ -267,6 +267,7 @@ fn script(args: &BenchArgs) -> Result<Script, Error> {
         message_size: body.len() as u64,
         payload: message::stuff(&body),
         timeout: args.timeout,
+        negotiated: std::sync::OnceLock::new(),
     })
 }
 
@@ -539,6 +540,7 @@ fn summarize(
         message,
         idle_established,
         client_cpu: None,
+        tls: script.negotiated.get().cloned(),
     }
 }
 

@@ -125,6 +125,8 @@ pub struct Summary {
     pub idle_established: Option<u64>,
     /// CPU time this process used during the run (Linux only).
     pub client_cpu: Option<Duration>,
+    /// TLS parameters of the first handshake, if there was TLS.
+    pub tls: Option<String>,
 }
 
 impl Summary {
@@ -148,7 +150,7 @@ impl Summary {
             s,
             "sessions {} ({:.1}/s)  messages {} ({:.1}/s, {:.2} MB/s)  \
              handshake p50 {:.2} ms p99 {:.2} ms  message p50 {:.2} ms p99 {:.2} ms  \
-             errors {}  [{:.1} s, c={}, {} B x {}/conn{}]",
+             errors {}  [{:.1} s, c={}, {} B x {}/conn{}{}]",
             t.sessions,
             self.rate(t.sessions),
             t.messages,
@@ -165,6 +167,10 @@ impl Summary {
             self.messages_per_conn,
             match self.client_cpu {
                 Some(cpu) => format!(", client CPU {:.2} s", cpu.as_secs_f64()),
+                None => String::new(),
+            },
+            match &self.tls {
+                Some(tls) => format!(", {tls}"),
                 None => String::new(),
             },
         );
@@ -214,7 +220,7 @@ impl Summary {
              \"messages_per_conn\":{},\"elapsed_s\":{:.3},\"sessions\":{},\"messages\":{},\
              \"bytes\":{},\"sessions_per_s\":{:.2},\"messages_per_s\":{:.2},\"mb_per_s\":{:.3},\
              \"handshake_ms\":{},\"message_ms\":{},\"errors\":{},\"errors_total\":{},\
-             \"last_error\":{},\"idle_established\":{},\"client_cpu_s\":{}}}",
+             \"last_error\":{},\"idle_established\":{},\"client_cpu_s\":{},\"tls\":{}}}",
             json_string(&self.target),
             self.mode,
             self.concurrency,
@@ -234,6 +240,7 @@ impl Summary {
             last,
             opt(self.idle_established.map(|n| n.to_string())),
             opt(self.client_cpu.map(|c| format!("{:.3}", c.as_secs_f64()))),
+            opt(self.tls.as_deref().map(json_string)),
         )
     }
 }
