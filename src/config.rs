@@ -9,9 +9,24 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// `postern --version`: the crate version and the commit it was built from (`build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("POSTERN_GIT_COMMIT"),
+    ")"
+);
+
+/// The exit status contract, shown by `--help`, the man page and the README.
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  0  success (serve and demo: stopped by SIGTERM or SIGINT and drained)
+  1  runtime or configuration error (a message on stderr says which)
+  2  usage error: unknown flag, missing or malformed argument";
+
 /// postern: STARTTLS, implicit TLS and SMTP AUTH in front of a plain-SMTP server.
 #[derive(Debug, Parser)]
-#[command(name = "postern", version, about, long_about = None)]
+#[command(name = "postern", version = VERSION, about, long_about = None, after_help = EXIT_STATUS)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -26,6 +41,20 @@ pub enum Command {
     Check(Box<ServeArgs>),
     /// Read a password (stdin or a tty prompt) and print a users-file line for it.
     HashPassword(HashPasswordArgs),
+    /// Try postern on this machine: the real proxy on loopback with a throw-away
+    /// certificate, a demo user and a stand-in backend that prints each mail it receives.
+    Demo(crate::demo::DemoArgs),
+    /// Print a shell completion script to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, or write one page per command into a directory.
+    Man {
+        /// Write postern.1, postern-serve.1, ... into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// Load-test an SMTP submission server.
     Bench(Box<crate::bench::BenchArgs>),
 }
@@ -55,6 +84,16 @@ pub struct ServeArgs {
         value_name = "ADDR"
     )]
     pub listen_tls: Vec<SocketAddr>,
+
+    /// Inbound MX listener, port 25 style (repeatable): STARTTLS and AUTH offered but not
+    /// required; an anonymous session is handed to the backend at its first MAIL.
+    #[arg(
+        long,
+        env = "POSTERN_LISTEN_MX",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
+    pub listen_mx: Vec<SocketAddr>,
 
     /// The legacy plain-SMTP server that receives the mail.
     #[arg(long, env = "POSTERN_BACKEND", value_name = "HOST:PORT")]
@@ -95,6 +134,10 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: Duration,
 
+    /// How long a new client may take to send its first command.
+    #[arg(long, env = "POSTERN_FIRST_COMMAND_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub first_command_timeout: Duration,
+
     /// How long to wait for each command before AUTH (RFC 5321 §4.5.3.2 suggests 5 minutes).
     #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub command_timeout: Duration,
@@ -111,6 +154,36 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_PROBE_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub probe_interval: Duration,
 
+    /// Tell the backend the real client with XCLIENT (address, port, HELO, login) when its
+    /// EHLO offers XCLIENT (Postfix: smtpd_authorized_xclient_hosts).
+    #[arg(long, env = "POSTERN_XCLIENT", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub xclient: bool,
+
+    /// Send a PROXY protocol header with the real client address on every backend
+    /// connection, probes included (Postfix: smtpd_upstream_proxy_protocol = haproxy).
+    #[arg(
+        long,
+        env = "POSTERN_BACKEND_PROXY_PROTOCOL",
+        value_enum,
+        value_name = "VERSION"
+    )]
+    pub backend_proxy_protocol: Option<crate::proxy_proto::Version>,
+
+    /// Expect a PROXY protocol v1 or v2 header first on every client connection (behind
+    /// a load balancer). Requires --proxy-protocol-from.
+    #[arg(long, env = "POSTERN_PROXY_PROTOCOL", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub proxy_protocol: bool,
+
+    /// Networks allowed to send a PROXY header (CIDR, repeatable or comma-separated);
+    /// connections from anywhere else are closed.
+    #[arg(
+        long,
+        env = "POSTERN_PROXY_PROTOCOL_FROM",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
+
     /// Serve GET /metrics (Prometheus), /healthz and /readyz on this address [default: disabled].
     #[arg(long, env = "POSTERN_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -122,6 +195,36 @@ pub struct ServeArgs {
     /// Most client connections open at once, across all listeners; more get `421 4.7.0`.
     #[arg(long, env = "POSTERN_MAX_CONNECTIONS", value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// Most connections open at once from one client IPv4 address or IPv6 /64.
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: u32,
+
+    /// Error replies after which a session is closed with 421 4.7.0.
+    #[arg(long, env = "POSTERN_MAX_ERRORS", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_errors: u32,
+
+    /// Failed AUTH attempts per connection before it is closed with 421 4.7.0.
+    #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES", value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_auth_failures: u32,
+
+    /// Delay before answering a failed AUTH, multiplied by the connection's failure count.
+    #[arg(long, env = "POSTERN_AUTH_FAILURE_DELAY", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub auth_failure_delay: Duration,
+
+    /// Failed AUTH attempts from one client IP (or IPv6 /64) per --auth-failure-window
+    /// after which its attempts get 454 4.7.0 without any password being checked.
+    #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_IP", value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_auth_failures_per_ip: u32,
+
+    /// Failed AUTH attempts for one user name per --auth-failure-window after which
+    /// attempts for it get 454 4.7.0 without any password being checked.
+    #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_USER", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_auth_failures_per_user: u32,
+
+    /// The sliding window of the per-IP and per-user AUTH failure limits.
+    #[arg(long, env = "POSTERN_AUTH_FAILURE_WINDOW", value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub auth_failure_window: Duration,
 
     /// Log format.
     #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

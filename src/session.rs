@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::sasl::{Credentials, Exchange, Mechanism, Step};
 use crate::smtp::ehlo::AUTH_LINE;
@@ -19,6 +20,10 @@ pub enum ListenerKind {
     Submission,
     /// TLS from the first byte (RFC 8314); AUTH is required.
     ImplicitTls,
+    /// Inbound MX (port 25): STARTTLS and AUTH offered, neither required (RFC 3207 §4:
+    /// a publicly referenced server must not require TLS). An anonymous session is
+    /// handed to the backend at its first MAIL, so the backend decides as before.
+    Mx,
 }
 
 impl ListenerKind {
@@ -27,6 +32,7 @@ impl ListenerKind {
         match self {
             ListenerKind::Submission => "starttls",
             ListenerKind::ImplicitTls => "tls",
+            ListenerKind::Mx => "mx",
         }
     }
 }
@@ -45,9 +51,17 @@ pub enum Action {
         credentials: Credentials,
     },
     /// Connect to the backend, replay `hello`, then call [`Session::on_backend_ready`].
-    ConnectBackend { hello: Hello },
+    /// `login` is the authenticated user (for XCLIENT); `first` holds bytes the backend
+    /// must receive before anything else the client sent (an MX session's MAIL line).
+    ConnectBackend {
+        hello: Hello,
+        login: Option<String>,
+        first: Vec<u8>,
+    },
     /// Relay bytes verbatim from now on; the session is finished.
     Relay,
+    /// Flush, then wait this long before the next action (slows password guessing).
+    Delay(Duration),
     /// Flush replies and close the connection.
     Close,
 }
@@ -81,6 +95,8 @@ enum State {
         mechanism: Mechanism,
         username: String,
     },
+    /// An anonymous MX session sent MAIL; waiting for [`Session::on_backend_ready`].
+    Handing,
     /// Credentials were valid; waiting for [`Session::on_backend_ready`].
     Connecting {
         mechanism: Mechanism,
@@ -90,6 +106,37 @@ enum State {
     Relaying,
     /// Closed by QUIT (`quit`), a timeout or a fatal error.
     Closed { quit: bool },
+}
+
+/// The outcome of a credential check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Valid,
+    Invalid,
+    /// Not checked: the client's network or the user name is over its failure limit,
+    /// or no verifier was free in time.
+    Throttled,
+}
+
+/// Per-connection limits (Postfix's `smtpd_hard_error_limit` and friends).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Error replies (5xx) after which the session is closed with `421 4.7.0`.
+    pub max_errors: u32,
+    /// Failed AUTH attempts after which the session is closed with `421 4.7.0`.
+    pub max_auth_failures: u32,
+    /// Delay before answering the n-th failed AUTH: n times this.
+    pub auth_failure_delay: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_errors: 10,
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Produces the CRAM-MD5 challenge `<random.timestamp@hostname>`; a fresh one per call.
@@ -108,6 +155,9 @@ pub struct Session {
     state: State,
     /// The authenticated user and mechanism, once the backend accepted the session.
     authenticated: Option<(String, Mechanism)>,
+    limits: Limits,
+    errors: u32,
+    auth_failures: u32,
 }
 
 impl Session {
@@ -116,6 +166,7 @@ impl Session {
         hostname: Arc<str>,
         capabilities: Arc<Capabilities>,
         challenges: ChallengeSource,
+        limits: Limits,
     ) -> Self {
         Session {
             kind,
@@ -126,6 +177,9 @@ impl Session {
             hello: None,
             state: State::Command,
             authenticated: None,
+            limits,
+            errors: 0,
+            auth_failures: 0,
         }
     }
 
@@ -145,6 +199,11 @@ impl Session {
             .map(|(user, mech)| (user.as_str(), *mech))
     }
 
+    /// Whether the session was closed for reaching its AUTH failure limit.
+    pub fn auth_failures_exhausted(&self) -> bool {
+        self.auth_failures >= self.limits.max_auth_failures
+    }
+
     /// Whether the client ended the session with QUIT.
     pub fn quit(&self) -> bool {
         matches!(self.state, State::Closed { quit: true })
@@ -152,6 +211,22 @@ impl Session {
 
     /// Feeds one line received from the client, CRLF removed.
     pub fn on_line(&mut self, line: &[u8]) -> Vec<Action> {
+        let mut actions = self.dispatch_line(line);
+        // Auth failures have their own limit; every other 5xx counts as an error.
+        let error = actions
+            .iter()
+            .any(|a| matches!(a, Action::Reply(r) if r.code >= 500 && r.code != 535));
+        let closing = actions.iter().any(|a| matches!(a, Action::Close));
+        if error && !closing {
+            self.errors += 1;
+            if self.errors >= self.limits.max_errors {
+                actions.extend(self.close_with(canned::TOO_MANY_ERRORS.into()));
+            }
+        }
+        actions
+    }
+
+    fn dispatch_line(&mut self, line: &[u8]) -> Vec<Action> {
         match std::mem::replace(&mut self.state, State::Command) {
             State::Command => self.on_command(line),
             State::Auth(mut exchange) => {
@@ -191,27 +266,49 @@ impl Session {
     }
 
     /// The outcome of [`Action::Verify`].
-    pub fn on_verified(&mut self, valid: bool) -> Vec<Action> {
+    pub fn on_verified(&mut self, verdict: Verdict) -> Vec<Action> {
         match std::mem::replace(&mut self.state, State::Command) {
             State::Verifying {
                 mechanism,
                 username,
-            } if valid => match self.hello.clone() {
+            } if verdict == Verdict::Valid => match self.hello.clone() {
                 Some(hello) => {
+                    let login = Some(username.clone());
                     self.state = State::Connecting {
                         mechanism,
                         username,
                     };
-                    vec![Action::ConnectBackend { hello }]
+                    vec![Action::ConnectBackend {
+                        hello,
+                        login,
+                        first: Vec::new(),
+                    }]
                 }
                 None => vec![Action::Reply(canned::HELLO_FIRST.into())],
             },
-            State::Verifying { .. } => vec![Action::Reply(canned::BAD_CREDENTIALS.into())],
+            State::Verifying { .. } if verdict == Verdict::Throttled => {
+                self.auth_failed(canned::AUTH_THROTTLED.into())
+            }
+            State::Verifying { .. } => self.auth_failed(canned::BAD_CREDENTIALS.into()),
             other => {
                 self.state = other;
                 Vec::new()
             }
         }
+    }
+
+    /// A failed AUTH: answered after a delay that grows with each failure, and the
+    /// connection closed once it reaches the limit (RFC 4954 §4 allows both).
+    fn auth_failed(&mut self, reply: Reply) -> Vec<Action> {
+        self.auth_failures += 1;
+        let delay = self.limits.auth_failure_delay * self.auth_failures;
+        let mut actions = vec![Action::Delay(delay)];
+        if self.auth_failures >= self.limits.max_auth_failures {
+            actions.extend(self.close_with(canned::TOO_MANY_AUTH_FAILURES.into()));
+        } else {
+            actions.push(Action::Reply(reply));
+        }
+        actions
     }
 
     /// The outcome of [`Action::ConnectBackend`]: only a backend that greeted and accepted
@@ -227,6 +324,11 @@ impl Session {
                 vec![Action::Reply(canned::AUTH_SUCCEEDED.into()), Action::Relay]
             }
             State::Connecting { .. } => vec![Action::Reply(canned::TEMPORARY_AUTH_FAILURE.into())],
+            State::Handing if ready => {
+                self.state = State::Relaying;
+                vec![Action::Relay]
+            }
+            State::Handing => vec![Action::Reply(canned::BACKEND_TRY_LATER.into())],
             other => {
                 self.state = other;
                 Vec::new()
@@ -291,11 +393,36 @@ impl Session {
             }
             // RFC 3030: a BDAT chunk follows its command unannounced, so after refusing
             // it the only safe way never to read the chunk as commands is to close.
+            Command::Bdat if self.kind == ListenerKind::Mx => {
+                self.close_with(canned::MAIL_FIRST.into())
+            }
             Command::Bdat => {
                 let refusal = self.refusal();
                 self.close_with(refusal.into())
             }
-            Command::Mail | Command::Known => reply(self.refusal().into()),
+            Command::Mail if self.kind == ListenerKind::Mx => match self.hello.clone() {
+                Some(hello) => {
+                    self.state = State::Handing;
+                    let mut first = line.to_vec();
+                    first.extend_from_slice(b"\r\n");
+                    vec![Action::ConnectBackend {
+                        hello,
+                        login: None,
+                        first,
+                    }]
+                }
+                None => reply(canned::HELLO_FIRST.into()),
+            },
+            Command::Rcpt | Command::Data if self.kind == ListenerKind::Mx => {
+                reply(canned::MAIL_FIRST.into())
+            }
+            Command::Known if self.kind == ListenerKind::Mx => {
+                reply(canned::NOT_IMPLEMENTED.into())
+            }
+            Command::Unknown if self.kind == ListenerKind::Mx => reply(canned::UNRECOGNIZED.into()),
+            Command::Mail | Command::Rcpt | Command::Data | Command::Known => {
+                reply(self.refusal().into())
+            }
             Command::Unknown if !self.tls => reply(canned::TLS_REQUIRED.into()),
             Command::Unknown => reply(canned::UNRECOGNIZED.into()),
         }
@@ -318,7 +445,7 @@ impl Session {
                     credentials,
                 }]
             }
-            Step::Denied => reply(canned::BAD_CREDENTIALS.into()),
+            Step::Denied => self.auth_failed(canned::BAD_CREDENTIALS.into()),
             Step::Cancelled => reply(canned::AUTH_CANCELLED.into()),
             Step::Malformed => reply(canned::AUTH_MALFORMED.into()),
         }
@@ -342,7 +469,7 @@ impl Session {
         );
         if self.tls {
             lines.push(AUTH_LINE.into());
-        } else if self.kind == ListenerKind::Submission {
+        } else if self.kind != ListenerKind::ImplicitTls {
             lines.push("STARTTLS".into());
         }
         Reply { code: 250, lines }
@@ -385,12 +512,12 @@ mod tests {
             ]
             .map(String::from),
         );
-        Session::new(
-            kind,
-            "mx.test".into(),
-            Arc::new(caps),
-            Box::new(|| "<1.2@mx.test>".to_owned()),
-        )
+        let limits = Limits {
+            auth_failure_delay: Duration::ZERO,
+            ..Limits::default()
+        };
+        let challenges = Box::new(|| "<1.2@mx.test>".to_owned());
+        Session::new(kind, "mx.test".into(), Arc::new(caps), challenges, limits)
     }
 
     /// A session after STARTTLS and EHLO, ready for AUTH.
@@ -537,11 +664,20 @@ mod tests {
             panic!("expected Verify, got {actions:?}");
         };
         assert_eq!(credentials.username(), "tim");
-        let actions = s.on_verified(true);
-        let [Action::ConnectBackend { hello }] = &actions[..] else {
+        let actions = s.on_verified(Verdict::Valid);
+        let [
+            Action::ConnectBackend {
+                hello,
+                login,
+                first,
+            },
+        ] = &actions[..]
+        else {
             panic!("{actions:?}")
         };
         assert_eq!(hello.command_line(), "EHLO client.test\r\n");
+        assert_eq!(login.as_deref(), Some("tim"));
+        assert!(first.is_empty());
         assert!(s.authenticated().is_none());
         let actions = s.on_backend_ready(true);
         assert_reply(&actions, "235 2.7.0");
@@ -553,7 +689,7 @@ mod tests {
     fn backend_failure_gives_454_and_the_client_may_retry() {
         let mut s = greeted_tls();
         s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-        s.on_verified(true);
+        s.on_verified(Verdict::Valid);
         assert_reply(&s.on_backend_ready(false), "454 4.7.0");
         assert!(s.authenticated().is_none());
         assert!(matches!(
@@ -566,7 +702,7 @@ mod tests {
     fn wrong_credentials_give_535_and_any_mechanism_may_be_retried() {
         let mut s = greeted_tls();
         s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-        assert_reply(&s.on_verified(false), "535 5.7.8");
+        assert_reply(&s.on_verified(Verdict::Invalid), "535 5.7.8");
         assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "530 5.7.0");
         assert_eq!(wire(&s.on_line(b"AUTH LOGIN")), "334 VXNlcm5hbWU6\r\n");
         assert_eq!(wire(&s.on_line(b"dGlt")), "334 UGFzc3dvcmQ6\r\n");
@@ -620,5 +756,110 @@ mod tests {
         let actions = session(ListenerKind::Submission).on_timeout();
         assert_reply(&actions, "421 4.4.2");
         assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn auth_failures_are_delayed_more_each_time_and_close_at_the_limit() {
+        let caps = Arc::new(Capabilities::unknown());
+        let limits = Limits {
+            max_errors: 10,
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(1),
+        };
+        let mut s = Session::new(
+            ListenerKind::ImplicitTls,
+            "mx.test".into(),
+            caps,
+            Box::new(String::new),
+            limits,
+        );
+        s.on_line(b"EHLO c");
+        for (attempt, verdict, expected) in [
+            (1, Verdict::Invalid, "535 5.7.8"),
+            (2, Verdict::Throttled, "454 4.7.0"),
+            (3, Verdict::Invalid, "421 4.7.0"),
+        ] {
+            s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
+            let actions = s.on_verified(verdict);
+            assert!(
+                matches!(actions[0], Action::Delay(d) if d == Duration::from_secs(attempt)),
+                "{actions:?}"
+            );
+            assert_reply(&actions, expected);
+        }
+        assert!(matches!(s.on_verified(Verdict::Invalid)[..], []));
+    }
+
+    #[test]
+    fn plain_with_a_foreign_authzid_counts_as_a_failure() {
+        let mut s = greeted_tls();
+        let actions = s.on_line(b"AUTH PLAIN VXJzZWwAS3VydAB4aXBqM3BsbXE=");
+        assert!(matches!(actions[0], Action::Delay(_)));
+        assert_reply(&actions, "535 5.7.8");
+    }
+
+    #[test]
+    fn too_many_errors_close_the_session() {
+        let mut s = greeted_tls();
+        for _ in 0..9 {
+            assert_reply(&s.on_line(b"XYZZY"), "500 5.5.2");
+        }
+        let actions = s.on_line(b"MAIL FROM:<a@b>");
+        assert_eq!(
+            wire(&actions),
+            "530 5.7.0 Authentication required\r\n421 4.7.0 Too many errors, closing connection\r\n"
+        );
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn mx_offers_tls_and_auth_but_hands_anonymous_mail_to_the_backend() {
+        let mut s = session(ListenerKind::Mx);
+        assert!(wire(&s.on_line(b"EHLO peer.example")).ends_with("250 STARTTLS\r\n"));
+        assert_reply(&s.on_line(b"RCPT TO:<a@b>"), "503 5.5.1");
+        assert_reply(&s.on_line(b"VRFY x"), "502 5.5.1");
+        assert_reply(&s.on_line(b"AUTH PLAIN"), "538 5.7.11");
+        let actions = s.on_line(b"MAIL FROM:<a@peer.example> SIZE=10");
+        let [
+            Action::ConnectBackend {
+                hello,
+                login: None,
+                first,
+            },
+        ] = &actions[..]
+        else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(hello.command_line(), "EHLO peer.example\r\n");
+        assert_eq!(first, b"MAIL FROM:<a@peer.example> SIZE=10\r\n");
+        // No 235 and no reply of postern's own: the backend answers the MAIL.
+        assert!(matches!(s.on_backend_ready(true)[..], [Action::Relay]));
+        assert!(s.authenticated().is_none());
+    }
+
+    #[test]
+    fn mx_backend_down_at_mail_gives_451_and_mx_needs_a_greeting() {
+        let mut s = session(ListenerKind::Mx);
+        assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "503 5.5.1");
+        s.on_line(b"HELO peer");
+        s.on_line(b"MAIL FROM:<a@b>");
+        assert_reply(&s.on_backend_ready(false), "451 4.3.0");
+        let mut s = session(ListenerKind::Mx);
+        s.on_line(b"EHLO peer");
+        let actions = s.on_line(b"BDAT 10 LAST");
+        assert_reply(&actions, "503 5.5.1");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn mx_after_tls_offers_auth_and_authenticated_users_relay_as_on_submission() {
+        let mut s = session(ListenerKind::Mx);
+        s.on_line(b"STARTTLS");
+        s.on_tls_established();
+        assert!(wire(&s.on_line(b"EHLO c")).ends_with("250 AUTH PLAIN LOGIN CRAM-MD5\r\n"));
+        assert!(matches!(
+            s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes())[..],
+            [Action::Verify { .. }]
+        ));
     }
 }

@@ -103,6 +103,22 @@ pub mod canned {
 
     pub const SHUTTING_DOWN: Canned = Canned::new(421, "4.3.2 Service shutting down");
     pub const TOO_MANY_CONNECTIONS: Canned = Canned::new(421, "4.7.0 Too many connections");
+    pub const TOO_MANY_ERRORS: Canned =
+        Canned::new(421, "4.7.0 Too many errors, closing connection");
+    pub const TOO_MANY_AUTH_FAILURES: Canned = Canned::new(
+        421,
+        "4.7.0 Too many authentication failures, closing connection",
+    );
+    pub const AUTH_THROTTLED: Canned = Canned::new(
+        454,
+        "4.7.0 Too many authentication failures, try again later",
+    );
+    pub const MAIL_FIRST: Canned = Canned::new(503, "5.5.1 Send MAIL first");
+    pub const NOT_IMPLEMENTED: Canned = Canned::new(502, "5.5.1 Command not implemented");
+    pub const BACKEND_TRY_LATER: Canned = Canned::new(
+        451,
+        "4.3.0 Mail system temporarily unavailable, try again later",
+    );
     pub const TIMEOUT: Canned = Canned::new(421, "4.4.2 Timeout, closing connection");
     pub const BACKEND_UNAVAILABLE: Canned =
         Canned::new(421, "4.3.0 Backend unavailable, closing connection");
