@@ -34,11 +34,21 @@ pub struct ServeArgs {
     /// Submission listener offering STARTTLS (repeatable). TLS and AUTH are required before
     /// any mail transaction. If neither --listen nor --listen-tls is given, postern listens on
     /// 0.0.0.0:587 (STARTTLS) and 0.0.0.0:465 (implicit TLS).
-    #[arg(long, env = "POSTERN_LISTEN", value_delimiter = ',', value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "POSTERN_LISTEN",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
     pub listen: Vec<SocketAddr>,
 
     /// Implicit-TLS listener, RFC 8314 (repeatable). AUTH is required.
-    #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "POSTERN_LISTEN_TLS",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
     pub listen_tls: Vec<SocketAddr>,
 
     /// The legacy plain-SMTP server that receives the mail.
@@ -46,15 +56,30 @@ pub struct ServeArgs {
     pub backend: String,
 
     /// PEM certificate chain (leaf first).
-    #[arg(long, env = "POSTERN_CERT", value_name = "PATH", default_value = "/etc/postern/tls.crt")]
+    #[arg(
+        long,
+        env = "POSTERN_CERT",
+        value_name = "PATH",
+        default_value = "/etc/postern/tls.crt"
+    )]
     pub cert: PathBuf,
 
     /// PEM private key (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA or Ed25519).
-    #[arg(long, env = "POSTERN_KEY", value_name = "PATH", default_value = "/etc/postern/tls.key")]
+    #[arg(
+        long,
+        env = "POSTERN_KEY",
+        value_name = "PATH",
+        default_value = "/etc/postern/tls.key"
+    )]
     pub key: PathBuf,
 
     /// Credentials file, Dovecot passwd-file style: `user:{SCHEME}data[:ignored...]`.
-    #[arg(long, env = "POSTERN_USERS", value_name = "PATH", default_value = "/etc/postern/users")]
+    #[arg(
+        long,
+        env = "POSTERN_USERS",
+        value_name = "PATH",
+        default_value = "/etc/postern/users"
+    )]
     pub users: PathBuf,
 
     /// Name used in the greeting and the EHLO reply [default: the machine's host name].
@@ -86,7 +111,12 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 
     /// Log level (error, warn, info, debug, trace); RUST_LOG, if set, takes precedence.
-    #[arg(long, env = "POSTERN_LOG_LEVEL", value_name = "LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        env = "POSTERN_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
     pub log_level: String,
 }
 
