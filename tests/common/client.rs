@@ -286,6 +286,30 @@ impl SmtpClient {
         );
     }
 
+    /// `AUTH PLAIN` with an initial response; expects `prefix` (`"235"`, `"535 5.7.8"`).
+    pub async fn auth_plain(&mut self, user: &str, password: &str, prefix: &str) -> Reply {
+        let ir = super::plain_response(user, password);
+        self.cmd(&format!("AUTH PLAIN {ir}"), prefix).await
+    }
+
+    /// Connects to `listener`'s port, does TLS (STARTTLS or implicit), EHLO and
+    /// `AUTH PLAIN` as `user`; returns once postern answered `235`.
+    pub async fn authenticated(
+        addr: SocketAddr,
+        implicit: bool,
+        config: Arc<ClientConfig>,
+        user: &str,
+        password: &str,
+    ) -> SmtpClient {
+        let (mut c, _) = if implicit {
+            Self::connect_implicit(addr, config).await
+        } else {
+            Self::connect_starttls(addr, config).await
+        };
+        c.auth_plain(user, password, "235 2.7.0").await;
+        c
+    }
+
     /// Shuts down the write side (TLS close_notify, then TCP FIN).
     pub async fn shutdown(&mut self) {
         let _ = match &mut self.stream {

@@ -20,7 +20,7 @@
 //! fails the test after [`STEP`] instead of stalling CI.
 
 // Each test file uses a different part of the harness.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod certs;
 pub mod client;

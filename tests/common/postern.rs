@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::certs::{CertPaths, TestCerts};
+use super::client::{Reply, SmtpClient};
 use super::{Output, STEP, accepts, free_addr, run};
 
 /// The `{PLAIN}` user: the only kind that can pass CRAM-MD5.
@@ -250,6 +251,35 @@ impl Postern {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Shortcuts to connect the raw line client to this postern.
+impl Postern {
+    /// A rustls client config trusting this postern's CA.
+    pub fn tls_config(&self) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+        self.certs.client_config()
+    }
+
+    /// Plain connection to `--listen`; the greeting is not read yet.
+    pub async fn plain(&self) -> SmtpClient {
+        SmtpClient::connect(self.smtp).await
+    }
+
+    /// `--listen` after greeting, EHLO, STARTTLS and EHLO; with the post-TLS EHLO reply.
+    pub async fn starttls(&self) -> (SmtpClient, Reply) {
+        SmtpClient::connect_starttls(self.smtp, self.tls_config()).await
+    }
+
+    /// `--listen-tls` after greeting and EHLO; with the EHLO reply.
+    pub async fn implicit(&self) -> (SmtpClient, Reply) {
+        SmtpClient::connect_implicit(self.smtps, self.tls_config()).await
+    }
+
+    /// A session authenticated as [`USER`] (235 seen), over implicit TLS or STARTTLS.
+    pub async fn authenticated(&self, implicit: bool) -> SmtpClient {
+        let addr = if implicit { self.smtps } else { self.smtp };
+        SmtpClient::authenticated(addr, implicit, self.tls_config(), USER, super::PASSWORD).await
     }
 }
 
