@@ -1,7 +1,7 @@
 //! Command line and environment: every `serve` flag is also read from `POSTERN_<FLAG>`.
 //!
-//! clap does the parsing; [`ServeArgs::validate`] turns the raw flags into the typed
-//! [`Config`] the server runs on, with one clear error per mistake.
+//! clap does the parsing; [`crate::server::Config::from_args`] turns the raw flags into the typed
+//! [`Config`](crate::server::Config) the server runs on, with one clear error per mistake.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +20,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Validate the configuration (files, certificate/key match, addresses, backend) and
+    /// exit non-zero with a clear message if anything is wrong, like `nginx -t`.
+    Check(Box<ServeArgs>),
     /// Read a password (stdin or a tty prompt) and print a users-file line for it.
     HashPassword(HashPasswordArgs),
 }
@@ -105,6 +108,18 @@ pub struct ServeArgs {
     /// How often the backend's capabilities are probed with EHLO.
     #[arg(long, env = "POSTERN_PROBE_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub probe_interval: Duration,
+
+    /// Serve GET /metrics (Prometheus), /healthz and /readyz on this address [default: disabled].
+    #[arg(long, env = "POSTERN_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// On SIGTERM/SIGINT, how long relayed sessions may run before they are closed.
+    #[arg(long, env = "POSTERN_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Most client connections open at once, across all listeners; more get `421 4.7.0`.
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS", value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 
     /// Log format.
     #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -1,0 +1,12 @@
+//! The SMTP vocabulary of the pre-AUTH phase: line framing, commands, replies and the
+//! EHLO capability rewrite. Nothing here does I/O.
+
+pub mod command;
+pub mod ehlo;
+pub mod line;
+pub mod reply;
+
+pub use command::{Command, CommandError};
+pub use ehlo::Capabilities;
+pub use line::LineBuffer;
+pub use reply::{BackendReply, Canned, Reply, canned};
