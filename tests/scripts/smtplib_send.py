@@ -40,7 +40,7 @@ def main() -> int:
             s.starttls(context=ctx)
         s.ehlo()
         print("features:", sorted(s.esmtp_features))
-        print("auth:", s.esmtp_features.get("auth", ""))
+        print("auth:", s.esmtp_features.get("auth", "").strip())
         if a.mech == "auto":
             s.login(a.user, a.password)
         else:
