@@ -15,10 +15,11 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span};
 
 use crate::backend::{self, BackendConn};
+use crate::limits::ClientNet;
 use crate::relay::{self, RelayEnd, RelayStats};
 use crate::sasl::{Credentials, Mechanism};
 use crate::server::Shared;
-use crate::session::{Action, ChallengeSource, ListenerKind, Session};
+use crate::session::{Action, ChallengeSource, ListenerKind, Session, Verdict};
 use crate::smtp::line::LineTooLong;
 use crate::smtp::{LineBuffer, Reply, canned};
 use crate::{metrics, tls};
@@ -82,11 +83,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, kind: ListenerKind, shared:
     let span = info_span!("session", %peer, listener = kind.label());
     async move {
         let started = Instant::now();
-        metrics::connection_opened(kind.label());
+        let _active = metrics::ActiveConnection::open(kind.label());
         let mut summary = Summary::default();
-        let outcome = run(tcp, kind, &shared, &mut summary).await;
+        let outcome = run(tcp, peer, kind, &shared, &mut summary).await;
         let elapsed = started.elapsed();
-        metrics::connection_closed(elapsed.as_secs_f64());
         info!(
             tls = summary.tls.as_deref().unwrap_or("none"),
             user = summary
@@ -106,8 +106,17 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, kind: ListenerKind, shared:
     .await
 }
 
+/// The pre-AUTH state of one connection, kept across the STARTTLS stream change.
+struct Client {
+    session: Session,
+    buf: LineBuffer,
+    shutdown: watch::Receiver<bool>,
+    net: ClientNet,
+}
+
 async fn run(
     tcp: TcpStream,
+    peer: SocketAddr,
     kind: ListenerKind,
     shared: &Shared,
     summary: &mut Summary,
@@ -115,38 +124,47 @@ async fn run(
     // Every reply is small and answers a request: NODELAY keeps TLS handshakes and
     // pipelined replies from waiting on delayed ACKs.
     let _ = tcp.set_nodelay(true);
-    let mut session = Session::new(
+    let session = Session::new(
         kind,
         shared.hostname.clone(),
         shared.capabilities(),
         challenge_source(shared),
+        shared.limits,
     );
-    let mut buf = LineBuffer::new();
-    let mut shutdown = shared.shutdown.clone();
+    let mut client = Client {
+        session,
+        buf: LineBuffer::new(),
+        shutdown: shared.shutdown.clone(),
+        net: ClientNet::from(peer.ip()),
+    };
+    let first_wait = shared.timeouts.first_command;
 
     let next = match kind {
         ListenerKind::ImplicitTls => {
             let Some(mut stream) = handshake(tcp, shared, summary).await else {
                 return Outcome::TlsFailed;
             };
-            if send(&mut stream, &session.greeting(), shared)
+            if send(&mut stream, &client.session.greeting(), shared)
                 .await
                 .is_err()
             {
                 return Outcome::IoError;
             }
-            let next = drive(&mut stream, &mut session, &mut buf, shared, &mut shutdown).await;
-            return finish(stream, next, &session, shared, summary).await;
+            let next = drive(&mut stream, &mut client, shared, first_wait).await;
+            return finish(stream, next, &client.session, shared, summary).await;
         }
         ListenerKind::Submission => {
             let mut tcp = tcp;
-            if send(&mut tcp, &session.greeting(), shared).await.is_err() {
+            if send(&mut tcp, &client.session.greeting(), shared)
+                .await
+                .is_err()
+            {
                 return Outcome::IoError;
             }
-            let next = drive(&mut tcp, &mut session, &mut buf, shared, &mut shutdown).await;
+            let next = drive(&mut tcp, &mut client, shared, first_wait).await;
             match next {
                 Next::StartTls => tcp,
-                other => return finish(tcp, other, &session, shared, summary).await,
+                other => return finish(tcp, other, &client.session, shared, summary).await,
             }
         }
     };
@@ -154,13 +172,13 @@ async fn run(
     // RFC 3207 §4.2, CVE-2011-0411: whatever the client pipelined after STARTTLS was
     // sent in plaintext and is never acted on. Bytes still in flight when the handshake
     // starts reach rustls, which rejects them as a malformed ClientHello.
-    buf.discard();
+    client.buf.discard();
     let Some(mut stream) = handshake(next, shared, summary).await else {
         return Outcome::TlsFailed;
     };
-    session.on_tls_established();
-    let next = drive(&mut stream, &mut session, &mut buf, shared, &mut shutdown).await;
-    finish(stream, next, &session, shared, summary).await
+    client.session.on_tls_established();
+    let next = drive(&mut stream, &mut client, shared, shared.timeouts.command).await;
+    finish(stream, next, &client.session, shared, summary).await
 }
 
 /// Relays an authenticated session, or reports how the pre-AUTH phase ended.
@@ -209,16 +227,25 @@ where
 }
 
 /// Runs the session over `stream` until it needs TLS, is authenticated, or ends.
+/// `first_wait` bounds the wait for the first line; each later line gets the command
+/// timeout. The timer is not reset by partial lines, so a client trickling bytes
+/// (slowloris) is cut off like a silent one.
 async fn drive<S>(
     stream: &mut S,
-    session: &mut Session,
-    buf: &mut LineBuffer,
+    client: &mut Client,
     shared: &Shared,
-    shutdown: &mut watch::Receiver<bool>,
+    first_wait: Duration,
 ) -> Next
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Client {
+        session,
+        buf,
+        shutdown,
+        net,
+    } = client;
+    let mut deadline = tokio::time::Instant::now() + first_wait;
     let mut out = Vec::new();
     let mut actions = VecDeque::new();
     let mut backend_conn = None;
@@ -228,7 +255,10 @@ where
         loop {
             if actions.is_empty() {
                 match buf.next_line() {
-                    Ok(Some(line)) => actions.extend(session.on_line(&line)),
+                    Ok(Some(line)) => {
+                        deadline = tokio::time::Instant::now() + shared.timeouts.command;
+                        actions.extend(session.on_line(&line));
+                    }
                     Ok(None) => break,
                     Err(LineTooLong) => actions.extend(session.on_line_too_long()),
                 }
@@ -247,6 +277,9 @@ where
                         // A TLS client deserves a close_notify, not a truncated stream.
                         let _ =
                             tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                        if session.auth_failures_exhausted() {
+                            metrics::auth_throttled("connection");
+                        }
                         return Next::Closed(if session.quit() {
                             Outcome::Quit
                         } else {
@@ -262,14 +295,8 @@ where
                         if flush(stream, &mut out, shared).await.is_err() {
                             return Next::Closed(Outcome::IoError);
                         }
-                        let username = credentials.username().to_owned();
-                        let valid = verify(shared, credentials).await;
-                        metrics::auth_attempt(mechanism.label(), valid);
-                        if !valid {
-                            // One line per failure, with the name tried, for fail2ban-style tooling.
-                            info!(user = ?Escaped(&username), mechanism = mechanism.label(), result = "failure", "authentication failed");
-                        }
-                        actions.extend(session.on_verified(valid));
+                        let verdict = authenticate(shared, *net, mechanism, credentials).await;
+                        actions.extend(session.on_verified(verdict));
                     }
                     Action::ConnectBackend { hello } => {
                         let result =
@@ -286,6 +313,12 @@ where
                                 actions.extend(session.on_backend_ready(false));
                             }
                         }
+                    }
+                    Action::Delay(delay) => {
+                        if flush(stream, &mut out, shared).await.is_err() {
+                            return Next::Closed(Outcome::IoError);
+                        }
+                        tokio::time::sleep(delay).await;
                     }
                     Action::Relay => {
                         if flush(stream, &mut out, shared).await.is_err() {
@@ -307,7 +340,7 @@ where
         }
 
         let read = tokio::select! {
-            read = tokio::time::timeout(shared.timeouts.command, stream.read(&mut chunk)) => read,
+            read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => read,
             () = crate::server::stopping(shutdown) => {
                 let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
                 return Next::Closed(Outcome::ShuttingDown);
@@ -362,12 +395,55 @@ async fn handshake(
     }
 }
 
+/// How long an AUTH may wait for a free verifier before it gets `454 4.7.0`.
+const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Applies the failure limits, checks the credentials, and records the outcome.
+async fn authenticate(
+    shared: &Shared,
+    client: ClientNet,
+    mechanism: Mechanism,
+    credentials: Credentials,
+) -> Verdict {
+    let username = credentials.username().to_owned();
+    let user_key = shared.user_key(&username);
+    let now = Instant::now();
+    let throttled_scope = if shared.ip_failures.is_blocked(&client, now) {
+        Some("ip")
+    } else if shared.user_failures.is_blocked(&user_key, now) {
+        Some("user")
+    } else {
+        None
+    };
+    if let Some(scope) = throttled_scope {
+        metrics::auth_throttled(scope);
+        info!(user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
+        return Verdict::Throttled;
+    }
+    let Some(valid) = verify(shared, credentials).await else {
+        metrics::auth_throttled("verifier");
+        return Verdict::Throttled;
+    };
+    metrics::auth_attempt(mechanism.label(), valid);
+    if valid {
+        return Verdict::Valid;
+    }
+    let now = Instant::now();
+    shared.ip_failures.record_failure(client, now);
+    shared.user_failures.record_failure(user_key, now);
+    // One line per failure, with the name tried, for fail2ban-style tooling.
+    info!(user = ?Escaped(&username), mechanism = mechanism.label(), result = "failure", "authentication failed");
+    Verdict::Invalid
+}
+
 /// Checks credentials on the blocking pool: a KDF takes ~100 ms of CPU and must not
-/// stall the reactor. The semaphore bounds how many run at once.
-async fn verify(shared: &Shared, credentials: Credentials) -> bool {
+/// stall the reactor. The semaphore bounds how many run at once; `None` if none was
+/// free in time.
+async fn verify(shared: &Shared, credentials: Credentials) -> Option<bool> {
     let users = shared.users();
-    let Ok(_permit) = shared.verify_slots.acquire().await else {
-        return false;
+    let permit = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, shared.verify_slots.acquire()).await;
+    let Ok(Ok(_permit)) = permit else {
+        return None;
     };
     let check = tokio::task::spawn_blocking(move || match &credentials {
         Credentials::Password { username, password } => users.verify_password(username, password),
@@ -377,7 +453,7 @@ async fn verify(shared: &Shared, credentials: Credentials) -> bool {
             digest,
         } => users.verify_cram_md5(username, challenge, digest),
     });
-    check.await.unwrap_or(false)
+    Some(check.await.unwrap_or(false))
 }
 
 /// RFC 2195 challenge `<random.timestamp@hostname>`, fresh from the CSPRNG each time.
@@ -442,6 +518,7 @@ impl fmt::Debug for Escaped<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub tls_handshake: Duration,
+    pub first_command: Duration,
     pub command: Duration,
     pub backend: Duration,
     pub relay_idle: Duration,

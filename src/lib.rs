@@ -19,6 +19,7 @@
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`backend`]: dials the backend and probes its capabilities.
 //! - [`relay`]: the verbatim post-AUTH splice.
+//! - [`limits`]: per-network connection and AUTH-failure limits.
 //! - [`listener`]: accept loops and the connection limit.
 //! - [`server`]: `postern serve`: wiring, shared state, signals.
 //! - [`tls`]: certificate loading and the rustls configuration.
@@ -30,6 +31,7 @@ pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod relay;

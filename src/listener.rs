@@ -9,6 +9,8 @@ use tokio::sync::Semaphore;
 use tracing::{error, info};
 
 use crate::conn;
+use crate::limits::ClientNet;
+use crate::metrics;
 use crate::server::Shared;
 use crate::session::ListenerKind;
 use crate::smtp::{Reply, canned};
@@ -32,7 +34,7 @@ pub async fn accept_loop(
             accepted = listener.accept() => accepted,
             () = crate::server::stopping(&mut shutdown) => return,
         };
-        let (mut tcp, peer) = match accepted {
+        let (tcp, peer) = match accepted {
             Ok(pair) => {
                 backoff = Duration::from_millis(5);
                 pair
@@ -46,17 +48,31 @@ pub async fn accept_loop(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                Reply::from(canned::TOO_MANY_CONNECTIONS).encode(&mut out);
-                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
-            });
+            refuse(tcp, "max_connections");
+            continue;
+        };
+        let Some(net_slot) = shared.per_net.try_acquire(ClientNet::from(peer.ip())) else {
+            refuse(tcp, "max_connections_per_ip");
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
             conn::serve(tcp, peer, kind, shared).await;
-            drop(permit);
+            drop((permit, net_slot));
         });
     }
+}
+
+/// How long a refused client gets to read its 421.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Answers `421 4.7.0` before any greeting (RFC 5321 §3.1 allows a 421 opening) and
+/// closes, off the accept loop so a slow reader cannot stall accepting.
+fn refuse(mut tcp: tokio::net::TcpStream, reason: &'static str) {
+    metrics::connection_rejected(reason);
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        Reply::from(canned::TOO_MANY_CONNECTIONS).encode(&mut out);
+        let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, tcp.write_all(&out)).await;
+    });
 }

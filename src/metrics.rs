@@ -17,6 +17,8 @@ pub const BYTES_TOTAL: &str = "postern_bytes_total";
 pub const SESSION_DURATION_SECONDS: &str = "postern_session_duration_seconds";
 pub const BACKEND_UP: &str = "postern_backend_up";
 pub const RELOADS_TOTAL: &str = "postern_reloads_total";
+pub const AUTH_THROTTLED_TOTAL: &str = "postern_auth_throttled_total";
+pub const CONNECTIONS_REJECTED_TOTAL: &str = "postern_connections_rejected_total";
 
 /// Session durations span a refused connection (milliseconds) to a slow bulk upload
 /// (many minutes).
@@ -112,14 +114,27 @@ pub fn bytes_counter(direction: Direction) -> Counter {
     counter!(BYTES_TOTAL, "direction" => direction.label())
 }
 
-pub fn connection_opened(listener: &'static str) {
-    counter!(CONNECTIONS_TOTAL, "listener" => listener).increment(1);
-    gauge!(CONNECTIONS_ACTIVE).increment(1.0);
+/// Counts a connection as active while it lives, and records its duration when it is
+/// dropped: even a panicking session task puts the gauge back.
+pub struct ActiveConnection {
+    started: std::time::Instant,
 }
 
-pub fn connection_closed(duration_seconds: f64) {
-    gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
-    histogram!(SESSION_DURATION_SECONDS).record(duration_seconds);
+impl ActiveConnection {
+    pub fn open(listener: &'static str) -> Self {
+        counter!(CONNECTIONS_TOTAL, "listener" => listener).increment(1);
+        gauge!(CONNECTIONS_ACTIVE).increment(1.0);
+        ActiveConnection {
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
+        histogram!(SESSION_DURATION_SECONDS).record(self.started.elapsed().as_secs_f64());
+    }
 }
 
 pub fn tls_handshake(ok: bool, version: &'static str) {
@@ -135,6 +150,14 @@ pub fn auth_attempt(mechanism: &'static str, success: bool) {
 pub fn backend_connection(ok: bool) {
     let result = if ok { "ok" } else { "error" };
     counter!(BACKEND_CONNECTIONS_TOTAL, "result" => result).increment(1);
+}
+
+pub fn auth_throttled(scope: &'static str) {
+    counter!(AUTH_THROTTLED_TOTAL, "scope" => scope).increment(1);
+}
+
+pub fn connection_rejected(reason: &'static str) {
+    counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => reason).increment(1);
 }
 
 pub fn reload(ok: bool) {

@@ -1,6 +1,7 @@
 //! `postern serve`: loads the configuration, starts the backend probe and the
 //! listeners, and stops on SIGTERM/SIGINT.
 
+use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -14,7 +15,8 @@ use tracing::{info, warn};
 
 use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
-use crate::session::ListenerKind;
+use crate::limits::{ClientNet, FailureWindow, PerNetConnections};
+use crate::session::{Limits as SessionLimits, ListenerKind};
 use crate::smtp::Capabilities;
 use crate::users::UserDb;
 use crate::{admin, backend, listener, metrics, reload, tls};
@@ -29,12 +31,24 @@ pub struct Shared {
     /// Bounds concurrent password hash verifications (argon2 uses 64 MiB each).
     pub verify_slots: Semaphore,
     pub shutdown: watch::Receiver<bool>,
+    pub limits: SessionLimits,
+    /// AUTH failures per client network and per user name (hashed, so a flood of long
+    /// names cannot grow the table's memory).
+    pub ip_failures: FailureWindow<ClientNet>,
+    pub user_failures: FailureWindow<u64>,
+    pub per_net: Arc<PerNetConnections>,
+    user_hasher: RandomState,
     capabilities: watch::Receiver<Arc<Capabilities>>,
     tls: RwLock<Arc<ServerConfig>>,
     users: RwLock<Arc<UserDb>>,
 }
 
 impl Shared {
+    /// The failure-table key of a user name.
+    pub fn user_key(&self, username: &str) -> u64 {
+        self.user_hasher.hash_one(username)
+    }
+
     /// The backend's capabilities as of the last successful probe.
     pub fn capabilities(&self) -> Arc<Capabilities> {
         self.capabilities.borrow().clone()
@@ -86,6 +100,11 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    pub session_limits: SessionLimits,
+    pub max_auth_failures_per_ip: u32,
+    pub max_auth_failures_per_user: u32,
+    pub auth_failure_window: Duration,
 }
 
 impl Config {
@@ -132,6 +151,7 @@ impl Config {
             hostname,
             timeouts: Timeouts {
                 tls_handshake: args.tls_handshake_timeout,
+                first_command: args.first_command_timeout,
                 command: args.command_timeout,
                 backend: args.backend_timeout,
                 relay_idle: args.relay_idle_timeout,
@@ -140,6 +160,15 @@ impl Config {
             metrics_listen: args.metrics_listen,
             shutdown_grace: args.shutdown_grace,
             max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            session_limits: SessionLimits {
+                max_errors: args.max_errors,
+                max_auth_failures: args.max_auth_failures,
+                auth_failure_delay: args.auth_failure_delay,
+            },
+            max_auth_failures_per_ip: args.max_auth_failures_per_ip,
+            max_auth_failures_per_user: args.max_auth_failures_per_user,
+            auth_failure_window: args.auth_failure_window,
         })
     }
 
@@ -212,6 +241,17 @@ pub async fn run(config: Config) -> Result<(), String> {
         crypto: tls::provider(),
         verify_slots: Semaphore::new(verify_concurrency()),
         shutdown: shutdown_rx.clone(),
+        limits: config.session_limits,
+        ip_failures: FailureWindow::new(
+            config.max_auth_failures_per_ip,
+            config.auth_failure_window,
+        ),
+        user_failures: FailureWindow::new(
+            config.max_auth_failures_per_user,
+            config.auth_failure_window,
+        ),
+        per_net: PerNetConnections::new(config.max_connections_per_ip),
+        user_hasher: RandomState::new(),
         capabilities: caps_rx,
         tls: RwLock::new(tls),
         users: RwLock::new(Arc::new(users)),

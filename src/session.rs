@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::sasl::{Credentials, Exchange, Mechanism, Step};
 use crate::smtp::ehlo::AUTH_LINE;
@@ -48,6 +49,8 @@ pub enum Action {
     ConnectBackend { hello: Hello },
     /// Relay bytes verbatim from now on; the session is finished.
     Relay,
+    /// Flush, then wait this long before the next action (slows password guessing).
+    Delay(Duration),
     /// Flush replies and close the connection.
     Close,
 }
@@ -92,6 +95,37 @@ enum State {
     Closed { quit: bool },
 }
 
+/// The outcome of a credential check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Valid,
+    Invalid,
+    /// Not checked: the client's network or the user name is over its failure limit,
+    /// or no verifier was free in time.
+    Throttled,
+}
+
+/// Per-connection limits (Postfix's `smtpd_hard_error_limit` and friends).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Error replies (5xx) after which the session is closed with `421 4.7.0`.
+    pub max_errors: u32,
+    /// Failed AUTH attempts after which the session is closed with `421 4.7.0`.
+    pub max_auth_failures: u32,
+    /// Delay before answering the n-th failed AUTH: n times this.
+    pub auth_failure_delay: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_errors: 10,
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Produces the CRAM-MD5 challenge `<random.timestamp@hostname>`; a fresh one per call.
 pub type ChallengeSource = Box<dyn FnMut() -> String + Send + Sync>;
 
@@ -108,6 +142,9 @@ pub struct Session {
     state: State,
     /// The authenticated user and mechanism, once the backend accepted the session.
     authenticated: Option<(String, Mechanism)>,
+    limits: Limits,
+    errors: u32,
+    auth_failures: u32,
 }
 
 impl Session {
@@ -116,6 +153,7 @@ impl Session {
         hostname: Arc<str>,
         capabilities: Arc<Capabilities>,
         challenges: ChallengeSource,
+        limits: Limits,
     ) -> Self {
         Session {
             kind,
@@ -126,6 +164,9 @@ impl Session {
             hello: None,
             state: State::Command,
             authenticated: None,
+            limits,
+            errors: 0,
+            auth_failures: 0,
         }
     }
 
@@ -145,6 +186,11 @@ impl Session {
             .map(|(user, mech)| (user.as_str(), *mech))
     }
 
+    /// Whether the session was closed for reaching its AUTH failure limit.
+    pub fn auth_failures_exhausted(&self) -> bool {
+        self.auth_failures >= self.limits.max_auth_failures
+    }
+
     /// Whether the client ended the session with QUIT.
     pub fn quit(&self) -> bool {
         matches!(self.state, State::Closed { quit: true })
@@ -152,6 +198,22 @@ impl Session {
 
     /// Feeds one line received from the client, CRLF removed.
     pub fn on_line(&mut self, line: &[u8]) -> Vec<Action> {
+        let mut actions = self.dispatch_line(line);
+        // Auth failures have their own limit; every other 5xx counts as an error.
+        let error = actions
+            .iter()
+            .any(|a| matches!(a, Action::Reply(r) if r.code >= 500 && r.code != 535));
+        let closing = actions.iter().any(|a| matches!(a, Action::Close));
+        if error && !closing {
+            self.errors += 1;
+            if self.errors >= self.limits.max_errors {
+                actions.extend(self.close_with(canned::TOO_MANY_ERRORS.into()));
+            }
+        }
+        actions
+    }
+
+    fn dispatch_line(&mut self, line: &[u8]) -> Vec<Action> {
         match std::mem::replace(&mut self.state, State::Command) {
             State::Command => self.on_command(line),
             State::Auth(mut exchange) => {
@@ -191,12 +253,12 @@ impl Session {
     }
 
     /// The outcome of [`Action::Verify`].
-    pub fn on_verified(&mut self, valid: bool) -> Vec<Action> {
+    pub fn on_verified(&mut self, verdict: Verdict) -> Vec<Action> {
         match std::mem::replace(&mut self.state, State::Command) {
             State::Verifying {
                 mechanism,
                 username,
-            } if valid => match self.hello.clone() {
+            } if verdict == Verdict::Valid => match self.hello.clone() {
                 Some(hello) => {
                     self.state = State::Connecting {
                         mechanism,
@@ -206,12 +268,29 @@ impl Session {
                 }
                 None => vec![Action::Reply(canned::HELLO_FIRST.into())],
             },
-            State::Verifying { .. } => vec![Action::Reply(canned::BAD_CREDENTIALS.into())],
+            State::Verifying { .. } if verdict == Verdict::Throttled => {
+                self.auth_failed(canned::AUTH_THROTTLED.into())
+            }
+            State::Verifying { .. } => self.auth_failed(canned::BAD_CREDENTIALS.into()),
             other => {
                 self.state = other;
                 Vec::new()
             }
         }
+    }
+
+    /// A failed AUTH: answered after a delay that grows with each failure, and the
+    /// connection closed once it reaches the limit (RFC 4954 §4 allows both).
+    fn auth_failed(&mut self, reply: Reply) -> Vec<Action> {
+        self.auth_failures += 1;
+        let delay = self.limits.auth_failure_delay * self.auth_failures;
+        let mut actions = vec![Action::Delay(delay)];
+        if self.auth_failures >= self.limits.max_auth_failures {
+            actions.extend(self.close_with(canned::TOO_MANY_AUTH_FAILURES.into()));
+        } else {
+            actions.push(Action::Reply(reply));
+        }
+        actions
     }
 
     /// The outcome of [`Action::ConnectBackend`]: only a backend that greeted and accepted
@@ -318,7 +397,7 @@ impl Session {
                     credentials,
                 }]
             }
-            Step::Denied => reply(canned::BAD_CREDENTIALS.into()),
+            Step::Denied => self.auth_failed(canned::BAD_CREDENTIALS.into()),
             Step::Cancelled => reply(canned::AUTH_CANCELLED.into()),
             Step::Malformed => reply(canned::AUTH_MALFORMED.into()),
         }
@@ -385,12 +464,12 @@ mod tests {
             ]
             .map(String::from),
         );
-        Session::new(
-            kind,
-            "mx.test".into(),
-            Arc::new(caps),
-            Box::new(|| "<1.2@mx.test>".to_owned()),
-        )
+        let limits = Limits {
+            auth_failure_delay: Duration::ZERO,
+            ..Limits::default()
+        };
+        let challenges = Box::new(|| "<1.2@mx.test>".to_owned());
+        Session::new(kind, "mx.test".into(), Arc::new(caps), challenges, limits)
     }
 
     /// A session after STARTTLS and EHLO, ready for AUTH.
@@ -537,7 +616,7 @@ mod tests {
             panic!("expected Verify, got {actions:?}");
         };
         assert_eq!(credentials.username(), "tim");
-        let actions = s.on_verified(true);
+        let actions = s.on_verified(Verdict::Valid);
         let [Action::ConnectBackend { hello }] = &actions[..] else {
             panic!("{actions:?}")
         };
@@ -553,7 +632,7 @@ mod tests {
     fn backend_failure_gives_454_and_the_client_may_retry() {
         let mut s = greeted_tls();
         s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-        s.on_verified(true);
+        s.on_verified(Verdict::Valid);
         assert_reply(&s.on_backend_ready(false), "454 4.7.0");
         assert!(s.authenticated().is_none());
         assert!(matches!(
@@ -566,7 +645,7 @@ mod tests {
     fn wrong_credentials_give_535_and_any_mechanism_may_be_retried() {
         let mut s = greeted_tls();
         s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-        assert_reply(&s.on_verified(false), "535 5.7.8");
+        assert_reply(&s.on_verified(Verdict::Invalid), "535 5.7.8");
         assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "530 5.7.0");
         assert_eq!(wire(&s.on_line(b"AUTH LOGIN")), "334 VXNlcm5hbWU6\r\n");
         assert_eq!(wire(&s.on_line(b"dGlt")), "334 UGFzc3dvcmQ6\r\n");
@@ -619,6 +698,60 @@ mod tests {
     fn timeout_answers_421_and_closes() {
         let actions = session(ListenerKind::Submission).on_timeout();
         assert_reply(&actions, "421 4.4.2");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn auth_failures_are_delayed_more_each_time_and_close_at_the_limit() {
+        let caps = Arc::new(Capabilities::unknown());
+        let limits = Limits {
+            max_errors: 10,
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(1),
+        };
+        let mut s = Session::new(
+            ListenerKind::ImplicitTls,
+            "mx.test".into(),
+            caps,
+            Box::new(String::new),
+            limits,
+        );
+        s.on_line(b"EHLO c");
+        for (attempt, verdict, expected) in [
+            (1, Verdict::Invalid, "535 5.7.8"),
+            (2, Verdict::Throttled, "454 4.7.0"),
+            (3, Verdict::Invalid, "421 4.7.0"),
+        ] {
+            s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
+            let actions = s.on_verified(verdict);
+            assert!(
+                matches!(actions[0], Action::Delay(d) if d == Duration::from_secs(attempt)),
+                "{actions:?}"
+            );
+            assert_reply(&actions, expected);
+        }
+        assert!(matches!(s.on_verified(Verdict::Invalid)[..], []));
+    }
+
+    #[test]
+    fn plain_with_a_foreign_authzid_counts_as_a_failure() {
+        let mut s = greeted_tls();
+        let actions = s.on_line(b"AUTH PLAIN VXJzZWwAS3VydAB4aXBqM3BsbXE=");
+        assert!(matches!(actions[0], Action::Delay(_)));
+        assert_reply(&actions, "535 5.7.8");
+    }
+
+    #[test]
+    fn too_many_errors_close_the_session() {
+        let mut s = greeted_tls();
+        for _ in 0..9 {
+            assert_reply(&s.on_line(b"XYZZY"), "500 5.5.2");
+        }
+        let actions = s.on_line(b"MAIL FROM:<a@b>");
+        assert_eq!(
+            wire(&actions),
+            "530 5.7.0 Authentication required\r\n421 4.7.0 Too many errors, closing connection\r\n"
+        );
         assert!(matches!(actions.last(), Some(Action::Close)));
     }
 }
