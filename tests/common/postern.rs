@@ -58,9 +58,28 @@ pub struct PosternBuilder {
     certs: TestCerts,
     flags: Vec<(String, String)>,
     env: Vec<(String, String)>,
+    relaxed_limits: bool,
 }
 
+/// Abuse limits the harness relaxes by default, so that protocol tests can fail AUTH
+/// repeatedly, from one IP, without waiting out the failure delay. `tests/limits.rs`
+/// runs with postern's real defaults ([`PosternBuilder::default_limits`]).
+pub const RELAXED_LIMITS: &[(&str, &str)] = &[
+    ("--max-auth-failures", "1000"),
+    ("--auth-failure-delay", "0s"),
+    ("--max-auth-failures-per-ip", "100000"),
+    ("--max-auth-failures-per-user", "100000"),
+    ("--max-errors", "1000"),
+    ("--max-connections-per-ip", "10000"),
+];
+
 impl PosternBuilder {
+    /// Keeps postern's own defaults for the abuse limits instead of [`RELAXED_LIMITS`].
+    pub fn default_limits(mut self) -> Self {
+        self.relaxed_limits = false;
+        self
+    }
+
     /// Adds a users-file line (`name:{SCHEME}data`).
     pub fn user_line(mut self, line: impl Into<String>) -> Self {
         self.users.push(line.into());
@@ -118,6 +137,13 @@ impl PosternBuilder {
             ("--hostname".into(), HOSTNAME.into()),
             ("--log-level".into(), "debug".into()),
         ];
+        if self.relaxed_limits {
+            flags.extend(
+                RELAXED_LIMITS
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string())),
+            );
+        }
         let mut smtp = None;
         let mut smtps = None;
         if !self.flags.iter().any(|(n, _)| n == "--listen") {
@@ -230,6 +256,7 @@ impl Postern {
             certs: TestCerts::generate(),
             flags: Vec::new(),
             env: Vec::new(),
+            relaxed_limits: true,
         }
     }
 
