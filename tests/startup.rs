@@ -1,6 +1,6 @@
-//! The command line contract: `--help`, `POSTERN_*` environment variables,
+//! Starting the binary: configuration from `POSTERN_*` environment variables,
 //! `hash-password`, and start-up errors that exit non-zero with a clear message and
-//! never a panic.
+//! never a panic. (`--help` and the flag/env-var tables are checked in `tests/cli.rs`.)
 
 mod common;
 
@@ -8,67 +8,6 @@ use std::net::TcpListener;
 
 use common::postern::{USER, command};
 use common::*;
-
-/// Every `serve` flag and the environment variable that can replace it.
-const SERVE_FLAGS: &[(&str, &str)] = &[
-    ("--listen", "POSTERN_LISTEN"),
-    ("--listen-tls", "POSTERN_LISTEN_TLS"),
-    ("--backend", "POSTERN_BACKEND"),
-    ("--cert", "POSTERN_CERT"),
-    ("--key", "POSTERN_KEY"),
-    ("--users", "POSTERN_USERS"),
-    ("--hostname", "POSTERN_HOSTNAME"),
-    ("--command-timeout", "POSTERN_COMMAND_TIMEOUT"),
-    ("--tls-handshake-timeout", "POSTERN_TLS_HANDSHAKE_TIMEOUT"),
-    ("--backend-timeout", "POSTERN_BACKEND_TIMEOUT"),
-    ("--relay-idle-timeout", "POSTERN_RELAY_IDLE_TIMEOUT"),
-    ("--probe-interval", "POSTERN_PROBE_INTERVAL"),
-    ("--log-format", "POSTERN_LOG_FORMAT"),
-    ("--log-level", "POSTERN_LOG_LEVEL"),
-];
-
-fn postern(args: &[&str]) -> Output {
-    run(command().args(args), b"", STEP)
-}
-
-#[test]
-fn help_lists_subcommands() {
-    let out = postern(&["--help"]);
-    out.assert_success("postern --help");
-    assert!(out.stdout.contains("serve"), "{out}");
-    assert!(out.stdout.contains("hash-password"), "{out}");
-}
-
-#[test]
-fn serve_help_mentions_every_flag_and_env_var() {
-    let out = postern(&["serve", "--help"]);
-    out.assert_success("postern serve --help");
-    for (flag, env) in SERVE_FLAGS {
-        assert!(
-            out.stdout.contains(flag),
-            "{flag} missing from serve --help:\n{out}"
-        );
-        assert!(
-            out.stdout.contains(env),
-            "{env} missing from serve --help:\n{out}"
-        );
-    }
-    // Every flag the help shows has its env var (catches flags added later).
-    for line in out.stdout.lines() {
-        let t = line.trim_start();
-        if let Some(rest) = t.strip_prefix("--") {
-            let name = rest.split([' ', '=']).next().unwrap_or_default();
-            if name == "help" || name == "version" {
-                continue;
-            }
-            let env = format!("POSTERN_{}", name.replace('-', "_").to_ascii_uppercase());
-            assert!(
-                out.stdout.contains(&env),
-                "--{name} has no {env} in serve --help:\n{out}"
-            );
-        }
-    }
-}
 
 #[test]
 fn hash_password_prints_a_users_file_scheme_for_each_scheme() {
