@@ -236,6 +236,43 @@ enum Mode {
     Data,
 }
 
+/// The PROXY protocol v2 signature.
+pub const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+enum ProxyHeader {
+    NeedMore,
+    Absent,
+    Len(usize),
+}
+
+/// How long the PROXY header at the start of `buf` is, if there is one.
+fn proxy_header_len(buf: &[u8]) -> ProxyHeader {
+    let v1 = b"PROXY ";
+    let n = buf.len().min(v1.len());
+    if buf[..n] == v1[..n] {
+        if n < v1.len() {
+            return ProxyHeader::NeedMore;
+        }
+        return match super::find(buf, b"\r\n") {
+            Some(i) => ProxyHeader::Len(i + 2),
+            None => ProxyHeader::NeedMore,
+        };
+    }
+    let n = buf.len().min(PROXY_V2_SIGNATURE.len());
+    if buf[..n] == PROXY_V2_SIGNATURE[..n] {
+        if buf.len() < 16 {
+            return ProxyHeader::NeedMore;
+        }
+        let len = 16 + u16::from_be_bytes([buf[14], buf[15]]) as usize;
+        return if buf.len() >= len {
+            ProxyHeader::Len(len)
+        } else {
+            ProxyHeader::NeedMore
+        };
+    }
+    ProxyHeader::Absent
+}
+
 async fn serve(
     mut stream: TcpStream,
     fault: Fault,
@@ -269,6 +306,9 @@ async fn serve(
     stream.write_all(b"220 rawbackend ESMTP ready\r\n").await?;
     let mut pending: Vec<u8> = Vec::new();
     let mut mode = Mode::Command;
+    // A PROXY protocol header (v1 line or v2 binary) may open the session; it is
+    // recorded like everything else but not answered.
+    let mut proxy_checked = false;
     // In DATA, where the search for the end marker resumes (keeps a 5 MiB message linear).
     let mut scan_from = 0usize;
     let mut chunk = vec![0u8; 64 * 1024];
@@ -276,8 +316,18 @@ async fn serve(
     // is abandoned so a stuck test cannot keep the thread alive.
     let idle = Duration::from_secs(300);
     loop {
+        if !proxy_checked {
+            match proxy_header_len(&pending) {
+                ProxyHeader::NeedMore => {}
+                ProxyHeader::Absent => proxy_checked = true,
+                ProxyHeader::Len(n) => {
+                    pending.drain(..n);
+                    proxy_checked = true;
+                }
+            }
+        }
         // Answer every complete command / message already buffered (pipelining).
-        loop {
+        while proxy_checked {
             match mode {
                 Mode::Command => {
                     let Some(end) = pending.iter().position(|&b| b == b'\n') else {
