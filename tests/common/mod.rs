@@ -241,3 +241,30 @@ pub fn show(bytes: &[u8]) -> String {
         String::from_utf8_lossy(bytes).into_owned()
     }
 }
+
+/// `GET path` over HTTP/1.1 with `Connection: close`; returns status code and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = within("connect to admin", tokio::net::TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    within("send request", s.write_all(req.as_bytes()))
+        .await
+        .expect("write request");
+    let mut resp = Vec::new();
+    within("read response", s.read_to_end(&mut resp))
+        .await
+        .expect("read response");
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {resp:?}"));
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

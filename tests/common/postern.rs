@@ -275,6 +275,28 @@ impl Postern {
         self.dir.path()
     }
 
+    /// The users file postern was started with (rewrite it to test reloads).
+    pub fn users_path(&self) -> PathBuf {
+        self.dir.path().join("users")
+    }
+
+    /// Sends `signal` (`"TERM"`, `"HUP"`, ...) to the process with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let out = run(
+            Command::new("kill").args([format!("-{signal}"), self.child.id().to_string()]),
+            b"",
+            STEP,
+        );
+        out.assert_success("kill");
+    }
+
+    /// Waits for the process to exit by itself and returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        super::wait_until(limit, "postern to exit", || {
+            self.child.try_wait().expect("try_wait")
+        })
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
