@@ -327,7 +327,10 @@ async fn serve(
             }
         }
         // Answer every complete command / message already buffered (pipelining).
-        while proxy_checked {
+        loop {
+            if !proxy_checked {
+                break; // still waiting to see whether a PROXY header comes first
+            }
             match mode {
                 Mode::Command => {
                     let Some(end) = pending.iter().position(|&b| b == b'\n') else {
