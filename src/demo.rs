@@ -47,8 +47,9 @@ pub struct DemoArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9587")]
     pub metrics_listen: SocketAddr,
 
-    /// Where the built-in stand-in backend listens (loopback only; port 0 picks one).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2525")]
+    /// Where the built-in stand-in backend listens (loopback only). The default port 0 picks
+    /// a free one, so a local MTA on 2525 or 25 never gets in the way.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     pub sink: SocketAddr,
 
     /// Relay to this real SMTP server instead of the built-in stand-in.
