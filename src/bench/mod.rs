@@ -175,6 +175,8 @@ pub struct BenchArgs {
 }
 
 /// Runs `postern bench`: prints a progress line while running and the summary at the end.
+///
+/// Fails (after printing the summary) when every attempt failed.
 pub async fn run(args: BenchArgs) -> Result<(), Error> {
     let script = Arc::new(script(&args)?);
     if let Some(path) = &args.dump_message {
@@ -199,6 +201,17 @@ pub async fn run(args: BenchArgs) -> Result<(), Error> {
         println!("{}", summary.json());
     } else {
         println!("{}", summary.human());
+    }
+    // A run where every attempt failed measured nothing: say so in the exit status, so
+    // scripts don't take a dead target or a wrong password for a result.
+    let t = &summary.tally;
+    let nothing = match summary.idle_established {
+        Some(n) => n == 0,
+        None => t.sessions == 0 && t.messages == 0,
+    };
+    let errors: u64 = t.errors.iter().sum();
+    if nothing && errors > 0 {
+        return Err(format!("bench: nothing succeeded ({errors} errors)").into());
     }
     Ok(())
 }
