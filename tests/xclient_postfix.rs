@@ -12,6 +12,7 @@ use std::time::Duration;
 use support_issue5::postfix::{self, PostfixOptions};
 use support_issue5::{
     CLIENT_V4, PASSWORD, Postern, PosternOptions, Postfix, Smtplib, USER, V4, V6, free_addr,
+    long_user,
 };
 
 fn postfix_running(options: PostfixOptions) -> Option<Postfix> {
@@ -124,6 +125,37 @@ fn xclient_over_ipv6_tags_the_address_and_postfix_logs_it() {
             "client=unknown[::1]:{}, sasl_method=XCLIENT, sasl_username={USER}",
             client.port()
         )),
+        "{lines}"
+    );
+}
+
+#[test]
+fn long_helo_and_login_split_xclient_and_postfix_still_gets_the_login() {
+    let Some(postfix) = postfix_running(PostfixOptions::default()) else {
+        return;
+    };
+    let postern = Postern::start(
+        PosternOptions::new(postfix.addr(V4))
+            .listen("--listen", free_addr(V4))
+            .arg("--xclient"),
+    );
+    // 4 labels of 60: 243 octets, a valid host name; with the 220-octet login the
+    // attributes need more than one 512-octet XCLIENT line.
+    let helo = vec!["h".repeat(60); 4].join(".") + ".test";
+    let user = long_user();
+    let run = Smtplib::new(postern.addr("--listen"))
+        .from(CLIENT_V4)
+        .ehlo(&helo)
+        .starttls()
+        .login(&user, PASSWORD)
+        .rcpt("someone@outside.example")
+        .run();
+    assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    let client = run.local();
+    let lines = postfix.session_lines("127.0.0.2", client.port()).join("\n");
+    assert!(
+        lines.contains(&format!("sasl_method=XCLIENT, sasl_username={user}")),
         "{lines}"
     );
 }
