@@ -541,3 +541,74 @@ pub fn send(stream: &mut TcpStream, line: &str) {
         .write_all(format!("{line}\r\n").as_bytes())
         .expect("write");
 }
+
+// ---------------------------------------------------------------------------------------
+// HAProxy
+
+/// A HAProxy in TCP mode (`haproxy -f CFG -db`, foreground), killed on drop.
+pub struct Haproxy {
+    child: Child,
+    _dir: TempDir,
+    log: PathBuf,
+}
+
+impl Haproxy {
+    /// One frontend per `(bind, server, option)`: connections to `bind` go to `server`
+    /// with `option` (`send-proxy` or `send-proxy-v2`).
+    pub fn start(routes: &[(SocketAddr, SocketAddr, &str)]) -> Haproxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = String::from(
+            "global\n    maxconn 200\n\
+             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n",
+        );
+        for (i, (bind, server, option)) in routes.iter().enumerate() {
+            cfg.push_str(&format!(
+                "frontend fe{i}\n    bind {bind}\n    default_backend be{i}\n\
+                 backend be{i}\n    server postern {server} {option}\n"
+            ));
+        }
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, &cfg).expect("write haproxy.cfg");
+        let log = dir.path().join("haproxy.log");
+        let log_file = std::fs::File::create(&log).expect("haproxy log");
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn haproxy");
+        let mut haproxy = Haproxy {
+            child,
+            _dir: dir,
+            log,
+        };
+        for (bind, _, _) in routes {
+            let deadline = Instant::now() + STEP;
+            while TcpStream::connect_timeout(bind, Duration::from_millis(200)).is_err() {
+                if let Ok(Some(status)) = haproxy.child.try_wait() {
+                    panic!("haproxy exited ({status}):\n{}\n{cfg}", haproxy.log_text());
+                }
+                assert!(Instant::now() < deadline, "haproxy never bound {bind}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        haproxy
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- haproxy output -----\n{}", self.log_text());
+        }
+    }
+}
