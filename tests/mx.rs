@@ -217,3 +217,27 @@ fn swaks_delivers_anonymously_through_the_mx_listener() {
     let line = postfix.wait_line(&["client=unknown[127.0.0.2]"]);
     assert!(!line.contains("sasl_username"), "{line}");
 }
+
+/// An MTA that greets with HELO (no ESMTP) still gets introduced with XCLIENT
+/// (PROTO=SMTP): otherwise the backend would take postern's own address for the client.
+#[test]
+fn helo_client_is_introduced_with_xclient_too() {
+    if !tools() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions::default());
+    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let run = Smtplib::new(postern.addr("--listen-mx"))
+        .from(CLIENT_V4)
+        .helo()
+        .ehlo("old-mta.example")
+        .rcpt("someone@local.test")
+        .run();
+    assert_eq!(run.code("ehlo"), Some(250), "{}", run.raw);
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    assert_eq!(run.code("data"), Some(250), "{}", run.raw);
+    let client = run.local();
+    let line = postfix.wait_line(&["disconnect from", &format!("[127.0.0.2]:{}", client.port())]);
+    // The backend session stays a HELO one, as the client asked.
+    assert!(line.contains(" helo=1 "), "{line}");
+}

@@ -21,6 +21,7 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--source", default=None, help="local address to connect from")
     p.add_argument("--ehlo", default="client.example")
+    p.add_argument("--helo", action="store_true", help="greet with HELO, not EHLO")
     p.add_argument("--starttls", action="store_true")
     p.add_argument("--user")
     p.add_argument("--password")
@@ -39,7 +40,7 @@ def main():
         out["steps"]["greeting"] = [code, msg.decode(errors="replace")]
         local = s.sock.getsockname()
         out["local"] = {"ip": local[0], "port": local[1]}
-        code, msg = s.ehlo(a.ehlo)
+        code, msg = s.helo(a.ehlo) if a.helo else s.ehlo(a.ehlo)
         out["steps"]["ehlo"] = [code, msg.decode(errors="replace")]
         if a.starttls:
             ctx = ssl.create_default_context()

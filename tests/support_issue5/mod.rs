@@ -395,6 +395,8 @@ pub struct Smtplib {
     pub source: Option<IpAddr>,
     pub ehlo: String,
     pub starttls: bool,
+    /// Greet with HELO instead of EHLO.
+    pub helo: bool,
     pub login: Option<(String, String)>,
     pub rcpt: Vec<String>,
 }
@@ -406,6 +408,7 @@ impl Smtplib {
             source: None,
             ehlo: "client.example".into(),
             starttls: false,
+            helo: false,
             login: None,
             rcpt: Vec::new(),
         }
@@ -418,6 +421,11 @@ impl Smtplib {
 
     pub fn starttls(mut self) -> Self {
         self.starttls = true;
+        self
+    }
+
+    pub fn helo(mut self) -> Self {
+        self.helo = true;
         self
     }
 
@@ -448,6 +456,9 @@ impl Smtplib {
             .arg(&self.ehlo);
         if let Some(source) = self.source {
             cmd.arg("--source").arg(source.to_string());
+        }
+        if self.helo {
+            cmd.arg("--helo");
         }
         if self.starttls {
             cmd.arg("--starttls");
