@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use support_issue5::postfix::{self, PostfixOptions};
 use support_issue5::{
-    CLIENT_V4, PASSWORD, Postern, PosternOptions, Postfix, Smtplib, USER, V4, V6, free_addr,
-    long_user,
+    CLIENT_V4, PASSWORD, Postern, PosternOptions, Postfix, Smtplib, USER, V4, V6, XTEXT_USER,
+    free_addr, long_user,
 };
 
 fn postfix_running(options: PostfixOptions) -> Option<Postfix> {
@@ -156,6 +156,34 @@ fn long_helo_and_login_split_xclient_and_postfix_still_gets_the_login() {
     let lines = postfix.session_lines("127.0.0.2", client.port()).join("\n");
     assert!(
         lines.contains(&format!("sasl_method=XCLIENT, sasl_username={user}")),
+        "{lines}"
+    );
+}
+
+/// `+` and `=` in the login travel xtext-encoded and Postfix decodes them back.
+#[test]
+fn login_with_plus_and_equals_reaches_postfix_decoded() {
+    let Some(postfix) = postfix_running(PostfixOptions::default()) else {
+        return;
+    };
+    let postern = Postern::start(
+        PosternOptions::new(postfix.addr(V4))
+            .listen("--listen", free_addr(V4))
+            .arg("--xclient"),
+    );
+    let run = Smtplib::new(postern.addr("--listen"))
+        .from(CLIENT_V4)
+        .starttls()
+        .login(XTEXT_USER, PASSWORD)
+        .rcpt("someone@outside.example")
+        .run();
+    assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    let lines = postfix
+        .session_lines("127.0.0.2", run.local().port())
+        .join("\n");
+    assert!(
+        lines.contains(&format!("sasl_method=XCLIENT, sasl_username={XTEXT_USER}")),
         "{lines}"
     );
 }

@@ -24,6 +24,8 @@ pub use postfix::Postfix;
 pub const STEP: Duration = Duration::from_secs(20);
 
 pub const USER: &str = "alice";
+/// A user name with the characters xtext must encode (`+`, `=`).
+pub const XTEXT_USER: &str = "bob+tag=x@example.com";
 pub const PASSWORD: &str = "secret";
 
 pub const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -194,7 +196,8 @@ impl Postern {
         std::fs::write(
             &users,
             format!(
-                "{USER}:{{PLAIN}}{PASSWORD}\n{}:{{PLAIN}}{PASSWORD}\n",
+                "{USER}:{{PLAIN}}{PASSWORD}\n{}:{{PLAIN}}{PASSWORD}\n\
+                 {XTEXT_USER}:{{PLAIN}}{PASSWORD}\n",
                 long_user()
             ),
         )
