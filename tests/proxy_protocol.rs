@@ -128,14 +128,18 @@ fn backend_proxy_protocol_v1_and_v2_into_postfix() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    for (version, ip, source, logged) in [
-        ("v1", V4, CLIENT_V4, "127.0.0.2"),
-        ("v2", V4, CLIENT_V4, "127.0.0.2"),
-        ("v1", V6, V6, "::1"),
-        ("v2", V6, V6, "::1"),
+    // (version, postern's listener, backend address family, client, as Postfix logs it)
+    for (version, ip, backend, source, logged) in [
+        ("v1", V4, V4, CLIENT_V4, "127.0.0.2"),
+        ("v2", V4, V4, CLIENT_V4, "127.0.0.2"),
+        ("v1", V6, V6, V6, "::1"),
+        ("v2", V6, V6, V6, "::1"),
+        // An IPv4 client to an IPv6 backend: sent as IPv4-mapped IPv6.
+        ("v1", V4, V6, CLIENT_V4, "127.0.0.2"),
+        ("v2", V4, V6, CLIENT_V4, "127.0.0.2"),
     ] {
         let postern = Postern::start(
-            PosternOptions::new(postfix.proxy_addr(ip))
+            PosternOptions::new(postfix.proxy_addr(backend))
                 .listen("--listen", free_addr(ip))
                 .arg("--backend-proxy-protocol")
                 .arg(version),
