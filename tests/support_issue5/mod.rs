@@ -54,16 +54,6 @@ pub fn have(program: &str) -> bool {
     found
 }
 
-/// Skips the test (returns early) unless every program is installed.
-#[macro_export]
-macro_rules! require {
-    ($($program:expr),+) => {
-        if !( true $(&& $crate::support_issue5::have($program))+ ) {
-            return;
-        }
-    };
-}
-
 /// A port free on `ip` right now.
 pub fn free_addr(ip: IpAddr) -> SocketAddr {
     let listener = TcpListener::bind(SocketAddr::new(ip, 0)).expect("bind a free port");
@@ -119,25 +109,6 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Output {
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
     }
-}
-
-/// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
-pub fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `addr` as `host:port` for command lines (`[::1]:25` for IPv6).
-pub fn host_port(addr: SocketAddr) -> String {
-    addr.to_string()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -264,14 +235,6 @@ impl Postern {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Every JSON log line so far.
-    pub fn logs(&self) -> Vec<Value> {
-        self.log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
     }
 
     /// Waits until `check`, given the whole log text, says yes.
