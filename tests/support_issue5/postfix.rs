@@ -31,7 +31,22 @@ pub fn available() -> bool {
         assert!(std::env::var_os("CI").is_none(), "CI runs as root");
         return false;
     }
-    true
+    // XCLIENT LOGIN only counts with smtpd_sasl_auth_enable, and with that on smtpd
+    // dies ("fatal: no SASL authentication mechanisms") unless Cyrus SASL has at least
+    // one mechanism plugin (libsasl2-modules, only a Recommends of Postfix).
+    let plugin = |dir: &Path| dir.join("sasl2/libplain.so").exists();
+    let found = plugin(Path::new("/usr/lib"))
+        || std::fs::read_dir("/usr/lib")
+            .map(|entries| entries.flatten().any(|e| plugin(&e.path())))
+            .unwrap_or(false);
+    if !found {
+        eprintln!("SKIP: libsasl2-modules is not installed (Postfix needs a SASL mechanism)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libsasl2-modules must be installed in CI (.ci/run)"
+        );
+    }
+    found
 }
 
 /// How to configure the instance.
