@@ -70,7 +70,6 @@ fn man(out_dir: Option<PathBuf>) -> Result<(), String> {
     }
 }
 
-// Minimal dispatch for `postern bench` until the lead wires it.
 fn bench(args: postern::bench::BenchArgs) -> Result<(), String> {
     runtime()?
         .block_on(postern::bench::run(args))
