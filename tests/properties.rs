@@ -805,3 +805,33 @@ fn session_driver_relays_the_happy_path() {
         );
     }
 }
+
+// PROXY protocol headers arrive before anything else, from a load balancer that may be
+// misconfigured or spoofed: framing must never panic, never ask for more than the
+// limits, and the header it frames must decode (or be refused) without panicking.
+proptest! {
+    #![proptest_config(config(512))]
+
+    #[test]
+    fn proxy_header_framing_is_total_and_bounded(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        use postern::proxy_proto::{Framing, MAX_V1, MAX_V2, decode, frame};
+        let mut have = 0;
+        loop {
+            match frame(&bytes[..have]) {
+                Framing::NeedMore { upto } => {
+                    prop_assert!(upto > have && upto <= MAX_V1.max(MAX_V2), "asked for {} with {}", upto, have);
+                    if upto > bytes.len() {
+                        break;
+                    }
+                    have = upto;
+                }
+                Framing::Complete { len } => {
+                    prop_assert!(len <= have);
+                    let _ = decode(&bytes[..len]);
+                    break;
+                }
+                Framing::Invalid => break,
+            }
+        }
+    }
+}
