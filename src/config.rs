@@ -1,7 +1,7 @@
 //! Command line and environment: every `serve` flag is also read from `POSTERN_<FLAG>`.
 //!
-//! clap does the parsing; [`ServeArgs::validate`] turns the raw flags into the typed
-//! [`Config`] the server runs on, with one clear error per mistake.
+//! clap does the parsing; [`crate::server::Config::from_args`] turns the raw flags into the typed
+//! [`Config`](crate::server::Config) the server runs on, with one clear error per mistake.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +20,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Validate the configuration (files, certificate/key match, addresses, backend) and
+    /// exit non-zero with a clear message if anything is wrong, like `nginx -t`.
+    Check(Box<ServeArgs>),
     /// Read a password (stdin or a tty prompt) and print a users-file line for it.
     HashPassword(HashPasswordArgs),
 }
@@ -90,6 +93,10 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_TLS_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: Duration,
 
+    /// How long a new client may take to send its first command.
+    #[arg(long, env = "POSTERN_FIRST_COMMAND_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub first_command_timeout: Duration,
+
     /// How long to wait for each command before AUTH (RFC 5321 §4.5.3.2 suggests 5 minutes).
     #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub command_timeout: Duration,
@@ -105,6 +112,48 @@ pub struct ServeArgs {
     /// How often the backend's capabilities are probed with EHLO.
     #[arg(long, env = "POSTERN_PROBE_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub probe_interval: Duration,
+
+    /// Serve GET /metrics (Prometheus), /healthz and /readyz on this address [default: disabled].
+    #[arg(long, env = "POSTERN_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// On SIGTERM/SIGINT, how long relayed sessions may run before they are closed.
+    #[arg(long, env = "POSTERN_SHUTDOWN_GRACE", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Most client connections open at once, across all listeners; more get `421 4.7.0`.
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS", value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Most connections open at once from one client IPv4 address or IPv6 /64.
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: u32,
+
+    /// Error replies after which a session is closed with 421 4.7.0.
+    #[arg(long, env = "POSTERN_MAX_ERRORS", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_errors: u32,
+
+    /// Failed AUTH attempts per connection before it is closed with 421 4.7.0.
+    #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES", value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_auth_failures: u32,
+
+    /// Delay before answering a failed AUTH, multiplied by the connection's failure count.
+    #[arg(long, env = "POSTERN_AUTH_FAILURE_DELAY", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub auth_failure_delay: Duration,
+
+    /// Failed AUTH attempts from one client IP (or IPv6 /64) per --auth-failure-window
+    /// after which its attempts get 454 4.7.0 without any password being checked.
+    #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_IP", value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_auth_failures_per_ip: u32,
+
+    /// Failed AUTH attempts for one user name per --auth-failure-window after which
+    /// attempts for it get 454 4.7.0 without any password being checked.
+    #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_USER", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_auth_failures_per_user: u32,
+
+    /// The sliding window of the per-IP and per-user AUTH failure limits.
+    #[arg(long, env = "POSTERN_AUTH_FAILURE_WINDOW", value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub auth_failure_window: Duration,
 
     /// Log format.
     #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

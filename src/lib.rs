@@ -1,8 +1,44 @@
 //! postern: a TLS and SMTP AUTH front for legacy plain-SMTP servers.
 //!
+//! postern accepts mail clients, offers STARTTLS (RFC 3207) and implicit TLS
+//! (RFC 8314), and requires SMTP AUTH (RFC 4954) against its own users file before any
+//! mail transaction. Once a client is authenticated it connects to the backend, replays
+//! the client's EHLO, and from then on copies bytes verbatim both ways: the backend
+//! stays the one that accepts or refuses mail.
+//!
+//! The protocol core (`smtp`, `sasl`, `session`) is sans-IO: it takes lines and
+//! returns actions, and is tested without sockets. The async shell around it is thin.
+//!
 //! # Layout
 //!
-//! - [`config`]: command line and environment.
+//! - [`config`]: command line and environment (`POSTERN_*`).
+//! - [`smtp`]: line framing, pre-AUTH commands, replies, EHLO capability rewrite.
+//! - [`sasl`]: PLAIN, LOGIN and CRAM-MD5 exchanges.
+//! - [`users`]: the Dovecot-style users file and password verification.
+//! - [`session`]: the pre-AUTH state machine.
+//! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
+//! - [`backend`]: dials the backend and probes its capabilities.
+//! - [`relay`]: the verbatim post-AUTH splice.
+//! - [`limits`]: per-network connection and AUTH-failure limits.
+//! - [`listener`]: accept loops and the connection limit.
+//! - [`server`]: `postern serve`: wiring, shared state, signals.
+//! - [`tls`]: certificate loading and the rustls configuration.
+//! - [`metrics`]: metric names, the Prometheus recorder, typed helpers.
+//! - [`admin`]: `/metrics`, `/healthz` and `/readyz` over HTTP (hyper).
+//! - [`reload`]: certificate and users reload on SIGHUP and file change.
 
+pub mod admin;
+pub mod backend;
 pub mod config;
+pub mod conn;
+pub mod limits;
+pub mod listener;
+pub mod metrics;
+pub mod relay;
+pub mod reload;
+pub mod sasl;
+pub mod server;
+pub mod session;
 pub mod smtp;
+pub mod tls;
+pub mod users;

@@ -1,1 +1,91 @@
-fn main() {}
+//! The `postern` binary: parses the command line, sets up logging and runs a subcommand.
+
+use std::io::{IsTerminal, Read};
+use std::process::ExitCode;
+
+use clap::Parser;
+use postern::config::{Cli, Command, HashPasswordArgs, LogFormat, ServeArgs};
+use postern::server::{self, Config};
+use postern::users;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(*args),
+        Command::Check(args) => check(*args),
+        Command::HashPassword(args) => hash_password(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("postern: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    init_logging(args.log_format, &args.log_level)?;
+    let config = Config::from_args(&args)?;
+    runtime()?.block_on(server::run(config))
+}
+
+fn check(args: ServeArgs) -> Result<(), String> {
+    let config = Config::from_args(&args)?;
+    runtime()?.block_on(server::check(config))?;
+    println!("configuration ok");
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
+/// RUST_LOG, when set, overrides `--log-level`.
+fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => EnvFilter::try_new(directives),
+        _ => EnvFilter::try_new(level),
+    }
+    .map_err(|e| format!("--log-level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| format!("initialising logging: {e}"))
+}
+
+fn hash_password(args: HashPasswordArgs) -> Result<(), String> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")
+            .map_err(|e| format!("reading password: {e}"))?;
+        let again =
+            rpassword::prompt_password("Again: ").map_err(|e| format!("reading password: {e}"))?;
+        if first != again {
+            return Err("passwords do not match".into());
+        }
+        first
+    } else {
+        let mut input = String::new();
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .map_err(|e| format!("reading password from stdin: {e}"))?;
+        // One trailing newline comes from `echo` or a here-string, not the password.
+        let trimmed = input.strip_suffix('\n').unwrap_or(&input);
+        trimmed.strip_suffix('\r').unwrap_or(trimmed).to_owned()
+    };
+    if password.is_empty() {
+        return Err("empty password".into());
+    }
+    let line = users::hash_password(args.scheme, &password).map_err(|e| e.to_string())?;
+    println!("{line}");
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! The commands postern answers itself before AUTH (RFC 5321 §4.1, RFC 3207, RFC 4954).
 //!
 //! Everything after AUTH is relayed without parsing, so only the verbs that matter to
-//! the pre-AUTH phase get a variant; the rest are [`Command::Other`].
+//! the pre-AUTH phase get a variant; the rest are [`Command::Known`] or [`Command::Unknown`].
 
 use super::line::MAX_COMMAND_LINE;
 

@@ -41,7 +41,7 @@ impl Capabilities {
         self.backend_lines
             .iter()
             .map(String::as_str)
-            .filter(|line| !is_postern_only(line))
+            .filter(|line| !is_hidden(line))
     }
 }
 
@@ -49,8 +49,13 @@ fn keyword_of(line: &str) -> &str {
     line.split([' ', '=']).next().unwrap_or("")
 }
 
-fn is_postern_only(line: &str) -> bool {
-    let keyword = keyword_of(line);
+/// Lines postern implements itself, lines meant for postern only, and empty lines
+/// (smtp-sink ends its list with a bare `250 `), which are no ehlo-line at all.
+fn is_hidden(line: &str) -> bool {
+    let keyword = keyword_of(line.trim_start());
+    if keyword.is_empty() {
+        return true;
+    }
     ["STARTTLS", "AUTH", "XCLIENT", "XFORWARD"]
         .iter()
         .any(|k| keyword.eq_ignore_ascii_case(k))
@@ -77,6 +82,7 @@ mod tests {
             "AUTHORITY",
             "SMTPUTF8",
             "CHUNKING",
+            "",
         ]
         .map(String::from)
         .to_vec();

@@ -101,6 +101,18 @@ pub mod canned {
     pub const BAD_HELLO: Canned = Canned::new(501, "5.5.4 Syntax: EHLO hostname");
     pub const UNRECOGNIZED: Canned = Canned::new(500, "5.5.2 Command unrecognized");
 
+    pub const SHUTTING_DOWN: Canned = Canned::new(421, "4.3.2 Service shutting down");
+    pub const TOO_MANY_CONNECTIONS: Canned = Canned::new(421, "4.7.0 Too many connections");
+    pub const TOO_MANY_ERRORS: Canned =
+        Canned::new(421, "4.7.0 Too many errors, closing connection");
+    pub const TOO_MANY_AUTH_FAILURES: Canned = Canned::new(
+        421,
+        "4.7.0 Too many authentication failures, closing connection",
+    );
+    pub const AUTH_THROTTLED: Canned = Canned::new(
+        454,
+        "4.7.0 Too many authentication failures, try again later",
+    );
     pub const TIMEOUT: Canned = Canned::new(421, "4.4.2 Timeout, closing connection");
     pub const BACKEND_UNAVAILABLE: Canned =
         Canned::new(421, "4.3.0 Backend unavailable, closing connection");

@@ -1,0 +1,179 @@
+//! The legacy backend: dialling it for an authenticated client, and probing its
+//! capabilities (RFC 5321 §3.1, §4.1.1.1).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::session::Hello;
+use crate::smtp::reply::ReplyError;
+use crate::smtp::{BackendReply, Capabilities};
+
+/// A backend connection whose greeting and EHLO exchange are done.
+#[derive(Debug)]
+pub struct BackendConn {
+    pub stream: TcpStream,
+    /// Bytes the backend sent after its EHLO reply; they belong to the client.
+    pub pending: Vec<u8>,
+}
+
+/// Why the backend could not be used.
+#[derive(Debug)]
+pub enum BackendError {
+    Connect(std::io::Error),
+    Io(std::io::Error),
+    Timeout,
+    Closed,
+    Reply(ReplyError),
+    /// The backend answered, but not with the expected success code.
+    Refused {
+        stage: &'static str,
+        code: u16,
+    },
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendError::Connect(e) => write!(f, "connect: {e}"),
+            BackendError::Io(e) => write!(f, "i/o: {e}"),
+            BackendError::Timeout => f.write_str("timed out"),
+            BackendError::Closed => f.write_str("connection closed by backend"),
+            BackendError::Reply(e) => write!(f, "{e}"),
+            BackendError::Refused { stage, code } => write!(f, "{stage} answered {code}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// Connects to the backend and replays the client's greeting. The whole exchange runs
+/// under one `timeout`, so a backend that accepts but never speaks cannot hold a client.
+pub async fn connect(
+    addr: &str,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<BackendConn, BackendError> {
+    tokio::time::timeout(timeout, async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(BackendError::Connect)?;
+        // Relayed SMTP is request/response: without NODELAY every small reply waits
+        // for the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let mut buf = Vec::new();
+        expect(&mut stream, &mut buf, "greeting", 220).await?;
+        stream
+            .write_all(hello.command_line().as_bytes())
+            .await
+            .map_err(BackendError::Io)?;
+        expect(&mut stream, &mut buf, "EHLO", 250).await?;
+        Ok(BackendConn {
+            stream,
+            pending: buf,
+        })
+    })
+    .await
+    .map_err(|_| BackendError::Timeout)?
+}
+
+/// Asks the backend what it offers: greeting, `EHLO hostname`, QUIT.
+pub async fn probe(
+    addr: &str,
+    hostname: &str,
+    timeout: Duration,
+) -> Result<Capabilities, BackendError> {
+    tokio::time::timeout(timeout, async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(BackendError::Connect)?;
+        let mut buf = Vec::new();
+        expect(&mut stream, &mut buf, "greeting", 220).await?;
+        stream
+            .write_all(format!("EHLO {hostname}\r\n").as_bytes())
+            .await
+            .map_err(BackendError::Io)?;
+        let reply = expect(&mut stream, &mut buf, "EHLO", 250).await?;
+        // Politeness only: the answer to QUIT changes nothing.
+        let _ = stream.write_all(b"QUIT\r\n").await;
+        Ok(Capabilities::from_ehlo_reply(&reply.lines))
+    })
+    .await
+    .map_err(|_| BackendError::Timeout)?
+}
+
+/// Probes the backend every `interval`, publishing the capabilities of the last
+/// successful probe and whether the last probe succeeded.
+pub async fn probe_forever(
+    addr: String,
+    hostname: Arc<str>,
+    interval: Duration,
+    capabilities: watch::Sender<Arc<Capabilities>>,
+    up: watch::Sender<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match probe(&addr, &hostname, interval.max(Duration::from_secs(5))).await {
+            Ok(caps) => {
+                if !*up.borrow() {
+                    tracing::info!(backend = %addr, "backend probe succeeded");
+                }
+                capabilities.send_if_modified(|current| {
+                    let changed = **current != caps;
+                    if changed {
+                        *current = Arc::new(caps);
+                    }
+                    changed
+                });
+                up.send_replace(true);
+            }
+            Err(error) => {
+                if *up.borrow() || capabilities.borrow().for_clients().count() == 0 {
+                    tracing::warn!(backend = %addr, %error, "backend probe failed");
+                }
+                up.send_replace(false);
+            }
+        }
+    }
+}
+
+/// Reads one reply and checks its code. Bytes after it stay in `buf`.
+async fn expect(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    stage: &'static str,
+    code: u16,
+) -> Result<BackendReply, BackendError> {
+    let reply = read_reply(stream, buf).await?;
+    if reply.code != code {
+        return Err(BackendError::Refused {
+            stage,
+            code: reply.code,
+        });
+    }
+    Ok(reply)
+}
+
+async fn read_reply(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<BackendReply, BackendError> {
+    loop {
+        if let Some((reply, used)) = BackendReply::parse(buf).map_err(BackendError::Reply)? {
+            buf.drain(..used);
+            return Ok(reply);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.map_err(BackendError::Io)?;
+        if n == 0 {
+            return Err(BackendError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

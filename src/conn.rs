@@ -1,0 +1,525 @@
+//! One client connection: drives the sans-IO [`Session`] over a socket, performs the
+//! actions it asks for (TLS, credential checks, backend dial) and hands the connection
+//! to the [`relay`] once the client is authenticated.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, info, info_span};
+
+use crate::backend::{self, BackendConn};
+use crate::limits::ClientNet;
+use crate::relay::{self, RelayEnd, RelayStats};
+use crate::sasl::{Credentials, Mechanism};
+use crate::server::Shared;
+use crate::session::{Action, ChallengeSource, ListenerKind, Session, Verdict};
+use crate::smtp::line::LineTooLong;
+use crate::smtp::{LineBuffer, Reply, canned};
+use crate::{metrics, tls};
+
+/// Bytes asked of the socket per read before AUTH; commands are small.
+const READ_CHUNK: usize = 4096;
+
+/// How a session ended, for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Quit,
+    Relayed,
+    RelayIdle,
+    RelayError,
+    ClientClosed,
+    Timeout,
+    TlsFailed,
+    Refused,
+    ShuttingDown,
+    IoError,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Quit => "quit",
+            Outcome::Relayed => "relayed",
+            Outcome::RelayIdle => "relay_idle_timeout",
+            Outcome::RelayError => "relay_error",
+            Outcome::ClientClosed => "client_closed",
+            Outcome::Timeout => "timeout",
+            Outcome::TlsFailed => "tls_failed",
+            Outcome::Refused => "closed_after_error",
+            Outcome::ShuttingDown => "shutting_down",
+            Outcome::IoError => "io_error",
+        }
+    }
+}
+
+/// What one phase of [`drive`] ended with.
+enum Next {
+    StartTls,
+    Relay {
+        backend: BackendConn,
+        client_pending: Vec<u8>,
+    },
+    Closed(Outcome),
+}
+
+/// What the session log line reports.
+#[derive(Default)]
+struct Summary {
+    tls: Option<String>,
+    user: Option<String>,
+    mechanism: Option<Mechanism>,
+    stats: RelayStats,
+}
+
+/// Serves one accepted connection to the end and logs one line about it.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, kind: ListenerKind, shared: Arc<Shared>) {
+    let span = info_span!("session", %peer, listener = kind.label());
+    async move {
+        let started = Instant::now();
+        let _active = metrics::ActiveConnection::open(kind.label());
+        let mut summary = Summary::default();
+        let outcome = run(tcp, peer, kind, &shared, &mut summary).await;
+        let elapsed = started.elapsed();
+        info!(
+            tls = summary.tls.as_deref().unwrap_or("none"),
+            user = summary
+                .user
+                .as_ref()
+                .map(|u| Escaped(u))
+                .map(tracing::field::debug),
+            mechanism = summary.mechanism.map(Mechanism::label),
+            bytes_in = summary.stats.client_to_backend,
+            bytes_out = summary.stats.backend_to_client,
+            duration_ms = elapsed.as_millis() as u64,
+            result = outcome.label(),
+            "session closed"
+        );
+    }
+    .instrument(span)
+    .await
+}
+
+/// The pre-AUTH state of one connection, kept across the STARTTLS stream change.
+struct Client {
+    session: Session,
+    buf: LineBuffer,
+    shutdown: watch::Receiver<bool>,
+    net: ClientNet,
+}
+
+async fn run(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    shared: &Shared,
+    summary: &mut Summary,
+) -> Outcome {
+    // Every reply is small and answers a request: NODELAY keeps TLS handshakes and
+    // pipelined replies from waiting on delayed ACKs.
+    let _ = tcp.set_nodelay(true);
+    let session = Session::new(
+        kind,
+        shared.hostname.clone(),
+        shared.capabilities(),
+        challenge_source(shared),
+        shared.limits,
+    );
+    let mut client = Client {
+        session,
+        buf: LineBuffer::new(),
+        shutdown: shared.shutdown.clone(),
+        net: ClientNet::from(peer.ip()),
+    };
+    let first_wait = shared.timeouts.first_command;
+
+    let next = match kind {
+        ListenerKind::ImplicitTls => {
+            let Some(mut stream) = handshake(tcp, shared, summary).await else {
+                return Outcome::TlsFailed;
+            };
+            if send(&mut stream, &client.session.greeting(), shared)
+                .await
+                .is_err()
+            {
+                return Outcome::IoError;
+            }
+            let next = drive(&mut stream, &mut client, shared, first_wait).await;
+            return finish(stream, next, &client.session, shared, summary).await;
+        }
+        ListenerKind::Submission => {
+            let mut tcp = tcp;
+            if send(&mut tcp, &client.session.greeting(), shared)
+                .await
+                .is_err()
+            {
+                return Outcome::IoError;
+            }
+            let next = drive(&mut tcp, &mut client, shared, first_wait).await;
+            match next {
+                Next::StartTls => tcp,
+                other => return finish(tcp, other, &client.session, shared, summary).await,
+            }
+        }
+    };
+
+    // RFC 3207 §4.2, CVE-2011-0411: whatever the client pipelined after STARTTLS was
+    // sent in plaintext and is never acted on. Bytes still in flight when the handshake
+    // starts reach rustls, which rejects them as a malformed ClientHello.
+    client.buf.discard();
+    let Some(mut stream) = handshake(next, shared, summary).await else {
+        return Outcome::TlsFailed;
+    };
+    client.session.on_tls_established();
+    let next = drive(&mut stream, &mut client, shared, shared.timeouts.command).await;
+    finish(stream, next, &client.session, shared, summary).await
+}
+
+/// Relays an authenticated session, or reports how the pre-AUTH phase ended.
+async fn finish<S>(
+    client: S,
+    next: Next,
+    session: &Session,
+    shared: &Shared,
+    summary: &mut Summary,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match next {
+        Next::Closed(outcome) => outcome,
+        // Only a client that is already in TLS can authenticate, so STARTTLS cannot
+        // come back from a TLS phase; treat it as the protocol error it would be.
+        Next::StartTls => Outcome::Refused,
+        Next::Relay {
+            backend,
+            client_pending,
+        } => {
+            if let Some((user, mechanism)) = session.authenticated() {
+                summary.user = Some(user.to_owned());
+                summary.mechanism = Some(mechanism);
+            }
+            let (stats, end) = relay::relay(
+                client,
+                backend.stream,
+                &client_pending,
+                &backend.pending,
+                shared.timeouts.relay_idle,
+            )
+            .await;
+            summary.stats = stats;
+            match end {
+                RelayEnd::Closed => Outcome::Relayed,
+                RelayEnd::Idle => Outcome::RelayIdle,
+                RelayEnd::Error(error) => {
+                    tracing::debug!(%error, kind = ?error.kind(), "relay ended with an error");
+                    Outcome::RelayError
+                }
+            }
+        }
+    }
+}
+
+/// Runs the session over `stream` until it needs TLS, is authenticated, or ends.
+/// `first_wait` bounds the wait for the first line; each later line gets the command
+/// timeout. The timer is not reset by partial lines, so a client trickling bytes
+/// (slowloris) is cut off like a silent one.
+async fn drive<S>(
+    stream: &mut S,
+    client: &mut Client,
+    shared: &Shared,
+    first_wait: Duration,
+) -> Next
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Client {
+        session,
+        buf,
+        shutdown,
+        net,
+    } = client;
+    let mut deadline = tokio::time::Instant::now() + first_wait;
+    let mut out = Vec::new();
+    let mut actions = VecDeque::new();
+    let mut backend_conn = None;
+    let mut chunk = [0u8; READ_CHUNK];
+    loop {
+        // Answer every complete line already received, in order (RFC 2920 pipelining).
+        loop {
+            if actions.is_empty() {
+                match buf.next_line() {
+                    Ok(Some(line)) => {
+                        deadline = tokio::time::Instant::now() + shared.timeouts.command;
+                        actions.extend(session.on_line(&line));
+                    }
+                    Ok(None) => break,
+                    Err(LineTooLong) => actions.extend(session.on_line_too_long()),
+                }
+            }
+            while let Some(action) = actions.pop_front() {
+                match action {
+                    Action::Reply(reply) => reply.encode(&mut out),
+                    Action::StartTls => {
+                        return match flush(stream, &mut out, shared).await {
+                            Ok(()) => Next::StartTls,
+                            Err(_) => Next::Closed(Outcome::IoError),
+                        };
+                    }
+                    Action::Close => {
+                        let _ = flush(stream, &mut out, shared).await;
+                        // A TLS client deserves a close_notify, not a truncated stream.
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                        if session.auth_failures_exhausted() {
+                            metrics::auth_throttled("connection");
+                        }
+                        return Next::Closed(if session.quit() {
+                            Outcome::Quit
+                        } else {
+                            Outcome::Refused
+                        });
+                    }
+                    Action::Verify {
+                        mechanism,
+                        credentials,
+                    } => {
+                        // The client waits for this answer anyway; send what is queued
+                        // so it is not held up behind a slow hash.
+                        if flush(stream, &mut out, shared).await.is_err() {
+                            return Next::Closed(Outcome::IoError);
+                        }
+                        let verdict = authenticate(shared, *net, mechanism, credentials).await;
+                        actions.extend(session.on_verified(verdict));
+                    }
+                    Action::ConnectBackend { hello } => {
+                        let result =
+                            backend::connect(&shared.backend, &hello, shared.timeouts.backend)
+                                .await;
+                        metrics::backend_connection(result.is_ok());
+                        match result {
+                            Ok(conn) => {
+                                backend_conn = Some(conn);
+                                actions.extend(session.on_backend_ready(true));
+                            }
+                            Err(error) => {
+                                tracing::warn!(backend = %shared.backend, %error, "backend unavailable for authenticated client");
+                                actions.extend(session.on_backend_ready(false));
+                            }
+                        }
+                    }
+                    Action::Delay(delay) => {
+                        if flush(stream, &mut out, shared).await.is_err() {
+                            return Next::Closed(Outcome::IoError);
+                        }
+                        tokio::time::sleep(delay).await;
+                    }
+                    Action::Relay => {
+                        if flush(stream, &mut out, shared).await.is_err() {
+                            return Next::Closed(Outcome::IoError);
+                        }
+                        return match backend_conn.take() {
+                            Some(backend) => Next::Relay {
+                                backend,
+                                client_pending: buf.take_pending(),
+                            },
+                            None => Next::Closed(Outcome::Refused),
+                        };
+                    }
+                }
+            }
+        }
+        if flush(stream, &mut out, shared).await.is_err() {
+            return Next::Closed(Outcome::IoError);
+        }
+
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => read,
+            () = crate::server::stopping(shutdown) => {
+                let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
+                return Next::Closed(Outcome::ShuttingDown);
+            }
+        };
+        match read {
+            Ok(Ok(0)) => return Next::Closed(Outcome::ClientClosed),
+            Ok(Ok(n)) => buf.extend(&chunk[..n]),
+            Ok(Err(_)) => return Next::Closed(Outcome::IoError),
+            Err(_elapsed) => {
+                actions.extend(session.on_timeout());
+                let mut timeout_reply = Vec::new();
+                for action in actions.drain(..) {
+                    if let Action::Reply(reply) = action {
+                        reply.encode(&mut timeout_reply);
+                    }
+                }
+                let _ = flush(stream, &mut timeout_reply, shared).await;
+                return Next::Closed(Outcome::Timeout);
+            }
+        }
+    }
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    shared: &Shared,
+    summary: &mut Summary,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let acceptor = TlsAcceptor::from(shared.tls_config());
+    match tokio::time::timeout(shared.timeouts.tls_handshake, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let (_, conn) = stream.get_ref();
+            let version = conn
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown");
+            metrics::tls_handshake(true, version);
+            summary.tls = Some(tls::describe(conn));
+            Some(stream)
+        }
+        Ok(Err(error)) => {
+            metrics::tls_handshake(false, "none");
+            tracing::debug!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::tls_handshake(false, "none");
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// How long an AUTH may wait for a free verifier before it gets `454 4.7.0`.
+const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Applies the failure limits, checks the credentials, and records the outcome.
+async fn authenticate(
+    shared: &Shared,
+    client: ClientNet,
+    mechanism: Mechanism,
+    credentials: Credentials,
+) -> Verdict {
+    let username = credentials.username().to_owned();
+    let user_key = shared.user_key(&username);
+    let now = Instant::now();
+    let throttled_scope = if shared.ip_failures.is_blocked(&client, now) {
+        Some("ip")
+    } else if shared.user_failures.is_blocked(&user_key, now) {
+        Some("user")
+    } else {
+        None
+    };
+    if let Some(scope) = throttled_scope {
+        metrics::auth_throttled(scope);
+        info!(user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
+        return Verdict::Throttled;
+    }
+    let Some(valid) = verify(shared, credentials).await else {
+        metrics::auth_throttled("verifier");
+        return Verdict::Throttled;
+    };
+    metrics::auth_attempt(mechanism.label(), valid);
+    if valid {
+        return Verdict::Valid;
+    }
+    let now = Instant::now();
+    shared.ip_failures.record_failure(client, now);
+    shared.user_failures.record_failure(user_key, now);
+    // One line per failure, with the name tried, for fail2ban-style tooling.
+    info!(user = ?Escaped(&username), mechanism = mechanism.label(), result = "failure", "authentication failed");
+    Verdict::Invalid
+}
+
+/// Checks credentials on the blocking pool: a KDF takes ~100 ms of CPU and must not
+/// stall the reactor. The semaphore bounds how many run at once; `None` if none was
+/// free in time.
+async fn verify(shared: &Shared, credentials: Credentials) -> Option<bool> {
+    let users = shared.users();
+    let permit = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, shared.verify_slots.acquire()).await;
+    let Ok(Ok(_permit)) = permit else {
+        return None;
+    };
+    let check = tokio::task::spawn_blocking(move || match &credentials {
+        Credentials::Password { username, password } => users.verify_password(username, password),
+        Credentials::CramMd5 {
+            username,
+            challenge,
+            digest,
+        } => users.verify_cram_md5(username, challenge, digest),
+    });
+    Some(check.await.unwrap_or(false))
+}
+
+/// RFC 2195 challenge `<random.timestamp@hostname>`, fresh from the CSPRNG each time.
+fn challenge_source(shared: &Shared) -> ChallengeSource {
+    let provider = shared.crypto.clone();
+    let hostname = shared.hostname.clone();
+    Box::new(move || {
+        let mut random = [0u8; 8];
+        // A failing system RNG leaves zeros; the timestamp still varies, and a
+        // predictable challenge only weakens replay protection of CRAM-MD5 itself.
+        let _ = provider.secure_random.fill(&mut random);
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!("<{}.{timestamp}@{hostname}>", u64::from_be_bytes(random))
+    })
+}
+
+async fn send<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    reply: &Reply,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    reply.encode(&mut out);
+    flush(stream, &mut out, shared).await
+}
+
+/// Writes and empties `out`. A client that stops reading cannot hold the task: the
+/// write shares the command timeout.
+async fn flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        stream.write_all(out).await?;
+        stream.flush().await
+    };
+    let result = tokio::time::timeout(shared.timeouts.command, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    out.clear();
+    result
+}
+
+/// Client-supplied text for logs: control characters (CR/LF above all) escaped, so a
+/// user name cannot forge log lines.
+struct Escaped<'a>(&'a str);
+
+impl fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.escape_debug())
+    }
+}
+
+/// Phase time limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub tls_handshake: Duration,
+    pub first_command: Duration,
+    pub command: Duration,
+    pub backend: Duration,
+    pub relay_idle: Duration,
+}

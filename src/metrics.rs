@@ -1,0 +1,170 @@
+//! Metric names, their descriptions, and typed helpers. Names exist here only, and
+//! every label value is a `&'static str` from a bounded set: never a user or an address.
+
+use std::time::Duration;
+
+use metrics::{
+    Counter, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS_TOTAL: &str = "postern_connections_total";
+pub const CONNECTIONS_ACTIVE: &str = "postern_connections_active";
+pub const TLS_HANDSHAKES_TOTAL: &str = "postern_tls_handshakes_total";
+pub const AUTH_ATTEMPTS_TOTAL: &str = "postern_auth_attempts_total";
+pub const BACKEND_CONNECTIONS_TOTAL: &str = "postern_backend_connections_total";
+pub const BYTES_TOTAL: &str = "postern_bytes_total";
+pub const SESSION_DURATION_SECONDS: &str = "postern_session_duration_seconds";
+pub const BACKEND_UP: &str = "postern_backend_up";
+pub const RELOADS_TOTAL: &str = "postern_reloads_total";
+pub const AUTH_THROTTLED_TOTAL: &str = "postern_auth_throttled_total";
+pub const CONNECTIONS_REJECTED_TOTAL: &str = "postern_connections_rejected_total";
+
+/// Session durations span a refused connection (milliseconds) to a slow bulk upload
+/// (many minutes).
+pub const SESSION_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
+
+/// Installs the process-wide Prometheus recorder and its upkeep task; the returned
+/// handle renders `/metrics`. Must run inside the runtime.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(SESSION_DURATION_SECONDS.into()),
+            SESSION_DURATION_BUCKETS,
+        )
+        .and_then(|builder| builder.install_recorder())
+        .map_err(|e| format!("installing the metrics recorder: {e}"))?;
+    describe();
+    let upkeep = handle.clone();
+    // install_recorder leaves histogram draining to us (the exporter's own task only
+    // exists with its HTTP listener, which postern does not use).
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticker.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// Registers descriptions so `# HELP` lines appear, and creates the series that should
+/// exist (at zero) before the first event.
+fn describe() {
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Client connections accepted, by listener kind."
+    );
+    describe_gauge!(CONNECTIONS_ACTIVE, "Client connections currently open.");
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "TLS handshakes with clients, by result and protocol version."
+    );
+    describe_counter!(
+        AUTH_ATTEMPTS_TOTAL,
+        "SASL authentication attempts, by mechanism and result."
+    );
+    describe_counter!(
+        BACKEND_CONNECTIONS_TOTAL,
+        "Connections to the backend for authenticated clients, by result."
+    );
+    describe_counter!(
+        BYTES_TOTAL,
+        "Bytes relayed after authentication, by direction."
+    );
+    describe_histogram!(
+        SESSION_DURATION_SECONDS,
+        "Client session duration from accept to close."
+    );
+    describe_gauge!(BACKEND_UP, "1 if the last backend probe succeeded, else 0.");
+    describe_counter!(
+        RELOADS_TOTAL,
+        "Certificate and users-file reloads, by result."
+    );
+    gauge!(CONNECTIONS_ACTIVE).set(0.0);
+    gauge!(BACKEND_UP).set(0.0);
+    for direction in [Direction::ClientToBackend, Direction::BackendToClient] {
+        bytes_counter(direction).absolute(0);
+    }
+    for result in ["ok", "error"] {
+        counter!(RELOADS_TOTAL, "result" => result).absolute(0);
+        counter!(BACKEND_CONNECTIONS_TOTAL, "result" => result).absolute(0);
+    }
+}
+
+/// A relay direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToBackend,
+    BackendToClient,
+}
+
+impl Direction {
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::ClientToBackend => "client_to_backend",
+            Direction::BackendToClient => "backend_to_client",
+        }
+    }
+}
+
+pub fn bytes_counter(direction: Direction) -> Counter {
+    counter!(BYTES_TOTAL, "direction" => direction.label())
+}
+
+/// Counts a connection as active while it lives, and records its duration when it is
+/// dropped: even a panicking session task puts the gauge back.
+pub struct ActiveConnection {
+    started: std::time::Instant,
+}
+
+impl ActiveConnection {
+    pub fn open(listener: &'static str) -> Self {
+        counter!(CONNECTIONS_TOTAL, "listener" => listener).increment(1);
+        gauge!(CONNECTIONS_ACTIVE).increment(1.0);
+        ActiveConnection {
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        gauge!(CONNECTIONS_ACTIVE).decrement(1.0);
+        histogram!(SESSION_DURATION_SECONDS).record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+pub fn tls_handshake(ok: bool, version: &'static str) {
+    let result = if ok { "ok" } else { "error" };
+    counter!(TLS_HANDSHAKES_TOTAL, "result" => result, "version" => version).increment(1);
+}
+
+pub fn auth_attempt(mechanism: &'static str, success: bool) {
+    let result = if success { "success" } else { "failure" };
+    counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism, "result" => result).increment(1);
+}
+
+pub fn backend_connection(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!(BACKEND_CONNECTIONS_TOTAL, "result" => result).increment(1);
+}
+
+pub fn auth_throttled(scope: &'static str) {
+    counter!(AUTH_THROTTLED_TOTAL, "scope" => scope).increment(1);
+}
+
+pub fn connection_rejected(reason: &'static str) {
+    counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn reload(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!(RELOADS_TOTAL, "result" => result).increment(1);
+}
+
+pub fn backend_up(up: bool) {
+    gauge!(BACKEND_UP).set(if up { 1.0 } else { 0.0 });
+}

@@ -1,0 +1,380 @@
+//! `postern serve`: loads the configuration, starts the backend probe and the
+//! listeners, and stops on SIGTERM/SIGINT.
+
+use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::crypto::CryptoProvider;
+use tracing::{info, warn};
+
+use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
+use crate::conn::Timeouts;
+use crate::limits::{ClientNet, FailureWindow, PerNetConnections};
+use crate::session::{Limits as SessionLimits, ListenerKind};
+use crate::smtp::Capabilities;
+use crate::users::UserDb;
+use crate::{admin, backend, listener, metrics, reload, tls};
+
+/// Everything connections share. Certificates and users sit behind locks so a reload
+/// can swap them for new sessions while running sessions keep their `Arc`.
+pub struct Shared {
+    pub hostname: Arc<str>,
+    pub backend: String,
+    pub timeouts: Timeouts,
+    pub crypto: Arc<CryptoProvider>,
+    /// Bounds concurrent password hash verifications (argon2 uses 64 MiB each).
+    pub verify_slots: Semaphore,
+    pub shutdown: watch::Receiver<bool>,
+    pub limits: SessionLimits,
+    /// AUTH failures per client network and per user name (hashed, so a flood of long
+    /// names cannot grow the table's memory).
+    pub ip_failures: FailureWindow<ClientNet>,
+    pub user_failures: FailureWindow<u64>,
+    pub per_net: Arc<PerNetConnections>,
+    user_hasher: RandomState,
+    capabilities: watch::Receiver<Arc<Capabilities>>,
+    tls: RwLock<Arc<ServerConfig>>,
+    users: RwLock<Arc<UserDb>>,
+}
+
+impl Shared {
+    /// The failure-table key of a user name.
+    pub fn user_key(&self, username: &str) -> u64 {
+        self.user_hasher.hash_one(username)
+    }
+
+    /// The backend's capabilities as of the last successful probe.
+    pub fn capabilities(&self) -> Arc<Capabilities> {
+        self.capabilities.borrow().clone()
+    }
+
+    pub fn tls_config(&self) -> Arc<ServerConfig> {
+        match self.tls.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn users(&self) -> Arc<UserDb> {
+        match self.users.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// New sessions use `config`; running ones keep the one they started with.
+    pub fn replace_tls(&self, config: Arc<ServerConfig>) {
+        match self.tls.write() {
+            Ok(mut guard) => *guard = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
+    /// New verifications use `users`; a verification already running keeps its copy.
+    pub fn replace_users(&self, users: UserDb) {
+        let users = Arc::new(users);
+        match self.users.write() {
+            Ok(mut guard) => *guard = users,
+            Err(poisoned) => *poisoned.into_inner() = users,
+        }
+    }
+}
+
+/// The validated configuration of `serve`.
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub listen_tls: Vec<SocketAddr>,
+    pub backend: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub users: PathBuf,
+    pub hostname: String,
+    pub timeouts: Timeouts,
+    pub probe_interval: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+    pub shutdown_grace: Duration,
+    pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    pub session_limits: SessionLimits,
+    pub max_auth_failures_per_ip: u32,
+    pub max_auth_failures_per_user: u32,
+    pub auth_failure_window: Duration,
+}
+
+impl Config {
+    pub fn from_args(args: &ServeArgs) -> Result<Config, String> {
+        let (listen, listen_tls) = if args.listen.is_empty() && args.listen_tls.is_empty() {
+            let parse = |a: &str| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| format!("default address {a}: {e}"))
+            };
+            (
+                vec![parse(DEFAULT_LISTEN)?],
+                vec![parse(DEFAULT_LISTEN_TLS)?],
+            )
+        } else {
+            (args.listen.clone(), args.listen_tls.clone())
+        };
+        if args
+            .backend
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            return Err(format!("--backend {:?}: expected HOST:PORT", args.backend));
+        }
+        let hostname = match &args.hostname {
+            Some(name) => name.clone(),
+            None => gethostname::gethostname().to_string_lossy().into_owned(),
+        };
+        if hostname.is_empty()
+            || hostname
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "--hostname {hostname:?}: must be one word without control characters"
+            ));
+        }
+        Ok(Config {
+            listen,
+            listen_tls,
+            backend: args.backend.clone(),
+            cert: args.cert.clone(),
+            key: args.key.clone(),
+            users: args.users.clone(),
+            hostname,
+            timeouts: Timeouts {
+                tls_handshake: args.tls_handshake_timeout,
+                first_command: args.first_command_timeout,
+                command: args.command_timeout,
+                backend: args.backend_timeout,
+                relay_idle: args.relay_idle_timeout,
+            },
+            probe_interval: args.probe_interval,
+            metrics_listen: args.metrics_listen,
+            shutdown_grace: args.shutdown_grace,
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            session_limits: SessionLimits {
+                max_errors: args.max_errors,
+                max_auth_failures: args.max_auth_failures,
+                auth_failure_delay: args.auth_failure_delay,
+            },
+            max_auth_failures_per_ip: args.max_auth_failures_per_ip,
+            max_auth_failures_per_user: args.max_auth_failures_per_user,
+            auth_failure_window: args.auth_failure_window,
+        })
+    }
+
+    fn listeners(&self) -> impl Iterator<Item = (SocketAddr, ListenerKind)> + '_ {
+        let plain = self.listen.iter().map(|a| (*a, ListenerKind::Submission));
+        plain.chain(
+            self.listen_tls
+                .iter()
+                .map(|a| (*a, ListenerKind::ImplicitTls)),
+        )
+    }
+}
+
+/// How long the start-up probe and `postern check` wait for the backend.
+const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains.
+pub async fn run(config: Config) -> Result<(), String> {
+    let tls = tls::load_server_config(&config.cert, &config.key)?;
+    let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
+    info!(users = users.len(), "users loaded");
+    let prometheus = match config.metrics_listen {
+        Some(addr) => Some((metrics::install()?, admin::bind(addr).await?)),
+        None => None,
+    };
+
+    let mut bound = Vec::new();
+    for (addr, kind) in config.listeners() {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("binding {addr}: {e}"))?;
+        bound.push((listener, kind));
+    }
+
+    let hostname: Arc<str> = config.hostname.into();
+    // The first probe runs before accepting, so the first client already sees the
+    // backend's real capability list when the backend is up.
+    let initial = backend::probe(&config.backend, &hostname, STARTUP_PROBE_TIMEOUT).await;
+    let up = initial.is_ok();
+    match &initial {
+        Ok(_) => info!(backend = %config.backend, "backend probe succeeded"),
+        Err(error) => {
+            warn!(backend = %config.backend, %error, "backend probe failed; offering a minimal capability list until it succeeds")
+        }
+    }
+    metrics::backend_up(up);
+    let (caps_tx, caps_rx) = watch::channel(Arc::new(
+        initial.unwrap_or_else(|_| Capabilities::unknown()),
+    ));
+    let (up_tx, mut up_rx) = watch::channel(up);
+    let backend_up = up_rx.clone();
+    tokio::spawn(backend::probe_forever(
+        config.backend.clone(),
+        hostname.clone(),
+        config.probe_interval,
+        caps_tx,
+        up_tx,
+    ));
+    tokio::spawn(async move {
+        while up_rx.changed().await.is_ok() {
+            metrics::backend_up(*up_rx.borrow());
+        }
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        hostname,
+        backend: config.backend,
+        timeouts: config.timeouts,
+        crypto: tls::provider(),
+        verify_slots: Semaphore::new(verify_concurrency()),
+        shutdown: shutdown_rx.clone(),
+        limits: config.session_limits,
+        ip_failures: FailureWindow::new(
+            config.max_auth_failures_per_ip,
+            config.auth_failure_window,
+        ),
+        user_failures: FailureWindow::new(
+            config.max_auth_failures_per_user,
+            config.auth_failure_window,
+        ),
+        per_net: PerNetConnections::new(config.max_connections_per_ip),
+        user_hasher: RandomState::new(),
+        capabilities: caps_rx,
+        tls: RwLock::new(tls),
+        users: RwLock::new(Arc::new(users)),
+    });
+    if let Some((handle, listener)) = prometheus {
+        let readiness = admin::Readiness {
+            backend_up,
+            draining: shutdown_rx,
+        };
+        tokio::spawn(admin::serve(listener, handle, readiness));
+    }
+    let paths = reload::Paths {
+        cert: config.cert,
+        key: config.key,
+        users: config.users,
+    };
+    tokio::spawn(reload::watch(shared.clone(), paths));
+
+    let slots = Arc::new(Semaphore::new(config.max_connections as usize));
+    for (listener, kind) in bound {
+        tokio::spawn(listener::accept_loop(
+            listener,
+            kind,
+            shared.clone(),
+            slots.clone(),
+        ));
+    }
+
+    let mut signals = Signals::new()?;
+    signals.recv().await;
+    info!(grace = ?config.shutdown_grace, "shutting down: no new connections; sessions before AUTH get 421, relayed sessions may finish");
+    shutdown_tx.send_replace(true);
+    let all_closed = slots.acquire_many(config.max_connections);
+    tokio::select! {
+        _ = all_closed => info!("all sessions finished"),
+        () = tokio::time::sleep(config.shutdown_grace) => warn!("shutdown grace expired; closing remaining sessions"),
+        () = signals.recv() => warn!("second signal; exiting now"),
+    }
+    Ok(())
+}
+
+/// `postern check`: everything `serve` would load or reach, without serving.
+pub async fn check(config: Config) -> Result<(), String> {
+    tls::load_server_config(&config.cert, &config.key)?;
+    println!(
+        "ok: certificate {} and key {}",
+        config.cert.display(),
+        config.key.display()
+    );
+    let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
+    println!(
+        "ok: users file {} ({} users)",
+        config.users.display(),
+        users.len()
+    );
+    for (addr, kind) in config
+        .listeners()
+        .chain(config.metrics_listen.map(|a| (a, ListenerKind::Submission)))
+    {
+        drop(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("binding {addr}: {e}"))?,
+        );
+        let _ = kind;
+        println!("ok: can bind {addr}");
+    }
+    let capabilities = backend::probe(&config.backend, &config.hostname, STARTUP_PROBE_TIMEOUT)
+        .await
+        .map_err(|e| format!("backend {}: {e}", config.backend))?;
+    let offered: Vec<&str> = capabilities.for_clients().collect();
+    println!(
+        "ok: backend {} answers EHLO; clients will see: {}",
+        config.backend,
+        offered.join(", ")
+    );
+    Ok(())
+}
+
+/// Resolves once shutdown has begun.
+pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
+
+/// Hash verifications at once: one per core keeps argon2's memory bounded while using
+/// the machine.
+fn verify_concurrency() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
+}
+
+/// SIGTERM and SIGINT.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, String> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let term = signal(SignalKind::terminate())
+                .map_err(|e| format!("installing SIGTERM handler: {e}"))?;
+            let int = signal(SignalKind::interrupt())
+                .map_err(|e| format!("installing SIGINT handler: {e}"))?;
+            Ok(Signals { term, int })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

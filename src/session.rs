@@ -1,0 +1,757 @@
+//! The pre-AUTH SMTP session as a sans-IO state machine (RFC 5321, 3207, 4954, 2920).
+//!
+//! The driver ([`crate::conn`]) feeds it complete command lines and the outcome of the
+//! work it asked for (TLS handshake, credential check, backend connection); the session
+//! answers with [`Action`]s. Nothing here touches a socket, a clock or an RNG, so every
+//! transition is tested below as a transcript.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::sasl::{Credentials, Exchange, Mechanism, Step};
+use crate::smtp::ehlo::AUTH_LINE;
+use crate::smtp::{Capabilities, Command, CommandError, Reply, canned};
+
+/// What kind of listener accepted the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Plain TCP that offers STARTTLS (RFC 3207); TLS and AUTH are required.
+    Submission,
+    /// TLS from the first byte (RFC 8314); AUTH is required.
+    ImplicitTls,
+}
+
+impl ListenerKind {
+    /// Label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ListenerKind::Submission => "starttls",
+            ListenerKind::ImplicitTls => "tls",
+        }
+    }
+}
+
+/// What the driver must do next, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this reply.
+    Reply(Reply),
+    /// Flush replies, drop every byte already received, run the TLS handshake, then call
+    /// [`Session::on_tls_established`].
+    StartTls,
+    /// Check these credentials off the reactor, then call [`Session::on_verified`].
+    Verify {
+        mechanism: Mechanism,
+        credentials: Credentials,
+    },
+    /// Connect to the backend, replay `hello`, then call [`Session::on_backend_ready`].
+    ConnectBackend { hello: Hello },
+    /// Relay bytes verbatim from now on; the session is finished.
+    Relay,
+    /// Flush, then wait this long before the next action (slows password guessing).
+    Delay(Duration),
+    /// Flush replies and close the connection.
+    Close,
+}
+
+/// How the client greeted, replayed to the backend once it is authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub extended: bool,
+    pub name: String,
+}
+
+impl Hello {
+    /// The command line to send to the backend, CRLF included.
+    pub fn command_line(&self) -> String {
+        format!(
+            "{} {}\r\n",
+            if self.extended { "EHLO" } else { "HELO" },
+            self.name
+        )
+    }
+}
+
+/// Where the session stands. Each variant carries the data only that state needs.
+enum State {
+    /// Waiting for a command.
+    Command,
+    /// In a SASL exchange, waiting for the client's next response line.
+    Auth(Exchange),
+    /// Waiting for [`Session::on_verified`].
+    Verifying {
+        mechanism: Mechanism,
+        username: String,
+    },
+    /// Credentials were valid; waiting for [`Session::on_backend_ready`].
+    Connecting {
+        mechanism: Mechanism,
+        username: String,
+    },
+    /// Authenticated and handed to the relay.
+    Relaying,
+    /// Closed by QUIT (`quit`), a timeout or a fatal error.
+    Closed { quit: bool },
+}
+
+/// The outcome of a credential check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Valid,
+    Invalid,
+    /// Not checked: the client's network or the user name is over its failure limit,
+    /// or no verifier was free in time.
+    Throttled,
+}
+
+/// Per-connection limits (Postfix's `smtpd_hard_error_limit` and friends).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Error replies (5xx) after which the session is closed with `421 4.7.0`.
+    pub max_errors: u32,
+    /// Failed AUTH attempts after which the session is closed with `421 4.7.0`.
+    pub max_auth_failures: u32,
+    /// Delay before answering the n-th failed AUTH: n times this.
+    pub auth_failure_delay: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_errors: 10,
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Produces the CRAM-MD5 challenge `<random.timestamp@hostname>`; a fresh one per call.
+pub type ChallengeSource = Box<dyn FnMut() -> String + Send + Sync>;
+
+/// One client's pre-AUTH session.
+pub struct Session {
+    kind: ListenerKind,
+    hostname: Arc<str>,
+    capabilities: Arc<Capabilities>,
+    challenges: ChallengeSource,
+    /// TLS is active on the client connection. The one place this fact lives.
+    tls: bool,
+    /// The client's EHLO/HELO since the last greeting or TLS handshake.
+    hello: Option<Hello>,
+    state: State,
+    /// The authenticated user and mechanism, once the backend accepted the session.
+    authenticated: Option<(String, Mechanism)>,
+    limits: Limits,
+    errors: u32,
+    auth_failures: u32,
+}
+
+impl Session {
+    pub fn new(
+        kind: ListenerKind,
+        hostname: Arc<str>,
+        capabilities: Arc<Capabilities>,
+        challenges: ChallengeSource,
+        limits: Limits,
+    ) -> Self {
+        Session {
+            kind,
+            hostname,
+            capabilities,
+            challenges,
+            tls: kind == ListenerKind::ImplicitTls,
+            hello: None,
+            state: State::Command,
+            authenticated: None,
+            limits,
+            errors: 0,
+            auth_failures: 0,
+        }
+    }
+
+    /// The 220 greeting (RFC 5321 §4.2).
+    pub fn greeting(&self) -> Reply {
+        Reply::new(220, format!("{} ESMTP postern", self.hostname))
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The user and mechanism of a session that reached the relay.
+    pub fn authenticated(&self) -> Option<(&str, Mechanism)> {
+        self.authenticated
+            .as_ref()
+            .map(|(user, mech)| (user.as_str(), *mech))
+    }
+
+    /// Whether the session was closed for reaching its AUTH failure limit.
+    pub fn auth_failures_exhausted(&self) -> bool {
+        self.auth_failures >= self.limits.max_auth_failures
+    }
+
+    /// Whether the client ended the session with QUIT.
+    pub fn quit(&self) -> bool {
+        matches!(self.state, State::Closed { quit: true })
+    }
+
+    /// Feeds one line received from the client, CRLF removed.
+    pub fn on_line(&mut self, line: &[u8]) -> Vec<Action> {
+        let mut actions = self.dispatch_line(line);
+        // Auth failures have their own limit; every other 5xx counts as an error.
+        let error = actions
+            .iter()
+            .any(|a| matches!(a, Action::Reply(r) if r.code >= 500 && r.code != 535));
+        let closing = actions.iter().any(|a| matches!(a, Action::Close));
+        if error && !closing {
+            self.errors += 1;
+            if self.errors >= self.limits.max_errors {
+                actions.extend(self.close_with(canned::TOO_MANY_ERRORS.into()));
+            }
+        }
+        actions
+    }
+
+    fn dispatch_line(&mut self, line: &[u8]) -> Vec<Action> {
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::Command => self.on_command(line),
+            State::Auth(mut exchange) => {
+                let step = exchange.step(line);
+                self.on_sasl_step(exchange, step)
+            }
+            // The driver stops reading while it verifies or connects, and hands the
+            // connection to the relay afterwards: a line here is a driver bug, ignored.
+            other => {
+                self.state = other;
+                Vec::new()
+            }
+        }
+    }
+
+    /// The client sent a line longer than any state allows; it cannot be answered in
+    /// sync, so the connection closes (RFC 4954 §4 for SASL lines).
+    pub fn on_line_too_long(&mut self) -> Vec<Action> {
+        let reply = match self.state {
+            State::Auth(_) => canned::AUTH_LINE_TOO_LONG,
+            _ => canned::LINE_TOO_LONG,
+        };
+        self.close_with(reply.into())
+    }
+
+    /// No command arrived in time (RFC 5321 §4.5.3.2).
+    pub fn on_timeout(&mut self) -> Vec<Action> {
+        self.close_with(canned::TIMEOUT.into())
+    }
+
+    /// The TLS handshake after STARTTLS succeeded: RFC 3207 §4.2 says the client must
+    /// greet again and nothing learnt before TLS may be kept.
+    pub fn on_tls_established(&mut self) {
+        self.tls = true;
+        self.hello = None;
+        self.state = State::Command;
+    }
+
+    /// The outcome of [`Action::Verify`].
+    pub fn on_verified(&mut self, verdict: Verdict) -> Vec<Action> {
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::Verifying {
+                mechanism,
+                username,
+            } if verdict == Verdict::Valid => match self.hello.clone() {
+                Some(hello) => {
+                    self.state = State::Connecting {
+                        mechanism,
+                        username,
+                    };
+                    vec![Action::ConnectBackend { hello }]
+                }
+                None => vec![Action::Reply(canned::HELLO_FIRST.into())],
+            },
+            State::Verifying { .. } if verdict == Verdict::Throttled => {
+                self.auth_failed(canned::AUTH_THROTTLED.into())
+            }
+            State::Verifying { .. } => self.auth_failed(canned::BAD_CREDENTIALS.into()),
+            other => {
+                self.state = other;
+                Vec::new()
+            }
+        }
+    }
+
+    /// A failed AUTH: answered after a delay that grows with each failure, and the
+    /// connection closed once it reaches the limit (RFC 4954 §4 allows both).
+    fn auth_failed(&mut self, reply: Reply) -> Vec<Action> {
+        self.auth_failures += 1;
+        let delay = self.limits.auth_failure_delay * self.auth_failures;
+        let mut actions = vec![Action::Delay(delay)];
+        if self.auth_failures >= self.limits.max_auth_failures {
+            actions.extend(self.close_with(canned::TOO_MANY_AUTH_FAILURES.into()));
+        } else {
+            actions.push(Action::Reply(reply));
+        }
+        actions
+    }
+
+    /// The outcome of [`Action::ConnectBackend`]: only a backend that greeted and accepted
+    /// the EHLO earns the client a 235, so a 235 is never followed by silence.
+    pub fn on_backend_ready(&mut self, ready: bool) -> Vec<Action> {
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::Connecting {
+                mechanism,
+                username,
+            } if ready => {
+                self.authenticated = Some((username, mechanism));
+                self.state = State::Relaying;
+                vec![Action::Reply(canned::AUTH_SUCCEEDED.into()), Action::Relay]
+            }
+            State::Connecting { .. } => vec![Action::Reply(canned::TEMPORARY_AUTH_FAILURE.into())],
+            other => {
+                self.state = other;
+                Vec::new()
+            }
+        }
+    }
+
+    fn on_command(&mut self, line: &[u8]) -> Vec<Action> {
+        let command = match Command::parse(line) {
+            Ok(command) => command,
+            Err(error) => return reply(command_error_reply(error)),
+        };
+        match command {
+            Command::Ehlo(name) => {
+                self.hello = Some(Hello {
+                    extended: true,
+                    name: name.to_owned(),
+                });
+                vec![Action::Reply(self.ehlo_reply())]
+            }
+            Command::Helo(name) => {
+                self.hello = Some(Hello {
+                    extended: false,
+                    name: name.to_owned(),
+                });
+                vec![Action::Reply(Reply::new(250, self.hostname.to_string()))]
+            }
+            Command::StartTls { .. } if self.tls => reply(canned::TLS_ALREADY_ACTIVE.into()),
+            Command::StartTls { has_argument: true } => reply(canned::STARTTLS_NO_ARGUMENTS.into()),
+            Command::StartTls {
+                has_argument: false,
+            } => {
+                vec![
+                    Action::Reply(canned::READY_FOR_TLS.into()),
+                    Action::StartTls,
+                ]
+            }
+            Command::Auth { .. } if !self.tls => reply(canned::ENCRYPTION_REQUIRED.into()),
+            Command::Auth { .. } if self.hello.is_none() => reply(canned::HELLO_FIRST.into()),
+            Command::Auth {
+                mechanism: None, ..
+            } => reply(canned::AUTH_NO_MECHANISM.into()),
+            Command::Auth {
+                mechanism: Some(name),
+                initial,
+            } => match Mechanism::parse(name) {
+                None => reply(canned::AUTH_UNKNOWN_MECHANISM.into()),
+                Some(mechanism) => {
+                    let challenge = match mechanism {
+                        Mechanism::CramMd5 => (self.challenges)(),
+                        _ => String::new(),
+                    };
+                    let (exchange, step) = Exchange::start(mechanism, initial, &challenge);
+                    self.on_sasl_step(exchange, step)
+                }
+            },
+            Command::Noop | Command::Rset => reply(canned::OK.into()),
+            Command::Quit => {
+                let actions = self.close_with(canned::BYE.into());
+                self.state = State::Closed { quit: true };
+                actions
+            }
+            // RFC 3030: a BDAT chunk follows its command unannounced, so after refusing
+            // it the only safe way never to read the chunk as commands is to close.
+            Command::Bdat => {
+                let refusal = self.refusal();
+                self.close_with(refusal.into())
+            }
+            Command::Mail | Command::Known => reply(self.refusal().into()),
+            Command::Unknown if !self.tls => reply(canned::TLS_REQUIRED.into()),
+            Command::Unknown => reply(canned::UNRECOGNIZED.into()),
+        }
+    }
+
+    fn on_sasl_step(&mut self, exchange: Exchange, step: Step) -> Vec<Action> {
+        let mechanism = exchange.mechanism();
+        match step {
+            Step::Challenge(text) => {
+                self.state = State::Auth(exchange);
+                reply(Reply::new(334, text))
+            }
+            Step::Done(credentials) => {
+                self.state = State::Verifying {
+                    mechanism,
+                    username: credentials.username().to_owned(),
+                };
+                vec![Action::Verify {
+                    mechanism,
+                    credentials,
+                }]
+            }
+            Step::Denied => self.auth_failed(canned::BAD_CREDENTIALS.into()),
+            Step::Cancelled => reply(canned::AUTH_CANCELLED.into()),
+            Step::Malformed => reply(canned::AUTH_MALFORMED.into()),
+        }
+    }
+
+    /// Why a mail transaction or a restricted verb is refused right now.
+    fn refusal(&self) -> crate::smtp::Canned {
+        if self.tls {
+            canned::AUTH_REQUIRED
+        } else {
+            canned::TLS_REQUIRED
+        }
+    }
+
+    fn ehlo_reply(&self) -> Reply {
+        let mut lines: Vec<Cow<'static, str>> = vec![self.hostname.to_string().into()];
+        lines.extend(
+            self.capabilities
+                .for_clients()
+                .map(|line| Cow::Owned(line.to_owned())),
+        );
+        if self.tls {
+            lines.push(AUTH_LINE.into());
+        } else if self.kind == ListenerKind::Submission {
+            lines.push("STARTTLS".into());
+        }
+        Reply { code: 250, lines }
+    }
+
+    fn close_with(&mut self, reply: Reply) -> Vec<Action> {
+        self.state = State::Closed { quit: false };
+        vec![Action::Reply(reply), Action::Close]
+    }
+}
+
+fn reply(reply: Reply) -> Vec<Action> {
+    vec![Action::Reply(reply)]
+}
+
+fn command_error_reply(error: CommandError) -> Reply {
+    match error {
+        CommandError::TooLong => canned::LINE_TOO_LONG.into(),
+        CommandError::ForbiddenCharacter => canned::BARE_CR_LF.into(),
+        CommandError::BadHelloName => canned::BAD_HELLO.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAIN_TIM: &str = "AHRpbQB0YW5zdGFhZnRhbnN0YWFm"; // \0tim\0tanstaaftanstaaf
+
+    fn session(kind: ListenerKind) -> Session {
+        let caps = Capabilities::from_ehlo_reply(
+            &[
+                "legacy",
+                "PIPELINING",
+                "SIZE 1000",
+                "STARTTLS",
+                "AUTH LOGIN",
+                "XCLIENT ADDR",
+                "8BITMIME",
+            ]
+            .map(String::from),
+        );
+        let limits = Limits {
+            auth_failure_delay: Duration::ZERO,
+            ..Limits::default()
+        };
+        let challenges = Box::new(|| "<1.2@mx.test>".to_owned());
+        Session::new(kind, "mx.test".into(), Arc::new(caps), challenges, limits)
+    }
+
+    /// A session after STARTTLS and EHLO, ready for AUTH.
+    fn greeted_tls() -> Session {
+        let mut s = session(ListenerKind::ImplicitTls);
+        s.on_line(b"EHLO client.test");
+        s
+    }
+
+    fn wire(actions: &[Action]) -> String {
+        let mut out = Vec::new();
+        for action in actions {
+            if let Action::Reply(reply) = action {
+                reply.encode(&mut out);
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[track_caller]
+    fn assert_reply(actions: &[Action], expected_start: &str) {
+        let text = wire(actions);
+        assert!(
+            text.starts_with(expected_start),
+            "expected {expected_start:?}, got {text:?}"
+        );
+    }
+
+    #[test]
+    fn greets_with_hostname() {
+        assert_eq!(
+            session(ListenerKind::Submission).greeting().first_line(),
+            "220 mx.test ESMTP postern"
+        );
+    }
+
+    #[test]
+    fn ehlo_offers_starttls_before_tls_and_auth_after() {
+        let mut s = session(ListenerKind::Submission);
+        assert_eq!(
+            wire(&s.on_line(b"EHLO c")),
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 STARTTLS\r\n"
+        );
+        assert!(matches!(
+            s.on_line(b"STARTTLS")[..],
+            [Action::Reply(_), Action::StartTls]
+        ));
+        s.on_tls_established();
+        assert_eq!(
+            wire(&s.on_line(b"EHLO c")),
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 AUTH PLAIN LOGIN CRAM-MD5\r\n"
+        );
+        assert_eq!(wire(&s.on_line(b"HELO c")), "250 mx.test\r\n");
+    }
+
+    #[test]
+    fn before_tls_only_greeting_starttls_noop_rset_quit_are_served() {
+        for (line, expected) in [
+            (&b"AUTH PLAIN"[..], "538 5.7.11 "),
+            (b"AUTH", "538 5.7.11 "),
+            (
+                b"MAIL FROM:<a@b>",
+                "530 5.7.0 Must issue a STARTTLS command first",
+            ),
+            (
+                b"RCPT TO:<a@b>",
+                "530 5.7.0 Must issue a STARTTLS command first",
+            ),
+            (b"DATA", "530 5.7.0 Must issue a STARTTLS command first"),
+            (
+                b"VRFY root",
+                "530 5.7.0 Must issue a STARTTLS command first",
+            ),
+            (b"XYZZY", "530 5.7.0 Must issue a STARTTLS command first"),
+            (b"NOOP", "250 2.0.0"),
+            (b"RSET", "250 2.0.0"),
+            (b"STARTTLS x", "501 5.5.4"),
+            (b"NOOP\nMAIL FROM:<a>", "500 5.5.2"),
+            (b"EHLO bad\x01name", "501 5.5.4"),
+        ] {
+            let mut s = session(ListenerKind::Submission);
+            s.on_line(b"EHLO c");
+            assert_reply(&s.on_line(line), expected);
+        }
+    }
+
+    #[test]
+    fn after_tls_before_auth_mail_needs_authentication() {
+        for (line, expected) in [
+            (&b"MAIL FROM:<a@b>"[..], "530 5.7.0 Authentication required"),
+            (b"DATA", "530 5.7.0 Authentication required"),
+            (b"VRFY x", "530 5.7.0 Authentication required"),
+            (b"XYZZY", "500 5.5.2"),
+            (b"STARTTLS", "503 5.5.1"),
+            (b"AUTH", "501 5.5.4"),
+            (b"AUTH KERBEROS_V4", "504 5.5.4"),
+        ] {
+            assert_reply(&greeted_tls().on_line(line), expected);
+        }
+    }
+
+    #[test]
+    fn bdat_before_auth_closes_so_its_chunk_is_never_read_as_commands() {
+        let actions = greeted_tls().on_line(b"BDAT 20 LAST");
+        assert_reply(&actions, "530 5.7.0 Authentication required");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn quit_closes() {
+        let actions = session(ListenerKind::Submission).on_line(b"QUIT");
+        assert_reply(&actions, "221 2.0.0");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn auth_needs_a_greeting_first() {
+        let mut s = session(ListenerKind::ImplicitTls);
+        assert_reply(&s.on_line(b"AUTH PLAIN"), "503 5.5.1");
+    }
+
+    #[test]
+    fn starttls_resets_everything_learnt_before() {
+        let mut s = session(ListenerKind::Submission);
+        s.on_line(b"EHLO before.tls");
+        s.on_line(b"STARTTLS");
+        s.on_tls_established();
+        assert!(s.is_tls());
+        // The pre-TLS EHLO does not count: AUTH needs a new one.
+        assert_reply(&s.on_line(b"AUTH PLAIN"), "503 5.5.1");
+    }
+
+    #[test]
+    fn plain_success_connects_the_backend_before_answering_235() {
+        let mut s = greeted_tls();
+        let actions = s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
+        let [
+            Action::Verify {
+                mechanism: Mechanism::Plain,
+                credentials,
+            },
+        ] = &actions[..]
+        else {
+            panic!("expected Verify, got {actions:?}");
+        };
+        assert_eq!(credentials.username(), "tim");
+        let actions = s.on_verified(Verdict::Valid);
+        let [Action::ConnectBackend { hello }] = &actions[..] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(hello.command_line(), "EHLO client.test\r\n");
+        assert!(s.authenticated().is_none());
+        let actions = s.on_backend_ready(true);
+        assert_reply(&actions, "235 2.7.0");
+        assert!(matches!(actions.last(), Some(Action::Relay)));
+        assert_eq!(s.authenticated(), Some(("tim", Mechanism::Plain)));
+    }
+
+    #[test]
+    fn backend_failure_gives_454_and_the_client_may_retry() {
+        let mut s = greeted_tls();
+        s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
+        s.on_verified(Verdict::Valid);
+        assert_reply(&s.on_backend_ready(false), "454 4.7.0");
+        assert!(s.authenticated().is_none());
+        assert!(matches!(
+            s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes())[..],
+            [Action::Verify { .. }]
+        ));
+    }
+
+    #[test]
+    fn wrong_credentials_give_535_and_any_mechanism_may_be_retried() {
+        let mut s = greeted_tls();
+        s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
+        assert_reply(&s.on_verified(Verdict::Invalid), "535 5.7.8");
+        assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "530 5.7.0");
+        assert_eq!(wire(&s.on_line(b"AUTH LOGIN")), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(wire(&s.on_line(b"dGlt")), "334 UGFzc3dvcmQ6\r\n");
+        let actions = s.on_line(b"dGFuc3RhYWZ0YW5zdGFhZg==");
+        assert!(
+            matches!(
+                actions[..],
+                [Action::Verify {
+                    mechanism: Mechanism::Login,
+                    ..
+                }]
+            ),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn sasl_exchange_replies() {
+        for (lines, expected) in [
+            (&[&b"AUTH PLAIN"[..]][..], "334 \r\n"),
+            (&[b"AUTH PLAIN", b"*"], "501 5.7.0"),
+            (&[b"AUTH PLAIN !!!notbase64"], "501 5.5.2"),
+            (&[b"AUTH PLAIN", b"%%%"], "501 5.5.2"),
+            (&[b"AUTH LOGIN dGlt"], "334 UGFzc3dvcmQ6"),
+            (&[b"AUTH LOGIN", b"*"], "501 5.7.0"),
+            (&[b"AUTH CRAM-MD5"], "334 PDEuMkBteC50ZXN0Pg=="),
+            (&[b"AUTH PLAIN VXJzZWwAS3VydAB4aXBqM3BsbXE="], "535 5.7.8"),
+        ] {
+            let mut s = greeted_tls();
+            let mut actions = Vec::new();
+            for line in lines {
+                actions = s.on_line(line);
+            }
+            assert_reply(&actions, expected);
+        }
+    }
+
+    #[test]
+    fn overlong_lines_close_with_the_right_code() {
+        let mut s = greeted_tls();
+        assert_reply(&s.on_line_too_long(), "500 5.5.2");
+        let mut s = greeted_tls();
+        s.on_line(b"AUTH PLAIN");
+        let actions = s.on_line_too_long();
+        assert_reply(&actions, "500 5.5.6");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn timeout_answers_421_and_closes() {
+        let actions = session(ListenerKind::Submission).on_timeout();
+        assert_reply(&actions, "421 4.4.2");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn auth_failures_are_delayed_more_each_time_and_close_at_the_limit() {
+        let caps = Arc::new(Capabilities::unknown());
+        let limits = Limits {
+            max_errors: 10,
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(1),
+        };
+        let mut s = Session::new(
+            ListenerKind::ImplicitTls,
+            "mx.test".into(),
+            caps,
+            Box::new(String::new),
+            limits,
+        );
+        s.on_line(b"EHLO c");
+        for (attempt, verdict, expected) in [
+            (1, Verdict::Invalid, "535 5.7.8"),
+            (2, Verdict::Throttled, "454 4.7.0"),
+            (3, Verdict::Invalid, "421 4.7.0"),
+        ] {
+            s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
+            let actions = s.on_verified(verdict);
+            assert!(
+                matches!(actions[0], Action::Delay(d) if d == Duration::from_secs(attempt)),
+                "{actions:?}"
+            );
+            assert_reply(&actions, expected);
+        }
+        assert!(matches!(s.on_verified(Verdict::Invalid)[..], []));
+    }
+
+    #[test]
+    fn plain_with_a_foreign_authzid_counts_as_a_failure() {
+        let mut s = greeted_tls();
+        let actions = s.on_line(b"AUTH PLAIN VXJzZWwAS3VydAB4aXBqM3BsbXE=");
+        assert!(matches!(actions[0], Action::Delay(_)));
+        assert_reply(&actions, "535 5.7.8");
+    }
+
+    #[test]
+    fn too_many_errors_close_the_session() {
+        let mut s = greeted_tls();
+        for _ in 0..9 {
+            assert_reply(&s.on_line(b"XYZZY"), "500 5.5.2");
+        }
+        let actions = s.on_line(b"MAIL FROM:<a@b>");
+        assert_eq!(
+            wire(&actions),
+            "530 5.7.0 Authentication required\r\n421 4.7.0 Too many errors, closing connection\r\n"
+        );
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+}
