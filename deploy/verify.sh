@@ -14,7 +14,8 @@
 # Environment:
 #   POSTERN_VERIFY_IMAGE=1            run the image build and end-to-end check
 #   POSTERN_VERIFY_REBUILD_BASE=1     rebuild the local base-image stand-ins
-#   POSTERN_VERIFY_SKIP_METRICS=1     don't require /healthz, /readyz, /metrics
+#   POSTERN_VERIFY_SKIP_METRICS=1     don't require /healthz, /readyz, /metrics (and skip
+#                                     the reload checks, which read the reload counter)
 #   POSTERN_VERIFY_KEEP=1             leave the pod and work directory for inspection
 set -euo pipefail
 
@@ -185,20 +186,35 @@ podman build --pull=never -q -t postern-verify-postfix "$root/deploy/compose/pos
   || die "building deploy/compose/postfix failed"
 phase_done "postfix image build"
 
+# The secrets directory has the layout of a Kubernetes Secret volume (files are symlinks
+# through ..data to a timestamped directory) so that a Secret update can be replayed.
 secrets="$work/secrets"
-mkdir -p "$secrets"
+user=verify
+users_line() {  # PASSWORD -> a users-file line made by the image's hash-password
+  local hashed
+  hashed=$(printf '%s' "$1" | podman run --rm -i "$image" hash-password) \
+    || die "postern hash-password failed"
+  [[ $hashed == *'{ARGON2ID}'* ]] || die "postern hash-password printed '$hashed', expected a {ARGON2ID} line"
+  [[ $hashed == '{'* ]] && hashed="$user:$hashed"  # it prints the password field only
+  printf '%s\n' "$hashed"
+}
+secret_version() {  # NAME: write tls.*, users into secrets/..NAME and point ..data at it
+  local dir="$secrets/..$1"
+  mkdir -p "$dir"
+  cp "$work/tls.crt" "$work/tls.key" "$work/users" "$dir/"
+  # Kubernetes mounts these 0440 root:fsGroup; the nearest here is world-readable.
+  chmod 0755 "$dir"; chmod 0644 "$dir"/*
+  ln -sfn "..$1" "$secrets/..data_tmp"
+  mv -T "$secrets/..data_tmp" "$secrets/..data"
+  for f in tls.crt tls.key users; do ln -sfn "..data/$f" "$secrets/$f"; done
+}
+mkdir -p "$secrets"; chmod 0755 "$secrets"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -subj /CN=mail.example.org -addext subjectAltName=DNS:mail.example.org \
-  -keyout "$secrets/tls.key" -out "$secrets/tls.crt" 2>/dev/null
+  -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
 password=$(openssl rand -hex 12)
-hashed=$(printf '%s' "$password" | podman run --rm -i "$image" hash-password) \
-  || die "postern hash-password failed"
-[[ $hashed == *'{ARGON2ID}'* ]] || die "postern hash-password printed '$hashed', expected a {ARGON2ID} line"
-[[ $hashed == '{'* ]] && hashed="verify:$hashed"  # hash-password may print the scheme part only
-printf '%s\n' "$hashed" > "$secrets/users"
-# Kubernetes mounts these 0440 root:fsGroup; the nearest here is world-readable in a 0755 dir.
-chmod 0755 "$secrets"; chmod 0644 "$secrets"/*
-user=${hashed%%:*}
+users_line "$password" > "$work/users"
+secret_version v1
 
 read -r port_587 port_465 port_metrics < <(python3 -c '
 import socket
@@ -229,6 +245,41 @@ if ! python3 "$here/verify/smtp_check.py" --host 127.0.0.1 --starttls-port "$por
   die "end-to-end SMTP check failed"
 fi
 phase_done "SMTP sessions"
+
+if [[ "${POSTERN_VERIFY_SKIP_METRICS:-0}" != 1 ]]; then
+  reloads_ok() {
+    python3 - "127.0.0.1:$port_metrics" <<'PY'
+import re, sys, urllib.request
+body = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read().decode()
+print(int(sum(float(v) for v in re.findall(r'^postern_reloads_total\{[^}]*result="ok"[^}]*\} (\S+)$', body, re.M))))
+PY
+  }
+  wait_reload() {  # BEFORE WHAT
+    local i
+    for i in $(seq 20); do
+      (( $(reloads_ok) > $1 )) && { log "$2: reloaded (postern_reloads_total{result=\"ok\"} $(reloads_ok))"; return; }
+      sleep 1
+    done
+    podman logs "$pod-postern" 2>&1 | tail -10 >&2
+    die "$2: no successful reload within 20s"
+  }
+  before=$(reloads_ok)
+  podman kill -s HUP "$pod-postern" >/dev/null
+  wait_reload "$before" "SIGHUP"
+
+  # A Secret update as Kubernetes does it: new files, ..data swapped atomically. The new
+  # password must work and the old one must be refused, with no signal sent.
+  new_password=$(openssl rand -hex 12)
+  users_line "$new_password" > "$work/users"
+  before=$(reloads_ok)
+  secret_version v2
+  wait_reload "$before" "Secret symlink swap"
+  python3 "$here/verify/smtp_check.py" --host 127.0.0.1 --starttls-port "$port_587" \
+    --tls-port "$port_465" --user "$user" --password "$new_password" \
+    --rejected-password "$password" --mailbox-cmd "podman exec $pod-mta cat /var/mail/demo" \
+    || die "sessions with the swapped-in users file failed"
+  phase_done "reloads"
+fi
 
 # SIGTERM with nothing in flight: postern should exit 0 well within the grace period.
 t0=$(date +%s)

@@ -77,6 +77,7 @@ def main():
     ap.add_argument("--cafile", help="verify the server chain (hostname is not checked)")
     ap.add_argument("--mailbox-cmd", required=True, help="prints the backend mailbox")
     ap.add_argument("--metrics", help="HOST:PORT of postern's metrics listener")
+    ap.add_argument("--rejected-password", help="must get 535 (default: a wrong password)")
     a = ap.parse_args()
 
     ctx = ssl.create_default_context(cafile=a.cafile) if a.cafile else ssl.create_default_context()
@@ -112,8 +113,9 @@ def main():
         if not s.has_extn("auth"):
             fail(f"AUTH not offered after STARTTLS: {s.esmtp_features}")
         try:
-            s.auth("PLAIN", lambda challenge=None: f"\0{a.user}\0wrong-{a.password}")
-            fail("wrong password accepted")
+            bad = a.rejected_password or f"wrong-{a.password}"
+            s.auth("PLAIN", lambda challenge=None: f"\0{a.user}\0{bad}")
+            fail(f"password {bad!r} accepted")
         except smtplib.SMTPAuthenticationError as e:
             if e.smtp_code != 535:
                 fail(f"wrong password: expected 535, got {e.smtp_code} {e.smtp_error!r}")
