@@ -34,6 +34,10 @@ die() { log "FAIL: $*"; exit 1; }
 python3 -c 'import yaml' 2>/dev/null \
   || die "python3 PyYAML missing (Debian: apt-get install python3-yaml)"
 python3 "$here/verify/check_config.py" "$root"
+if command -v kubectl >/dev/null; then
+  kubectl kustomize "$root/deploy/kubernetes" >/dev/null || die "kubectl kustomize deploy/kubernetes failed"
+  log "kubectl kustomize deploy/kubernetes renders"
+fi
 
 if [[ "${POSTERN_VERIFY_IMAGE:-0}" != 1 ]]; then
   log "image build and end-to-end run skipped (set POSTERN_VERIFY_IMAGE=1)"
@@ -178,6 +182,12 @@ podman build --pull=never --build-arg RUST_VERSION="$rust_version" \
   || { tail -40 "$work/build.log"; die "podman build failed (log above)"; }
 phase_done "postern image build"
 log "image size: $(podman image inspect "$image" --format '{{.Size}}' | numfmt --to=iec)"
+image_user=$(podman image inspect "$image" --format '{{.Config.User}}')
+[[ $image_user == 65532:65532 ]] || die "image USER is '$image_user', expected 65532:65532"
+if podman run --rm --entrypoint /bin/sh "$image" -c true >/dev/null 2>&1; then
+  die "the runtime image has a shell"
+fi
+podman run --rm "$image" --version >/dev/null || die "postern --version fails in the image"
 
 # --- end-to-end: the Kubernetes pod, reproduced with podman ------------------------------
 # The MTA is deploy/compose/postfix (plain SMTP, loopback only, as in the pod); postern
@@ -296,4 +306,4 @@ for t in "${timings[@]}"; do log "  $t"; done
 log "OK in $(( $(date +%s) - started ))s"
 }
 
-main "$@"
+main "$@"; exit  # one line: nothing after it is read, even if the file changed
