@@ -5,13 +5,22 @@
 #
 #   deploy/compose/make-dev-secrets.sh [USER [PASSWORD]]
 #
-# Uses `docker` or, if absent, `podman` to run `postern hash-password`; build the image
+# Uses docker or podman (CONTAINER_ENGINE=...) to run `postern hash-password`; build the image
 # first (docker compose -f deploy/compose.yaml build).
 set -euo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)/secrets"
 user=${1:-demo}
 password=${2:-demo}
-engine=$(command -v docker || command -v podman) || { echo "need docker or podman" >&2; exit 1; }
+# CONTAINER_ENGINE overrides; otherwise docker if its daemon answers, else podman.
+if [[ -n ${CONTAINER_ENGINE:-} ]]; then
+  engine=$CONTAINER_ENGINE
+elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+  engine=docker
+elif command -v podman >/dev/null; then
+  engine=podman
+else
+  echo "need docker (with a running daemon) or podman" >&2; exit 1
+fi
 
 mkdir -p "$dir"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 \

@@ -162,7 +162,10 @@ def main(argv):
     only_compose = sorted(set(compose_env) - set(k8s_env))
     if only_k8s or only_compose:
         error(f"env names differ: only in Deployment {only_k8s}, only in compose {only_compose}")
-    if str(cs.get("sysctls", {}).get("net.ipv4.ip_unprivileged_port_start", "1024")) != "0" and low_ports:
+    compose_sysctls = cs.get("sysctls", {})
+    if isinstance(compose_sysctls, list):
+        compose_sysctls = dict(e.split("=", 1) for e in compose_sysctls)
+    if str(compose_sysctls.get("net.ipv4.ip_unprivileged_port_start", "1024")).strip() != "0" and low_ports:
         error("compose postern must set sysctl net.ipv4.ip_unprivileged_port_start=0 like the pod")
     for spec in cs.get("ports", []):
         inside = int(str(spec).rsplit(":", 1)[1].split("/")[0])
