@@ -9,8 +9,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use std::net::SocketAddr;
+
+use crate::proxy_proto;
 use crate::session::Hello;
 use crate::smtp::reply::ReplyError;
+use crate::smtp::xclient;
 use crate::smtp::{BackendReply, Capabilities};
 
 /// A backend connection whose greeting and EHLO exchange are done.
@@ -51,11 +55,28 @@ impl fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {}
 
-/// Connects to the backend and replays the client's greeting. The whole exchange runs
-/// under one `timeout`, so a backend that accepts but never speaks cannot hold a client.
+/// How postern introduces a client to the backend.
+#[derive(Debug, Clone)]
+pub struct Introduction<'a> {
+    /// Send a PROXY header first (`--backend-proxy-protocol`).
+    pub proxy: Option<proxy_proto::Version>,
+    /// Send XCLIENT if the backend offers it (`--xclient`).
+    pub xclient: bool,
+    pub client: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// The authenticated user, for XCLIENT LOGIN.
+    pub login: Option<&'a str>,
+}
+
+/// Connects to the backend and replays the client's greeting, introducing the client
+/// with PROXY and XCLIENT as configured, in strict lockstep (no pipelining with a
+/// backend that has not said it can). The whole exchange runs under one `timeout`, so
+/// a backend that accepts but never speaks cannot hold a client.
 pub async fn connect(
     addr: &str,
     hello: &Hello,
+    introduction: &Introduction<'_>,
     timeout: Duration,
 ) -> Result<BackendConn, BackendError> {
     tokio::time::timeout(timeout, async {
@@ -65,13 +86,49 @@ pub async fn connect(
         // Relayed SMTP is request/response: without NODELAY every small reply waits
         // for the peer's delayed ACK.
         let _ = stream.set_nodelay(true);
+        if let Some(version) = introduction.proxy {
+            let header = proxy_proto::encode(version, introduction.client, introduction.local);
+            stream.write_all(&header).await.map_err(BackendError::Io)?;
+        }
         let mut buf = Vec::new();
         expect(&mut stream, &mut buf, "greeting", 220).await?;
         stream
             .write_all(hello.command_line().as_bytes())
             .await
             .map_err(BackendError::Io)?;
-        expect(&mut stream, &mut buf, "EHLO", 250).await?;
+        let ehlo = expect(&mut stream, &mut buf, "EHLO", 250).await?;
+        if introduction.xclient && hello.extended {
+            let offered = xclient::offered_attributes(&Capabilities::from_ehlo_reply(&ehlo.lines));
+            if let Some(offered) = offered {
+                let facts = xclient::ClientFacts {
+                    addr: introduction.client.ip(),
+                    port: introduction.client.port(),
+                    helo: &hello.name,
+                    login: introduction.login,
+                    proto: if hello.extended { "ESMTP" } else { "SMTP" },
+                };
+                for command in xclient::commands(&offered, &facts) {
+                    stream
+                        .write_all(command.as_bytes())
+                        .await
+                        .map_err(BackendError::Io)?;
+                    // Postfix answers a successful XCLIENT with a new 220 greeting;
+                    // other implementations (smtp-sink) with 250.
+                    let reply = read_reply(&mut stream, &mut buf).await?;
+                    if !(200..300).contains(&reply.code) {
+                        return Err(BackendError::Refused {
+                            stage: "XCLIENT",
+                            code: reply.code,
+                        });
+                    }
+                }
+                stream
+                    .write_all(hello.command_line().as_bytes())
+                    .await
+                    .map_err(BackendError::Io)?;
+                expect(&mut stream, &mut buf, "EHLO after XCLIENT", 250).await?;
+            }
+        }
         Ok(BackendConn {
             stream,
             pending: buf,
@@ -81,16 +138,26 @@ pub async fn connect(
     .map_err(|_| BackendError::Timeout)?
 }
 
-/// Asks the backend what it offers: greeting, `EHLO hostname`, QUIT.
+/// Asks the backend what it offers: greeting, `EHLO hostname`, QUIT. With
+/// `--backend-proxy-protocol` the probe sends a header naming its own connection, as a
+/// backend that expects one would otherwise wait for it.
 pub async fn probe(
     addr: &str,
     hostname: &str,
+    proxy: Option<proxy_proto::Version>,
     timeout: Duration,
 ) -> Result<Capabilities, BackendError> {
     tokio::time::timeout(timeout, async {
         let mut stream = TcpStream::connect(addr)
             .await
             .map_err(BackendError::Connect)?;
+        if let Some(version) = proxy {
+            let (local, peer) = (stream.local_addr(), stream.peer_addr());
+            if let (Ok(local), Ok(peer)) = (local, peer) {
+                let header = proxy_proto::encode(version, local, peer);
+                stream.write_all(&header).await.map_err(BackendError::Io)?;
+            }
+        }
         let mut buf = Vec::new();
         expect(&mut stream, &mut buf, "greeting", 220).await?;
         stream
@@ -112,6 +179,7 @@ pub async fn probe_forever(
     addr: String,
     hostname: Arc<str>,
     interval: Duration,
+    proxy: Option<proxy_proto::Version>,
     capabilities: watch::Sender<Arc<Capabilities>>,
     up: watch::Sender<bool>,
 ) {
@@ -119,7 +187,14 @@ pub async fn probe_forever(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        match probe(&addr, &hostname, interval.max(Duration::from_secs(5))).await {
+        match probe(
+            &addr,
+            &hostname,
+            proxy,
+            interval.max(Duration::from_secs(5)),
+        )
+        .await
+        {
             Ok(caps) => {
                 if !*up.borrow() {
                     tracing::info!(backend = %addr, "backend probe succeeded");

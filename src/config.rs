@@ -9,9 +9,24 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// `postern --version`: the crate version and the commit it was built from (`build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("POSTERN_GIT_COMMIT"),
+    ")"
+);
+
+/// The exit status contract, shown by `--help`, the man page and the README.
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  0  success (serve and demo: stopped by SIGTERM or SIGINT and drained)
+  1  runtime or configuration error (a message on stderr says which)
+  2  usage error: unknown flag, missing or malformed argument";
+
 /// postern: STARTTLS, implicit TLS and SMTP AUTH in front of a plain-SMTP server.
 #[derive(Debug, Parser)]
-#[command(name = "postern", version, about, long_about = None)]
+#[command(name = "postern", version = VERSION, about, long_about = None, after_help = EXIT_STATUS)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -26,6 +41,20 @@ pub enum Command {
     Check(Box<ServeArgs>),
     /// Read a password (stdin or a tty prompt) and print a users-file line for it.
     HashPassword(HashPasswordArgs),
+    /// Try postern on this machine: the real proxy on loopback with a throw-away
+    /// certificate, a demo user and a stand-in backend that prints each mail it receives.
+    Demo(crate::demo::DemoArgs),
+    /// Print a shell completion script to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, or write one page per command into a directory.
+    Man {
+        /// Write postern.1, postern-serve.1, ... into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Ports used when neither `--listen` nor `--listen-tls` is given.
@@ -53,6 +82,16 @@ pub struct ServeArgs {
         value_name = "ADDR"
     )]
     pub listen_tls: Vec<SocketAddr>,
+
+    /// Inbound MX listener, port 25 style (repeatable): STARTTLS and AUTH offered but not
+    /// required; an anonymous session is handed to the backend at its first MAIL.
+    #[arg(
+        long,
+        env = "POSTERN_LISTEN_MX",
+        value_delimiter = ',',
+        value_name = "ADDR"
+    )]
+    pub listen_mx: Vec<SocketAddr>,
 
     /// The legacy plain-SMTP server that receives the mail.
     #[arg(long, env = "POSTERN_BACKEND", value_name = "HOST:PORT")]
@@ -112,6 +151,36 @@ pub struct ServeArgs {
     /// How often the backend's capabilities are probed with EHLO.
     #[arg(long, env = "POSTERN_PROBE_INTERVAL", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub probe_interval: Duration,
+
+    /// Tell the backend the real client with XCLIENT (address, port, HELO, login) when its
+    /// EHLO offers XCLIENT (Postfix: smtpd_authorized_xclient_hosts).
+    #[arg(long, env = "POSTERN_XCLIENT", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub xclient: bool,
+
+    /// Send a PROXY protocol header with the real client address on every backend
+    /// connection, probes included (Postfix: smtpd_upstream_proxy_protocol = haproxy).
+    #[arg(
+        long,
+        env = "POSTERN_BACKEND_PROXY_PROTOCOL",
+        value_enum,
+        value_name = "VERSION"
+    )]
+    pub backend_proxy_protocol: Option<crate::proxy_proto::Version>,
+
+    /// Expect a PROXY protocol v1 or v2 header first on every client connection (behind
+    /// a load balancer). Requires --proxy-protocol-from.
+    #[arg(long, env = "POSTERN_PROXY_PROTOCOL", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub proxy_protocol: bool,
+
+    /// Networks allowed to send a PROXY header (CIDR, repeatable or comma-separated);
+    /// connections from anywhere else are closed.
+    #[arg(
+        long,
+        env = "POSTERN_PROXY_PROTOCOL_FROM",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 
     /// Serve GET /metrics (Prometheus), /healthz and /readyz on this address [default: disabled].
     #[arg(long, env = "POSTERN_METRICS_LISTEN", value_name = "ADDR")]

@@ -79,13 +79,13 @@ struct Summary {
 }
 
 /// Serves one accepted connection to the end and logs one line about it.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, kind: ListenerKind, shared: Arc<Shared>) {
-    let span = info_span!("session", %peer, listener = kind.label());
+pub async fn serve(tcp: TcpStream, addrs: ClientAddrs, kind: ListenerKind, shared: Arc<Shared>) {
+    let span = info_span!("session", peer = %addrs.client, listener = kind.label());
     async move {
         let started = Instant::now();
         let _active = metrics::ActiveConnection::open(kind.label());
         let mut summary = Summary::default();
-        let outcome = run(tcp, peer, kind, &shared, &mut summary).await;
+        let outcome = run(tcp, addrs, kind, &shared, &mut summary).await;
         let elapsed = started.elapsed();
         info!(
             tls = summary.tls.as_deref().unwrap_or("none"),
@@ -106,17 +106,25 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, kind: ListenerKind, shared:
     .await
 }
 
+/// The client's address and the address it connected to, from the socket or from a
+/// trusted PROXY header.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddrs {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+}
+
 /// The pre-AUTH state of one connection, kept across the STARTTLS stream change.
 struct Client {
     session: Session,
     buf: LineBuffer,
     shutdown: watch::Receiver<bool>,
-    net: ClientNet,
+    addrs: ClientAddrs,
 }
 
 async fn run(
     tcp: TcpStream,
-    peer: SocketAddr,
+    addrs: ClientAddrs,
     kind: ListenerKind,
     shared: &Shared,
     summary: &mut Summary,
@@ -135,7 +143,7 @@ async fn run(
         session,
         buf: LineBuffer::new(),
         shutdown: shared.shutdown.clone(),
-        net: ClientNet::from(peer.ip()),
+        addrs,
     };
     let first_wait = shared.timeouts.first_command;
 
@@ -153,7 +161,7 @@ async fn run(
             let next = drive(&mut stream, &mut client, shared, first_wait).await;
             return finish(stream, next, &client.session, shared, summary).await;
         }
-        ListenerKind::Submission => {
+        ListenerKind::Submission | ListenerKind::Mx => {
             let mut tcp = tcp;
             if send(&mut tcp, &client.session.greeting(), shared)
                 .await
@@ -243,12 +251,13 @@ where
         session,
         buf,
         shutdown,
-        net,
+        addrs,
     } = client;
     let mut deadline = tokio::time::Instant::now() + first_wait;
     let mut out = Vec::new();
     let mut actions = VecDeque::new();
     let mut backend_conn = None;
+    let mut relay_first = Vec::new();
     let mut chunk = [0u8; READ_CHUNK];
     loop {
         // Answer every complete line already received, in order (RFC 2920 pipelining).
@@ -295,13 +304,30 @@ where
                         if flush(stream, &mut out, shared).await.is_err() {
                             return Next::Closed(Outcome::IoError);
                         }
-                        let verdict = authenticate(shared, *net, mechanism, credentials).await;
+                        let net = ClientNet::from(addrs.client.ip());
+                        let verdict = authenticate(shared, net, mechanism, credentials).await;
                         actions.extend(session.on_verified(verdict));
                     }
-                    Action::ConnectBackend { hello } => {
-                        let result =
-                            backend::connect(&shared.backend, &hello, shared.timeouts.backend)
-                                .await;
+                    Action::ConnectBackend {
+                        hello,
+                        login,
+                        first,
+                    } => {
+                        let introduction = backend::Introduction {
+                            proxy: shared.backend_proxy_protocol,
+                            xclient: shared.xclient,
+                            client: addrs.client,
+                            local: addrs.local,
+                            login: login.as_deref(),
+                        };
+                        let result = backend::connect(
+                            &shared.backend,
+                            &hello,
+                            &introduction,
+                            shared.timeouts.backend,
+                        )
+                        .await;
+                        relay_first = first;
                         metrics::backend_connection(result.is_ok());
                         match result {
                             Ok(conn) => {
@@ -309,7 +335,7 @@ where
                                 actions.extend(session.on_backend_ready(true));
                             }
                             Err(error) => {
-                                tracing::warn!(backend = %shared.backend, %error, "backend unavailable for authenticated client");
+                                tracing::warn!(backend = %shared.backend, %error, "backend unavailable");
                                 actions.extend(session.on_backend_ready(false));
                             }
                         }
@@ -325,10 +351,14 @@ where
                             return Next::Closed(Outcome::IoError);
                         }
                         return match backend_conn.take() {
-                            Some(backend) => Next::Relay {
-                                backend,
-                                client_pending: buf.take_pending(),
-                            },
+                            Some(backend) => {
+                                let mut client_pending = std::mem::take(&mut relay_first);
+                                client_pending.extend_from_slice(&buf.take_pending());
+                                Next::Relay {
+                                    backend,
+                                    client_pending,
+                                }
+                            }
                             None => Next::Closed(Outcome::Refused),
                         };
                     }

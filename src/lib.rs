@@ -18,6 +18,7 @@
 //! - [`session`]: the pre-AUTH state machine.
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`backend`]: dials the backend and probes its capabilities.
+//! - [`proxy_proto`]: HAProxy PROXY protocol v1/v2 framing, decoding and encoding.
 //! - [`relay`]: the verbatim post-AUTH splice.
 //! - [`limits`]: per-network connection and AUTH-failure limits.
 //! - [`listener`]: accept loops and the connection limit.
@@ -26,14 +27,18 @@
 //! - [`metrics`]: metric names, the Prometheus recorder, typed helpers.
 //! - [`admin`]: `/metrics`, `/healthz` and `/readyz` over HTTP (hyper).
 //! - [`reload`]: certificate and users reload on SIGHUP and file change.
+//! - [`demo`]: `postern demo`: the real proxy on loopback with a throw-away setup and a
+//!   stand-in backend that prints what it receives.
 
 pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod demo;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod proxy_proto;
 pub mod relay;
 pub mod reload;
 pub mod sasl;

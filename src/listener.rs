@@ -8,9 +8,16 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{error, info};
 
-use crate::conn;
+use std::net::SocketAddr;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use crate::conn::{self, ClientAddrs};
 use crate::limits::ClientNet;
 use crate::metrics;
+use crate::proxy_proto;
 use crate::server::Shared;
 use crate::session::ListenerKind;
 use crate::smtp::{Reply, canned};
@@ -34,7 +41,7 @@ pub async fn accept_loop(
             accepted = listener.accept() => accepted,
             () = crate::server::stopping(&mut shutdown) => return,
         };
-        let (tcp, peer) = match accepted {
+        let (mut tcp, peer) = match accepted {
             Ok(pair) => {
                 backoff = Duration::from_millis(5);
                 pair
@@ -51,17 +58,84 @@ pub async fn accept_loop(
             refuse(tcp, "max_connections");
             continue;
         };
-        let Some(net_slot) = shared.per_net.try_acquire(ClientNet::from(peer.ip())) else {
-            refuse(tcp, "max_connections_per_ip");
-            continue;
-        };
         let shared = shared.clone();
         tokio::spawn(async move {
-            conn::serve(tcp, peer, kind, shared).await;
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            let Some(addrs) = client_addrs(&mut tcp, peer, &shared).await else {
+                return;
+            };
+            let Some(net_slot) = shared
+                .per_net
+                .try_acquire(ClientNet::from(addrs.client.ip()))
+            else {
+                refuse(tcp, "max_connections_per_ip");
+                return;
+            };
+            conn::serve(tcp, addrs, kind, shared).await;
             drop((permit, net_slot));
         });
     }
 }
+
+/// Who the client is: the TCP peer, or with `--proxy-protocol` the source in the
+/// header a trusted load balancer sent. `None` means the connection was closed.
+async fn client_addrs(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<ClientAddrs> {
+    let local = tcp.local_addr().ok()?;
+    let Some(trusted) = &shared.proxy_protocol_from else {
+        return Some(ClientAddrs {
+            client: peer,
+            local,
+        });
+    };
+    // Exim CVE-2023-42117 class: a PROXY header is only believed from listed sources.
+    if !trusted.iter().any(|net| net.contains(&peer.ip())) {
+        metrics::connection_rejected("proxy_untrusted");
+        warn!(%peer, "PROXY protocol expected from a listed load balancer only; closing");
+        return None;
+    }
+    match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(tcp)).await {
+        Ok(Some(proxy_proto::Header::Proxied {
+            source,
+            destination,
+        })) => Some(ClientAddrs {
+            client: SocketAddr::new(source.ip().to_canonical(), source.port()),
+            local: destination,
+        }),
+        Ok(Some(proxy_proto::Header::Local)) => Some(ClientAddrs {
+            client: peer,
+            local,
+        }),
+        Ok(None) | Err(_) => {
+            metrics::connection_rejected("proxy_invalid");
+            warn!(%peer, "missing, malformed or slow PROXY header; closing without a greeting");
+            None
+        }
+    }
+}
+
+/// Reads exactly the PROXY header, never a byte of what follows (which may be a TLS
+/// ClientHello that rustls must see).
+async fn read_proxy_header(tcp: &mut TcpStream) -> Option<proxy_proto::Header> {
+    let mut buf = Vec::with_capacity(proxy_proto::MAX_V1);
+    loop {
+        match proxy_proto::frame(&buf) {
+            proxy_proto::Framing::NeedMore { upto } => {
+                let have = buf.len();
+                buf.resize(upto, 0);
+                tcp.read_exact(&mut buf[have..]).await.ok()?;
+            }
+            proxy_proto::Framing::Complete { len } => return proxy_proto::decode(&buf[..len]),
+            proxy_proto::Framing::Invalid => return None,
+        }
+    }
+}
+
+/// How long a load balancer may take to send the PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a refused client gets to read its 421.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);

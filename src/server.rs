@@ -19,7 +19,9 @@ use crate::limits::{ClientNet, FailureWindow, PerNetConnections};
 use crate::session::{Limits as SessionLimits, ListenerKind};
 use crate::smtp::Capabilities;
 use crate::users::UserDb;
-use crate::{admin, backend, listener, metrics, reload, tls};
+use ipnet::IpNet;
+
+use crate::{admin, backend, listener, metrics, proxy_proto, reload, tls};
 
 /// Everything connections share. Certificates and users sit behind locks so a reload
 /// can swap them for new sessions while running sessions keep their `Arc`.
@@ -37,6 +39,10 @@ pub struct Shared {
     pub ip_failures: FailureWindow<ClientNet>,
     pub user_failures: FailureWindow<u64>,
     pub per_net: Arc<PerNetConnections>,
+    pub xclient: bool,
+    pub backend_proxy_protocol: Option<proxy_proto::Version>,
+    /// `Some` with `--proxy-protocol`: the networks whose PROXY headers are believed.
+    pub proxy_protocol_from: Option<Vec<IpNet>>,
     user_hasher: RandomState,
     capabilities: watch::Receiver<Arc<Capabilities>>,
     tls: RwLock<Arc<ServerConfig>>,
@@ -90,6 +96,10 @@ impl Shared {
 pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub listen_tls: Vec<SocketAddr>,
+    pub listen_mx: Vec<SocketAddr>,
+    pub xclient: bool,
+    pub backend_proxy_protocol: Option<proxy_proto::Version>,
+    pub proxy_protocol_from: Option<Vec<IpNet>>,
     pub backend: String,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -109,18 +119,19 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(args: &ServeArgs) -> Result<Config, String> {
-        let (listen, listen_tls) = if args.listen.is_empty() && args.listen_tls.is_empty() {
-            let parse = |a: &str| {
-                a.parse::<SocketAddr>()
-                    .map_err(|e| format!("default address {a}: {e}"))
+        let (listen, listen_tls) =
+            if args.listen.is_empty() && args.listen_tls.is_empty() && args.listen_mx.is_empty() {
+                let parse = |a: &str| {
+                    a.parse::<SocketAddr>()
+                        .map_err(|e| format!("default address {a}: {e}"))
+                };
+                (
+                    vec![parse(DEFAULT_LISTEN)?],
+                    vec![parse(DEFAULT_LISTEN_TLS)?],
+                )
+            } else {
+                (args.listen.clone(), args.listen_tls.clone())
             };
-            (
-                vec![parse(DEFAULT_LISTEN)?],
-                vec![parse(DEFAULT_LISTEN_TLS)?],
-            )
-        } else {
-            (args.listen.clone(), args.listen_tls.clone())
-        };
         if args
             .backend
             .rsplit_once(':')
@@ -141,9 +152,20 @@ impl Config {
                 "--hostname {hostname:?}: must be one word without control characters"
             ));
         }
+        let proxy_protocol_from = match (args.proxy_protocol, args.proxy_protocol_from.is_empty()) {
+            (true, true) => {
+                return Err("--proxy-protocol needs --proxy-protocol-from: trusting PROXY headers from anyone lets any client claim any address".into());
+            }
+            (true, false) => Some(args.proxy_protocol_from.clone()),
+            (false, _) => None,
+        };
         Ok(Config {
             listen,
             listen_tls,
+            listen_mx: args.listen_mx.clone(),
+            xclient: args.xclient,
+            backend_proxy_protocol: args.backend_proxy_protocol,
+            proxy_protocol_from,
             backend: args.backend.clone(),
             cert: args.cert.clone(),
             key: args.key.clone(),
@@ -174,11 +196,12 @@ impl Config {
 
     fn listeners(&self) -> impl Iterator<Item = (SocketAddr, ListenerKind)> + '_ {
         let plain = self.listen.iter().map(|a| (*a, ListenerKind::Submission));
-        plain.chain(
-            self.listen_tls
-                .iter()
-                .map(|a| (*a, ListenerKind::ImplicitTls)),
-        )
+        let tls = self
+            .listen_tls
+            .iter()
+            .map(|a| (*a, ListenerKind::ImplicitTls));
+        let mx = self.listen_mx.iter().map(|a| (*a, ListenerKind::Mx));
+        plain.chain(tls).chain(mx)
     }
 }
 
@@ -206,7 +229,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     let hostname: Arc<str> = config.hostname.into();
     // The first probe runs before accepting, so the first client already sees the
     // backend's real capability list when the backend is up.
-    let initial = backend::probe(&config.backend, &hostname, STARTUP_PROBE_TIMEOUT).await;
+    let initial = backend::probe(
+        &config.backend,
+        &hostname,
+        config.backend_proxy_protocol,
+        STARTUP_PROBE_TIMEOUT,
+    )
+    .await;
     let up = initial.is_ok();
     match &initial {
         Ok(_) => info!(backend = %config.backend, "backend probe succeeded"),
@@ -224,6 +253,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         config.backend.clone(),
         hostname.clone(),
         config.probe_interval,
+        config.backend_proxy_protocol,
         caps_tx,
         up_tx,
     ));
@@ -252,6 +282,9 @@ pub async fn run(config: Config) -> Result<(), String> {
         ),
         per_net: PerNetConnections::new(config.max_connections_per_ip),
         user_hasher: RandomState::new(),
+        xclient: config.xclient,
+        backend_proxy_protocol: config.backend_proxy_protocol,
+        proxy_protocol_from: config.proxy_protocol_from,
         capabilities: caps_rx,
         tls: RwLock::new(tls),
         users: RwLock::new(Arc::new(users)),
@@ -319,9 +352,14 @@ pub async fn check(config: Config) -> Result<(), String> {
         let _ = kind;
         println!("ok: can bind {addr}");
     }
-    let capabilities = backend::probe(&config.backend, &config.hostname, STARTUP_PROBE_TIMEOUT)
-        .await
-        .map_err(|e| format!("backend {}: {e}", config.backend))?;
+    let capabilities = backend::probe(
+        &config.backend,
+        &config.hostname,
+        config.backend_proxy_protocol,
+        STARTUP_PROBE_TIMEOUT,
+    )
+    .await
+    .map_err(|e| format!("backend {}: {e}", config.backend))?;
     let offered: Vec<&str> = capabilities.for_clients().collect();
     println!(
         "ok: backend {} answers EHLO; clients will see: {}",

@@ -20,6 +20,10 @@ pub enum ListenerKind {
     Submission,
     /// TLS from the first byte (RFC 8314); AUTH is required.
     ImplicitTls,
+    /// Inbound MX (port 25): STARTTLS and AUTH offered, neither required (RFC 3207 §4:
+    /// a publicly referenced server must not require TLS). An anonymous session is
+    /// handed to the backend at its first MAIL, so the backend decides as before.
+    Mx,
 }
 
 impl ListenerKind {
@@ -28,6 +32,7 @@ impl ListenerKind {
         match self {
             ListenerKind::Submission => "starttls",
             ListenerKind::ImplicitTls => "tls",
+            ListenerKind::Mx => "mx",
         }
     }
 }
@@ -46,7 +51,13 @@ pub enum Action {
         credentials: Credentials,
     },
     /// Connect to the backend, replay `hello`, then call [`Session::on_backend_ready`].
-    ConnectBackend { hello: Hello },
+    /// `login` is the authenticated user (for XCLIENT); `first` holds bytes the backend
+    /// must receive before anything else the client sent (an MX session's MAIL line).
+    ConnectBackend {
+        hello: Hello,
+        login: Option<String>,
+        first: Vec<u8>,
+    },
     /// Relay bytes verbatim from now on; the session is finished.
     Relay,
     /// Flush, then wait this long before the next action (slows password guessing).
@@ -84,6 +95,8 @@ enum State {
         mechanism: Mechanism,
         username: String,
     },
+    /// An anonymous MX session sent MAIL; waiting for [`Session::on_backend_ready`].
+    Handing,
     /// Credentials were valid; waiting for [`Session::on_backend_ready`].
     Connecting {
         mechanism: Mechanism,
@@ -260,11 +273,16 @@ impl Session {
                 username,
             } if verdict == Verdict::Valid => match self.hello.clone() {
                 Some(hello) => {
+                    let login = Some(username.clone());
                     self.state = State::Connecting {
                         mechanism,
                         username,
                     };
-                    vec![Action::ConnectBackend { hello }]
+                    vec![Action::ConnectBackend {
+                        hello,
+                        login,
+                        first: Vec::new(),
+                    }]
                 }
                 None => vec![Action::Reply(canned::HELLO_FIRST.into())],
             },
@@ -306,6 +324,11 @@ impl Session {
                 vec![Action::Reply(canned::AUTH_SUCCEEDED.into()), Action::Relay]
             }
             State::Connecting { .. } => vec![Action::Reply(canned::TEMPORARY_AUTH_FAILURE.into())],
+            State::Handing if ready => {
+                self.state = State::Relaying;
+                vec![Action::Relay]
+            }
+            State::Handing => vec![Action::Reply(canned::BACKEND_TRY_LATER.into())],
             other => {
                 self.state = other;
                 Vec::new()
@@ -370,11 +393,36 @@ impl Session {
             }
             // RFC 3030: a BDAT chunk follows its command unannounced, so after refusing
             // it the only safe way never to read the chunk as commands is to close.
+            Command::Bdat if self.kind == ListenerKind::Mx => {
+                self.close_with(canned::MAIL_FIRST.into())
+            }
             Command::Bdat => {
                 let refusal = self.refusal();
                 self.close_with(refusal.into())
             }
-            Command::Mail | Command::Known => reply(self.refusal().into()),
+            Command::Mail if self.kind == ListenerKind::Mx => match self.hello.clone() {
+                Some(hello) => {
+                    self.state = State::Handing;
+                    let mut first = line.to_vec();
+                    first.extend_from_slice(b"\r\n");
+                    vec![Action::ConnectBackend {
+                        hello,
+                        login: None,
+                        first,
+                    }]
+                }
+                None => reply(canned::HELLO_FIRST.into()),
+            },
+            Command::Rcpt | Command::Data if self.kind == ListenerKind::Mx => {
+                reply(canned::MAIL_FIRST.into())
+            }
+            Command::Known if self.kind == ListenerKind::Mx => {
+                reply(canned::NOT_IMPLEMENTED.into())
+            }
+            Command::Unknown if self.kind == ListenerKind::Mx => reply(canned::UNRECOGNIZED.into()),
+            Command::Mail | Command::Rcpt | Command::Data | Command::Known => {
+                reply(self.refusal().into())
+            }
             Command::Unknown if !self.tls => reply(canned::TLS_REQUIRED.into()),
             Command::Unknown => reply(canned::UNRECOGNIZED.into()),
         }
@@ -421,7 +469,7 @@ impl Session {
         );
         if self.tls {
             lines.push(AUTH_LINE.into());
-        } else if self.kind == ListenerKind::Submission {
+        } else if self.kind != ListenerKind::ImplicitTls {
             lines.push("STARTTLS".into());
         }
         Reply { code: 250, lines }
@@ -617,10 +665,19 @@ mod tests {
         };
         assert_eq!(credentials.username(), "tim");
         let actions = s.on_verified(Verdict::Valid);
-        let [Action::ConnectBackend { hello }] = &actions[..] else {
+        let [
+            Action::ConnectBackend {
+                hello,
+                login,
+                first,
+            },
+        ] = &actions[..]
+        else {
             panic!("{actions:?}")
         };
         assert_eq!(hello.command_line(), "EHLO client.test\r\n");
+        assert_eq!(login.as_deref(), Some("tim"));
+        assert!(first.is_empty());
         assert!(s.authenticated().is_none());
         let actions = s.on_backend_ready(true);
         assert_reply(&actions, "235 2.7.0");
@@ -753,5 +810,56 @@ mod tests {
             "530 5.7.0 Authentication required\r\n421 4.7.0 Too many errors, closing connection\r\n"
         );
         assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn mx_offers_tls_and_auth_but_hands_anonymous_mail_to_the_backend() {
+        let mut s = session(ListenerKind::Mx);
+        assert!(wire(&s.on_line(b"EHLO peer.example")).ends_with("250 STARTTLS\r\n"));
+        assert_reply(&s.on_line(b"RCPT TO:<a@b>"), "503 5.5.1");
+        assert_reply(&s.on_line(b"VRFY x"), "502 5.5.1");
+        assert_reply(&s.on_line(b"AUTH PLAIN"), "538 5.7.11");
+        let actions = s.on_line(b"MAIL FROM:<a@peer.example> SIZE=10");
+        let [
+            Action::ConnectBackend {
+                hello,
+                login: None,
+                first,
+            },
+        ] = &actions[..]
+        else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(hello.command_line(), "EHLO peer.example\r\n");
+        assert_eq!(first, b"MAIL FROM:<a@peer.example> SIZE=10\r\n");
+        // No 235 and no reply of postern's own: the backend answers the MAIL.
+        assert!(matches!(s.on_backend_ready(true)[..], [Action::Relay]));
+        assert!(s.authenticated().is_none());
+    }
+
+    #[test]
+    fn mx_backend_down_at_mail_gives_451_and_mx_needs_a_greeting() {
+        let mut s = session(ListenerKind::Mx);
+        assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "503 5.5.1");
+        s.on_line(b"HELO peer");
+        s.on_line(b"MAIL FROM:<a@b>");
+        assert_reply(&s.on_backend_ready(false), "451 4.3.0");
+        let mut s = session(ListenerKind::Mx);
+        s.on_line(b"EHLO peer");
+        let actions = s.on_line(b"BDAT 10 LAST");
+        assert_reply(&actions, "503 5.5.1");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn mx_after_tls_offers_auth_and_authenticated_users_relay_as_on_submission() {
+        let mut s = session(ListenerKind::Mx);
+        s.on_line(b"STARTTLS");
+        s.on_tls_established();
+        assert!(wire(&s.on_line(b"EHLO c")).ends_with("250 AUTH PLAIN LOGIN CRAM-MD5\r\n"));
+        assert!(matches!(
+            s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes())[..],
+            [Action::Verify { .. }]
+        ));
     }
 }

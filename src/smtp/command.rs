@@ -20,8 +20,12 @@ pub enum Command<'a> {
     Noop,
     Rset,
     Quit,
-    /// MAIL, RCPT, DATA: a mail transaction, which needs TLS and AUTH first.
+    /// MAIL starts a mail transaction, which needs TLS and AUTH first (except on an MX
+    /// listener, where it hands the session to the backend).
     Mail,
+    /// RCPT and DATA continue a transaction, which cannot exist before MAIL.
+    Rcpt,
+    Data,
     /// BDAT is followed by a chunk of raw bytes that must never be read as commands.
     Bdat,
     /// A verb RFC 5321 knows (VRFY, EXPN, HELP) that postern refuses before AUTH.
@@ -71,7 +75,9 @@ impl<'a> Command<'a> {
             b"NOOP" => Command::Noop,
             b"RSET" => Command::Rset,
             b"QUIT" => Command::Quit,
-            b"MAIL" | b"RCPT" | b"DATA" => Command::Mail,
+            b"MAIL" => Command::Mail,
+            b"RCPT" => Command::Rcpt,
+            b"DATA" => Command::Data,
             b"BDAT" => Command::Bdat,
             b"VRFY" | b"EXPN" | b"HELP" | b"ETRN" | b"TURN" | b"ATRN" | b"SEND" | b"SOML"
             | b"SAML" => Command::Known,
@@ -158,8 +164,8 @@ mod tests {
             (b"RSET", Command::Rset),
             (b"QUIT", Command::Quit),
             (b"MAIL FROM:<a@b>", Command::Mail),
-            (b"rcpt TO:<a@b>", Command::Mail),
-            (b"DATA", Command::Mail),
+            (b"rcpt TO:<a@b>", Command::Rcpt),
+            (b"DATA", Command::Data),
             (b"BDAT 100 LAST", Command::Bdat),
             (b"VRFY root", Command::Known),
             (b"XYZZY", Command::Unknown),

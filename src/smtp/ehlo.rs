@@ -36,6 +36,14 @@ impl Capabilities {
             .any(|line| keyword_of(line).eq_ignore_ascii_case(keyword))
     }
 
+    /// The backend's line for `keyword`, e.g. `XCLIENT NAME ADDR ...`.
+    pub fn line(&self, keyword: &str) -> Option<&str> {
+        self.backend_lines
+            .iter()
+            .map(String::as_str)
+            .find(|line| keyword_of(line).eq_ignore_ascii_case(keyword))
+    }
+
     /// The backend lines a client may see.
     pub fn for_clients(&self) -> impl Iterator<Item = &str> {
         self.backend_lines

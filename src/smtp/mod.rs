@@ -5,6 +5,7 @@ pub mod command;
 pub mod ehlo;
 pub mod line;
 pub mod reply;
+pub mod xclient;
 
 pub use command::{Command, CommandError};
 pub use ehlo::Capabilities;

@@ -113,6 +113,12 @@ pub mod canned {
         454,
         "4.7.0 Too many authentication failures, try again later",
     );
+    pub const MAIL_FIRST: Canned = Canned::new(503, "5.5.1 Send MAIL first");
+    pub const NOT_IMPLEMENTED: Canned = Canned::new(502, "5.5.1 Command not implemented");
+    pub const BACKEND_TRY_LATER: Canned = Canned::new(
+        451,
+        "4.3.0 Mail system temporarily unavailable, try again later",
+    );
     pub const TIMEOUT: Canned = Canned::new(421, "4.4.2 Timeout, closing connection");
     pub const BACKEND_UNAVAILABLE: Canned =
         Canned::new(421, "4.3.0 Backend unavailable, closing connection");

@@ -1,0 +1,166 @@
+//! Postfix's XCLIENT extension: how postern tells the backend who the client really is
+//! (<https://www.postfix.org/XCLIENT_README.html>). Values are xtext (RFC 3461 §4).
+
+use std::net::IpAddr;
+
+use super::Capabilities;
+use super::line::MAX_COMMAND_LINE;
+
+/// What postern knows about the client, as XCLIENT attributes.
+#[derive(Debug, Clone)]
+pub struct ClientFacts<'a> {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub helo: &'a str,
+    /// The authenticated user; `None` for an unauthenticated (MX) session.
+    pub login: Option<&'a str>,
+    /// `ESMTP` after EHLO, `SMTP` after HELO.
+    pub proto: &'static str,
+}
+
+/// The attribute names the backend lists after `XCLIENT`, if it offers it at all.
+pub fn offered_attributes(capabilities: &Capabilities) -> Option<Vec<String>> {
+    capabilities.line("XCLIENT").map(|line| {
+        line.split_ascii_whitespace()
+            .skip(1)
+            .map(|a| a.to_ascii_uppercase())
+            .collect()
+    })
+}
+
+/// The XCLIENT command lines (CRLF included) that carry `facts`, limited to the
+/// attributes the backend offers, each line within 512 octets. An attribute too long to
+/// fit any line is left out rather than cut: a truncated LOGIN would name someone else.
+pub fn commands(offered: &[String], facts: &ClientFacts<'_>) -> Vec<String> {
+    let addr = match facts.addr {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => format!("IPV6:{v6}"),
+        },
+    };
+    let candidates = [
+        ("ADDR", Some(addr)),
+        ("PORT", Some(facts.port.to_string())),
+        ("NAME", Some("[UNAVAILABLE]".to_owned())),
+        ("HELO", Some(facts.helo.to_owned())),
+        ("LOGIN", facts.login.map(str::to_owned)),
+        ("PROTO", Some(facts.proto.to_owned())),
+    ];
+    let mut lines = Vec::new();
+    let mut current = String::from("XCLIENT");
+    for (name, value) in candidates {
+        let Some(value) = value else { continue };
+        if !offered.iter().any(|a| a == name) {
+            continue;
+        }
+        let attribute = format!(" {name}={}", xtext(&value));
+        if "XCLIENT".len() + attribute.len() > MAX_COMMAND_LINE {
+            continue;
+        }
+        if current.len() + attribute.len() > MAX_COMMAND_LINE {
+            lines.push(std::mem::replace(&mut current, String::from("XCLIENT")) + "\r\n");
+        }
+        current.push_str(&attribute);
+    }
+    if current.len() > "XCLIENT".len() {
+        lines.push(current + "\r\n");
+    }
+    lines
+}
+
+/// RFC 3461 §4: printable ASCII except `+` and `=` as is, everything else as `+XX`.
+fn xtext(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if (b'!'..=b'~').contains(&byte) && byte != b'+' && byte != b'=' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("+{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<String> {
+        ["NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    #[test]
+    fn sends_only_offered_attributes_xtext_encoded() {
+        let facts = ClientFacts {
+            addr: "192.0.2.7".parse().unwrap(),
+            port: 41000,
+            helo: "client.example",
+            login: Some("jo+e=x y@example.com"),
+            proto: "ESMTP",
+        };
+        assert_eq!(
+            commands(&all(), &facts),
+            [
+                "XCLIENT ADDR=192.0.2.7 PORT=41000 NAME=[UNAVAILABLE] HELO=client.example LOGIN=jo+2Be+3Dx+20y@example.com PROTO=ESMTP\r\n"
+            ]
+        );
+        let some: Vec<String> = ["ADDR", "LOGIN"].map(String::from).to_vec();
+        assert_eq!(
+            commands(&some, &facts),
+            ["XCLIENT ADDR=192.0.2.7 LOGIN=jo+2Be+3Dx+20y@example.com\r\n"]
+        );
+        assert!(commands(&[], &facts).is_empty());
+    }
+
+    #[test]
+    fn ipv6_is_tagged_and_mapped_ipv4_is_plain() {
+        let mut facts = ClientFacts {
+            addr: "2001:db8::1".parse().unwrap(),
+            port: 1,
+            helo: "h",
+            login: None,
+            proto: "SMTP",
+        };
+        let addr_only = ["ADDR".to_owned()];
+        assert_eq!(
+            commands(&addr_only, &facts),
+            ["XCLIENT ADDR=IPV6:2001:db8::1\r\n"]
+        );
+        facts.addr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(commands(&addr_only, &facts), ["XCLIENT ADDR=192.0.2.1\r\n"]);
+    }
+
+    #[test]
+    fn long_values_split_into_several_commands_under_512_octets() {
+        let helo = "h".repeat(300);
+        let login = "u".repeat(300);
+        let facts = ClientFacts {
+            addr: "192.0.2.7".parse().unwrap(),
+            port: 2,
+            helo: &helo,
+            login: Some(&login),
+            proto: "ESMTP",
+        };
+        let lines = commands(&all(), &facts);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.len() <= 512 && l.starts_with("XCLIENT "))
+        );
+        let joined = lines.concat();
+        assert!(
+            joined.contains(&format!("HELO={helo}")) && joined.contains(&format!("LOGIN={login}"))
+        );
+
+        let huge = "x".repeat(600);
+        let facts = ClientFacts {
+            login: Some(&huge),
+            ..facts
+        };
+        assert!(!commands(&all(), &facts).concat().contains("LOGIN="));
+    }
+}

@@ -1,0 +1,343 @@
+//! The `postern` binary under test, run as a child process.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::certs::{CertPaths, TestCerts};
+use super::client::{Reply, SmtpClient};
+use super::{Output, STEP, accepts, free_addr, run};
+
+/// The `{PLAIN}` user: the only kind that can pass CRAM-MD5.
+pub const USER: &str = "alice";
+
+/// Users whose hashes were made by Dovecot's `doveadm pw` (DEPENDENCIES.md), all with the
+/// password [`super::PASSWORD`].
+pub const FIXTURE_USERS: &[(&str, &str)] = &[
+    (
+        "sha512",
+        "{SHA512-CRYPT}$6$lRIUi9jdcFZ6nFOD$hPrIV2Ds4Jf.dNbalhcRaBBCV.9BRXWpP1DDrxJs50x2o.EIkJxrSc0982QPgbx.kKYv7QQIOkPTbs8owfYZl1",
+    ),
+    (
+        "bcrypt",
+        "{BLF-CRYPT}$2y$05$9IoBKkFUzKc3D5KkeRvJ6OYtvf/dCmzNy1TY7g9mdvyXnWBRT7TZ.",
+    ),
+    (
+        "argon2",
+        "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$x8cApe1EfAGc4ozjzjYR0w$ahZZ0PtVJTaYwSnOF4ddxA0Mtn0ETmK8ya2o0VecKx4",
+    ),
+];
+
+/// The name postern is told to use in its greeting and EHLO reply.
+pub const HOSTNAME: &str = "postern.test";
+
+/// The path of the binary cargo built for these tests.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_postern")
+}
+
+/// A `postern` command with no inherited `POSTERN_*` variables.
+pub fn command() -> Command {
+    let mut cmd = Command::new(binary());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("POSTERN_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// How to start postern; see [`Postern::builder`].
+pub struct PosternBuilder {
+    backend: String,
+    users: Vec<String>,
+    certs: TestCerts,
+    flags: Vec<(String, String)>,
+    env: Vec<(String, String)>,
+    relaxed_limits: bool,
+}
+
+/// Abuse limits the harness relaxes by default, so that protocol tests can fail AUTH
+/// repeatedly, from one IP, without waiting out the failure delay. `tests/limits.rs`
+/// runs with postern's real defaults ([`PosternBuilder::default_limits`]).
+pub const RELAXED_LIMITS: &[(&str, &str)] = &[
+    ("--max-auth-failures", "1000"),
+    ("--auth-failure-delay", "0s"),
+    ("--max-auth-failures-per-ip", "100000"),
+    ("--max-auth-failures-per-user", "100000"),
+    ("--max-errors", "1000"),
+    ("--max-connections-per-ip", "10000"),
+];
+
+impl PosternBuilder {
+    /// Keeps postern's own defaults for the abuse limits instead of [`RELAXED_LIMITS`].
+    pub fn default_limits(mut self) -> Self {
+        self.relaxed_limits = false;
+        self
+    }
+
+    /// Adds a users-file line (`name:{SCHEME}data`).
+    pub fn user_line(mut self, line: impl Into<String>) -> Self {
+        self.users.push(line.into());
+        self
+    }
+
+    /// Replaces the whole users file content.
+    pub fn users_file(mut self, lines: &[&str]) -> Self {
+        self.users = lines.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Serves these certificates instead of freshly generated ones.
+    pub fn certs(mut self, certs: TestCerts) -> Self {
+        self.certs = certs;
+        self
+    }
+
+    /// Sets `--name value`, replacing the harness default for that flag if there is one.
+    pub fn flag(mut self, name: &str, value: impl Into<String>) -> Self {
+        let value = value.into();
+        match self.flags.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.flags.push((name.to_string(), value)),
+        }
+        self
+    }
+
+    /// Removes a flag the harness would otherwise pass.
+    pub fn without_flag(mut self, name: &str) -> Self {
+        self.flags.retain(|(n, _)| n != name);
+        self
+    }
+
+    /// Sets an environment variable for the child.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+
+    /// Writes the users file and certificates into `dir` and builds the command line.
+    /// `--listen`/`--listen-tls` get fresh ports unless set with [`Self::flag`].
+    fn prepare(&self, dir: &Path) -> (Command, CertPaths, Option<SocketAddr>, Option<SocketAddr>) {
+        let paths = self.certs.write_to(dir);
+        let users = dir.join("users");
+        let mut content = self.users.join("\n");
+        content.push('\n');
+        std::fs::write(&users, content).expect("write users file");
+
+        let mut flags: Vec<(String, String)> = vec![
+            ("--backend".into(), self.backend.clone()),
+            ("--cert".into(), paths.cert.display().to_string()),
+            ("--key".into(), paths.key.display().to_string()),
+            ("--users".into(), users.display().to_string()),
+            ("--hostname".into(), HOSTNAME.into()),
+            ("--log-level".into(), "debug".into()),
+        ];
+        if self.relaxed_limits {
+            flags.extend(
+                RELAXED_LIMITS
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string())),
+            );
+        }
+        let mut smtp = None;
+        let mut smtps = None;
+        if !self.flags.iter().any(|(n, _)| n == "--listen") {
+            let a = free_addr();
+            smtp = Some(a);
+            flags.push(("--listen".into(), a.to_string()));
+        }
+        if !self.flags.iter().any(|(n, _)| n == "--listen-tls") {
+            let a = free_addr();
+            smtps = Some(a);
+            flags.push(("--listen-tls".into(), a.to_string()));
+        }
+        for (name, value) in &self.flags {
+            match flags.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = value.clone(),
+                None => flags.push((name.clone(), value.clone())),
+            }
+        }
+
+        let mut cmd = command();
+        cmd.arg("serve");
+        for (name, value) in flags {
+            cmd.arg(name).arg(value);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        (cmd, paths, smtp, smtps)
+    }
+
+    /// Runs postern with this configuration expecting it to exit by itself (a startup
+    /// error); fails the test if it is still running after [`STEP`].
+    pub fn run_to_exit(self) -> Output {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut cmd, ..) = self.prepare(dir.path());
+        run(&mut cmd, b"", STEP)
+    }
+
+    /// Starts postern and waits until both listeners accept connections.
+    pub fn start(self) -> Postern {
+        // A port picked by free_addr() can be taken by another process before postern
+        // binds it; try again with new ports in that case.
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (mut cmd, paths, smtp, smtps) = self.prepare(dir.path());
+            let log_path = dir.path().join("postern.log");
+            let log = File::create(&log_path).expect("create log");
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup log"))
+                .stderr(log);
+            let child = cmd.spawn().expect("spawn postern");
+            let mut postern = Postern {
+                child,
+                smtp: smtp.expect("harness-chosen --listen"),
+                smtps: smtps.expect("harness-chosen --listen-tls"),
+                certs: self.certs.clone(),
+                paths,
+                log_path,
+                dir,
+            };
+            let start = Instant::now();
+            loop {
+                if let Some(status) = postern.child.try_wait().expect("try_wait") {
+                    let log = postern.log();
+                    if log.contains("in use") {
+                        break; // lost a port race: next attempt
+                    }
+                    panic!("postern exited during startup with {status}\n--- log ---\n{log}");
+                }
+                if accepts(postern.smtp) && accepts(postern.smtps) {
+                    return postern;
+                }
+                if start.elapsed() > STEP {
+                    panic!(
+                        "postern did not accept on {} and {} within {STEP:?}\n--- log ---\n{}",
+                        postern.smtp,
+                        postern.smtps,
+                        postern.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("postern lost the race for free ports three times");
+    }
+}
+
+/// A running `postern serve`, killed on drop.
+pub struct Postern {
+    child: Child,
+    /// The `--listen` (STARTTLS) address.
+    pub smtp: SocketAddr,
+    /// The `--listen-tls` (implicit TLS) address.
+    pub smtps: SocketAddr,
+    pub certs: TestCerts,
+    pub paths: CertPaths,
+    log_path: PathBuf,
+    dir: TempDir,
+}
+
+impl Postern {
+    /// postern in front of `backend` with fresh certificates, [`USER`] (`{PLAIN}`) and
+    /// the [`FIXTURE_USERS`].
+    pub fn builder(backend: impl ToString) -> PosternBuilder {
+        let mut users = vec![format!("{USER}:{{PLAIN}}{}", super::PASSWORD)];
+        users.extend(FIXTURE_USERS.iter().map(|(u, h)| format!("{u}:{h}")));
+        PosternBuilder {
+            backend: backend.to_string(),
+            users,
+            certs: TestCerts::generate(),
+            flags: Vec::new(),
+            env: Vec::new(),
+            relaxed_limits: true,
+        }
+    }
+
+    /// [`Self::builder`] with the defaults, started.
+    pub fn start(backend: impl ToString) -> Postern {
+        Self::builder(backend).start()
+    }
+
+    /// Everything postern has logged so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The tempdir holding the users file, certificates and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The users file postern was started with (rewrite it to test reloads).
+    pub fn users_path(&self) -> PathBuf {
+        self.dir.path().join("users")
+    }
+
+    /// Sends `signal` (`"TERM"`, `"HUP"`, ...) to the process with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let out = run(
+            Command::new("kill").args([format!("-{signal}"), self.child.id().to_string()]),
+            b"",
+            STEP,
+        );
+        out.assert_success("kill");
+    }
+
+    /// Waits for the process to exit by itself and returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        super::wait_until(limit, "postern to exit", || {
+            self.child.try_wait().expect("try_wait")
+        })
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Shortcuts to connect the raw line client to this postern.
+impl Postern {
+    /// A rustls client config trusting this postern's CA.
+    pub fn tls_config(&self) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+        self.certs.client_config()
+    }
+
+    /// Plain connection to `--listen`; the greeting is not read yet.
+    pub async fn plain(&self) -> SmtpClient {
+        SmtpClient::connect(self.smtp).await
+    }
+
+    /// `--listen` after greeting, EHLO, STARTTLS and EHLO; with the post-TLS EHLO reply.
+    pub async fn starttls(&self) -> (SmtpClient, Reply) {
+        SmtpClient::connect_starttls(self.smtp, self.tls_config()).await
+    }
+
+    /// `--listen-tls` after greeting and EHLO; with the EHLO reply.
+    pub async fn implicit(&self) -> (SmtpClient, Reply) {
+        SmtpClient::connect_implicit(self.smtps, self.tls_config()).await
+    }
+
+    /// A session authenticated as [`USER`] (235 seen), over implicit TLS or STARTTLS.
+    pub async fn authenticated(&self, implicit: bool) -> SmtpClient {
+        let addr = if implicit { self.smtps } else { self.smtp };
+        SmtpClient::authenticated(addr, implicit, self.tls_config(), USER, super::PASSWORD).await
+    }
+}
+
+impl Drop for Postern {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- postern log ({}) ---\n{}", self.smtp, self.log());
+        }
+    }
+}

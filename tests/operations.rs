@@ -1,0 +1,168 @@
+//! Running postern: `/healthz`, `/readyz` and `/metrics`, graceful drain on SIGTERM,
+//! and reloading the users file on SIGHUP.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::postern::USER;
+use common::*;
+
+fn with_admin(backend: &RawBackend) -> (Postern, std::net::SocketAddr) {
+    let admin = free_addr();
+    let postern = Postern::builder(backend.addr)
+        .flag("--metrics-listen", admin.to_string())
+        .flag("--probe-interval", "200ms")
+        .start();
+    wait_until(STEP, "admin endpoint to accept", || {
+        accepts(admin).then_some(())
+    });
+    (postern, admin)
+}
+
+/// Polls `path` until it answers `status`.
+async fn wait_status(admin: std::net::SocketAddr, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let (code, body) = http_get(admin, path).await;
+        if code == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} stayed {code} (wanted {status}): {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_and_readiness_follow_the_backend() {
+    let backend = RawBackend::start();
+    let (postern, admin) = with_admin(&backend);
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    wait_status(admin, "/readyz", 200).await;
+
+    backend.set_fault(Fault::Refuse);
+    wait_status(admin, "/readyz", 503).await;
+    assert_eq!(
+        http_get(admin, "/healthz").await.0,
+        200,
+        "alive while not ready"
+    );
+
+    backend.set_fault(Fault::None);
+    wait_status(admin, "/readyz", 200).await;
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+    drop(postern);
+}
+
+#[tokio::test]
+async fn metrics_count_auth_and_never_name_users() {
+    let backend = RawBackend::start();
+    let (postern, admin) = with_admin(&backend);
+    let (mut c, _) = postern.implicit().await;
+    c.auth_plain(USER, "wrong", "535").await;
+    c.auth_plain(USER, PASSWORD, "235").await;
+    c.cmd("QUIT", "221").await;
+    let body = wait_status(admin, "/metrics", 200).await;
+    for name in [
+        "postern_connections_total",
+        "postern_auth_attempts_total",
+        "postern_backend_up",
+        "postern_session_duration_seconds",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+    let auth: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("postern_auth_attempts_total{"))
+        .collect();
+    assert!(auth.iter().any(|l| l.contains("success")), "{auth:?}");
+    assert!(auth.iter().any(|l| l.contains("fail")), "{auth:?}");
+    assert!(!body.contains(USER), "a user name in /metrics:\n{body}");
+    assert!(
+        !body.contains("127.0.0.1"),
+        "an address in /metrics:\n{body}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_idle_sessions_and_lets_relayed_ones_finish() {
+    let backend = RawBackend::start();
+    let mut postern = Postern::builder(backend.addr)
+        .flag("--shutdown-grace", "10s")
+        .start();
+    let mut idle = postern.plain().await;
+    idle.expect("220").await;
+    idle.cmd("EHLO client.test", "250").await;
+    let mut relayed = postern.authenticated(true).await;
+    relayed.cmd("MAIL FROM:<drain@client.test>", "250").await;
+
+    postern.signal("TERM");
+    idle.expect("421 4.3.2").await;
+    idle.expect_closed().await;
+    // New connections are no longer accepted.
+    wait_until(STEP, "listeners to close", || {
+        (!accepts(postern.smtp)).then_some(())
+    });
+    // The relayed session carries on until it ends by itself.
+    relayed.cmd("RCPT TO:<b@backend.test>", "250").await;
+    relayed.cmd("QUIT", "221").await;
+    relayed.expect_closed().await;
+    drop(relayed);
+    let t = Instant::now();
+    let status = postern.wait_exit(STEP);
+    // Well before --shutdown-grace: nothing is left to wait for.
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        t.elapsed()
+    );
+    assert!(status.success(), "exit after drain: {status}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_users_file_and_keeps_the_old_one_if_broken() {
+    let backend = RawBackend::start();
+    let postern = Postern::start(backend.addr);
+    let (mut c, _) = postern.implicit().await;
+    c.auth_plain("newbie", PASSWORD, "535").await;
+
+    std::fs::write(
+        postern.users_path(),
+        format!("{USER}:{{PLAIN}}{PASSWORD}\nnewbie:{{PLAIN}}{PASSWORD}\n"),
+    )
+    .unwrap();
+    postern.signal("HUP");
+    let deadline = Instant::now() + STEP;
+    loop {
+        let (mut c, _) = postern.implicit().await;
+        let r = c
+            .cmd(
+                &format!("AUTH PLAIN {}", plain_response("newbie", PASSWORD)),
+                "",
+            )
+            .await;
+        if r.code == 235 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "users file not reloaded: {}",
+            r.raw
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A broken file is refused; the users loaded before stay valid.
+    std::fs::write(postern.users_path(), "newbie:{NOSUCH}x\n").unwrap();
+    postern.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut c, _) = postern.implicit().await;
+    c.auth_plain("newbie", PASSWORD, "235").await;
+    assert!(
+        postern.log().to_lowercase().contains("nosuch"),
+        "reload error not logged"
+    );
+}
