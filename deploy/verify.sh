@@ -178,6 +178,7 @@ fi
 image=postern:verify
 log "podman build deploy/Dockerfile -> $image (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
 podman build --pull=never --build-arg RUST_VERSION="$rust_version" \
+  --build-arg REVISION="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
   -t "$image" -f "$root/deploy/Dockerfile" "$root" >"$work/build.log" 2>&1 \
   || { tail -40 "$work/build.log"; die "podman build failed (log above)"; }
 phase_done "postern image build"
@@ -240,6 +241,17 @@ podman run -d --pod "$pod" --name "$pod-mta" postern-verify-postfix \
 env_args=()
 while IFS= read -r kv; do env_args+=(--env "$kv"); done \
   < <(python3 "$here/verify/check_config.py" --print-env "$root")
+# "Check, then serve": `postern check` with the same env, user and mounts must pass once
+# the MTA is up. It binds the listen addresses to test them, so it has to run before
+# serve in this network namespace.
+for i in $(seq 30); do
+  podman run --rm --pod "$pod" --user 65532:65532 --read-only --read-only-tmpfs=false \
+    --cap-drop ALL -v "$secrets:/etc/postern:ro" "${env_args[@]}" "$image" check \
+    >"$work/check.log" 2>&1 && break
+  ((i < 30)) || { cat "$work/check.log" >&2; die "postern check failed"; }
+  sleep 1
+done
+log "postern check: OK after $i attempt(s) ($(grep -c '^ok:' "$work/check.log") ok lines)"
 podman run -d --pod "$pod" --name "$pod-postern" \
   --user 65532:65532 --read-only --read-only-tmpfs=false --cap-drop ALL --security-opt no-new-privileges \
   -v "$secrets:/etc/postern:ro" "${env_args[@]}" "$image" >/dev/null
