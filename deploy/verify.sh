@@ -18,6 +18,7 @@
 #                                     the reload checks, which read the reload counter)
 #   POSTERN_VERIFY_KEEP=1             leave the pod and work directory for inspection
 set -euo pipefail
+export PYTHONDONTWRITEBYTECODE=1  # keep the checkout clean
 
 # All in one function: bash parses it whole before running, so editing this file
 # during a (long) run cannot derail that run.
