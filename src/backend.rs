@@ -92,12 +92,21 @@ pub async fn connect(
         }
         let mut buf = Vec::new();
         expect(&mut stream, &mut buf, "greeting", 220).await?;
+        // XCLIENT is only offered in an EHLO reply: for a client that greeted with HELO,
+        // ask with EHLO first and replay its HELO afterwards.
+        let ask_with_ehlo = introduction.xclient && !hello.extended;
+        let first = Hello {
+            extended: hello.extended || ask_with_ehlo,
+            name: hello.name.clone(),
+        };
         stream
-            .write_all(hello.command_line().as_bytes())
+            .write_all(first.command_line().as_bytes())
             .await
             .map_err(BackendError::Io)?;
-        let ehlo = expect(&mut stream, &mut buf, "EHLO", 250).await?;
-        if introduction.xclient && hello.extended {
+        let stage = if first.extended { "EHLO" } else { "HELO" };
+        let ehlo = expect(&mut stream, &mut buf, stage, 250).await?;
+        let mut replay = ask_with_ehlo;
+        if introduction.xclient {
             let offered = xclient::offered_attributes(&Capabilities::from_ehlo_reply(&ehlo.lines));
             if let Some(offered) = offered {
                 let facts = xclient::ClientFacts {
@@ -122,12 +131,20 @@ pub async fn connect(
                         });
                     }
                 }
-                stream
-                    .write_all(hello.command_line().as_bytes())
-                    .await
-                    .map_err(BackendError::Io)?;
-                expect(&mut stream, &mut buf, "EHLO after XCLIENT", 250).await?;
+                replay = true;
             }
+        }
+        if replay {
+            stream
+                .write_all(hello.command_line().as_bytes())
+                .await
+                .map_err(BackendError::Io)?;
+            let stage = if hello.extended {
+                "EHLO after XCLIENT"
+            } else {
+                "HELO after EHLO"
+            };
+            expect(&mut stream, &mut buf, stage, 250).await?;
         }
         Ok(BackendConn {
             stream,

@@ -29,9 +29,11 @@
 //! - [`reload`]: certificate and users reload on SIGHUP and file change.
 //! - [`demo`]: `postern demo`: the real proxy on loopback with a throw-away setup and a
 //!   stand-in backend that prints what it receives.
+//! - [`bench`]: `postern bench`, a load generator for SMTP submission servers.
 
 pub mod admin;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod conn;
 pub mod demo;

@@ -31,6 +31,19 @@ pub enum Framing {
 
 /// Frames a header from the bytes read so far.
 pub fn frame(buf: &[u8]) -> Framing {
+    // Until the first bytes tell v1 from v2, read no further than the v1 prefix: the
+    // shortest v1 header ("PROXY UNKNOWN\r\n", 15 bytes) is shorter than a v2 header's
+    // fixed part (16), and garbage is refused as soon as it differs from both.
+    if buf.len() < V1_PREFIX.len() {
+        let could_be = |signature: &[u8]| *buf == signature[..buf.len()];
+        return if could_be(V1_PREFIX) || could_be(V2_SIGNATURE) {
+            Framing::NeedMore {
+                upto: V1_PREFIX.len(),
+            }
+        } else {
+            Framing::Invalid
+        };
+    }
     let probe = buf.len().min(V2_SIGNATURE.len());
     if buf[..probe] == V2_SIGNATURE[..probe] {
         if buf.len() < 16 {
@@ -226,6 +239,12 @@ mod tests {
     #[test]
     fn local_and_unknown_keep_the_peer_address() {
         assert_eq!(decode(b"PROXY UNKNOWN\r\n"), Some(Header::Local));
+        // The 15-byte UNKNOWN header must frame without asking for a 16th byte the
+        // sender (who waits for the greeting) will never send.
+        assert_eq!(
+            frame_incrementally(b"PROXY UNKNOWN\r\n"),
+            Framing::Complete { len: 15 }
+        );
         let mut local = V2_SIGNATURE.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
         assert_eq!(frame(&local), Framing::Complete { len: 16 });
@@ -236,6 +255,7 @@ mod tests {
     fn garbage_and_oversized_headers_are_invalid() {
         assert_eq!(frame(b"EHLO x\r\n"), Framing::Invalid);
         assert_eq!(frame(b"\x16\x03\x01"), Framing::Invalid);
+        assert_eq!(frame(b"E"), Framing::Invalid);
         let mut long_v1 = b"PROXY TCP4 ".to_vec();
         long_v1.resize(MAX_V1, b'1');
         assert_eq!(frame(&long_v1), Framing::Invalid);

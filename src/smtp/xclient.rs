@@ -31,6 +31,13 @@ pub fn offered_attributes(capabilities: &Capabilities) -> Option<Vec<String>> {
 /// The XCLIENT command lines (CRLF included) that carry `facts`, limited to the
 /// attributes the backend offers, each line within 512 octets. An attribute too long to
 /// fit any line is left out rather than cut: a truncated LOGIN would name someone else.
+///
+/// When the attributes need more than one line, ADDR and LOGIN travel together in the
+/// last one. Postfix checks `smtpd_authorized_xclient_hosts` against the client address
+/// as it stands, so once an XCLIENT has changed ADDR a further XCLIENT is refused (550);
+/// and an XCLIENT without LOGIN clears the login an earlier one set. A LOGIN that cannot
+/// share a line with ADDR is left out: the backend then treats the client as
+/// unauthenticated, which fails closed.
 pub fn commands(offered: &[String], facts: &ClientFacts<'_>) -> Vec<String> {
     let addr = match facts.addr {
         IpAddr::V4(v4) => v4.to_string(),
@@ -47,21 +54,46 @@ pub fn commands(offered: &[String], facts: &ClientFacts<'_>) -> Vec<String> {
         ("LOGIN", facts.login.map(str::to_owned)),
         ("PROTO", Some(facts.proto.to_owned())),
     ];
+    let attributes: Vec<(&str, String)> = candidates
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .filter(|(name, _)| offered.iter().any(|a| a == name))
+        .map(|(name, value)| (name, format!(" {name}={}", xtext(&value))))
+        .filter(|(_, attribute)| "XCLIENT".len() + attribute.len() <= MAX_COMMAND_LINE)
+        .collect();
+
+    let total: usize = attributes.iter().map(|(_, a)| a.len()).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    if "XCLIENT".len() + total <= MAX_COMMAND_LINE {
+        let line: String = attributes.iter().map(|(_, a)| a.as_str()).collect();
+        return vec![format!("XCLIENT{line}\r\n")];
+    }
+
+    // Several lines: everything else first, then ADDR and LOGIN as one unit.
+    let is_last = |name: &str| name == "ADDR" || name == "LOGIN";
+    let mut units: Vec<String> = attributes
+        .iter()
+        .filter(|(name, _)| !is_last(name))
+        .map(|(_, a)| a.clone())
+        .collect();
+    let mut last = String::new();
+    for (_, attribute) in attributes.iter().filter(|(name, _)| is_last(name)) {
+        if "XCLIENT".len() + last.len() + attribute.len() <= MAX_COMMAND_LINE {
+            last.push_str(attribute);
+        }
+    }
+    if !last.is_empty() {
+        units.push(last);
+    }
     let mut lines = Vec::new();
     let mut current = String::from("XCLIENT");
-    for (name, value) in candidates {
-        let Some(value) = value else { continue };
-        if !offered.iter().any(|a| a == name) {
-            continue;
-        }
-        let attribute = format!(" {name}={}", xtext(&value));
-        if "XCLIENT".len() + attribute.len() > MAX_COMMAND_LINE {
-            continue;
-        }
-        if current.len() + attribute.len() > MAX_COMMAND_LINE {
+    for unit in units {
+        if current.len() + unit.len() > MAX_COMMAND_LINE {
             lines.push(std::mem::replace(&mut current, String::from("XCLIENT")) + "\r\n");
         }
-        current.push_str(&attribute);
+        current.push_str(&unit);
     }
     if current.len() > "XCLIENT".len() {
         lines.push(current + "\r\n");
@@ -155,6 +187,27 @@ mod tests {
         assert!(
             joined.contains(&format!("HELO={helo}")) && joined.contains(&format!("LOGIN={login}"))
         );
+
+        // Postfix refuses an XCLIENT after one that changed ADDR, and forgets a LOGIN
+        // when a later XCLIENT has none: both go in the last line, and only there.
+        let (last, earlier) = lines.split_last().unwrap();
+        assert!(last.contains(" ADDR=192.0.2.7") && last.contains(&format!(" LOGIN={login}")));
+        assert!(
+            earlier
+                .iter()
+                .all(|l| !l.contains(" ADDR=") && !l.contains(" LOGIN="))
+        );
+
+        // A LOGIN that fits a line alone but not beside ADDR is left out, ADDR kept.
+        let login = "l".repeat(490);
+        let facts_490 = ClientFacts {
+            login: Some(&login),
+            ..facts.clone()
+        };
+        let lines = commands(&all(), &facts_490);
+        assert!(lines.iter().all(|l| l.len() <= 512), "{lines:?}");
+        assert!(lines.last().unwrap().contains(" ADDR=192.0.2.7"));
+        assert!(!lines.concat().contains("LOGIN="));
 
         let huge = "x".repeat(600);
         let facts = ClientFacts {

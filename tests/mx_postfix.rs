@@ -1,0 +1,243 @@
+//! `--listen-mx` (port 25 style) in front of a real Postfix: STARTTLS and AUTH offered
+//! but not required; an anonymous session goes to Postfix at its first MAIL and Postfix
+//! decides which recipients it takes; an authenticated one is relayed as on `--listen`.
+
+mod support_issue5;
+
+use std::io::Write;
+
+use support_issue5::postfix::{self, PostfixOptions};
+use support_issue5::{
+    CLIENT_V4, PASSWORD, Postern, PosternOptions, Postfix, Smtplib, USER, V4, V6, connect, field,
+    free_addr, read_reply, send,
+};
+
+fn tools() -> bool {
+    support_issue5::have("python3") && postfix::available()
+}
+
+fn mx_postern(backend: std::net::SocketAddr, ip: std::net::IpAddr, extra: &[&str]) -> Postern {
+    let mut options = PosternOptions::new(backend).listen("--listen-mx", free_addr(ip));
+    for a in extra {
+        options = options.arg(a);
+    }
+    Postern::start(options)
+}
+
+#[test]
+fn anonymous_session_is_handed_to_postfix_which_decides_the_recipients() {
+    if !tools() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions::default());
+    let mut postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let run = Smtplib::new(postern.addr("--listen-mx"))
+        .from(CLIENT_V4)
+        .rcpt("someone@local.test")
+        .rcpt("someone@outside.example")
+        .run();
+    let ehlo = run.text("ehlo");
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    assert!(!ehlo.contains("AUTH"), "AUTH offered before TLS: {ehlo}");
+    assert_eq!(run.code("mail"), Some(250), "{}", run.raw);
+    // Postfix's own answers: local domain accepted, relay refused.
+    assert_eq!(run.rcpt_codes(), [250, 554], "{}", run.raw);
+    assert!(run.raw.contains("Relay access denied"), "{}", run.raw);
+    assert_eq!(run.code("data"), Some(250), "{}", run.raw);
+    assert!(run.text("data").contains("queued as"), "{}", run.raw);
+
+    let client = run.local();
+    let lines = postfix.session_lines("127.0.0.2", client.port());
+    // XCLIENT without LOGIN: the real client, and no SASL user.
+    let client_line = format!("client=unknown[127.0.0.2]:{}", client.port());
+    let queued = lines
+        .iter()
+        .find(|l| l.contains(&client_line))
+        .unwrap_or_else(|| panic!("no {client_line} in {lines:#?}"));
+    assert!(queued.trim_end().ends_with(&client_line), "{queued}");
+    assert!(!lines.concat().contains("sasl_username"), "{lines:#?}");
+    postfix.wait_line(&["to=<someone@local.test>", "status=sent"]);
+
+    let closed = postern.wait_session_closed(client);
+    assert_eq!(field(&closed, "result"), "relayed", "{closed}");
+    assert_eq!(field(&closed, "tls"), "none", "{closed}");
+    assert!(field(&closed, "user").is_null(), "{closed}");
+}
+
+#[test]
+fn starttls_without_auth_is_accepted_and_auth_is_offered_after_tls() {
+    if !tools() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions::default());
+    let mut postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let run = Smtplib::new(postern.addr("--listen-mx"))
+        .from(CLIENT_V4)
+        .starttls()
+        .rcpt("someone@local.test")
+        .run();
+    assert_eq!(run.code("starttls"), Some(220), "{}", run.raw);
+    assert!(run.text("ehlo_tls").contains("AUTH"), "{}", run.raw);
+    assert!(!run.text("ehlo_tls").contains("STARTTLS"), "{}", run.raw);
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    assert_eq!(run.code("data"), Some(250), "{}", run.raw);
+    let closed = postern.wait_session_closed(run.local());
+    assert_ne!(field(&closed, "tls"), "none", "{closed}");
+    assert_eq!(field(&closed, "result"), "relayed", "{closed}");
+}
+
+#[test]
+fn authenticated_session_relays_to_an_outside_domain_with_xclient_login() {
+    if !tools() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions::default());
+    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let run = Smtplib::new(postern.addr("--listen-mx"))
+        .from(CLIENT_V4)
+        .starttls()
+        .login(USER, PASSWORD)
+        .rcpt("someone@outside.example")
+        .run();
+    assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    assert_eq!(run.code("data"), Some(250), "{}", run.raw);
+    let client = run.local();
+    let lines = postfix.session_lines("127.0.0.2", client.port()).join("\n");
+    assert!(
+        lines.contains(&format!(
+            "client=unknown[127.0.0.2]:{}, sasl_method=XCLIENT, sasl_username={USER}",
+            client.port()
+        )),
+        "{lines}"
+    );
+}
+
+/// MX on [::1] with PROXY v2 to Postfix on [::1]: Postfix sees the client's port.
+#[test]
+fn ipv6_anonymous_session_with_backend_proxy_protocol() {
+    if !tools() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions::default());
+    let postern = mx_postern(
+        postfix.proxy_addr(V6),
+        V6,
+        &["--backend-proxy-protocol", "v2"],
+    );
+    let run = Smtplib::new(postern.addr("--listen-mx"))
+        .from(V6)
+        .rcpt("someone@local.test")
+        .run();
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    assert_eq!(run.code("data"), Some(250), "{}", run.raw);
+    let client = run.local();
+    let lines = postfix.session_lines("::1", client.port()).join("\n");
+    assert!(
+        lines.contains(&format!("connect from unknown[::1]:{}", client.port())),
+        "{lines}"
+    );
+}
+
+/// The MAIL line and everything pipelined after it reach Postfix verbatim, and the
+/// replies are Postfix's.
+#[test]
+fn mail_line_and_pipelined_commands_reach_postfix_verbatim() {
+    if !postfix::available() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions::default());
+    let postern = mx_postern(postfix.addr(V4), V4, &[]);
+    let addr = postern.addr("--listen-mx");
+
+    // AUTH is neither offered nor accepted before TLS.
+    let mut s = connect(addr);
+    assert!(read_reply(&mut s).starts_with("220 postern.test"));
+    send(&mut s, "EHLO raw.example");
+    let ehlo = read_reply(&mut s);
+    assert!(ehlo.contains("PIPELINING"), "{ehlo}");
+    send(&mut s, "AUTH PLAIN AGFsaWNlAHNlY3JldA==");
+    let auth = read_reply(&mut s);
+    assert!(auth.starts_with("538 5.7.11"), "{auth}");
+    // RCPT before MAIL is postern's to refuse: there is no backend session yet.
+    send(&mut s, "RCPT TO:<someone@local.test>");
+    let rcpt = read_reply(&mut s);
+    assert!(rcpt.starts_with("503"), "{rcpt}");
+
+    // A SIZE over Postfix's limit: only Postfix knows it, so the line went through.
+    send(&mut s, "MAIL FROM:<big@client.example> SIZE=999999999");
+    let mail = read_reply(&mut s);
+    assert!(mail.starts_with("552 5.3.4"), "{mail}");
+    // Postfix keeps that SIZE for the next MAIL until RSET.
+    send(&mut s, "RSET");
+    assert!(read_reply(&mut s).starts_with("250"));
+
+    // MAIL, RCPT, DATA in one write (RFC 2920): Postfix answers each.
+    s.write_all(
+        b"MAIL FROM:<a@client.example> BODY=8BITMIME\r\nRCPT TO:<b@local.test>\r\nDATA\r\n",
+    )
+    .expect("write");
+    let replies = [read_reply(&mut s), read_reply(&mut s), read_reply(&mut s)];
+    assert!(replies[0].starts_with("250 2.1.0 Ok"), "{replies:?}");
+    assert!(replies[1].starts_with("250 2.1.5 Ok"), "{replies:?}");
+    assert!(replies[2].starts_with("354 End data"), "{replies:?}");
+    s.write_all(b"Subject: pipelined\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        .expect("write");
+    let queued = read_reply(&mut s);
+    assert!(queued.starts_with("250 2.0.0 Ok: queued as"), "{queued}");
+    assert!(read_reply(&mut s).starts_with("221 2.0.0"));
+    postfix.wait_line(&["to=<b@local.test>", "status=sent"]);
+    let line = postfix.wait_line(&["from=<big@client.example>", "552"]);
+    assert!(line.contains("SIZE") || line.contains("size"), "{line}");
+}
+
+/// swaks, as a sending MTA would: plain, no AUTH, to a local domain.
+#[test]
+fn swaks_delivers_anonymously_through_the_mx_listener() {
+    if !support_issue5::have("swaks") || !postfix::available() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions::default());
+    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let server = postern.addr("--listen-mx").to_string();
+    let (code, transcript) = support_issue5::swaks(&[
+        "--server",
+        &server,
+        "--from",
+        "sender@client.example",
+        "--to",
+        "someone@local.test",
+        "--helo",
+        "mta.client.example",
+        "--local-interface",
+        "127.0.0.2",
+    ]);
+    assert_eq!(code, 0, "{transcript}");
+    assert!(transcript.contains("queued as"), "{transcript}");
+    let line = postfix.wait_line(&["client=unknown[127.0.0.2]"]);
+    assert!(!line.contains("sasl_username"), "{line}");
+}
+
+/// An MTA that greets with HELO (no ESMTP) still gets introduced with XCLIENT
+/// (PROTO=SMTP): otherwise the backend would take postern's own address for the client.
+#[test]
+fn helo_client_is_introduced_with_xclient_too() {
+    if !tools() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions::default());
+    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let run = Smtplib::new(postern.addr("--listen-mx"))
+        .from(CLIENT_V4)
+        .helo()
+        .ehlo("old-mta.example")
+        .rcpt("someone@local.test")
+        .run();
+    assert_eq!(run.code("ehlo"), Some(250), "{}", run.raw);
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    assert_eq!(run.code("data"), Some(250), "{}", run.raw);
+    let client = run.local();
+    let line = postfix.wait_line(&["disconnect from", &format!("[127.0.0.2]:{}", client.port())]);
+    // The backend session stays a HELO one, as the client asked.
+    assert!(line.contains(" helo=1 "), "{line}");
+}
