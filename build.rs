@@ -12,7 +12,13 @@ fn main() {
     // Only ask git when this crate is itself a checkout (`.git` is a directory, or a file
     // in a worktree). Otherwise git walks up and could report the commit of some
     // unrelated repository the tarball was unpacked inside.
-    let commit = if root.join(".git").exists() {
+    // An image build has no `.git` in its context: the builder passes the commit in.
+    let from_env = std::env::var("POSTERN_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty());
+    let commit = if from_env.is_some() {
+        from_env
+    } else if root.join(".git").exists() {
         git(root, &["rev-parse", "--short", "HEAD"])
     } else {
         None
@@ -23,6 +29,7 @@ fn main() {
     );
 
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=POSTERN_GIT_COMMIT");
     // Rebuild when HEAD moves: HEAD itself (checkout), the branch it points at (commit),
     // and packed-refs (gc). `--git-path` resolves these for worktrees as well.
     if commit.is_some() {

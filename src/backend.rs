@@ -190,6 +190,9 @@ pub async fn probe(
     .map_err(|_| BackendError::Timeout)?
 }
 
+/// How soon a failed probe is retried.
+const DOWN_RETRY: Duration = Duration::from_secs(1);
+
 /// Probes the backend every `interval`, publishing the capabilities of the last
 /// successful probe and whether the last probe succeeded.
 pub async fn probe_forever(
@@ -200,10 +203,16 @@ pub async fn probe_forever(
     capabilities: watch::Sender<Arc<Capabilities>>,
     up: watch::Sender<bool>,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        // The caller ran the first probe. While the backend is down, look again every
+        // second (capped by the interval): a pod whose MTA starts a moment after postern
+        // should turn ready as soon as the MTA answers, not a whole interval later.
+        let wait = if *up.borrow() {
+            interval
+        } else {
+            interval.min(DOWN_RETRY)
+        };
+        tokio::time::sleep(wait).await;
         match probe(
             &addr,
             &hostname,
@@ -226,7 +235,8 @@ pub async fn probe_forever(
                 up.send_replace(true);
             }
             Err(error) => {
-                if *up.borrow() || capabilities.borrow().for_clients().count() == 0 {
+                // Logged when the backend goes down, not on every retry while it stays down.
+                if *up.borrow() {
                     tracing::warn!(backend = %addr, %error, "backend probe failed");
                 }
                 up.send_replace(false);
