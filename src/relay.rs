@@ -14,6 +14,8 @@ use tokio::time::Instant;
 
 use crate::metrics::{Direction, bytes_counter};
 
+pub mod tracker;
+
 /// Large enough that bulk DATA moves in few syscalls and TLS records are full.
 const BUFFER_SIZE: usize = 64 * 1024;
 
