@@ -19,7 +19,8 @@
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`backend`]: dials the backend and probes its capabilities.
 //! - [`proxy_proto`]: HAProxy PROXY protocol v1/v2 framing, decoding and encoding.
-//! - [`relay`]: the verbatim post-AUTH splice.
+//! - [`relay`]: the post-AUTH relay: verbatim bytes, followed by a sans-IO SMTP tracker.
+//! - [`quota`]: per-user sending limits, in memory or in Redis shared by replicas.
 //! - [`limits`]: per-network connection and AUTH-failure limits.
 //! - [`listener`]: accept loops and the connection limit.
 //! - [`server`]: `postern serve`: wiring, shared state, signals.
@@ -36,6 +37,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_proto;
+pub mod quota;
 pub mod relay;
 pub mod reload;
 pub mod sasl;
