@@ -9,9 +9,24 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// `postern --version`: the crate version and the commit it was built from (`build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("POSTERN_GIT_COMMIT"),
+    ")"
+);
+
+/// The exit status contract, shown by `--help`, the man page and the README.
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  0  success (serve and demo: stopped by SIGTERM or SIGINT and drained)
+  1  runtime or configuration error (a message on stderr says which)
+  2  usage error: unknown flag, missing or malformed argument";
+
 /// postern: STARTTLS, implicit TLS and SMTP AUTH in front of a plain-SMTP server.
 #[derive(Debug, Parser)]
-#[command(name = "postern", version, about, long_about = None)]
+#[command(name = "postern", version = VERSION, about, long_about = None, after_help = EXIT_STATUS)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -26,6 +41,20 @@ pub enum Command {
     Check(Box<ServeArgs>),
     /// Read a password (stdin or a tty prompt) and print a users-file line for it.
     HashPassword(HashPasswordArgs),
+    /// Try postern on this machine: the real proxy on loopback with a throw-away
+    /// certificate, a demo user and a stand-in backend that prints each mail it receives.
+    Demo(crate::demo::DemoArgs),
+    /// Print a shell completion script to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, or write one page per command into a directory.
+    Man {
+        /// Write postern.1, postern-serve.1, ... into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Ports used when neither `--listen` nor `--listen-tls` is given.

@@ -28,11 +28,14 @@
 //! - [`metrics`]: metric names, the Prometheus recorder, typed helpers.
 //! - [`admin`]: `/metrics`, `/healthz` and `/readyz` over HTTP (hyper).
 //! - [`reload`]: certificate and users reload on SIGHUP and file change.
+//! - [`demo`]: `postern demo`: the real proxy on loopback with a throw-away setup and a
+//!   stand-in backend that prints what it receives.
 
 pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod demo;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

@@ -1,10 +1,12 @@
 //! The `postern` binary: parses the command line, sets up logging and runs a subcommand.
 
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write as _};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use postern::config::{Cli, Command, HashPasswordArgs, LogFormat, ServeArgs};
+use postern::demo::DemoArgs;
 use postern::server::{self, Config};
 use postern::users;
 use tracing_subscriber::EnvFilter;
@@ -15,6 +17,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Check(args) => check(*args),
         Command::HashPassword(args) => hash_password(args),
+        Command::Demo(args) => demo(args),
+        Command::Completions { shell } => completions(shell),
+        Command::Man { out_dir } => man(out_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -36,6 +41,32 @@ fn check(args: ServeArgs) -> Result<(), String> {
     runtime()?.block_on(server::check(config))?;
     println!("configuration ok");
     Ok(())
+}
+
+fn demo(args: DemoArgs) -> Result<(), String> {
+    init_logging(LogFormat::Text, &args.log_level)?;
+    runtime()?.block_on(postern::demo::run(args))
+}
+
+fn completions(shell: clap_complete::Shell) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    clap_complete::generate(shell, &mut Cli::command(), "postern", &mut out);
+    out.flush().map_err(|e| format!("writing completions: {e}"))
+}
+
+/// One page on stdout, or `postern.1` plus one page per subcommand into `out_dir`.
+fn man(out_dir: Option<PathBuf>) -> Result<(), String> {
+    match out_dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), &dir)
+            .map_err(|e| format!("writing man pages to {}: {e}", dir.display())),
+        None => {
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("writing the man page: {e}"))
+        }
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
