@@ -387,7 +387,12 @@ impl<'a> Relay<'a> {
     }
 
     fn on_event(&mut self, event: Event) {
-        let user = self.context.user.map(|u| u.escape_debug().to_string());
+        // Client-supplied text for logs: control characters escaped.
+        let user = || {
+            self.context
+                .user
+                .map(|u| tracing::field::display(u.escape_debug()))
+        };
         match event {
             Event::RecipientAccepted => {
                 self.stats.recipients += 1;
@@ -405,12 +410,16 @@ impl<'a> Relay<'a> {
                 if matches!(limit, Limit::MessagesPerUser | Limit::StoreUnavailable) {
                     m::message(MessageResult::RejectedByLimit);
                 }
-                info!(user, limit = limit.label(), "sending limit reached");
+                info!(
+                    user = user(),
+                    limit = limit.label(),
+                    "sending limit reached"
+                );
             }
             Event::BareLineEnding => {
                 m::message(MessageResult::RejectedStrictData);
                 info!(
-                    user,
+                    user = user(),
                     "message refused: bare CR or LF in DATA (--strict-data)"
                 );
             }
