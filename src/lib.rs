@@ -4,9 +4,11 @@
 //! (RFC 8314), and requires SMTP AUTH (RFC 4954) against its own users file before any
 //! mail transaction. Once a client is authenticated it connects to the backend, replays
 //! the client's EHLO, and from then on copies bytes verbatim both ways: the backend
-//! stays the one that accepts or refuses mail.
+//! stays the one that accepts or refuses mail. The relay follows the SMTP state of what
+//! it copies, to answer a second AUTH itself, keep EHLO consistent, count mail and
+//! enforce per-user sending limits.
 //!
-//! The protocol core (`smtp`, `sasl`, `session`) is sans-IO: it takes lines and
+//! The protocol core (`smtp`, `sasl`, `session`, `relay::tracker`) is sans-IO: it takes lines and
 //! returns actions, and is tested without sockets. The async shell around it is thin.
 //!
 //! # Layout
