@@ -226,6 +226,45 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_AUTH_FAILURE_WINDOW", value_name = "DURATION", default_value = "15m", value_parser = humantime::parse_duration)]
     pub auth_failure_window: Duration,
 
+    // --- After AUTH: the relay tracker (src/relay.rs, src/quota.rs) ---
+    /// Messages one user may send per sliding window, e.g. `100/1h`; the MAIL that
+    /// would cross it gets 451 4.7.1 [default: unlimited].
+    #[arg(long, env = "POSTERN_MAX_MESSAGES_PER_USER", value_name = "RATE", value_parser = crate::quota::Rate::parse)]
+    pub max_messages_per_user: Option<crate::quota::Rate>,
+
+    /// Recipients one user may address per sliding window, e.g. `1000/1h`; the RCPT that
+    /// would cross it gets 451 4.7.1 [default: unlimited].
+    #[arg(long, env = "POSTERN_MAX_RECIPIENTS_PER_USER", value_name = "RATE", value_parser = crate::quota::Rate::parse)]
+    pub max_recipients_per_user: Option<crate::quota::Rate>,
+
+    /// Recipients one message may have; the RCPT past it gets 451 4.7.1 [default: unlimited].
+    #[arg(long, env = "POSTERN_MAX_RECIPIENTS_PER_MESSAGE", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_recipients_per_message: Option<u32>,
+
+    /// Where the per-user counters live: `memory` (this process), or a `redis://` URL
+    /// (Redis or Valkey) so that several replicas share one limit.
+    #[arg(
+        long,
+        env = "POSTERN_LIMITS_STORE",
+        value_name = "memory|URL",
+        default_value = "memory"
+    )]
+    pub limits_store: String,
+
+    /// When the limits store does not answer: `open` lets mail through uncounted,
+    /// `closed` answers MAIL with 451 4.3.0 until it is back.
+    #[arg(long, env = "POSTERN_LIMITS_STORE_FAILURE", value_enum, default_value_t = crate::quota::StoreFailure::Open)]
+    pub limits_store_failure: crate::quota::StoreFailure,
+
+    /// How long one limits store call may take before it counts as a failure.
+    #[arg(long, env = "POSTERN_LIMITS_STORE_TIMEOUT", value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub limits_store_timeout: Duration,
+
+    /// Refuse a DATA body containing a bare CR or LF (SMTP smuggling through a lenient
+    /// backend) with 550 5.6.0; the backend connection is closed before the final dot.
+    #[arg(long, env = "POSTERN_STRICT_DATA")]
+    pub strict_data: bool,
+    // --- end relay tracker ---
     /// Log format.
     #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -97,6 +97,8 @@ pub async fn serve(tcp: TcpStream, addrs: ClientAddrs, kind: ListenerKind, share
             mechanism = summary.mechanism.map(Mechanism::label),
             bytes_in = summary.stats.client_to_backend,
             bytes_out = summary.stats.backend_to_client,
+            messages = summary.stats.messages,
+            recipients = summary.stats.recipients,
             duration_ms = elapsed.as_millis() as u64,
             result = outcome.label(),
             "session closed"
@@ -213,18 +215,28 @@ where
                 summary.user = Some(user.to_owned());
                 summary.mechanism = Some(mechanism);
             }
+            let capabilities = shared.capabilities();
+            let context = relay::Context {
+                user: session.authenticated().map(|(user, _)| user),
+                tls: session.is_tls(),
+                hostname: &shared.hostname,
+                capabilities: &capabilities,
+                policy: &shared.relay,
+            };
             let (stats, end) = relay::relay(
                 client,
                 backend.stream,
                 &client_pending,
                 &backend.pending,
                 shared.timeouts.relay_idle,
+                context,
             )
             .await;
             summary.stats = stats;
             match end {
                 RelayEnd::Closed => Outcome::Relayed,
                 RelayEnd::Idle => Outcome::RelayIdle,
+                RelayEnd::Refused => Outcome::Refused,
                 RelayEnd::Error(error) => {
                     tracing::debug!(%error, kind = ?error.kind(), "relay ended with an error");
                     Outcome::RelayError

@@ -4,9 +4,11 @@
 //! (RFC 8314), and requires SMTP AUTH (RFC 4954) against its own users file before any
 //! mail transaction. Once a client is authenticated it connects to the backend, replays
 //! the client's EHLO, and from then on copies bytes verbatim both ways: the backend
-//! stays the one that accepts or refuses mail.
+//! stays the one that accepts or refuses mail. The relay follows the SMTP state of what
+//! it copies, to answer a second AUTH itself, keep EHLO consistent, count mail and
+//! enforce per-user sending limits.
 //!
-//! The protocol core (`smtp`, `sasl`, `session`) is sans-IO: it takes lines and
+//! The protocol core (`smtp`, `sasl`, `session`, `relay::tracker`) is sans-IO: it takes lines and
 //! returns actions, and is tested without sockets. The async shell around it is thin.
 //!
 //! # Layout
@@ -19,7 +21,8 @@
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`backend`]: dials the backend and probes its capabilities.
 //! - [`proxy_proto`]: HAProxy PROXY protocol v1/v2 framing, decoding and encoding.
-//! - [`relay`]: the verbatim post-AUTH splice.
+//! - [`relay`]: the post-AUTH relay: verbatim bytes, followed by a sans-IO SMTP tracker.
+//! - [`quota`]: per-user sending limits, in memory or in Redis shared by replicas.
 //! - [`limits`]: per-network connection and AUTH-failure limits.
 //! - [`listener`]: accept loops and the connection limit.
 //! - [`server`]: `postern serve`: wiring, shared state, signals.
@@ -41,6 +44,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_proto;
+pub mod quota;
 pub mod relay;
 pub mod reload;
 pub mod sasl;

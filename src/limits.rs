@@ -159,6 +159,23 @@ impl<K: Hash + Eq + Clone> FailureWindow<K> {
 
     /// Records one failure for `key`.
     pub fn record_failure(&self, key: K, now: Instant) {
+        self.add(key, 1, now);
+    }
+
+    /// The sliding-window estimate of events for `key`, rounded down.
+    pub fn count(&self, key: &K, now: Instant) -> u64 {
+        let mut entries = lock(&self.entries);
+        match entries.get_mut(key) {
+            Some(counts) => {
+                counts.advance(now, self.window);
+                counts.estimate(now, self.window) as u64
+            }
+            None => 0,
+        }
+    }
+
+    /// Records `n` events for `key`.
+    pub fn add(&self, key: K, n: u32, now: Instant) {
         let mut entries = lock(&self.entries);
         if entries.len() >= MAX_TRACKED && !entries.contains_key(&key) {
             let window = self.window;
@@ -176,7 +193,7 @@ impl<K: Hash + Eq + Clone> FailureWindow<K> {
             previous: 0,
         });
         counts.advance(now, self.window);
-        counts.current = counts.current.saturating_add(1);
+        counts.current = counts.current.saturating_add(n);
     }
 
     pub fn tracked(&self) -> usize {

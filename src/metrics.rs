@@ -19,6 +19,10 @@ pub const BACKEND_UP: &str = "postern_backend_up";
 pub const RELOADS_TOTAL: &str = "postern_reloads_total";
 pub const AUTH_THROTTLED_TOTAL: &str = "postern_auth_throttled_total";
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "postern_connections_rejected_total";
+pub const MESSAGES_TOTAL: &str = "postern_messages_total";
+pub const RECIPIENTS_TOTAL: &str = "postern_recipients_total";
+pub const LIMIT_REJECTIONS_TOTAL: &str = "postern_limit_rejections_total";
+pub const LIMITS_STORE_ERRORS_TOTAL: &str = "postern_limits_store_errors_total";
 
 /// Session durations span a refused connection (milliseconds) to a slow bulk upload
 /// (many minutes).
@@ -82,6 +86,22 @@ fn describe() {
     describe_counter!(
         RELOADS_TOTAL,
         "Certificate and users-file reloads, by result."
+    );
+    describe_counter!(
+        MESSAGES_TOTAL,
+        "Messages after AUTH, by result: accepted or rejected by the backend, refused by a sending limit or by --strict-data."
+    );
+    describe_counter!(
+        RECIPIENTS_TOTAL,
+        "Recipients the backend accepted after AUTH."
+    );
+    describe_counter!(
+        LIMIT_REJECTIONS_TOTAL,
+        "MAIL and RCPT commands refused with 451 by a sending limit, by limit."
+    );
+    describe_counter!(
+        LIMITS_STORE_ERRORS_TOTAL,
+        "Limits store calls that failed or timed out, by operation."
     );
     gauge!(CONNECTIONS_ACTIVE).set(0.0);
     gauge!(BACKEND_UP).set(0.0);
@@ -163,6 +183,42 @@ pub fn connection_rejected(reason: &'static str) {
 pub fn reload(ok: bool) {
     let result = if ok { "ok" } else { "error" };
     counter!(RELOADS_TOTAL, "result" => result).increment(1);
+}
+
+/// How a message ended, for [`MESSAGES_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageResult {
+    Accepted,
+    RejectedByBackend,
+    RejectedByLimit,
+    RejectedStrictData,
+}
+
+impl MessageResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            MessageResult::Accepted => "accepted",
+            MessageResult::RejectedByBackend => "rejected_backend",
+            MessageResult::RejectedByLimit => "rejected_limit",
+            MessageResult::RejectedStrictData => "rejected_strict_data",
+        }
+    }
+}
+
+pub fn message(result: MessageResult) {
+    counter!(MESSAGES_TOTAL, "result" => result.label()).increment(1);
+}
+
+pub fn recipients_accepted(n: u64) {
+    counter!(RECIPIENTS_TOTAL).increment(n);
+}
+
+pub fn limit_rejection(limit: &'static str) {
+    counter!(LIMIT_REJECTIONS_TOTAL, "limit" => limit).increment(1);
+}
+
+pub fn limits_store_error(operation: &'static str) {
+    counter!(LIMITS_STORE_ERRORS_TOTAL, "operation" => operation).increment(1);
 }
 
 pub fn backend_up(up: bool) {

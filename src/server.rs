@@ -39,6 +39,8 @@ pub struct Shared {
     pub ip_failures: FailureWindow<ClientNet>,
     pub user_failures: FailureWindow<u64>,
     pub per_net: Arc<PerNetConnections>,
+    /// What the post-AUTH relay enforces: sending limits, --strict-data.
+    pub relay: Arc<crate::relay::Policy>,
     pub xclient: bool,
     pub backend_proxy_protocol: Option<proxy_proto::Version>,
     /// `Some` with `--proxy-protocol`: the networks whose PROXY headers are believed.
@@ -115,6 +117,7 @@ pub struct Config {
     pub max_auth_failures_per_ip: u32,
     pub max_auth_failures_per_user: u32,
     pub auth_failure_window: Duration,
+    pub relay: Arc<crate::relay::Policy>,
 }
 
 impl Config {
@@ -191,6 +194,7 @@ impl Config {
             max_auth_failures_per_ip: args.max_auth_failures_per_ip,
             max_auth_failures_per_user: args.max_auth_failures_per_user,
             auth_failure_window: args.auth_failure_window,
+            relay: Arc::new(crate::relay::Policy::from_args(args)?),
         })
     }
 
@@ -281,6 +285,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             config.auth_failure_window,
         ),
         per_net: PerNetConnections::new(config.max_connections_per_ip),
+        relay: config.relay,
         user_hasher: RandomState::new(),
         xclient: config.xclient,
         backend_proxy_protocol: config.backend_proxy_protocol,

@@ -122,6 +122,32 @@ pub mod canned {
     pub const TIMEOUT: Canned = Canned::new(421, "4.4.2 Timeout, closing connection");
     pub const BACKEND_UNAVAILABLE: Canned =
         Canned::new(421, "4.3.0 Backend unavailable, closing connection");
+
+    // After AUTH, answered by the relay tracker instead of the backend.
+    pub const AUTH_NOT_NOW: Canned =
+        Canned::new(503, "5.5.1 AUTH not permitted once mail is relayed");
+    pub const STARTTLS_NOT_NOW: Canned =
+        Canned::new(503, "5.5.1 STARTTLS not permitted once mail is relayed");
+    pub const BDAT_NOT_OFFERED: Canned =
+        Canned::new(502, "5.5.1 BDAT not offered, closing connection");
+    pub const BDAT_SYNTAX: Canned =
+        Canned::new(501, "5.5.4 Syntax: BDAT size [LAST], closing connection");
+    pub const MESSAGE_LIMIT: Canned = Canned::new(
+        451,
+        "4.7.1 Message limit for this user reached, try again later",
+    );
+    pub const RECIPIENT_LIMIT: Canned = Canned::new(
+        451,
+        "4.7.1 Recipient limit for this user reached, try again later",
+    );
+    pub const RECIPIENTS_PER_MESSAGE: Canned =
+        Canned::new(451, "4.7.1 Too many recipients for one message");
+    pub const LIMITS_UNAVAILABLE: Canned = Canned::new(
+        451,
+        "4.3.0 Sending limits cannot be checked, try again later",
+    );
+    pub const BARE_LINE_ENDING: Canned =
+        Canned::new(550, "5.6.0 Bare CR or LF in message, closing connection");
 }
 
 /// A reply read from the backend.
