@@ -26,8 +26,12 @@ use crate::quota::{Quota, QuotaConfig, StoreFailure};
 use crate::smtp::Capabilities;
 use tracker::{Event, Limit, Lookup, Op, Output, Settings, Tracker, Usage, Wants};
 
-/// Large enough that bulk DATA moves in few syscalls and TLS records are full.
-const BUFFER_SIZE: usize = 64 * 1024;
+/// A read buffer starts this small, so an idle session costs little memory (nginx's
+/// mail proxy holds ~24 KiB per idle session; tokio's copy_bidirectional 128 KiB)...
+const MIN_BUFFER: usize = 4 * 1024;
+/// ...and doubles up to this while reads fill it, so bulk DATA moves in few syscalls
+/// and TLS records are full.
+const MAX_BUFFER: usize = 64 * 1024;
 
 /// How long closing a side may take before the relay gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -509,21 +513,26 @@ fn ended_by(error: io::Error) -> RelayEnd {
 }
 
 /// One direction's read buffer: bytes read but not yet taken by the tracker sit at
-/// `start..end` and are moved to the front before the next read.
+/// `start..end` and are moved to the front before the next read. It grows while reads
+/// fill it and shrinks back when it empties after a small read, so an idle session
+/// holds [`MIN_BUFFER`] and a bulk one [`MAX_BUFFER`].
 struct Buffer {
     bytes: Vec<u8>,
     start: usize,
     end: usize,
+    /// The last read filled all the space it was given: traffic is heavy.
+    last_read_filled: bool,
 }
 
 impl Buffer {
     fn new(initial: &[u8]) -> Self {
-        let mut bytes = vec![0; BUFFER_SIZE.max(initial.len())];
+        let mut bytes = vec![0; MIN_BUFFER.max(initial.len())];
         bytes[..initial.len()].copy_from_slice(initial);
         Buffer {
             bytes,
             start: 0,
             end: initial.len(),
+            last_read_filled: false,
         }
     }
 
@@ -540,6 +549,9 @@ impl Buffer {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            if !self.last_read_filled && self.bytes.len() > MIN_BUFFER {
+                self.bytes = vec![0; MIN_BUFFER];
+            }
         }
     }
 
@@ -548,6 +560,10 @@ impl Buffer {
             self.bytes.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+        }
+        if self.end == self.bytes.len() && self.bytes.len() < MAX_BUFFER {
+            let grown = (self.bytes.len() * 2).clamp(MIN_BUFFER, MAX_BUFFER);
+            self.bytes.resize(grown, 0);
         }
     }
 
@@ -560,6 +576,14 @@ impl Buffer {
     }
 
     fn filled(&mut self, n: usize) {
+        self.last_read_filled = self.end + n >= self.bytes.len();
+        if self.last_read_filled && self.bytes.len() < MAX_BUFFER {
+            // Grow before the next read rather than after a compaction finds it full.
+            let grown = (self.bytes.len() * 2).clamp(MIN_BUFFER, MAX_BUFFER);
+            self.end = (self.end + n).min(self.bytes.len());
+            self.bytes.resize(grown, 0);
+            return;
+        }
         self.end = (self.end + n).min(self.bytes.len());
     }
 }
@@ -571,6 +595,30 @@ mod tests {
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, duplex};
 
     const WAIT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn buffers_grow_under_bulk_and_shrink_back_when_traffic_is_light() {
+        let mut buf = Buffer::new(b"");
+        assert_eq!(buf.bytes.len(), MIN_BUFFER);
+        // Reads that fill the buffer double it, up to the maximum.
+        for _ in 0..10 {
+            buf.make_room();
+            let n = buf.spare().len();
+            buf.filled(n);
+            buf.consume(n);
+        }
+        assert_eq!(buf.bytes.len(), MAX_BUFFER);
+        // A small read that empties the buffer gives the memory back.
+        buf.make_room();
+        buf.spare()[..6].copy_from_slice(b"QUIT\r\n");
+        buf.filled(6);
+        assert_eq!(buf.data(), b"QUIT\r\n");
+        buf.consume(6);
+        assert_eq!(buf.bytes.len(), MIN_BUFFER);
+        // Pending bytes larger than the minimum are kept whole.
+        let big = vec![b'x'; MIN_BUFFER * 3];
+        assert_eq!(Buffer::new(&big).data(), &big[..]);
+    }
 
     fn context<'a>(
         user: Option<&'a str>,
