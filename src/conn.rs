@@ -124,6 +124,9 @@ struct Client {
     addrs: ClientAddrs,
 }
 
+// The pre-AUTH phases (handshake, drive) are boxed: their futures hold read buffers and
+// the backend dial, and a task cell is sized for its largest state, so unboxed they
+// would stay allocated for the whole life of an idle relayed session.
 async fn run(
     tcp: TcpStream,
     addrs: ClientAddrs,
@@ -151,7 +154,7 @@ async fn run(
 
     let next = match kind {
         ListenerKind::ImplicitTls => {
-            let Some(mut stream) = handshake(tcp, shared, summary).await else {
+            let Some(mut stream) = Box::pin(handshake(tcp, shared, summary)).await else {
                 return Outcome::TlsFailed;
             };
             if send(&mut stream, &client.session.greeting(), shared)
@@ -160,7 +163,7 @@ async fn run(
             {
                 return Outcome::IoError;
             }
-            let next = drive(&mut stream, &mut client, shared, first_wait).await;
+            let next = Box::pin(drive(&mut stream, &mut client, shared, first_wait)).await;
             return finish(stream, next, &client.session, shared, summary).await;
         }
         ListenerKind::Submission | ListenerKind::Mx => {
@@ -171,7 +174,7 @@ async fn run(
             {
                 return Outcome::IoError;
             }
-            let next = drive(&mut tcp, &mut client, shared, first_wait).await;
+            let next = Box::pin(drive(&mut tcp, &mut client, shared, first_wait)).await;
             match next {
                 Next::StartTls => tcp,
                 other => return finish(tcp, other, &client.session, shared, summary).await,
@@ -183,11 +186,17 @@ async fn run(
     // sent in plaintext and is never acted on. Bytes still in flight when the handshake
     // starts reach rustls, which rejects them as a malformed ClientHello.
     client.buf.discard();
-    let Some(mut stream) = handshake(next, shared, summary).await else {
+    let Some(mut stream) = Box::pin(handshake(next, shared, summary)).await else {
         return Outcome::TlsFailed;
     };
     client.session.on_tls_established();
-    let next = drive(&mut stream, &mut client, shared, shared.timeouts.command).await;
+    let next = Box::pin(drive(
+        &mut stream,
+        &mut client,
+        shared,
+        shared.timeouts.command,
+    ))
+    .await;
     finish(stream, next, &client.session, shared, summary).await
 }
 

@@ -28,7 +28,7 @@ use tracker::{Event, Limit, Lookup, Op, Output, Settings, Tracker, Usage, Wants}
 
 /// A read buffer starts this small, so an idle session costs little memory (nginx's
 /// mail proxy holds ~24 KiB per idle session; tokio's copy_bidirectional 128 KiB)...
-const MIN_BUFFER: usize = 4 * 1024;
+const MIN_BUFFER: usize = 2 * 1024;
 /// ...and doubles up to this while reads fill it, so bulk DATA moves in few syscalls
 /// and TLS records are full.
 const MAX_BUFFER: usize = 64 * 1024;
@@ -240,8 +240,11 @@ impl<'a> Relay<'a> {
             }
             let read_client = !client_eof && self.tracker.wants() == Wants::Input;
             let read_backend = !backend_eof && !self.backend_closed;
-            if (client_eof || !read_client) && !read_backend {
-                // Nothing can move any more: the client waits on a backend that is gone.
+            if backend_eof || ((client_eof || !read_client) && !read_backend) {
+                // Nothing can move any more: the backend closed (after 221, or 421), so
+                // nothing the client sends could be delivered, or the client waits on a
+                // backend that is gone. Ending here also lets a drain finish without
+                // waiting for clients that keep the socket open after QUIT.
                 return RelayEnd::Closed;
             }
             from_client.make_room();
