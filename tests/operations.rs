@@ -98,6 +98,11 @@ async fn sigterm_drains_idle_sessions_and_lets_relayed_ones_finish() {
     idle.cmd("EHLO client.test", "250").await;
     let mut relayed = postern.authenticated(true).await;
     relayed.cmd("MAIL FROM:<drain@client.test>", "250").await;
+    relayed.cmd("RCPT TO:<b@backend.test>", "250").await;
+    relayed.cmd("DATA", "354").await;
+    relayed
+        .send(b"Subject: in flight\r\n\r\nsent across SIGTERM\r\n")
+        .await;
 
     postern.signal("TERM");
     idle.expect("421 4.3.2").await;
@@ -106,9 +111,19 @@ async fn sigterm_drains_idle_sessions_and_lets_relayed_ones_finish() {
     wait_until(STEP, "listeners to close", || {
         (!accepts(postern.smtp)).then_some(())
     });
-    // The relayed session carries on until it ends by itself.
-    relayed.cmd("RCPT TO:<b@backend.test>", "250").await;
+    // The relayed session, in the middle of DATA, carries on until it ends by itself,
+    // and its message arrives at the backend.
+    relayed.send(b"second half\r\n").await;
+    relayed.cmd(".", "250").await;
     relayed.cmd("QUIT", "221").await;
+    assert!(
+        contains(
+            &backend.all_received(),
+            b"sent across SIGTERM\r\nsecond half\r\n.\r\n"
+        ),
+        "{}",
+        show(&backend.all_received())
+    );
     relayed.expect_closed().await;
     drop(relayed);
     let t = Instant::now();
