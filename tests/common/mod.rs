@@ -268,3 +268,39 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The sum of every sample of metric `name` (all label sets) on `/metrics`; `None` if the
+/// metric is absent.
+pub async fn metric_sum(admin: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(admin, "/metrics").await;
+    let mut found = None;
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// Polls `/metrics` until the samples of `name` add up to `value` (an absent metric
+/// counts as 0), failing after `limit`.
+pub async fn wait_metric(admin: SocketAddr, name: &str, value: f64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let got = metric_sum(admin, name).await.unwrap_or(0.0);
+        if got == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed at {got} (wanted {value}) for {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
