@@ -33,6 +33,12 @@ impl SmtpSink {
 
     /// Like [`Self::start`] with extra smtp-sink options (see smtp-sink(1)).
     pub fn start_with(extra: &[&str]) -> SmtpSink {
+        Self::start_with_backlog(extra, 100)
+    }
+
+    /// Like [`Self::start_with`] with smtp-sink's listen backlog set to `backlog` (the
+    /// default 100 makes a burst of hundreds of connections wait out SYN retries).
+    pub fn start_with_backlog(extra: &[&str], backlog: u32) -> SmtpSink {
         let dir = tempfile::tempdir().expect("tempdir");
         let dump = dir.path().join("dump");
         std::fs::create_dir(&dump).expect("mkdir dump");
@@ -53,7 +59,7 @@ impl SmtpSink {
             cmd.arg("-d").arg(format!("{}/%M.", dump.display()));
             cmd.args(["-h", "sink.test"]);
             cmd.args(extra);
-            cmd.arg(addr.to_string()).arg("100");
+            cmd.arg(addr.to_string()).arg(backlog.to_string());
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
