@@ -22,6 +22,25 @@ use crate::server::Shared;
 use crate::session::ListenerKind;
 use crate::smtp::{Reply, canned};
 
+/// Pending connections the kernel may queue before postern accepts them (capped by
+/// `net.core.somaxconn`). tokio's default of 1024 overflowed under a burst of 1000 TLS
+/// clients: the kernel then answered with SYN cookies, dropped the final ACK, and SMTP
+/// clients, which wait for the server to speak first, hung waiting for a greeting.
+const BACKLOG: u32 = 4096;
+
+/// Binds a listening socket with [`BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's TcpListener::bind does: a restart must not wait for TIME_WAIT to clear.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Accepts connections until shutdown, spawning a [`conn::serve`] task for each.
 /// `slots` bounds connections across all listeners; over the bound a client gets
 /// `421 4.7.0` before any greeting.

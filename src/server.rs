@@ -224,9 +224,7 @@ pub async fn run(config: Config) -> Result<(), String> {
 
     let mut bound = Vec::new();
     for (addr, kind) in config.listeners() {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("binding {addr}: {e}"))?;
+        let listener = listener::bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
         bound.push((listener, kind));
     }
 
