@@ -23,6 +23,10 @@ pub struct BackendConn {
     pub stream: TcpStream,
     /// Bytes the backend sent after its EHLO reply; they belong to the client.
     pub pending: Vec<u8>,
+    /// What the backend offers on this very connection (its last EHLO reply; nothing
+    /// after HELO). The probe's list can differ: Postfix can vary it per client address,
+    /// which XCLIENT or PROXY just changed.
+    pub capabilities: Capabilities,
 }
 
 /// Why the backend could not be used.
@@ -105,6 +109,7 @@ pub async fn connect(
             .map_err(BackendError::Io)?;
         let stage = if first.extended { "EHLO" } else { "HELO" };
         let ehlo = expect(&mut stream, &mut buf, stage, 250).await?;
+        let mut last_reply = ehlo.lines.clone();
         let mut replay = ask_with_ehlo;
         if introduction.xclient {
             let offered = xclient::offered_attributes(&Capabilities::from_ehlo_reply(&ehlo.lines));
@@ -144,11 +149,17 @@ pub async fn connect(
             } else {
                 "HELO after EHLO"
             };
-            expect(&mut stream, &mut buf, stage, 250).await?;
+            last_reply = expect(&mut stream, &mut buf, stage, 250).await?.lines;
         }
+        let capabilities = if hello.extended {
+            Capabilities::from_ehlo_reply(&last_reply)
+        } else {
+            Capabilities::unknown()
+        };
         Ok(BackendConn {
             stream,
             pending: buf,
+            capabilities,
         })
     })
     .await

@@ -224,7 +224,7 @@ where
                 summary.user = Some(user.to_owned());
                 summary.mechanism = Some(mechanism);
             }
-            let capabilities = shared.capabilities();
+            let capabilities = backend.capabilities;
             let context = relay::Context {
                 user: session.authenticated().map(|(user, _)| user),
                 tls: session.is_tls(),
@@ -365,7 +365,14 @@ where
                         if flush(stream, &mut out, shared).await.is_err() {
                             return Next::Closed(Outcome::IoError);
                         }
-                        tokio::time::sleep(delay).await;
+                        // A drain does not wait for a brute-force penalty to run out.
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = crate::server::stopping(shutdown) => {
+                                let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
+                                return Next::Closed(Outcome::ShuttingDown);
+                            }
+                        }
                     }
                     Action::Relay => {
                         if flush(stream, &mut out, shared).await.is_err() {

@@ -14,8 +14,9 @@ pub const V1_PREFIX: &[u8] = b"PROXY ";
 /// The longest v1 header, CRLF included (spec §2.1).
 pub const MAX_V1: usize = 107;
 /// The longest v2 header postern accepts: 16 fixed bytes, 216 for UNIX addresses and
-/// room for a few TLVs (which postern ignores).
-pub const MAX_V2: usize = 16 + 512;
+/// room for TLVs (which postern ignores; HAProxy's TLS TLVs with a client certificate's
+/// names can take a few hundred bytes).
+pub const MAX_V2: usize = 16 + 2048;
 
 /// What the first bytes of a connection say about its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -100,7 +100,7 @@ pub struct Context<'a> {
     pub tls: bool,
     /// Postern's name, first line of a rewritten EHLO reply.
     pub hostname: &'a Arc<str>,
-    /// The backend's capabilities as last probed (CHUNKING decides whether BDAT can
+    /// The backend's capabilities on this connection (CHUNKING decides whether BDAT can
     /// be followed); a post-login EHLO replaces them with the live answer.
     pub capabilities: &'a Capabilities,
     pub policy: &'a Policy,
@@ -216,26 +216,22 @@ impl<'a> Relay<'a> {
                 Ok(Flow::Close) => return RelayEnd::Refused,
                 Err(error) => return ended_by(error),
             }
-            // A side's EOF is passed on once the tracker holds nothing of it back but
-            // an unfinished line, which goes as it is: the peer decides what it means.
+            // A side's EOF is passed on once the tracker has taken what it can. What it
+            // holds back is an unfinished line, which is never forwarded: unchecked, it
+            // could carry commands separated by bare LF past every rule the tracker
+            // applies (limits, AUTH/STARTTLS/XCLIENT interception, --strict-data), and a
+            // line without its CRLF is no command anyway. Likewise an unfinished backend
+            // reply (e.g. half an EHLO reply not yet rewritten) is not passed to the client.
             if client_eof && !backend_shut && self.tracker.wants() == Wants::Input {
                 backend_shut = true;
+                from_client.consume(from_client.data().len());
                 if !self.backend_closed {
-                    let rest = from_client.data();
-                    if let Err(error) = self.write(backend, rest).await {
-                        return ended_by(error);
-                    }
-                    from_client.consume(rest.len());
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, backend.shutdown()).await;
                 }
             }
             if backend_eof && !client_shut {
                 client_shut = true;
-                let rest = from_backend.data();
-                if let Err(error) = self.write(client, rest).await {
-                    return ended_by(error);
-                }
-                from_backend.consume(rest.len());
+                from_backend.consume(from_backend.data().len());
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
             }
             let read_client = !client_eof && self.tracker.wants() == Wants::Input;
@@ -691,7 +687,8 @@ mod tests {
         client_peer.shutdown().await.unwrap();
         let mut got = Vec::new();
         backend_peer.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\n\xff\r\nNOOP");
+        // The unfinished "NOOP" is not a command: it is dropped, not forwarded.
+        assert_eq!(got, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\n\xff\r\n");
 
         backend_peer
             .write_all(b"250 ok\r\n250 ok\r\n500 what\r\n")
@@ -707,6 +704,43 @@ mod tests {
         assert_eq!(stats.client_to_backend, 15 + 20);
         assert_eq!(stats.backend_to_client, 26);
         assert_eq!(stats.recipients, 1);
+    }
+
+    #[tokio::test]
+    async fn a_half_close_cannot_slip_unchecked_commands_to_the_backend() {
+        // Commands separated by bare LF, without a final CRLF, then EOF: a lenient
+        // backend would run them all if the unfinished line were flushed at EOF.
+        let (mut client_peer, mut backend_peer, task) =
+            start(Some("tim"), Policy::observe_only(), b"");
+        client_peer
+            .write_all(b"MAIL FROM:<a>\nRCPT TO:<b>\nAUTH PLAIN x\nXCLIENT ADDR=127.0.0.1\nDATA\n")
+            .await
+            .unwrap();
+        client_peer.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        backend_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"");
+        drop(backend_peer);
+        let _ = task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn xclient_and_xforward_from_the_client_never_reach_the_backend() {
+        let (client_peer, mut backend_peer, task) = start(Some("tim"), Policy::observe_only(), b"");
+        let mut client = BufReader::new(client_peer);
+        client
+            .get_mut()
+            .write_all(b"XCLIENT ADDR=127.0.0.1 LOGIN=root\r\nXFORWARD ADDR=192.0.2.1\r\n")
+            .await
+            .unwrap();
+        assert!(read_line(&mut client).await.starts_with("502 5.5.1"));
+        assert!(read_line(&mut client).await.starts_with("502 5.5.1"));
+        client.get_mut().shutdown().await.unwrap();
+        let mut got = Vec::new();
+        backend_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"");
+        drop(backend_peer);
+        let _ = task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -447,6 +447,13 @@ impl Tracker {
                 self.local(reply, false, out);
                 return true;
             }
+            // The backend may trust postern's address for these (smtpd_authorized_
+            // xclient_hosts): forwarded, a client could claim any address or login.
+            // They are hidden from EHLO, so a well-behaved client never sends them.
+            Verb::ProxyOnly => {
+                self.local(canned::NOT_IMPLEMENTED, false, out);
+                return true;
+            }
             Verb::StartTls => {
                 let reply = if self.settings.tls {
                     canned::TLS_ALREADY_ACTIVE
@@ -788,6 +795,8 @@ enum Verb {
     Rset,
     Auth,
     StartTls,
+    /// XCLIENT and XFORWARD: meant for postern's own use towards the backend.
+    ProxyOnly,
     Other,
 }
 
@@ -817,6 +826,8 @@ fn split_verb(line: &[u8]) -> (Verb, &[u8]) {
             }
         }
         8 if word.eq_ignore_ascii_case(b"STARTTLS") => Verb::StartTls,
+        7 if word.eq_ignore_ascii_case(b"XCLIENT") => Verb::ProxyOnly,
+        8 if word.eq_ignore_ascii_case(b"XFORWARD") => Verb::ProxyOnly,
         _ => Verb::Other,
     };
     (verb, args)
