@@ -692,10 +692,15 @@ impl Tracker {
                     ClientState::Command
                 };
                 self.client_resumed = true;
-            } else if code == 354 && self.client == ClientState::Command {
-                // The backend took some other line as DATA: follow it, not our reading,
-                // so the body is never taken for commands.
-                self.client = ClientState::Data(self.body_scan());
+            } else if code == 354 {
+                // The backend took some other line as DATA: its reading and ours have
+                // parted, and lines already forwarded as commands may be body lines to
+                // it. Nothing after this can be trusted to be checked or answered in
+                // order, so both sides are closed; the backend drops the open message.
+                self.client = ClientState::Closed;
+                self.pending.clear();
+                emit_local(canned::RELAY_OUT_OF_STEP, true, out);
+                return;
             }
         }
         while let Some(&Pending::Local { reply, close }) = self.pending.front() {

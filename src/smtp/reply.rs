@@ -119,6 +119,10 @@ pub mod canned {
         451,
         "4.3.0 Mail system temporarily unavailable, try again later",
     );
+    pub const RELAY_OUT_OF_STEP: Canned = Canned::new(
+        421,
+        "4.3.0 Backend out of step with the command stream, closing connection",
+    );
     pub const TIMEOUT: Canned = Canned::new(421, "4.4.2 Timeout, closing connection");
     pub const BACKEND_UNAVAILABLE: Canned =
         Canned::new(421, "4.3.0 Backend unavailable, closing connection");

@@ -693,3 +693,24 @@ fn the_terminator_automaton_agrees_with_a_plain_search() {
         }
     }
 }
+
+#[test]
+fn a_354_to_anything_but_data_closes_both_sides() {
+    // The backend took NOOP as DATA (a broken or hostile backend): from here on the
+    // backend and the tracker disagree on what is a command, so postern stops.
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"MAIL FROM:<a>\r\nNOOP\r\nRCPT TO:<b>\r\n"),
+        (B, b"250 ok\r\n354 go ahead\r\n"),
+        (C, b"AUTH PLAIN x\r\n"),
+    ];
+    let run = split_invariant(&settings(), NO_LOOKUP, script);
+    assert!(run.closed, "{run:?}");
+    assert!(
+        run.client_text().ends_with(
+            "421 4.3.0 Backend out of step with the command stream, closing connection\r\n"
+        ),
+        "{}",
+        run.client_text()
+    );
+    assert!(!String::from_utf8_lossy(&run.to_backend).contains("AUTH"));
+}
