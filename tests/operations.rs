@@ -181,3 +181,25 @@ async fn sighup_reloads_the_users_file_and_keeps_the_old_one_if_broken() {
         "reload error not logged"
     );
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_without_waiting_for_the_grace() {
+    let backend = RawBackend::start();
+    let mut postern = Postern::builder(backend.addr)
+        .flag("--shutdown-grace", "60s")
+        .start();
+    let mut relayed = postern.authenticated(true).await;
+    relayed.cmd("MAIL FROM:<slow@client.test>", "250").await;
+
+    postern.signal("TERM");
+    wait_until(STEP, "listeners to close", || {
+        (!accepts(postern.smtp)).then_some(())
+    });
+    assert!(postern.is_running(), "the relayed session holds the drain open");
+    let t = Instant::now();
+    postern.signal("INT");
+    let status = postern.wait_exit(STEP);
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(status.success(), "{status}");
+    drop(relayed);
+}
