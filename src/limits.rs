@@ -102,6 +102,9 @@ pub struct FailureWindow<K> {
     window: Duration,
     limit: u32,
     entries: Mutex<HashMap<K, Counts>>,
+    /// When a full table may next be swept for expired entries. A sweep is a scan
+    /// under the lock, so a flood of new keys must not trigger one per insertion.
+    next_sweep: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +144,7 @@ impl<K: Hash + Eq + Clone> FailureWindow<K> {
             window: window.max(Duration::from_secs(1)),
             limit,
             entries: Mutex::new(HashMap::new()),
+            next_sweep: Mutex::new(None),
         }
     }
 
@@ -179,7 +183,12 @@ impl<K: Hash + Eq + Clone> FailureWindow<K> {
         let mut entries = lock(&self.entries);
         if entries.len() >= MAX_TRACKED && !entries.contains_key(&key) {
             let window = self.window;
-            entries.retain(|_, counts| now.saturating_duration_since(counts.start) < window * 2);
+            let mut next_sweep = lock(&self.next_sweep);
+            if next_sweep.is_none_or(|at| now >= at) {
+                entries
+                    .retain(|_, counts| now.saturating_duration_since(counts.start) < window * 2);
+                *next_sweep = Some(now + window / 4);
+            }
             if entries.len() >= MAX_TRACKED {
                 // Still full of live entries: forget an arbitrary one rather than grow.
                 if let Some(victim) = entries.keys().next().cloned() {

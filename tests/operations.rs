@@ -195,11 +195,18 @@ async fn a_second_signal_exits_at_once_without_waiting_for_the_grace() {
     wait_until(STEP, "listeners to close", || {
         (!accepts(postern.smtp)).then_some(())
     });
-    assert!(postern.is_running(), "the relayed session holds the drain open");
+    assert!(
+        postern.is_running(),
+        "the relayed session holds the drain open"
+    );
     let t = Instant::now();
     postern.signal("INT");
     let status = postern.wait_exit(STEP);
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     assert!(status.success(), "{status}");
     drop(relayed);
 }
