@@ -160,7 +160,7 @@ fi
 if [[ $rebuild == 1 ]] || ! podman image exists "$rust_base"; then
   log "builder stand-in $rust_base from $(rustc --print sysroot)"
   mkdir -p "$work/builder"
-  # An intercepting proxy may sit between this machine and crates.io.
+  # An intercepting proxy may sit between this machine and the package registry.
   cp /etc/ssl/certs/ca-certificates.crt "$work/builder/host-ca.crt"
   cat > "$work/builder/Containerfile" <<CF
 FROM $debian_base
