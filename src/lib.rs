@@ -32,7 +32,7 @@
 //! - [`reload`]: certificate and users reload on SIGHUP and file change.
 //! - [`demo`]: `postern demo`: the real proxy on loopback with a throw-away setup and a
 //!   stand-in backend that prints what it receives.
-//! - [`bench`]: `postern bench`, a load generator for SMTP submission servers.
+//! - [`bench`](mod@bench): `postern bench`, a load generator for SMTP submission servers.
 
 pub mod admin;
 pub mod backend;

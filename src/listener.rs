@@ -28,7 +28,7 @@ use crate::smtp::{Reply, canned};
 /// clients, which wait for the server to speak first, hung waiting for a greeting.
 const BACKLOG: u32 = 4096;
 
-/// Binds a listening socket with [`BACKLOG`].
+/// Binds a listening socket with `BACKLOG`.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?

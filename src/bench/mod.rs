@@ -16,7 +16,7 @@
 mod client;
 mod message;
 mod report;
-mod tls;
+pub mod tls;
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};

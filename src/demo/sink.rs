@@ -42,7 +42,7 @@ pub struct Message {
     pub to: Vec<String>,
     /// Bytes of content after dot-unstuffing, counting CRLF line ends.
     pub size: usize,
-    /// Header lines, unfolded, at most [`MAX_HEADER_LINES`].
+    /// Header lines, unfolded, at most `MAX_HEADER_LINES`.
     pub headers: Vec<String>,
 }
 
