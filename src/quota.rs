@@ -1,28 +1,36 @@
-//! Per-user sending limits: messages and recipients per sliding window, counted as the
-//! backend accepts them, kept in memory or in Redis/Valkey so replicas share them.
+//! Per-user sending limits: messages and recipients per sliding window, kept in memory
+//! or in Redis/Valkey so replicas share them.
 //!
-//! The relay ([`crate::relay`]) asks for a user's [`Usage`] at each MAIL and records
-//! what the backend accepted; the decision itself (451 4.7.1, RFC 3463 "delivery not
-//! authorized") is the tracker's. A window is estimated from two fixed windows, the
+//! A limit is reserved, not read: [`Quota::reserve`] checks and takes the slots of a
+//! MAIL or RCPT in one atomic step, and [`Quota::release`] gives them back when the
+//! backend refuses the command, on RSET, or when the message is rejected. Reading the
+//! usage at MAIL and recording it after the backend accepted let parallel sessions of
+//! one user all see the same free slot (issue 11: eight sessions got 30 recipients
+//! through a limit of 10). [`Quota::usage`] and [`Quota::record`] remain for the relay
+//! until it moves to reservations; the refusal itself (451 4.7.1, RFC 3463 "delivery
+//! not authorized") is the tracker's. A window is estimated from two fixed windows, the
 //! previous one weighted by how much of it still overlaps (the same estimate as the
 //! AUTH-failure table in [`crate::limits`]), so each user costs two counters per limit.
 //!
-//! In Redis one Lua script reads and adds atomically, on the server's clock, so
-//! replicas with skewed clocks agree. Every call has a short timeout; when the store
+//! In memory one lock covers each check-and-add. In Redis one Lua script per call
+//! checks and adds atomically, on the server's clock, so replicas with skewed clocks
+//! agree. Every call has a short timeout; when the store
 //! cannot answer, `--limits-store-failure open` lets mail through uncounted (the
 //! default: limits are abuse control, and the backend keeps working without Redis),
 //! `closed` answers MAIL with `451 4.3.0` until the store is back.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
-use crate::limits::FailureWindow;
-use crate::relay::tracker::{Limits, Usage};
+use crate::limits::MAX_TRACKED;
+use crate::relay::tracker::{Limit, Limits, Usage};
 
 /// `N/DURATION`, e.g. `100/1h`: at most N per sliding window of DURATION.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,15 +114,23 @@ pub struct Quota {
     store: Store,
 }
 
+/// The outcome of a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    Granted,
+    /// Nothing was taken: this limit would be exceeded.
+    Refused(Limit),
+}
+
+/// The per-user limits in the order the stores keep them: messages first, so a
+/// reservation that would exceed both is refused for its messages.
+const PER_USER: [Limit; 2] = [Limit::MessagesPerUser, Limit::RecipientsPerUser];
+
 enum Store {
-    /// Per process. Keys are hashed user names, so the table's memory is bounded by
-    /// [`crate::limits::MAX_TRACKED`] entries whatever the names.
-    Memory {
-        hasher: RandomState,
-        messages: FailureWindow<u64>,
-        recipients: FailureWindow<u64>,
-    },
-    Redis(RedisStore),
+    /// Per process.
+    Memory(MemoryTable),
+    /// Boxed: three scripts and a client make it several times the memory table's size.
+    Redis(Box<RedisStore>),
 }
 
 impl fmt::Debug for Quota {
@@ -125,7 +141,7 @@ impl fmt::Debug for Quota {
             .field(
                 "store",
                 &match self.store {
-                    Store::Memory { .. } => "memory",
+                    Store::Memory(_) => "memory",
                     Store::Redis(_) => "redis",
                 },
             )
@@ -150,13 +166,9 @@ impl Quota {
             .recipients_per_user
             .map_or(DEFAULT_WINDOW, |r| r.window);
         let store = if config.store == "memory" {
-            Store::Memory {
-                hasher: RandomState::new(),
-                messages: FailureWindow::new(u32::MAX, message_window),
-                recipients: FailureWindow::new(u32::MAX, recipient_window),
-            }
+            Store::Memory(MemoryTable::new([message_window, recipient_window]))
         } else {
-            Store::Redis(RedisStore::new(&config.store, config.timeout)?)
+            Store::Redis(Box::new(RedisStore::new(&config.store, config.timeout)?))
         };
         Ok(Quota {
             limits,
@@ -176,11 +188,7 @@ impl Quota {
             recipient_window: DEFAULT_WINDOW,
             failure: StoreFailure::Open,
             timeout: Duration::from_millis(250),
-            store: Store::Memory {
-                hasher: RandomState::new(),
-                messages: FailureWindow::new(u32::MAX, DEFAULT_WINDOW),
-                recipients: FailureWindow::new(u32::MAX, DEFAULT_WINDOW),
-            },
+            store: Store::Memory(MemoryTable::new([DEFAULT_WINDOW; 2])),
         }
     }
 
@@ -213,6 +221,72 @@ impl Quota {
         self.update(user, messages, recipients).await.map(|_| ())
     }
 
+    /// Atomically: if for every configured per-user limit the window estimate plus what
+    /// is asked stays within the limit, adds it all and returns `Granted`; otherwise adds
+    /// nothing and returns `Refused` with the first limit that would be exceeded
+    /// (messages are checked first). Amounts for a limit that is not configured are
+    /// still counted but never refuse.
+    ///
+    /// A limit for which nothing is asked is not checked: a RCPT (`reserve(user, 0, 1)`)
+    /// in a message whose MAIL was granted must not be refused because the message
+    /// count is at or, after a lowered limit, over its limit.
+    ///
+    /// Checking and adding in one step is what keeps N parallel sessions of one user
+    /// from all reading "one slot left" and all taking it.
+    pub async fn reserve(
+        &self,
+        user: &str,
+        messages: u32,
+        recipients: u32,
+    ) -> Result<Reservation, StoreError> {
+        let asked = [messages, recipients];
+        let limits = [
+            self.limits.messages_per_user,
+            self.limits.recipients_per_user,
+        ];
+        match &self.store {
+            Store::Memory(table) => Ok(table.reserve(user, asked, limits, Instant::now())),
+            Store::Redis(redis) => {
+                let call = redis.reserve(user, self.windows(), asked, limits);
+                tokio::time::timeout(self.timeout, call)
+                    .await
+                    .map_err(|_| StoreError::Timeout)?
+            }
+        }
+    }
+
+    /// Gives back slots taken by [`Quota::reserve`] (the backend refused the command,
+    /// RSET, the message was rejected), never below zero: from the current window's
+    /// counter first, the rest from the previous one, where a reservation made just
+    /// before the window turned was counted.
+    pub async fn release(
+        &self,
+        user: &str,
+        messages: u32,
+        recipients: u32,
+    ) -> Result<(), StoreError> {
+        let amounts = [messages, recipients];
+        if amounts == [0, 0] {
+            return Ok(());
+        }
+        match &self.store {
+            Store::Memory(table) => {
+                table.release(user, amounts, Instant::now());
+                Ok(())
+            }
+            Store::Redis(redis) => {
+                let call = redis.release(user, self.windows(), amounts);
+                tokio::time::timeout(self.timeout, call)
+                    .await
+                    .map_err(|_| StoreError::Timeout)?
+            }
+        }
+    }
+
+    fn windows(&self) -> [Duration; 2] {
+        [self.message_window, self.recipient_window]
+    }
+
     async fn update(
         &self,
         user: &str,
@@ -220,34 +294,200 @@ impl Quota {
         recipients: u32,
     ) -> Result<Usage, StoreError> {
         match &self.store {
-            Store::Memory {
-                hasher,
-                messages: message_table,
-                recipients: recipient_table,
-            } => {
-                let key = hasher.hash_one(user);
-                let now = Instant::now();
-                if messages > 0 {
-                    message_table.add(key, messages, now);
-                }
-                if recipients > 0 {
-                    recipient_table.add(key, recipients, now);
-                }
+            Store::Memory(table) => {
+                let [messages, recipients] =
+                    table.update(user, [messages, recipients], Instant::now());
                 Ok(Usage {
-                    messages: message_table.count(&key, now),
-                    recipients: recipient_table.count(&key, now),
+                    messages,
+                    recipients,
                 })
             }
             Store::Redis(redis) => {
-                let call = redis.update(
-                    user,
-                    [self.message_window, self.recipient_window],
-                    [messages, recipients],
-                );
+                let call = redis.update(user, self.windows(), [messages, recipients]);
                 tokio::time::timeout(self.timeout, call)
                     .await
                     .map_err(|_| StoreError::Timeout)?
             }
+        }
+    }
+}
+
+/// One user's counter for one limit: two fixed windows, the estimate being the current
+/// one plus the previous one weighted by how much of it still overlaps (as in
+/// [`crate::limits`]).
+#[derive(Debug, Clone, Copy)]
+struct Windows {
+    start: Instant,
+    current: u64,
+    previous: u64,
+}
+
+impl Windows {
+    fn new(now: Instant) -> Windows {
+        Windows {
+            start: now,
+            current: 0,
+            previous: 0,
+        }
+    }
+
+    /// Moves the fixed windows forward to the one containing `now`.
+    fn advance(&mut self, now: Instant, window: Duration) {
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= window * 2 {
+            *self = Windows::new(now);
+        } else if elapsed >= window {
+            self.previous = self.current;
+            self.current = 0;
+            self.start += window;
+        }
+    }
+
+    /// The sliding-window estimate, rounded down. Call [`Windows::advance`] first.
+    fn estimate(&self, now: Instant, window: Duration) -> u64 {
+        let into_current =
+            now.saturating_duration_since(self.start).as_secs_f64() / window.as_secs_f64();
+        let previous = self.previous as f64 * (1.0 - into_current).max(0.0);
+        self.current.saturating_add(previous as u64)
+    }
+
+    /// Takes `n` back, from the current window first. Call [`Windows::advance`] first.
+    fn give_back(&mut self, n: u64) {
+        let from_current = n.min(self.current);
+        self.current -= from_current;
+        self.previous = self.previous.saturating_sub(n - from_current);
+    }
+
+    fn expired(&self, now: Instant, window: Duration) -> bool {
+        now.saturating_duration_since(self.start) >= window * 2
+    }
+}
+
+/// The memory store: per user, one [`Windows`] per limit ([`PER_USER`] order), all
+/// behind one lock, so a reservation checks and adds both counters in one step however
+/// many tasks ask at once. Keys are hashed user names and the table holds at most
+/// [`MAX_TRACKED`] of them, so its memory is bounded whatever the names.
+struct MemoryTable {
+    hasher: RandomState,
+    windows: [Duration; 2],
+    inner: Mutex<TableInner>,
+}
+
+struct TableInner {
+    entries: HashMap<u64, [Windows; 2]>,
+    /// When a full table may next be swept for expired entries: a sweep is a scan under
+    /// the lock, so a flood of new users must not trigger one per insertion.
+    next_sweep: Option<Instant>,
+}
+
+impl MemoryTable {
+    fn new(windows: [Duration; 2]) -> MemoryTable {
+        MemoryTable {
+            hasher: RandomState::new(),
+            windows: windows.map(|w| w.max(Duration::from_secs(1))),
+            inner: Mutex::new(TableInner {
+                entries: HashMap::new(),
+                next_sweep: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TableInner> {
+        // Plain counters: a panic elsewhere cannot leave them inconsistent.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds `add` unconditionally and returns the estimates (the `usage`/`record` path).
+    fn update(&self, user: &str, add: [u32; 2], now: Instant) -> [u64; 2] {
+        let key = self.hasher.hash_one(user);
+        let mut inner = self.lock();
+        if add != [0, 0] {
+            inner.add(key, add, self.windows, now);
+        }
+        inner.estimates(key, self.windows, now)
+    }
+
+    fn reserve(
+        &self,
+        user: &str,
+        asked: [u32; 2],
+        limits: [Option<u64>; 2],
+        now: Instant,
+    ) -> Reservation {
+        let key = self.hasher.hash_one(user);
+        let mut inner = self.lock();
+        let estimates = inner.estimates(key, self.windows, now);
+        for i in 0..2 {
+            if let Some(limit) = limits[i]
+                && asked[i] > 0
+                && estimates[i].saturating_add(u64::from(asked[i])) > limit
+            {
+                return Reservation::Refused(PER_USER[i]);
+            }
+        }
+        if asked != [0, 0] {
+            inner.add(key, asked, self.windows, now);
+        }
+        Reservation::Granted
+    }
+
+    fn release(&self, user: &str, amounts: [u32; 2], now: Instant) {
+        let key = self.hasher.hash_one(user);
+        let mut inner = self.lock();
+        // A user the table does not know (never counted, expired or evicted) has
+        // nothing to give back.
+        if let Some(counts) = inner.entries.get_mut(&key) {
+            for i in 0..2 {
+                counts[i].advance(now, self.windows[i]);
+                counts[i].give_back(u64::from(amounts[i]));
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.lock().entries.len()
+    }
+}
+
+impl TableInner {
+    /// Both estimates for `key`, without creating an entry for a user never counted.
+    fn estimates(&mut self, key: u64, windows: [Duration; 2], now: Instant) -> [u64; 2] {
+        match self.entries.get_mut(&key) {
+            Some(counts) => std::array::from_fn(|i| {
+                counts[i].advance(now, windows[i]);
+                counts[i].estimate(now, windows[i])
+            }),
+            None => [0, 0],
+        }
+    }
+
+    fn add(&mut self, key: u64, add: [u32; 2], windows: [Duration; 2], now: Instant) {
+        if self.entries.len() >= MAX_TRACKED && !self.entries.contains_key(&key) {
+            if self.next_sweep.is_none_or(|at| now >= at) {
+                self.entries
+                    .retain(|_, counts| !(0..2).all(|i| counts[i].expired(now, windows[i])));
+                let shortest = windows[0].min(windows[1]);
+                self.next_sweep = Some(now + shortest / 4);
+            }
+            if self.entries.len() >= MAX_TRACKED {
+                // Still full of live users: forget an arbitrary one rather than grow.
+                // That user's counts restart from zero; it takes MAX_TRACKED users
+                // sending within one window, which the accounts file bounds.
+                if let Some(victim) = self.entries.keys().next().copied() {
+                    self.entries.remove(&victim);
+                }
+            }
+        }
+        let counts = self
+            .entries
+            .entry(key)
+            .or_insert_with(|| [Windows::new(now); 2]);
+        for i in 0..2 {
+            counts[i].advance(now, windows[i]);
+            counts[i].current = counts[i].current.saturating_add(u64::from(add[i]));
         }
     }
 }
@@ -278,10 +518,74 @@ end
 return result
 ";
 
+/// Takes what is asked if every limit allows it, in one atomic step on the server's
+/// clock, so replicas never both take the last slot. KEYS: the message and recipient
+/// key prefixes. ARGV: both windows in milliseconds, the amounts asked, the limits (0:
+/// not set, counted but never refused). Checks every limit before adding anything, so
+/// a refusal takes nothing. Returns 0 when granted, else the index of the first limit
+/// that would be exceeded (1: messages, 2: recipients).
+const RESERVE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local current_keys = {}
+for i = 1, 2 do
+  local window = tonumber(ARGV[i])
+  local add = tonumber(ARGV[i + 2])
+  local limit = tonumber(ARGV[i + 4])
+  local index = math.floor(now / window)
+  current_keys[i] = KEYS[i] .. ':' .. index
+  if add > 0 and limit > 0 then
+    local current = tonumber(redis.call('GET', current_keys[i]) or '0')
+    local previous = tonumber(redis.call('GET', KEYS[i] .. ':' .. (index - 1)) or '0')
+    local overlap = 1 - (now % window) / window
+    if math.floor(current + previous * overlap) + add > limit then
+      return i
+    end
+  end
+end
+for i = 1, 2 do
+  local add = tonumber(ARGV[i + 2])
+  if add > 0 then
+    redis.call('INCRBY', current_keys[i], add)
+    redis.call('PEXPIRE', current_keys[i], 2 * tonumber(ARGV[i]))
+  end
+end
+return 0
+";
+
+/// Gives back what a reservation took, never below zero: from the current window's
+/// counter first, the rest from the previous one (a reservation made just before the
+/// window turned). KEYS: the key prefixes. ARGV: both windows in milliseconds, the
+/// amounts to give back. DECRBY keeps a key's expiry, and a missing key is left
+/// missing, so nothing is created without one.
+const RELEASE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, 2 do
+  local window = tonumber(ARGV[i])
+  local left = tonumber(ARGV[i + 2])
+  local index = math.floor(now / window)
+  for back = 0, 1 do
+    if left <= 0 then
+      break
+    end
+    local key = KEYS[i] .. ':' .. (index - back)
+    local take = math.min(tonumber(redis.call('GET', key) or '0'), left)
+    if take > 0 then
+      redis.call('DECRBY', key, take)
+      left = left - take
+    end
+  end
+end
+return 0
+";
+
 struct RedisStore {
     client: redis::Client,
     connection: OnceCell<ConnectionManager>,
-    script: redis::Script,
+    update_script: redis::Script,
+    reserve_script: redis::Script,
+    release_script: redis::Script,
     timeout: Duration,
 }
 
@@ -297,7 +601,9 @@ impl RedisStore {
         Ok(RedisStore {
             client,
             connection: OnceCell::new(),
-            script: redis::Script::new(UPDATE_SCRIPT),
+            update_script: redis::Script::new(UPDATE_SCRIPT),
+            reserve_script: redis::Script::new(RESERVE_SCRIPT),
+            release_script: redis::Script::new(RELEASE_SCRIPT),
             timeout,
         })
     }
@@ -326,11 +632,11 @@ impl RedisStore {
         add: [u32; 2],
     ) -> Result<Usage, StoreError> {
         let mut connection = self.connection().await?;
-        // The hash tag keeps a user's keys in one slot of a Redis Cluster.
+        let [message_key, recipient_key] = keys(user);
         let (messages, recipients): (u64, u64) = self
-            .script
-            .key(format!("postern:limits:{{{user}}}:messages"))
-            .key(format!("postern:limits:{{{user}}}:recipients"))
+            .update_script
+            .key(message_key)
+            .key(recipient_key)
             .arg(millis(windows[0]))
             .arg(millis(windows[1]))
             .arg(add[0])
@@ -343,6 +649,71 @@ impl RedisStore {
             recipients,
         })
     }
+
+    async fn reserve(
+        &self,
+        user: &str,
+        windows: [Duration; 2],
+        asked: [u32; 2],
+        limits: [Option<u64>; 2],
+    ) -> Result<Reservation, StoreError> {
+        let mut connection = self.connection().await?;
+        let [message_key, recipient_key] = keys(user);
+        let refused: u8 = self
+            .reserve_script
+            .key(message_key)
+            .key(recipient_key)
+            .arg(millis(windows[0]))
+            .arg(millis(windows[1]))
+            .arg(asked[0])
+            .arg(asked[1])
+            .arg(limits[0].unwrap_or(0))
+            .arg(limits[1].unwrap_or(0))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::Redis)?;
+        match refused {
+            0 => Ok(Reservation::Granted),
+            1 | 2 => Ok(Reservation::Refused(PER_USER[usize::from(refused - 1)])),
+            // Another script under our name, or a server that ran ours wrongly: say so
+            // rather than guess whether a slot was taken.
+            _ => Err(StoreError::Redis(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "the reserve script answered neither 0, 1 nor 2",
+            )))),
+        }
+    }
+
+    async fn release(
+        &self,
+        user: &str,
+        windows: [Duration; 2],
+        amounts: [u32; 2],
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection().await?;
+        let [message_key, recipient_key] = keys(user);
+        let _: u8 = self
+            .release_script
+            .key(message_key)
+            .key(recipient_key)
+            .arg(millis(windows[0]))
+            .arg(millis(windows[1]))
+            .arg(amounts[0])
+            .arg(amounts[1])
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::Redis)?;
+        Ok(())
+    }
+}
+
+/// A user's message and recipient key prefixes; each fixed window appends its index.
+/// The hash tag keeps a user's keys in one slot of a Redis Cluster.
+fn keys(user: &str) -> [String; 2] {
+    [
+        format!("postern:limits:{{{user}}}:messages"),
+        format!("postern:limits:{{{user}}}:recipients"),
+    ]
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -354,6 +725,7 @@ fn millis(duration: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn rates_parse_with_humantime_windows() {
@@ -427,5 +799,188 @@ mod tests {
         let started = Instant::now();
         assert!(quota.usage("alice").await.is_err());
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    /// A quota with per-user limits of `messages` and `recipients` (`None`: not set)
+    /// per `window`, on `store`.
+    fn limited(
+        store: &str,
+        messages: Option<u64>,
+        recipients: Option<u64>,
+        window: Duration,
+    ) -> Quota {
+        let rate = |count| Rate { count, window };
+        Quota::new(&QuotaConfig {
+            messages_per_user: messages.map(rate),
+            recipients_per_user: recipients.map(rate),
+            recipients_per_message: None,
+            store: store.into(),
+            failure: StoreFailure::Closed,
+            timeout: Duration::from_secs(2),
+        })
+        .unwrap()
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
+    const GRANTED: Reservation = Reservation::Granted;
+    const NO_MESSAGE: Reservation = Reservation::Refused(Limit::MessagesPerUser);
+    const NO_RECIPIENT: Reservation = Reservation::Refused(Limit::RecipientsPerUser);
+
+    fn usage(messages: u64, recipients: u64) -> Usage {
+        Usage {
+            messages,
+            recipients,
+        }
+    }
+
+    /// Reserve, refuse and release on any store; the caller picks a window that cannot
+    /// turn during the test (Redis windows are aligned on the epoch).
+    async fn reserve_refuse_release(quota: &Quota) {
+        let r = |m, n| quota.reserve("alice", m, n);
+        assert_eq!(r(1, 0).await.unwrap(), GRANTED);
+        assert_eq!(r(1, 2).await.unwrap(), GRANTED);
+        assert_eq!(r(1, 0).await.unwrap(), NO_MESSAGE);
+        // Messages are checked first, and a refusal takes nothing of either.
+        assert_eq!(r(1, 9).await.unwrap(), NO_MESSAGE);
+        assert_eq!(quota.usage("alice").await.unwrap(), usage(2, 2));
+        // At the message limit, a RCPT of a message already granted still gets in.
+        assert_eq!(r(0, 1).await.unwrap(), GRANTED);
+        assert_eq!(r(0, 1).await.unwrap(), NO_RECIPIENT);
+        assert_eq!(quota.usage("alice").await.unwrap(), usage(2, 3));
+        // Other users have their own slots.
+        assert_eq!(quota.reserve("bob", 2, 3).await.unwrap(), GRANTED);
+        // Released slots can be taken again, and only they.
+        quota.release("alice", 1, 2).await.unwrap();
+        assert_eq!(quota.usage("alice").await.unwrap(), usage(1, 1));
+        assert_eq!(r(1, 2).await.unwrap(), GRANTED);
+        assert_eq!(r(0, 1).await.unwrap(), NO_RECIPIENT);
+        // Never below zero: giving back more than was taken frees no extra slots.
+        quota.release("alice", 50, 50).await.unwrap();
+        quota.release("nobody", 1, 1).await.unwrap();
+        assert_eq!(quota.usage("alice").await.unwrap(), usage(0, 0));
+        assert_eq!(quota.usage("nobody").await.unwrap(), usage(0, 0));
+        assert_eq!(r(2, 3).await.unwrap(), GRANTED);
+        assert_eq!(r(1, 0).await.unwrap(), NO_MESSAGE);
+        assert_eq!(r(0, 1).await.unwrap(), NO_RECIPIENT);
+        // More than the whole limit at once is refused outright, from zero too.
+        assert_eq!(quota.reserve("carol", 3, 0).await.unwrap(), NO_MESSAGE);
+        assert_eq!(quota.reserve("carol", 0, 4).await.unwrap(), NO_RECIPIENT);
+        assert_eq!(quota.usage("carol").await.unwrap(), usage(0, 0));
+    }
+
+    #[tokio::test]
+    async fn memory_reservations_are_granted_refused_and_released() {
+        reserve_refuse_release(&limited("memory", Some(2), Some(3), MINUTE)).await;
+    }
+
+    #[tokio::test]
+    async fn a_limit_that_is_not_set_counts_but_never_refuses() {
+        let quota = limited("memory", Some(1), None, MINUTE);
+        assert_eq!(quota.reserve("alice", 1, 1000).await.unwrap(), GRANTED);
+        assert_eq!(quota.reserve("alice", 0, u32::MAX).await.unwrap(), GRANTED);
+        assert_eq!(quota.reserve("alice", 1, 0).await.unwrap(), NO_MESSAGE);
+        assert_eq!(
+            quota.usage("alice").await.unwrap(),
+            usage(1, 1000 + u64::from(u32::MAX))
+        );
+        let unlimited = Quota::unlimited();
+        for _ in 0..3 {
+            assert_eq!(unlimited.reserve("bob", 5, 5).await.unwrap(), GRANTED);
+        }
+    }
+
+    #[test]
+    fn memory_releases_take_from_the_current_window_then_the_previous() {
+        let table = MemoryTable::new([MINUTE; 2]);
+        let t0 = Instant::now();
+        let limits = [Some(10), Some(10)];
+        assert_eq!(table.reserve("alice", [3, 0], limits, t0), GRANTED);
+        // The window turns: the 3 are now the previous window's, fully overlapping.
+        let t1 = t0 + MINUTE;
+        assert_eq!(table.reserve("alice", [1, 0], limits, t1), GRANTED);
+        assert_eq!(table.update("alice", [0, 0], t1), [4, 0]);
+        table.release("alice", [2, 0], t1);
+        assert_eq!(table.update("alice", [0, 0], t1), [2, 0]);
+        // Half a window on, the remaining 2 in the previous window weigh 1.
+        assert_eq!(table.update("alice", [0, 0], t1 + MINUTE / 2), [1, 0]);
+        // The refusal is on the estimate: 1 + 9 fits, 1 + 10 does not.
+        let t2 = t1 + MINUTE / 2;
+        assert_eq!(table.reserve("alice", [10, 0], limits, t2), NO_MESSAGE);
+        assert_eq!(table.reserve("alice", [9, 0], limits, t2), GRANTED);
+        assert_eq!(table.update("alice", [0, 0], t2), [10, 0]);
+    }
+
+    #[test]
+    fn the_memory_table_never_grows_past_its_bound() {
+        let table = MemoryTable::new([MINUTE; 2]);
+        let now = Instant::now();
+        for i in 0..MAX_TRACKED + 50 {
+            let user = i.to_string();
+            assert_eq!(table.reserve(&user, [1, 1], [Some(1); 2], now), GRANTED);
+        }
+        assert!(table.tracked() <= MAX_TRACKED);
+        // Reads and refusals of unknown users create nothing.
+        let later = now + MINUTE * 3;
+        assert_eq!(table.update("new", [0, 0], later), [0, 0]);
+        assert_eq!(
+            table.reserve("new", [2, 0], [Some(1); 2], later),
+            NO_MESSAGE
+        );
+        table.release("new", [1, 1], later);
+        // Once every entry expired, a new user sweeps them all away.
+        assert_eq!(table.reserve("new", [1, 0], [Some(1); 2], later), GRANTED);
+        assert_eq!(table.tracked(), 1);
+    }
+
+    /// N sessions of one user racing for the same slots, started together: exactly the
+    /// limit gets through, never one more. `quota` has limits of 10 messages and 10
+    /// recipients.
+    async fn race_for_slots(quota: Arc<Quota>) {
+        // 50 MAILs at once, one message each.
+        let granted = race(&quota, 50, 1, |quota| async move {
+            quota.reserve("racer", 1, 0).await.unwrap() == GRANTED
+        })
+        .await;
+        assert_eq!(granted, 10, "messages granted by 50 parallel MAILs");
+        // 8 sessions each trying 10 RCPTs, one at a time.
+        let granted = race(&quota, 8, 10, |quota| async move {
+            quota.reserve("racer", 0, 1).await.unwrap() == GRANTED
+        })
+        .await;
+        assert_eq!(granted, 10, "recipients granted to 8 parallel sessions");
+        assert_eq!(quota.usage("racer").await.unwrap(), usage(10, 10));
+    }
+
+    /// Runs `tasks` tasks that each call `attempt` `times` times in a row, all starting
+    /// at a barrier; returns how many attempts succeeded.
+    async fn race<F, Fut>(quota: &Arc<Quota>, tasks: usize, times: usize, attempt: F) -> usize
+    where
+        F: Fn(Arc<Quota>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = bool> + Send,
+    {
+        let barrier = Arc::new(tokio::sync::Barrier::new(tasks));
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let (quota, barrier, attempt) = (quota.clone(), barrier.clone(), attempt.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let mut granted = 0;
+                    for _ in 0..times {
+                        granted += usize::from(attempt(quota.clone()).await);
+                    }
+                    granted
+                })
+            })
+            .collect();
+        let mut granted = 0;
+        for handle in handles {
+            granted += handle.await.unwrap();
+        }
+        granted
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn parallel_memory_reservations_never_pass_the_limit() {
+        race_for_slots(Arc::new(limited("memory", Some(10), Some(10), MINUTE))).await;
     }
 }
