@@ -983,4 +983,161 @@ mod tests {
     async fn parallel_memory_reservations_never_pass_the_limit() {
         race_for_slots(Arc::new(limited("memory", Some(10), Some(10), MINUTE))).await;
     }
+
+    /// A private `redis-server` on a free loopback port, saving nothing, killed on drop.
+    struct RedisServer {
+        port: u16,
+        child: std::process::Child,
+    }
+
+    impl RedisServer {
+        /// `None` (after a loud message) when redis-server is not installed, unless the
+        /// `CI` variable is set: there a missing server is a failure, not a skip.
+        async fn start() -> Option<RedisServer> {
+            let Some(binary) = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
+                .into_iter()
+                .find(|p| std::path::Path::new(p).exists())
+            else {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "redis-server is not installed, and CI is set"
+                );
+                eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+                return None;
+            };
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+                .port();
+            let child = std::process::Command::new(binary)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let server = RedisServer { port, child };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some(server)
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
+    }
+
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Redis windows are aligned on the epoch; at 30 days the chance that one turns
+    /// during a test (and the previous window's weight drops below 1) is negligible.
+    const MONTH: Duration = Duration::from_secs(30 * 24 * 3600);
+
+    #[tokio::test]
+    async fn redis_reservations_are_granted_refused_and_released() {
+        let Some(redis) = RedisServer::start().await else {
+            return;
+        };
+        reserve_refuse_release(&limited(&redis.url(), Some(2), Some(3), MONTH)).await;
+        let unset = limited(&redis.url(), Some(1), None, MONTH);
+        assert_eq!(unset.reserve("dave", 1, 1000).await.unwrap(), GRANTED);
+        assert_eq!(unset.reserve("dave", 0, 1).await.unwrap(), GRANTED);
+        assert_eq!(unset.reserve("dave", 1, 0).await.unwrap(), NO_MESSAGE);
+        assert_eq!(unset.usage("dave").await.unwrap(), usage(1, 1001));
+    }
+
+    #[tokio::test]
+    async fn redis_keys_expire_after_two_windows() {
+        let Some(redis) = RedisServer::start().await else {
+            return;
+        };
+        let quota = limited(&redis.url(), Some(5), Some(5), MINUTE);
+        assert_eq!(quota.reserve("erin", 1, 2).await.unwrap(), GRANTED);
+        quota.release("erin", 1, 1).await.unwrap();
+        // A release of a user with no keys creates none.
+        quota.release("frank", 1, 1).await.unwrap();
+        let mut connection = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg("postern:limits:*")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        keys.sort();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(keys[0].starts_with("postern:limits:{erin}:messages:"));
+        assert!(keys[1].starts_with("postern:limits:{erin}:recipients:"));
+        for key in keys {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            // DECRBY in the release kept the expiry the reservation set.
+            assert!(ttl > 0 && ttl <= 2 * 60_000, "{key}: PTTL {ttl}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn parallel_redis_reservations_never_pass_the_limit() {
+        let Some(redis) = RedisServer::start().await else {
+            return;
+        };
+        race_for_slots(Arc::new(limited(&redis.url(), Some(10), Some(10), MONTH))).await;
+    }
+
+    /// Sleeps until 50 ms past the next whole second of the (shared, loopback) clock,
+    /// where a fresh 1 s Redis window has just begun.
+    async fn next_second() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let into = Duration::from_nanos(u64::from(now.subsec_nanos()));
+        tokio::time::sleep(Duration::from_secs(1) - into + Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn redis_releases_take_from_the_current_window_then_the_previous() {
+        let Some(redis) = RedisServer::start().await else {
+            return;
+        };
+        let second = Duration::from_secs(1);
+        let quota = limited(&redis.url(), Some(100), None, second);
+        next_second().await;
+        assert_eq!(quota.reserve("gina", 3, 0).await.unwrap(), GRANTED);
+        next_second().await;
+        assert_eq!(quota.reserve("gina", 1, 0).await.unwrap(), GRANTED);
+        quota.release("gina", 2, 0).await.unwrap();
+        let mut connection = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg("postern:limits:{gina}:messages:*")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        // Window indexes have the same number of digits, so text order is time order.
+        keys.sort();
+        let counts: Vec<u64> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(counts, [2, 0], "previous, current: {keys:?}");
+    }
 }
