@@ -233,6 +233,10 @@ impl Quota {
     ///
     /// Checking and adding in one step is what keeps N parallel sessions of one user
     /// from all reading "one slot left" and all taking it.
+    ///
+    /// After a [`StoreError::Timeout`] the script may still have run in Redis. Do not
+    /// release on an error: the slots then stay taken until their windows pass, which
+    /// errs towards the limit, where releasing could free another session's slots.
     pub async fn reserve(
         &self,
         user: &str,
