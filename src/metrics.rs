@@ -192,6 +192,8 @@ pub enum MessageResult {
     RejectedByBackend,
     RejectedByLimit,
     RejectedStrictData,
+    /// A body with an end-of-data lookalike (SMTP smuggling), refused by default.
+    RejectedSmuggling,
 }
 
 impl MessageResult {
@@ -201,6 +203,7 @@ impl MessageResult {
             MessageResult::RejectedByBackend => "rejected_backend",
             MessageResult::RejectedByLimit => "rejected_limit",
             MessageResult::RejectedStrictData => "rejected_strict_data",
+            MessageResult::RejectedSmuggling => "rejected_smuggling",
         }
     }
 }

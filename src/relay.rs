@@ -1,37 +1,35 @@
-//! The post-AUTH relay: bytes go verbatim both ways, counted as they flow, while the
-//! sans-IO [`tracker::Tracker`] follows the SMTP state of the stream (RFC 5321, RFC
-//! 2920 pipelining, RFC 3030 BDAT) so postern can answer what it must answer itself
-//! (a second AUTH, STARTTLS, a sending limit, `--strict-data`), rewrite a post-login
-//! EHLO reply, and count messages and recipients as the backend accepts them.
+//! The post-AUTH relay: bytes go verbatim both ways while the sans-IO
+//! [`tracker::Tracker`] follows the SMTP state of the stream (RFC 5321, RFC 2920
+//! pipelining, RFC 3030 BDAT), so postern can answer what it must answer itself (a
+//! second AUTH, STARTTLS, a sending limit, a body a lenient backend could end early),
+//! rewrite a post-login EHLO or HELO reply, and count what the backend accepts.
 //!
-//! One task, one loop: read whichever side has bytes into its 64 KiB buffer, let the
-//! tracker split them into verbatim ranges and postern's own replies, write those with
-//! `write_all`, and keep only what the tracker could not take yet (a partial command
-//! line, the bytes after a DATA until the backend's 354). A half-close on one side is
-//! passed on to the other once nothing of that side is held back.
+//! This file is only the shell: it reads into the space the tracker offers, writes
+//! what it queued, shuts a side down when it says so, and asks the limits store what
+//! it wants to know. Each direction makes progress on its own (a client that stops
+//! reading stalls only the replies to it), bytes are counted when they are written,
+//! and when a write to the backend fails, what the backend sent before (a 552 before
+//! it hung up) still reaches the client.
 
+pub mod rules;
 pub mod tracker;
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use metrics::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::{info, warn};
 
 use crate::config::ServeArgs;
 use crate::metrics::{self as m, Direction, MessageResult, bytes_counter};
-use crate::quota::{Quota, QuotaConfig, StoreFailure};
+use crate::quota::{self, Quota, QuotaConfig, StoreFailure};
 use crate::smtp::Capabilities;
-use tracker::{Event, Limit, Lookup, Op, Output, Settings, Tracker, Usage, Wants};
-
-/// A read buffer starts this small, so an idle session costs little memory (nginx's
-/// mail proxy holds ~24 KiB per idle session; tokio's copy_bidirectional 128 KiB)...
-const MIN_BUFFER: usize = 2 * 1024;
-/// ...and doubles up to this while reads fill it, so bulk DATA moves in few syscalls
-/// and TLS records are full.
-const MAX_BUFFER: usize = 64 * 1024;
+use tracker::{Claim, Event, Limit, Notice, Reservation, Settings, Tracker};
 
 /// How long closing a side may take before the relay gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -53,7 +51,7 @@ pub enum RelayEnd {
     /// Nothing moved for the idle timeout.
     Idle,
     /// postern ended the session itself after a closing reply (a command line too
-    /// long, an unusable BDAT, a `--strict-data` refusal).
+    /// long, an unusable BDAT, a refused body).
     Refused,
     Error(io::Error),
 }
@@ -100,8 +98,8 @@ pub struct Context<'a> {
     pub tls: bool,
     /// Postern's name, first line of a rewritten EHLO reply.
     pub hostname: &'a Arc<str>,
-    /// The backend's capabilities on this connection (CHUNKING decides whether BDAT can
-    /// be followed); a post-login EHLO replaces them with the live answer.
+    /// The backend's capabilities on this connection (CHUNKING and SIZE decide how
+    /// BDAT is followed); a post-login EHLO replaces them with the live answer.
     pub capabilities: &'a Capabilities,
     pub policy: &'a Policy,
 }
@@ -121,272 +119,304 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut relay = Relay::new(context, idle);
-    let end = relay
-        .run(&mut client, &mut backend, client_pending, backend_pending)
-        .await;
-    (relay.stats, end)
+    let policy = context.policy;
+    let settings = Settings {
+        hostname: context.hostname.clone(),
+        authenticated: context.user.is_some(),
+        tls: context.tls,
+        chunking: false,
+        max_chunk: 0,
+        strict_data: policy.strict_data,
+        limits: policy.quota.limits(),
+    }
+    .with_capabilities(context.capabilities);
+    let mut shell = Shell {
+        context,
+        tracker: Tracker::new(settings, client_pending, backend_pending),
+        idle,
+        stats: RelayStats::default(),
+        client_bytes: bytes_counter(Direction::ClientToBackend),
+        backend_bytes: bytes_counter(Direction::BackendToClient),
+        store_call: None,
+        unreleased: (0, 0),
+        backend_shut: false,
+        backend_unflushed: false,
+        client_unflushed: false,
+    };
+    let end = shell.run(&mut client, &mut backend).await;
+    shell.tracker.finish();
+    shell.take_notices();
+    shell.release_rest().await;
+    (shell.stats, end)
 }
 
-/// Where the bytes a tracker call looked at came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Client,
-    Backend,
+/// A call to the limits store in flight.
+type StoreCall<'a> = Pin<Box<dyn Future<Output = StoreAnswer> + Send + 'a>>;
+
+enum StoreAnswer {
+    Reservation(Reservation),
+    Released,
 }
 
-/// Whether the relay goes on after performing a batch of ops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flow {
-    Continue,
-    Close,
+/// What one poll of both sides came to.
+enum Step {
+    /// Something moved: look again.
+    Progress,
+    Store(StoreAnswer),
+    Idle,
+    End(RelayEnd),
 }
 
-struct Relay<'a> {
+struct Shell<'a> {
     context: Context<'a>,
     tracker: Tracker,
-    out: Output,
     idle: Duration,
     stats: RelayStats,
     client_bytes: Counter,
     backend_bytes: Counter,
-    /// Accepted mail not yet added to the limits store.
-    unrecorded_messages: u32,
-    unrecorded_recipients: u32,
-    /// postern closed the backend (`--strict-data`): nothing more is read from it.
-    backend_closed: bool,
-    client_dirty: bool,
-    backend_dirty: bool,
+    store_call: Option<StoreCall<'a>>,
+    /// Slots to give back to the store once it is free.
+    unreleased: (u32, u32),
+    backend_shut: bool,
+    backend_unflushed: bool,
+    client_unflushed: bool,
 }
 
-impl<'a> Relay<'a> {
-    fn new(context: Context<'a>, idle: Duration) -> Self {
-        let policy = context.policy;
-        let tracker = Tracker::new(Settings {
-            hostname: context.hostname.clone(),
-            authenticated: context.user.is_some(),
-            tls: context.tls,
-            chunking: context.capabilities.has("CHUNKING"),
-            strict_data: policy.strict_data,
-            limits: policy.quota.limits(),
-        });
-        Relay {
-            context,
-            tracker,
-            out: Output::default(),
-            idle,
-            stats: RelayStats::default(),
-            client_bytes: bytes_counter(Direction::ClientToBackend),
-            backend_bytes: bytes_counter(Direction::BackendToClient),
-            unrecorded_messages: 0,
-            unrecorded_recipients: 0,
-            backend_closed: false,
-            client_dirty: false,
-            backend_dirty: false,
-        }
-    }
-
-    async fn run<C, B>(
-        &mut self,
-        client: &mut C,
-        backend: &mut B,
-        client_pending: &[u8],
-        backend_pending: &[u8],
-    ) -> RelayEnd
+impl<'a> Shell<'a> {
+    async fn run<C, B>(&mut self, client: &mut C, backend: &mut B) -> RelayEnd
     where
         C: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut from_client = Buffer::new(client_pending);
-        let mut from_backend = Buffer::new(backend_pending);
-        self.count(Side::Client, client_pending.len());
-        self.count(Side::Backend, backend_pending.len());
-        let mut client_eof = false;
-        let mut backend_eof = false;
-        let mut backend_shut = false;
-        let mut client_shut = false;
         let deadline = tokio::time::sleep(self.idle);
         tokio::pin!(deadline);
         loop {
-            match self
-                .pump(client, backend, &mut from_client, &mut from_backend)
-                .await
-            {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Close) => return RelayEnd::Refused,
-                Err(error) => return ended_by(error),
-            }
-            // A side's EOF is passed on once the tracker has taken what it can. What it
-            // holds back is an unfinished line, which is never forwarded: unchecked, it
-            // could carry commands separated by bare LF past every rule the tracker
-            // applies (limits, AUTH/STARTTLS/XCLIENT interception, --strict-data), and a
-            // line without its CRLF is no command anyway. Likewise an unfinished backend
-            // reply (e.g. half an EHLO reply not yet rewritten) is not passed to the client.
-            if client_eof && !backend_shut && self.tracker.wants() == Wants::Input {
-                backend_shut = true;
-                from_client.consume(from_client.data().len());
-                if !self.backend_closed {
+            self.take_notices();
+            self.start_store_call();
+            if self.tracker.is_done() && self.tracker.to_client().is_empty() {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.flush()).await;
+                if self.tracker.backend_abandoned() && !self.backend_shut {
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, backend.shutdown()).await;
                 }
-            }
-            if backend_eof && !client_shut {
-                client_shut = true;
-                from_backend.consume(from_backend.data().len());
+                // A TLS client deserves a close_notify, not a truncated stream.
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
+                return self.end_reason();
             }
-            let read_client = !client_eof && self.tracker.wants() == Wants::Input;
-            let read_backend = !backend_eof && !self.backend_closed;
-            if backend_eof || ((client_eof || !read_client) && !read_backend) {
-                // Nothing can move any more: the backend closed (after 221, or 421), so
-                // nothing the client sends could be delivered, or the client waits on a
-                // backend that is gone. Ending here also lets a drain finish without
-                // waiting for clients that keep the socket open after QUIT.
-                return RelayEnd::Closed;
-            }
-            from_client.make_room();
-            from_backend.make_room();
-            let read_client = read_client && from_client.has_room();
-            let read_backend = read_backend && from_backend.has_room();
-            tokio::select! {
-                read = client.read(from_client.spare()), if read_client => match read {
-                    Ok(0) => client_eof = true,
-                    Ok(n) => {
-                        from_client.filled(n);
-                        self.count(Side::Client, n);
-                        deadline.as_mut().reset(tokio::time::Instant::now() + self.idle);
-                    }
-                    // A TLS client that drops TCP without close_notify has still ended.
-                    Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => client_eof = true,
-                    Err(error) => return ended_by(error),
-                },
-                read = backend.read(from_backend.spare()), if read_backend => match read {
-                    Ok(0) => backend_eof = true,
-                    Ok(n) => {
-                        from_backend.filled(n);
-                        self.count(Side::Backend, n);
-                        deadline.as_mut().reset(tokio::time::Instant::now() + self.idle);
-                    }
-                    Err(error) => return ended_by(error),
-                },
-                () = &mut deadline => return RelayEnd::Idle,
+            let step = std::future::poll_fn(|cx| {
+                self.poll_step(
+                    cx,
+                    Pin::new(&mut *client),
+                    Pin::new(&mut *backend),
+                    deadline.as_mut(),
+                )
+            })
+            .await;
+            match step {
+                Step::Progress => {
+                    deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.idle);
+                }
+                Step::Store(StoreAnswer::Reservation(reservation)) => {
+                    self.tracker.on_reservation(reservation);
+                }
+                Step::Store(StoreAnswer::Released) => {}
+                Step::Idle => return RelayEnd::Idle,
+                Step::End(end) => return end,
             }
         }
     }
 
-    /// Feeds the tracker everything it can take now and performs what it asks for,
-    /// until nothing moves; then flushes what was written.
-    async fn pump<C, B>(
+    fn end_reason(&self) -> RelayEnd {
+        if self.tracker.closed_by_postern() {
+            RelayEnd::Refused
+        } else {
+            RelayEnd::Closed
+        }
+    }
+
+    /// Moves what can move now on both sides. Registers for wake-ups on everything
+    /// that could not move, so `Pending` means nothing can until one of them does.
+    fn poll_step<C, B>(
         &mut self,
-        client: &mut C,
-        backend: &mut B,
-        from_client: &mut Buffer,
-        from_backend: &mut Buffer,
-    ) -> io::Result<Flow>
+        cx: &mut TaskContext<'_>,
+        mut client: Pin<&mut C>,
+        mut backend: Pin<&mut B>,
+        deadline: Pin<&mut tokio::time::Sleep>,
+    ) -> Poll<Step>
     where
         C: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
-        loop {
-            let mut progress = false;
-            if !from_backend.is_empty() && !self.backend_closed {
-                let mut out = std::mem::take(&mut self.out);
-                out.clear();
-                let taken = self.tracker.backend_bytes(from_backend.data(), &mut out);
-                progress |= taken > 0 || !out.ops.is_empty();
-                let flow = self
-                    .perform(&out, Side::Backend, from_backend.data(), client, backend)
-                    .await;
-                self.out = out;
-                from_backend.consume(taken);
-                if flow? == Flow::Close {
-                    return Ok(Flow::Close);
-                }
-            }
-            match self.tracker.wants() {
-                Wants::Lookup => {
-                    let lookup = self.lookup().await;
-                    self.tracker.on_lookup(lookup);
+        let mut progress = false;
+
+        // Client bytes to the backend.
+        while !self.tracker.to_backend().is_empty() {
+            match backend.as_mut().poll_write(cx, self.tracker.to_backend()) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.count(Side::Client, n);
+                    self.tracker.backend_written(n);
+                    self.backend_unflushed = true;
                     progress = true;
                 }
-                Wants::Input if !from_client.is_empty() => {
-                    let mut out = std::mem::take(&mut self.out);
-                    out.clear();
-                    let taken = self.tracker.client_bytes(from_client.data(), &mut out);
-                    progress |=
-                        taken > 0 || !out.ops.is_empty() || self.tracker.wants() == Wants::Lookup;
-                    let flow = self
-                        .perform(&out, Side::Client, from_client.data(), client, backend)
-                        .await;
-                    self.out = out;
-                    from_client.consume(taken);
-                    if flow? == Flow::Close {
-                        return Ok(Flow::Close);
-                    }
+                Poll::Ready(_) => {
+                    // The backend is gone for writing; what it said before still
+                    // goes to the client.
+                    self.tracker.backend_write_failed();
+                    progress = true;
                 }
-                Wants::Input | Wants::Backend => {}
-            }
-            if !progress {
-                break;
+                Poll::Pending => break,
             }
         }
-        if std::mem::take(&mut self.client_dirty) {
-            self.flush(client).await?;
+        if self.backend_unflushed
+            && self.tracker.to_backend().is_empty()
+            && let Poll::Ready(result) = backend.as_mut().poll_flush(cx)
+        {
+            self.backend_unflushed = false;
+            if result.is_err() {
+                self.tracker.backend_write_failed();
+            }
+            progress = true;
         }
-        if std::mem::take(&mut self.backend_dirty) && !self.backend_closed {
-            self.flush(backend).await?;
+        if self.tracker.backend_done()
+            && !self.backend_shut
+            && !self.backend_unflushed
+            && let Poll::Ready(_) = backend.as_mut().poll_shutdown(cx)
+        {
+            self.backend_shut = true;
+            progress = true;
         }
-        Ok(Flow::Continue)
+
+        // Backend bytes and postern's replies to the client.
+        while !self.tracker.to_client().is_empty() {
+            match client.as_mut().poll_write(cx, self.tracker.to_client()) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.count(Side::Backend, n);
+                    self.tracker.client_written(n);
+                    self.client_unflushed = true;
+                    progress = true;
+                }
+                Poll::Ready(Ok(_)) => return Poll::Ready(Step::End(RelayEnd::Closed)),
+                Poll::Ready(Err(error)) => return Poll::Ready(Step::End(ended_by(error))),
+                Poll::Pending => break,
+            }
+        }
+        if self.client_unflushed
+            && self.tracker.to_client().is_empty()
+            && let Poll::Ready(result) = client.as_mut().poll_flush(cx)
+        {
+            self.client_unflushed = false;
+            if let Err(error) = result {
+                return Poll::Ready(Step::End(ended_by(error)));
+            }
+            progress = true;
+        }
+
+        // Reads, each only while the tracker offers room.
+        if let Some(space) = self.tracker.client_space() {
+            let mut buf = ReadBuf::new(space);
+            match client.as_mut().poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    self.tracker.client_read(n);
+                    progress = true;
+                }
+                // A TLS client that drops TCP without close_notify has still ended.
+                Poll::Ready(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.tracker.client_read(0);
+                    progress = true;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Step::End(ended_by(error))),
+                Poll::Pending => {}
+            }
+        }
+        if let Some(space) = self.tracker.backend_space() {
+            let mut buf = ReadBuf::new(space);
+            match backend.as_mut().poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    self.tracker.backend_read(n);
+                    progress = true;
+                }
+                // A reset after the backend's last words: they were read before it.
+                Poll::Ready(Err(_)) => {
+                    self.tracker.backend_read(0);
+                    progress = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+
+        if let Some(call) = self.store_call.as_mut()
+            && let Poll::Ready(answer) = call.as_mut().poll(cx)
+        {
+            self.store_call = None;
+            return Poll::Ready(Step::Store(answer));
+        }
+        if progress {
+            return Poll::Ready(Step::Progress);
+        }
+        if deadline.poll(cx).is_ready() {
+            return Poll::Ready(Step::Idle);
+        }
+        Poll::Pending
     }
 
-    /// Performs one call's ops in order. `input` is what the tracker was given.
-    async fn perform<C, B>(
-        &mut self,
-        out: &Output,
-        side: Side,
-        input: &[u8],
-        client: &mut C,
-        backend: &mut B,
-    ) -> io::Result<Flow>
-    where
-        C: AsyncRead + AsyncWrite + Unpin,
-        B: AsyncRead + AsyncWrite + Unpin,
-    {
-        for op in &out.ops {
-            match op {
-                Op::Forward(range) => {
-                    let bytes = input.get(range.clone()).unwrap_or_default();
-                    match side {
-                        Side::Client => {
-                            self.write(backend, bytes).await?;
-                            self.backend_dirty = true;
-                        }
-                        Side::Backend => {
-                            self.write(client, bytes).await?;
-                            self.client_dirty = true;
-                        }
-                    }
-                }
-                Op::Reply(range) => {
-                    let bytes = out.replies.get(range.clone()).unwrap_or_default();
-                    self.write(client, bytes).await?;
-                    self.client_dirty = true;
-                }
-                Op::Event(event) => self.on_event(*event),
-                Op::CloseBackend => {
-                    // Ending the connection mid-DATA makes the backend drop the message.
-                    self.backend_closed = true;
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, backend.shutdown()).await;
-                }
-                Op::Close => {
-                    self.flush(client).await?;
-                    // A TLS client deserves a close_notify, not a truncated stream.
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
-                    return Ok(Flow::Close);
+    /// Starts the store call the tracker waits for, or a release, one at a time.
+    fn start_store_call(&mut self) {
+        if self.store_call.is_some() {
+            return;
+        }
+        let Some(user) = self.context.user else {
+            return;
+        };
+        let quota = &self.context.policy.quota;
+        if let Some(claim) = self.tracker.wants_reservation() {
+            let (messages, recipients) = match claim {
+                Claim::Message => (1, 0),
+                Claim::Recipient => (0, 1),
+            };
+            self.store_call = Some(Box::pin(async move {
+                StoreAnswer::Reservation(reserve(quota, user, messages, recipients).await)
+            }));
+        } else if self.unreleased != (0, 0) {
+            let (messages, recipients) = std::mem::take(&mut self.unreleased);
+            self.store_call = Some(Box::pin(async move {
+                release(quota, user, messages, recipients).await;
+                StoreAnswer::Released
+            }));
+        }
+    }
+
+    /// Gives back what the session still held, once it is over.
+    async fn release_rest(&mut self) {
+        if let Some(call) = self.store_call.take() {
+            // A reservation answered after the end is given back with the rest.
+            if let StoreAnswer::Reservation(Reservation::Granted { held: true }) = call.await {
+                warn!("a reservation outlived its session; giving it back");
+            }
+        }
+        let (messages, recipients) = std::mem::take(&mut self.unreleased);
+        if let Some(user) = self.context.user
+            && (messages, recipients) != (0, 0)
+        {
+            release(&self.context.policy.quota, user, messages, recipients).await;
+        }
+    }
+
+    fn take_notices(&mut self) {
+        while let Some(notice) = self.tracker.next_notice() {
+            match notice {
+                Notice::Event(event) => self.on_event(event),
+                Notice::Release {
+                    messages,
+                    recipients,
+                } => {
+                    self.unreleased.0 += messages;
+                    self.unreleased.1 += recipients;
                 }
             }
         }
-        self.record().await;
-        Ok(Flow::Continue)
     }
 
     fn on_event(&mut self, event: Event) {
@@ -399,12 +429,10 @@ impl<'a> Relay<'a> {
         match event {
             Event::RecipientAccepted => {
                 self.stats.recipients += 1;
-                self.unrecorded_recipients += 1;
                 m::recipients_accepted(1);
             }
             Event::MessageAccepted { .. } => {
                 self.stats.messages += 1;
-                self.unrecorded_messages += 1;
                 m::message(MessageResult::Accepted);
             }
             Event::MessageRejected => m::message(MessageResult::RejectedByBackend),
@@ -419,51 +447,20 @@ impl<'a> Relay<'a> {
                     "sending limit reached"
                 );
             }
-            Event::BareLineEnding => {
+            Event::BodyRefused { strict: true } => {
                 m::message(MessageResult::RejectedStrictData);
                 info!(
                     user = user(),
                     "message refused: bare CR or LF in DATA (--strict-data)"
                 );
             }
-        }
-    }
-
-    /// The user's usage for the tracker, with the configured failure mode applied.
-    async fn lookup(&mut self) -> Lookup {
-        let quota = &self.context.policy.quota;
-        let Some(user) = self.context.user else {
-            return Lookup::Usage(Usage::default());
-        };
-        match quota.usage(user).await {
-            Ok(usage) => Lookup::Usage(usage),
-            Err(error) => {
-                m::limits_store_error("usage");
-                warn!(%error, failure = ?quota.failure(), "limits store unavailable");
-                match quota.failure() {
-                    StoreFailure::Open => Lookup::Usage(Usage::default()),
-                    StoreFailure::Closed => Lookup::Unavailable,
-                }
+            Event::BodyRefused { strict: false } => {
+                m::message(MessageResult::RejectedSmuggling);
+                info!(
+                    user = user(),
+                    "message refused: end-of-data lookalike in DATA (SMTP smuggling)"
+                );
             }
-        }
-    }
-
-    /// Adds accepted mail to the store, so the next MAIL of any session (on any replica
-    /// sharing the store) sees it. A failed update is counted and logged, never retried:
-    /// the mail was accepted either way.
-    async fn record(&mut self) {
-        let messages = std::mem::take(&mut self.unrecorded_messages);
-        let recipients = std::mem::take(&mut self.unrecorded_recipients);
-        let quota = &self.context.policy.quota;
-        let Some(user) = self.context.user else {
-            return;
-        };
-        if (messages == 0 && recipients == 0) || !quota.per_user() {
-            return;
-        }
-        if let Err(error) = quota.record(user, messages, recipients).await {
-            m::limits_store_error("record");
-            warn!(%error, messages, recipients, "limits store update failed");
         }
     }
 
@@ -480,22 +477,37 @@ impl<'a> Relay<'a> {
             }
         }
     }
+}
 
-    /// Writes all of `bytes`. A peer that stops reading cannot hold the session longer
-    /// than the idle timeout.
-    async fn write<S: AsyncWrite + Unpin>(&self, stream: &mut S, bytes: &[u8]) -> io::Result<()> {
-        if bytes.is_empty() {
-            return Ok(());
+/// Where bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
+/// Takes a slot for `user`, with the configured failure mode applied.
+async fn reserve(quota: &Quota, user: &str, messages: u32, recipients: u32) -> Reservation {
+    match quota.reserve(user, messages, recipients).await {
+        Ok(quota::Reservation::Granted) => Reservation::Granted { held: true },
+        Ok(quota::Reservation::Refused(limit)) => Reservation::Refused(limit),
+        Err(error) => {
+            m::limits_store_error("reserve");
+            warn!(%error, failure = ?quota.failure(), "limits store unavailable");
+            match quota.failure() {
+                StoreFailure::Open => Reservation::Granted { held: false },
+                StoreFailure::Closed => Reservation::Refused(Limit::StoreUnavailable),
+            }
         }
-        tokio::time::timeout(self.idle, stream.write_all(bytes))
-            .await
-            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
     }
+}
 
-    async fn flush<S: AsyncWrite + Unpin>(&self, stream: &mut S) -> io::Result<()> {
-        tokio::time::timeout(self.idle, stream.flush())
-            .await
-            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+/// Gives slots back. A failed call is counted and logged, never retried: the slots
+/// age out with their window.
+async fn release(quota: &Quota, user: &str, messages: u32, recipients: u32) {
+    if let Err(error) = quota.release(user, messages, recipients).await {
+        m::limits_store_error("release");
+        warn!(%error, messages, recipients, "limits store release failed");
     }
 }
 
@@ -511,113 +523,13 @@ fn ended_by(error: io::Error) -> RelayEnd {
     }
 }
 
-/// One direction's read buffer: bytes read but not yet taken by the tracker sit at
-/// `start..end` and are moved to the front before the next read. It grows while reads
-/// fill it and shrinks back when it empties after a small read, so an idle session
-/// holds [`MIN_BUFFER`] and a bulk one [`MAX_BUFFER`].
-struct Buffer {
-    bytes: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// The last read filled all the space it was given: traffic is heavy.
-    last_read_filled: bool,
-}
-
-impl Buffer {
-    fn new(initial: &[u8]) -> Self {
-        let mut bytes = vec![0; MIN_BUFFER.max(initial.len())];
-        bytes[..initial.len()].copy_from_slice(initial);
-        Buffer {
-            bytes,
-            start: 0,
-            end: initial.len(),
-            last_read_filled: false,
-        }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.bytes[self.start..self.end]
-    }
-
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            if !self.last_read_filled && self.bytes.len() > MIN_BUFFER {
-                self.bytes = vec![0; MIN_BUFFER];
-            }
-        }
-    }
-
-    fn make_room(&mut self) {
-        if self.start > 0 {
-            self.bytes.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.end == self.bytes.len() && self.bytes.len() < MAX_BUFFER {
-            let grown = (self.bytes.len() * 2).clamp(MIN_BUFFER, MAX_BUFFER);
-            self.bytes.resize(grown, 0);
-        }
-    }
-
-    fn has_room(&self) -> bool {
-        self.end < self.bytes.len()
-    }
-
-    fn spare(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.end..]
-    }
-
-    fn filled(&mut self, n: usize) {
-        self.last_read_filled = self.end + n >= self.bytes.len();
-        if self.last_read_filled && self.bytes.len() < MAX_BUFFER {
-            // Grow before the next read rather than after a compaction finds it full.
-            let grown = (self.bytes.len() * 2).clamp(MIN_BUFFER, MAX_BUFFER);
-            self.end = (self.end + n).min(self.bytes.len());
-            self.bytes.resize(grown, 0);
-            return;
-        }
-        self.end = (self.end + n).min(self.bytes.len());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quota::Rate;
-    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, duplex};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, DuplexStream, duplex};
 
     const WAIT: Duration = Duration::from_secs(5);
-
-    #[test]
-    fn buffers_grow_under_bulk_and_shrink_back_when_traffic_is_light() {
-        let mut buf = Buffer::new(b"");
-        assert_eq!(buf.bytes.len(), MIN_BUFFER);
-        // Reads that fill the buffer double it, up to the maximum.
-        for _ in 0..10 {
-            buf.make_room();
-            let n = buf.spare().len();
-            buf.filled(n);
-            buf.consume(n);
-        }
-        assert_eq!(buf.bytes.len(), MAX_BUFFER);
-        // A small read that empties the buffer gives the memory back.
-        buf.make_room();
-        buf.spare()[..6].copy_from_slice(b"QUIT\r\n");
-        buf.filled(6);
-        assert_eq!(buf.data(), b"QUIT\r\n");
-        buf.consume(6);
-        assert_eq!(buf.bytes.len(), MIN_BUFFER);
-        // Pending bytes larger than the minimum are kept whole.
-        let big = vec![b'x'; MIN_BUFFER * 3];
-        assert_eq!(Buffer::new(&big).data(), &big[..]);
-    }
 
     fn context<'a>(
         user: Option<&'a str>,
@@ -701,7 +613,8 @@ mod tests {
 
         let (stats, end) = task.await.unwrap();
         assert!(matches!(end, RelayEnd::Closed), "{end:?}");
-        assert_eq!(stats.client_to_backend, 15 + 20);
+        // Counted as written: the unfinished "NOOP" never went.
+        assert_eq!(stats.client_to_backend, 15 + 16);
         assert_eq!(stats.backend_to_client, 26);
         assert_eq!(stats.recipients, 1);
     }

@@ -488,7 +488,7 @@ fn reply(reply: Reply) -> Vec<Action> {
 fn command_error_reply(error: CommandError) -> Reply {
     match error {
         CommandError::TooLong => canned::LINE_TOO_LONG.into(),
-        CommandError::ForbiddenCharacter => canned::BARE_CR_LF.into(),
+        CommandError::ForbiddenCharacter => canned::CONTROL_CHARACTER.into(),
         CommandError::BadHelloName => canned::BAD_HELLO.into(),
     }
 }
@@ -596,7 +596,8 @@ mod tests {
             (b"RSET", "250 2.0.0"),
             (b"STARTTLS x", "501 5.5.4"),
             (b"NOOP\nMAIL FROM:<a>", "500 5.5.2"),
-            (b"EHLO bad\x01name", "501 5.5.4"),
+            (b"EHLO bad\x01name", "500 5.5.2"),
+            (b"EHLO bad name", "501 5.5.4"),
         ] {
             let mut s = session(ListenerKind::Submission);
             s.on_line(b"EHLO c");

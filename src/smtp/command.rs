@@ -1,7 +1,16 @@
-//! The commands postern answers itself before AUTH (RFC 5321 §4.1, RFC 3207, RFC 4954).
+//! How a command line is read, before AUTH and after it (RFC 5321 §4.1, RFC 3207,
+//! RFC 4954).
 //!
-//! Everything after AUTH is relayed without parsing, so only the verbs that matter to
-//! the pre-AUTH phase get a variant; the rest are [`Command::Known`] or [`Command::Unknown`].
+//! [`Verb::split`] is the one place where a line is checked and its verb found: the
+//! pre-AUTH session parses with it, and the relay's tracker classifies every forwarded
+//! line with it. A line may hold printable ASCII, HT and octets above 127 (RFC 6531
+//! addresses); any other control octet is refused, because lenient backends disagree
+//! about it: Postfix splits words on `isspace()` (so `MAIL\x0bFROM:` is MAIL), others
+//! end a line at a bare CR or LF, or a string at NUL. A refused line is never
+//! forwarded, so whatever the backend would have made of it cannot matter.
+//!
+//! Before AUTH only the verbs that matter to the session get a [`Command`] variant;
+//! the rest are [`Command::Known`] or [`Command::Unknown`].
 
 use super::line::MAX_COMMAND_LINE;
 
@@ -39,7 +48,7 @@ pub enum Command<'a> {
 pub enum CommandError {
     /// Longer than [`MAX_COMMAND_LINE`] (AUTH lines excepted).
     TooLong,
-    /// Contains a bare CR, a bare LF or NUL.
+    /// Contains a control octet other than HT (NUL, CR or LF alone, VT, FF, DEL...).
     ForbiddenCharacter,
     /// EHLO/HELO without a name, or a name with control characters or invalid UTF-8.
     BadHelloName,
@@ -48,22 +57,19 @@ pub enum CommandError {
 impl<'a> Command<'a> {
     /// Parses one line, CRLF already removed.
     pub fn parse(line: &'a [u8]) -> Result<Command<'a>, CommandError> {
-        if line.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
-            return Err(CommandError::ForbiddenCharacter);
-        }
-        let (verb, rest) = split_verb(line);
+        let (verb, rest) = Verb::split(line)?;
         // RFC 4954 §4: AUTH lines may reach 12288 octets; the line buffer bounds them.
-        if line.len() > MAX_COMMAND_LINE && !verb.eq_ignore_ascii_case(b"AUTH") {
+        if line.len() > MAX_COMMAND_LINE && verb != Verb::Auth {
             return Err(CommandError::TooLong);
         }
-        let command = match verb.to_ascii_uppercase().as_slice() {
-            b"EHLO" => Command::Ehlo(hello_name(rest)?),
-            b"HELO" => Command::Helo(hello_name(rest)?),
-            b"STARTTLS" => Command::StartTls {
+        let command = match verb {
+            Verb::Ehlo => Command::Ehlo(hello_name(rest)?),
+            Verb::Helo => Command::Helo(hello_name(rest)?),
+            Verb::StartTls => Command::StartTls {
                 has_argument: !trim(rest).is_empty(),
             },
-            b"AUTH" => {
-                let mut words = trim(rest).split(|&b| b == b' ').filter(|w| !w.is_empty());
+            Verb::Auth => {
+                let mut words = trim(rest).split(|&b| is_blank(b)).filter(|w| !w.is_empty());
                 let mechanism = words
                     .next()
                     .map(|m| std::str::from_utf8(m).unwrap_or("\u{fffd}"));
@@ -72,26 +78,103 @@ impl<'a> Command<'a> {
                     initial: words.next(),
                 }
             }
-            b"NOOP" => Command::Noop,
-            b"RSET" => Command::Rset,
-            b"QUIT" => Command::Quit,
-            b"MAIL" => Command::Mail,
-            b"RCPT" => Command::Rcpt,
-            b"DATA" => Command::Data,
-            b"BDAT" => Command::Bdat,
-            b"VRFY" | b"EXPN" | b"HELP" | b"ETRN" | b"TURN" | b"ATRN" | b"SEND" | b"SOML"
-            | b"SAML" => Command::Known,
-            _ => Command::Unknown,
+            Verb::Noop => Command::Noop,
+            Verb::Rset => Command::Rset,
+            Verb::Quit => Command::Quit,
+            Verb::Mail => Command::Mail,
+            Verb::Rcpt => Command::Rcpt,
+            Verb::Data => Command::Data,
+            Verb::Bdat => Command::Bdat,
+            Verb::Known => Command::Known,
+            Verb::ProxyOnly | Verb::Other => Command::Unknown,
         };
         Ok(command)
     }
 }
 
-fn split_verb(line: &[u8]) -> (&[u8], &[u8]) {
-    match line.iter().position(|&b| b == b' ') {
-        Some(i) => (&line[..i], &line[i + 1..]),
-        None => (line, &[]),
+/// A command verb, as every backend postern may front reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Ehlo,
+    Helo,
+    StartTls,
+    Auth,
+    Noop,
+    Rset,
+    Quit,
+    Mail,
+    Rcpt,
+    Data,
+    Bdat,
+    /// XCLIENT and XFORWARD: meant for postern's own use towards the backend.
+    ProxyOnly,
+    /// A verb RFC 5321 knows (VRFY, EXPN, HELP...) without a variant of its own.
+    Known,
+    Other,
+}
+
+impl Verb {
+    /// Checks a line (CRLF removed) and splits it into its verb and the rest: leading
+    /// SP/HT skipped, the verb ended by SP or HT (Postfix's `smtpd_token` skips
+    /// leading white space and splits on it too; Exim and OpenSMTPD split on SP).
+    /// The rest starts after the one separator.
+    pub fn split(line: &[u8]) -> Result<(Verb, &[u8]), CommandError> {
+        if line.iter().any(|&b| is_forbidden(b)) {
+            return Err(CommandError::ForbiddenCharacter);
+        }
+        let line = trim_blanks_start(line);
+        let end = line.iter().position(|&b| is_blank(b)).unwrap_or(line.len());
+        let (word, rest) = line.split_at(end);
+        let rest = rest.get(1..).unwrap_or_default();
+        let mut upper = [0u8; 8];
+        let verb = match upper.get_mut(..word.len()) {
+            Some(upper) => {
+                upper.copy_from_slice(word);
+                upper.make_ascii_uppercase();
+                Verb::from_upper(upper)
+            }
+            None => Verb::Other,
+        };
+        Ok((verb, rest))
     }
+
+    fn from_upper(word: &[u8]) -> Verb {
+        match word {
+            b"EHLO" => Verb::Ehlo,
+            b"HELO" => Verb::Helo,
+            b"STARTTLS" => Verb::StartTls,
+            b"AUTH" => Verb::Auth,
+            b"NOOP" => Verb::Noop,
+            b"RSET" => Verb::Rset,
+            b"QUIT" => Verb::Quit,
+            b"MAIL" => Verb::Mail,
+            b"RCPT" => Verb::Rcpt,
+            b"DATA" => Verb::Data,
+            b"BDAT" => Verb::Bdat,
+            b"XCLIENT" | b"XFORWARD" => Verb::ProxyOnly,
+            b"VRFY" | b"EXPN" | b"HELP" | b"ETRN" | b"TURN" | b"ATRN" | b"SEND" | b"SOML"
+            | b"SAML" => Verb::Known,
+            _ => Verb::Other,
+        }
+    }
+}
+
+/// Control octets other than HT, and DEL. Octets above 127 pass: UTF-8 (RFC 6531).
+fn is_forbidden(byte: u8) -> bool {
+    (byte < 0x20 && byte != b'\t') || byte == 0x7f
+}
+
+fn is_blank(byte: u8) -> bool {
+    byte == b' ' || byte == b'\t'
+}
+
+fn trim_blanks_start(mut line: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = line
+        && is_blank(*first)
+    {
+        line = rest;
+    }
+    line
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
@@ -171,6 +254,11 @@ mod tests {
             (b"XYZZY", Command::Unknown),
             (b"", Command::Unknown),
             (b"EHLOX", Command::Unknown),
+            (b" \tMAIL FROM:<a@b>", Command::Mail),
+            (b"MAIL\tFROM:<a@b>", Command::Mail),
+            (b"XCLIENT ADDR=1.2.3.4", Command::Unknown),
+            (b"STARTTLSX", Command::Unknown),
+            (b"MAIL FROM:<\xc3\xa9@b>", Command::Mail),
         ] {
             assert_eq!(
                 Command::parse(line),
@@ -189,10 +277,17 @@ mod tests {
                 CommandError::ForbiddenCharacter,
             ),
             (b"NOOP\r", CommandError::ForbiddenCharacter),
+            (b"EHLO a\x1bb", CommandError::ForbiddenCharacter),
             (b"EHLO a\0b", CommandError::ForbiddenCharacter),
+            (b"MAIL\x0bFROM:<a>", CommandError::ForbiddenCharacter),
+            (b"STARTTLS\x0c", CommandError::ForbiddenCharacter),
+            (b"NOOP\x7f", CommandError::ForbiddenCharacter),
+            (
+                b"\x0bXCLIENT ADDR=1.2.3.4",
+                CommandError::ForbiddenCharacter,
+            ),
             (b"EHLO", CommandError::BadHelloName),
             (b"EHLO   ", CommandError::BadHelloName),
-            (b"EHLO a\x1bb", CommandError::BadHelloName),
             (b"EHLO a b", CommandError::BadHelloName),
             (b"HELO \xff\xfe", CommandError::BadHelloName),
         ] {
@@ -202,6 +297,35 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(line)
             );
+        }
+    }
+
+    #[test]
+    fn every_control_octet_but_ht_is_refused_anywhere_in_the_line() {
+        for byte in (0u8..0x20).chain([0x7f]) {
+            let line = [b"MAIL".as_slice(), &[byte], b"FROM:<a@b>"].concat();
+            let verdict = Verb::split(&line).map(|(verb, _)| verb);
+            if byte == b'\t' {
+                assert_eq!(verdict, Ok(Verb::Mail));
+            } else {
+                assert_eq!(verdict, Err(CommandError::ForbiddenCharacter), "{byte:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn verbs_are_split_on_blanks_after_leading_blanks() {
+        for (line, verb, rest) in [
+            (&b"RCPT TO:<a>"[..], Verb::Rcpt, &b"TO:<a>"[..]),
+            (b"\t rcpt\tTO:<a>", Verb::Rcpt, b"TO:<a>"),
+            (b"XFORWARD ADDR=1", Verb::ProxyOnly, b"ADDR=1"),
+            (b"xclient", Verb::ProxyOnly, b""),
+            (b"BDAT  10 LAST", Verb::Bdat, b" 10 LAST"),
+            (b"STARTTLS", Verb::StartTls, b""),
+            (b"DATAX", Verb::Other, b""),
+            (b"", Verb::Other, b""),
+        ] {
+            assert_eq!(Verb::split(line), Ok((verb, rest)), "{line:?}");
         }
     }
 

@@ -2,6 +2,7 @@
 //! EHLO capability rewrite. Nothing here does I/O.
 
 pub mod command;
+pub mod data;
 pub mod ehlo;
 pub mod line;
 pub mod reply;

@@ -97,7 +97,8 @@ pub mod canned {
     pub const STARTTLS_NO_ARGUMENTS: Canned = Canned::new(501, "5.5.4 Syntax: STARTTLS");
 
     pub const LINE_TOO_LONG: Canned = Canned::new(500, "5.5.2 Line too long");
-    pub const BARE_CR_LF: Canned = Canned::new(500, "5.5.2 Bare CR, LF or NUL in command");
+    pub const CONTROL_CHARACTER: Canned =
+        Canned::new(500, "5.5.2 Control character or bare CR or LF in command");
     pub const BAD_HELLO: Canned = Canned::new(501, "5.5.4 Syntax: EHLO hostname");
     pub const UNRECOGNIZED: Canned = Canned::new(500, "5.5.2 Command unrecognized");
 
@@ -152,6 +153,18 @@ pub mod canned {
     );
     pub const BARE_LINE_ENDING: Canned =
         Canned::new(550, "5.6.0 Bare CR or LF in message, closing connection");
+    pub const AMBIGUOUS_END_OF_DATA: Canned = Canned::new(
+        550,
+        "5.6.0 Message contains a bare CR or LF around a dot line, closing connection",
+    );
+    pub const CHUNK_TOO_BIG: Canned = Canned::new(
+        552,
+        "5.3.4 Chunk exceeds the message size limit, closing connection",
+    );
+    pub const EMPTY_CHUNK: Canned = Canned::new(
+        501,
+        "5.5.4 BDAT 0 is only valid with LAST, closing connection",
+    );
 }
 
 /// A reply read from the backend.

@@ -1,0 +1,414 @@
+//! Where a DATA body ends (RFC 5321 §4.1.1.4: `<CRLF>.<CRLF>`), and where a lenient
+//! reader could think it ends.
+//!
+//! Legacy MTAs end DATA at lookalikes of the terminator: Postfix before 3.9 at
+//! `<LF>.<LF>` (CVE-2023-51764), OpenSMTPD 6.8 at `<LF>.<CRLF>` and `<CRLF>.<LF>`,
+//! others at bare CRs. A body that carries such a lookalike is read as two things by
+//! postern and by the backend: the end of one message and a smuggled transaction
+//! behind it. [`BodyScanner`] finds the real end, and stops at the first octet from
+//! which a lenient backend could read something else:
+//! - by default, at a *dot line whose line endings are not both CRLF*: a `.` with a CR
+//!   or LF right before it and right after it, other than `<CRLF>.<CRLF>` itself. Bare
+//!   LFs elsewhere pass unchanged (old devices send them, and no backend ends a
+//!   message at them);
+//! - with `--strict-data`, at any bare CR or LF.
+//!
+//! A body is searched with `memchr::memmem` for `<LF>.` and `<CR>.`, which are rare in
+//! real mail (a client dot-stuffs every line that starts with a dot), so scanning
+//! costs little next to the TLS work. The scanner keeps the two octets before its
+//! input as context and holds back the last octets of an input when they could start
+//! a dot line whose meaning depends on octets not yet received.
+
+use memchr::{memchr2, memmem};
+use std::sync::LazyLock;
+
+/// The end of DATA (RFC 5321 §4.1.1.4).
+pub const END_OF_DATA: &[u8] = b"\r\n.\r\n";
+
+static LF_DOT: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\n."));
+static CR_DOT: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\r."));
+
+/// What a scan found in the bytes it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyStep {
+    /// The first `n` octets are body and were taken; the rest (at most three octets
+    /// that could start a dot line) must be offered again with more after them.
+    More(usize),
+    /// The body, terminator included, ends `n` octets in.
+    End(usize),
+    /// From this offset on, a lenient backend could read the body differently: nothing
+    /// from here may reach it. Nothing from here was taken.
+    Ambiguous(usize),
+}
+
+/// Which rule the scanner applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyRule {
+    /// Refuse dot lines with a bare CR or LF around the dot; bare CR and LF elsewhere
+    /// pass.
+    Guarded,
+    /// `--strict-data`: refuse every bare CR or LF.
+    Strict,
+    /// After a refusal: skip to where the client thinks its message ends, which is the
+    /// real terminator, or a lookalike with nothing after it yet (a client that ends
+    /// its messages with `<LF>.<LF>` is waiting for a reply there).
+    Discard,
+}
+
+/// Scans one DATA body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyScanner {
+    rule: BodyRule,
+    /// The last two octets taken, most recent last. A body starts after the CRLF of the
+    /// DATA line (or of the line whose bare ending was refused).
+    before: [u8; 2],
+    /// The next input starts a line (only right after the command line: a consumed
+    /// CR or LF is otherwise never followed by a dot that was not also seen).
+    line_start: bool,
+}
+
+/// How a `.` after a CR or LF reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DotLine {
+    /// Not a line holding only a dot (e.g. `..` stuffing or `.x`).
+    NotOne,
+    /// `<CRLF>.<CRLF>`: `len` octets from the CR or LF before the dot.
+    Real { len: usize },
+    /// A dot line with a bare CR or LF around the dot, `len` octets from the CR or LF
+    /// before the dot to the end of the line ending after it.
+    Lookalike { len: usize },
+    /// The octets that decide are not in yet.
+    NeedMore,
+}
+
+/// `eol` is the CR or LF before the dot, `before` the octet before it, `after` what
+/// follows the dot.
+fn dot_line(before: u8, eol: u8, after: &[u8]) -> DotLine {
+    let crlf_before = before == b'\r' && eol == b'\n';
+    match after {
+        [] => DotLine::NeedMore,
+        [b'\r'] if crlf_before => DotLine::NeedMore,
+        [b'\r', b'\n', ..] if crlf_before => DotLine::Real { len: 4 },
+        [b'\r', b'\n', ..] => DotLine::Lookalike { len: 4 },
+        [b'\r' | b'\n', ..] => DotLine::Lookalike { len: 3 },
+        _ => DotLine::NotOne,
+    }
+}
+
+fn is_eol(byte: u8) -> bool {
+    byte == b'\r' || byte == b'\n'
+}
+
+impl BodyScanner {
+    /// A body right after the CRLF of a DATA line accepted with 354.
+    pub fn new(rule: BodyRule) -> Self {
+        BodyScanner {
+            rule,
+            before: *b"\r\n",
+            line_start: true,
+        }
+    }
+
+    /// A scanner that skips the rest of a refused body, starting at the offset a scan
+    /// of `input` returned as [`BodyStep::Ambiguous`].
+    pub fn discard_from(&self, input: &[u8], at: usize) -> BodyScanner {
+        let mut before = self.before;
+        for &byte in input.get(..at).unwrap_or_default() {
+            before = [before[1], byte];
+        }
+        BodyScanner {
+            rule: BodyRule::Discard,
+            before,
+            line_start: false,
+        }
+    }
+
+    pub fn rule(&self) -> BodyRule {
+        self.rule
+    }
+
+    /// Scans the next bytes of the body.
+    pub fn scan(&mut self, input: &[u8]) -> BodyStep {
+        let step = match self.rule {
+            BodyRule::Strict => self.scan_strict(input),
+            BodyRule::Guarded | BodyRule::Discard => self.scan_dot_lines(input),
+        };
+        if let BodyStep::More(n) = step {
+            for &byte in &input[..n] {
+                self.before = [self.before[1], byte];
+            }
+            if n > 0 {
+                self.line_start = false;
+            }
+        }
+        step
+    }
+
+    /// Looks at every `<CR>.` and `<LF>.` (and a dot at the very start of the body).
+    fn scan_dot_lines(&mut self, input: &[u8]) -> BodyStep {
+        if self.line_start && input.first() == Some(&b'.') {
+            let found = dot_line(self.before[0], self.before[1], &input[1..]);
+            if let Some(step) = self.on_dot_line(found, input, 0, 1) {
+                return step;
+            }
+        }
+        let mut from = 0;
+        loop {
+            let rest = &input[from..];
+            let hit = match (LF_DOT.find(rest), CR_DOT.find(rest)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let Some(hit) = hit else { break };
+            let eol_at = from + hit;
+            let before = match eol_at {
+                0 => self.before[1],
+                _ => input[eol_at - 1],
+            };
+            let found = dot_line(before, input[eol_at], &input[eol_at + 2..]);
+            // A lookalike's extent is counted from the CR or LF before the dot.
+            if let Some(step) = self.on_dot_line(found, input, eol_at, 0) {
+                return step;
+            }
+            from = eol_at + 1;
+        }
+        // A CR or LF at the very end could be followed by a dot.
+        let keep = usize::from(input.last().is_some_and(|&b| is_eol(b)));
+        BodyStep::More(input.len() - keep)
+    }
+
+    /// What a dot line at `at` means for the scan; `None` to go on searching.
+    /// `shift` is 1 when the CR or LF before the dot is already taken (a dot at the
+    /// start of the body), so the line's extent is one octet shorter in `input`.
+    fn on_dot_line(
+        &self,
+        found: DotLine,
+        input: &[u8],
+        at: usize,
+        shift: usize,
+    ) -> Option<BodyStep> {
+        match found {
+            DotLine::NotOne => None,
+            DotLine::NeedMore => Some(BodyStep::More(at)),
+            DotLine::Real { len } => Some(BodyStep::End(at + len - shift)),
+            DotLine::Lookalike { len } => match self.rule {
+                BodyRule::Discard if at + len - shift == input.len() => {
+                    Some(BodyStep::End(input.len()))
+                }
+                BodyRule::Discard => None,
+                _ => Some(BodyStep::Ambiguous(at)),
+            },
+        }
+    }
+
+    /// `--strict-data`: every CR must be followed by LF and every LF preceded by CR; a
+    /// line that is exactly "." ends the body. A CR at the end of the input is held back
+    /// until its next octet shows whether it is bare.
+    fn scan_strict(&mut self, input: &[u8]) -> BodyStep {
+        let mut i = 0;
+        // Whether the line so far is exactly ".", and whether it is empty.
+        let (mut line_is_dot, mut line_empty) = if !self.line_start && self.before == *b"\n." {
+            (true, false)
+        } else {
+            (false, self.line_start || self.before[1] == b'\n')
+        };
+        loop {
+            let hit = memchr2(b'\r', b'\n', &input[i..]).map(|h| i + h);
+            let text_end = hit.unwrap_or(input.len());
+            if text_end > i {
+                line_is_dot = line_empty && &input[i..text_end] == b".";
+            }
+            let Some(at) = hit else {
+                return BodyStep::More(input.len());
+            };
+            if input[at] == b'\n' {
+                // A CR always takes its LF with it, so this LF is bare.
+                return BodyStep::Ambiguous(at);
+            }
+            match input.get(at + 1) {
+                None => return BodyStep::More(at),
+                Some(b'\n') => {}
+                Some(_) => return BodyStep::Ambiguous(at),
+            }
+            if line_is_dot {
+                return BodyStep::End(at + 2);
+            }
+            line_empty = true;
+            line_is_dot = false;
+            i = at + 2;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `body` in pieces of `chunk` octets (re-offering what was not taken) and
+    /// returns what was taken before the end or refusal, and how it stopped.
+    fn run(rule: BodyRule, body: &[u8], chunk: usize) -> (usize, Option<BodyStep>) {
+        let mut scanner = BodyScanner::new(rule);
+        let mut taken = 0;
+        let mut avail = 0;
+        loop {
+            avail = (avail + chunk).min(body.len());
+            match scanner.scan(&body[taken..avail]) {
+                BodyStep::More(n) => {
+                    taken += n;
+                    if avail == body.len() {
+                        return (taken, None);
+                    }
+                }
+                BodyStep::End(n) => return (taken + n, Some(BodyStep::End(taken + n))),
+                BodyStep::Ambiguous(at) => {
+                    return (taken + at, Some(BodyStep::Ambiguous(taken + at)));
+                }
+            }
+        }
+    }
+
+    fn every_chunking(rule: BodyRule, body: &[u8]) -> Option<BodyStep> {
+        let (_, whole) = run(rule, body, body.len().max(1));
+        for chunk in 1..=body.len() {
+            assert_eq!(
+                run(rule, body, chunk).1,
+                whole,
+                "{rule:?} chunk {chunk} {body:?}"
+            );
+        }
+        whole
+    }
+
+    const LOOKALIKES: [&[u8]; 9] = [
+        b"\n.\n",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\r.\r",
+        b"\r.\n",
+        b"\r\n.\rX",
+        b"\n.\r",
+        b"\r.\r\n",
+        b"\r\r.\r\r",
+    ];
+
+    #[test]
+    fn the_real_end_is_found_wherever_the_reads_split() {
+        for (body, end) in [
+            (&b".\r\n"[..], 3),
+            (b"\r\n.\r\n", 5),
+            (b"Subject: x\r\n\r\nhi\r\n.\r\nMAIL FROM:<a>\r\n", 21),
+            (b"a\r\n..\r\n.x\r\n\r\n.\r\n", 16),
+            (b"bare\nlines\npass\r\n.\r\n", 20),
+            (b"a\r\r\n.\r\n", 7),
+        ] {
+            assert_eq!(
+                every_chunking(BodyRule::Guarded, body),
+                Some(BodyStep::End(end)),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_lookalike_stops_the_body_before_its_dot_line() {
+        for lookalike in LOOKALIKES {
+            let body = [b"x".as_slice(), lookalike, b"MAIL FROM:<e>\r\n\r\n.\r\n"].concat();
+            let dot = body.iter().position(|&b| b == b'.').unwrap_or_default();
+            assert_eq!(
+                every_chunking(BodyRule::Guarded, &body),
+                Some(BodyStep::Ambiguous(dot - 1)),
+                "{lookalike:?}"
+            );
+        }
+        // At the very start of the body, the DATA line's CRLF comes first.
+        for body in [&b".\n"[..], b".\rX", b".\r\r\n"] {
+            assert_eq!(
+                every_chunking(BodyRule::Guarded, body),
+                Some(BodyStep::Ambiguous(0))
+            );
+        }
+    }
+
+    #[test]
+    fn strict_refuses_every_bare_line_ending() {
+        for (body, expected) in [
+            (&b"a\r\nb\r\n.\r\n"[..], BodyStep::End(9)),
+            (b".\r\n", BodyStep::End(3)),
+            (b"a\nb", BodyStep::Ambiguous(1)),
+            (b"ab\rc", BodyStep::Ambiguous(2)),
+            (b"a\r\n\n", BodyStep::Ambiguous(3)),
+            (b"a\r\n.\n", BodyStep::Ambiguous(4)),
+        ] {
+            assert_eq!(
+                every_chunking(BodyRule::Strict, body),
+                Some(expected),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn discarding_stops_at_the_clients_own_end() {
+        // The real end, wherever it is.
+        let body = b"x\n.\nMAIL FROM:<e>\r\n.\r\n";
+        let mut scanner = BodyScanner::new(BodyRule::Guarded);
+        assert_eq!(scanner.scan(body), BodyStep::Ambiguous(1));
+        let mut discard = scanner.discard_from(body, 1);
+        assert_eq!(discard.scan(&body[1..]), BodyStep::End(body.len() - 1));
+        // A bare-LF client's own end, when nothing follows it.
+        let body = b"line\nline\n.\n";
+        let mut scanner = BodyScanner::new(BodyRule::Strict);
+        assert_eq!(scanner.scan(body), BodyStep::Ambiguous(4));
+        let mut discard = scanner.discard_from(body, 4);
+        assert_eq!(discard.scan(&body[4..]), BodyStep::End(body.len() - 4));
+    }
+
+    #[test]
+    fn held_back_octets_are_at_most_the_start_of_a_dot_line() {
+        let mut scanner = BodyScanner::new(BodyRule::Guarded);
+        assert_eq!(scanner.scan(b"abc\r\n"), BodyStep::More(4));
+        assert_eq!(scanner.scan(b"\n."), BodyStep::More(0));
+        assert_eq!(scanner.scan(b"\n.\r"), BodyStep::More(0));
+        assert_eq!(scanner.scan(b"\n.\r\n"), BodyStep::End(4));
+    }
+
+    #[test]
+    fn guarded_agrees_with_a_byte_at_a_time_reference() {
+        // Reference: the first dot line (a dot between CR/LF octets) decides.
+        fn reference(body: &[u8]) -> Option<BodyStep> {
+            let ctx = [b"\r\n".as_slice(), body].concat();
+            for i in 2..ctx.len() {
+                if ctx[i] != b'.' || !is_eol(ctx[i - 1]) {
+                    continue;
+                }
+                let &after = ctx.get(i + 1)?;
+                if !is_eol(after) {
+                    continue;
+                }
+                let real = ctx[i - 2..].starts_with(b"\r\n.\r\n");
+                if real {
+                    return Some(BodyStep::End(i + 3 - 2));
+                }
+                if ctx[i - 2..].starts_with(b"\r\n.\r") && ctx.len() == i + 2 {
+                    return None;
+                }
+                return Some(BodyStep::Ambiguous(i.saturating_sub(3)));
+            }
+            None
+        }
+        let alphabet = [b'\r', b'\n', b'.', b'a'];
+        for len in 1..=6u32 {
+            for n in 0..4usize.pow(len) {
+                let body: Vec<u8> = (0..len)
+                    .map(|k| alphabet[(n / 4usize.pow(k)) % 4])
+                    .collect();
+                let expected = reference(&body);
+                assert_eq!(
+                    every_chunking(BodyRule::Guarded, &body),
+                    expected,
+                    "{body:?}"
+                );
+            }
+        }
+    }
+}
