@@ -169,6 +169,12 @@ pub struct ServeArgs {
     )]
     pub backend_proxy_protocol: Option<crate::proxy_proto::Version>,
 
+    /// Let --listen-mx run without --xclient or --backend-proxy-protocol. The backend then
+    /// sees every anonymous MX client as postern's own address: if it trusts that address
+    /// (Postfix mynetworks, loopback), it relays mail from anyone to anywhere.
+    #[arg(long, env = "POSTERN_ALLOW_MX_OPEN_RELAY", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_mx_open_relay: bool,
+
     /// Expect a PROXY protocol v1 or v2 header first on every client connection (behind
     /// a load balancer). Requires --proxy-protocol-from.
     #[arg(long, env = "POSTERN_PROXY_PROTOCOL", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]

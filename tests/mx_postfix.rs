@@ -147,7 +147,7 @@ fn mail_line_and_pipelined_commands_reach_postfix_verbatim() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let postern = mx_postern(postfix.addr(V4), V4, &[]);
+    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
     let addr = postern.addr("--listen-mx");
 
     // AUTH is neither offered nor accepted before TLS.
