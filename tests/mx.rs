@@ -140,3 +140,73 @@ fn allow_mx_open_relay_starts_and_warns_once_at_start_up() {
         "{log}"
     );
 }
+
+/// A backend whose XCLIENT cannot take ADDR: a real Postfix always offers ADDR to the
+/// hosts it authorizes, so only a scripted backend can show this case.
+#[tokio::test]
+async fn xclient_without_addr_gets_451_at_mail_and_nothing_is_relayed() {
+    let backend = RawBackend::with_capabilities(&["PIPELINING", "XCLIENT NAME HELO LOGIN"]);
+    let admin = free_addr();
+    let (postern, mx) = with_mx_flags(
+        &backend,
+        &[
+            ("--xclient", "true"),
+            ("--metrics-listen", &admin.to_string()),
+        ],
+    );
+    wait_until(STEP, "the start-up XCLIENT warning", || {
+        postern
+            .log()
+            .contains("--xclient is set but the backend's XCLIENT does not take ADDR")
+            .then_some(())
+    });
+
+    let mut c = SmtpClient::connect(mx).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    let refused = c
+        .cmd(
+            "MAIL FROM:<mx@remote.test>",
+            "451 4.3.0 Backend cannot identify the client, try again later",
+        )
+        .await;
+    assert_eq!(refused.raw.lines().count(), 1, "{}", refused.raw);
+    // The session goes on: another MAIL is another try, refused the same way.
+    c.cmd("MAIL FROM:<mx@remote.test>", "451 4.3.0").await;
+    c.cmd("QUIT", "221").await;
+    wait_metric(admin, "postern_backend_connections_total", 2.0, STEP).await;
+
+    // Each try reached the backend, asked, and left: no MAIL, no XCLIENT, a QUIT.
+    let tries = wait_until(STEP, "both tries to end", || {
+        let tries: Vec<_> = backend
+            .sessions()
+            .into_iter()
+            .filter(|s| s.received.starts_with(b"EHLO client.test\r\n"))
+            .collect();
+        (tries.len() == 2 && tries.iter().all(|s| s.closed)).then_some(tries)
+    });
+    for s in &tries {
+        assert_eq!(
+            s.received,
+            b"EHLO client.test\r\nQUIT\r\n",
+            "{}",
+            show(&s.received)
+        );
+    }
+    assert!(!contains(&backend.all_received(), b"MAIL FROM"));
+    let log = postern.log();
+    assert_eq!(
+        log.matches("anonymous MX session refused at MAIL with 451 4.3.0")
+            .count(),
+        2,
+        "{log}"
+    );
+
+    // An authenticated session on the same listener is relayed as before: it has a
+    // login the backend can hold it to, with or without XCLIENT ADDR.
+    let (mut c, _) = SmtpClient::connect_starttls(mx, postern.tls_config()).await;
+    c.auth_plain(USER, PASSWORD, "235").await;
+    c.cmd("MAIL FROM:<authed@client.test>", "250").await;
+    c.cmd("QUIT", "221").await;
+    backend.session_containing(b"MAIL FROM:<authed@client.test>");
+}
