@@ -42,6 +42,9 @@ pub enum BackendError {
         stage: &'static str,
         code: u16,
     },
+    /// [`Xclient::Required`], and this connection's EHLO offers no XCLIENT ADDR; the
+    /// backend connection was ended with QUIT before anything was relayed.
+    Unidentified,
 }
 
 impl fmt::Display for BackendError {
@@ -53,19 +56,34 @@ impl fmt::Display for BackendError {
             BackendError::Closed => f.write_str("connection closed by backend"),
             BackendError::Reply(e) => write!(f, "{e}"),
             BackendError::Refused { stage, code } => write!(f, "{stage} answered {code}"),
+            BackendError::Unidentified => f.write_str("backend does not offer XCLIENT ADDR"),
         }
     }
 }
 
 impl std::error::Error for BackendError {}
 
+/// Whether postern sends XCLIENT (`--xclient`), and whether the session may go on
+/// without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xclient {
+    /// Never (no `--xclient`).
+    Off,
+    /// When the backend's EHLO offers it; otherwise the backend sees postern's address.
+    IfOffered,
+    /// XCLIENT ADDR must be offered, else [`BackendError::Unidentified`]: for an
+    /// anonymous MX session, whose only identity for the backend would otherwise be
+    /// postern's own address, which the backend may trust to relay anywhere.
+    Required,
+}
+
 /// How postern introduces a client to the backend.
 #[derive(Debug, Clone)]
 pub struct Introduction<'a> {
     /// Send a PROXY header first (`--backend-proxy-protocol`).
     pub proxy: Option<proxy_proto::Version>,
-    /// Send XCLIENT if the backend offers it (`--xclient`).
-    pub xclient: bool,
+    /// Send XCLIENT, and whether this session needs it.
+    pub xclient: Xclient,
     pub client: SocketAddr,
     /// The address the client connected to.
     pub local: SocketAddr,
@@ -98,7 +116,8 @@ pub async fn connect(
         expect(&mut stream, &mut buf, "greeting", 220).await?;
         // XCLIENT is only offered in an EHLO reply: for a client that greeted with HELO,
         // ask with EHLO first and replay its HELO afterwards.
-        let ask_with_ehlo = introduction.xclient && !hello.extended;
+        let use_xclient = introduction.xclient != Xclient::Off;
+        let ask_with_ehlo = use_xclient && !hello.extended;
         let first = Hello {
             extended: hello.extended || ask_with_ehlo,
             name: hello.name.clone(),
@@ -111,8 +130,16 @@ pub async fn connect(
         let ehlo = expect(&mut stream, &mut buf, stage, 250).await?;
         let mut last_reply = ehlo.lines.clone();
         let mut replay = ask_with_ehlo;
-        if introduction.xclient {
+        if use_xclient {
             let offered = xclient::offered_attributes(&Capabilities::from_ehlo_reply(&ehlo.lines));
+            let takes_addr = offered
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|a| a == "ADDR"));
+            if introduction.xclient == Xclient::Required && !takes_addr {
+                // Politeness only: nothing of the client's was sent, and nothing will be.
+                let _ = stream.write_all(b"QUIT\r\n").await;
+                return Err(BackendError::Unidentified);
+            }
             if let Some(offered) = offered {
                 let facts = xclient::ClientFacts {
                     addr: introduction.client.ip(),

@@ -86,7 +86,9 @@ pub struct ServeArgs {
     pub listen_tls: Vec<SocketAddr>,
 
     /// Inbound MX listener, port 25 style (repeatable): STARTTLS and AUTH offered but not
-    /// required; an anonymous session is handed to the backend at its first MAIL.
+    /// required; an anonymous session is handed to the backend at its first MAIL. Needs
+    /// --xclient or --backend-proxy-protocol so the backend sees the real client (or
+    /// --allow-mx-open-relay).
     #[arg(
         long,
         env = "POSTERN_LISTEN_MX",
@@ -155,7 +157,9 @@ pub struct ServeArgs {
     pub probe_interval: Duration,
 
     /// Tell the backend the real client with XCLIENT (address, port, HELO, login) when its
-    /// EHLO offers XCLIENT (Postfix: smtpd_authorized_xclient_hosts).
+    /// EHLO offers XCLIENT (Postfix: smtpd_authorized_xclient_hosts). Without
+    /// --backend-proxy-protocol, an anonymous MX session whose backend does not offer
+    /// XCLIENT ADDR gets 451 4.3.0 at MAIL instead of being relayed.
     #[arg(long, env = "POSTERN_XCLIENT", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub xclient: bool,
 
@@ -168,6 +172,12 @@ pub struct ServeArgs {
         value_name = "VERSION"
     )]
     pub backend_proxy_protocol: Option<crate::proxy_proto::Version>,
+
+    /// Let --listen-mx run without --xclient or --backend-proxy-protocol. The backend then
+    /// sees every anonymous MX client as postern's own address: if it trusts that address
+    /// (Postfix mynetworks, loopback), it relays mail from anyone to anywhere.
+    #[arg(long, env = "POSTERN_ALLOW_MX_OPEN_RELAY", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_mx_open_relay: bool,
 
     /// Expect a PROXY protocol v1 or v2 header first on every client connection (behind
     /// a load balancer). Requires --proxy-protocol-from.

@@ -14,11 +14,11 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span};
 
-use crate::backend::{self, BackendConn};
+use crate::backend::{self, BackendConn, BackendError, Xclient};
 use crate::limits::ClientNet;
 use crate::relay::{self, RelayEnd, RelayStats};
 use crate::sasl::{Credentials, Mechanism};
-use crate::server::Shared;
+use crate::server::{MxIdentity, Shared};
 use crate::session::{Action, ChallengeSource, ListenerKind, Session, Verdict};
 use crate::smtp::line::LineTooLong;
 use crate::smtp::{LineBuffer, Reply, canned};
@@ -336,7 +336,7 @@ where
                     } => {
                         let introduction = backend::Introduction {
                             proxy: shared.backend_proxy_protocol,
-                            xclient: shared.xclient,
+                            xclient: xclient_use(shared, login.is_some()),
                             client: addrs.client,
                             local: addrs.local,
                             login: login.as_deref(),
@@ -354,6 +354,13 @@ where
                             Ok(conn) => {
                                 backend_conn = Some(conn);
                                 actions.extend(session.on_backend_ready(true));
+                            }
+                            Err(BackendError::Unidentified) => {
+                                tracing::warn!(
+                                    backend = %shared.backend,
+                                    "backend does not offer XCLIENT ADDR to postern; anonymous MX session refused at MAIL with 451 4.3.0 instead of relayed as postern's own address"
+                                );
+                                actions.extend(session.on_backend_unidentified());
                             }
                             Err(error) => {
                                 tracing::warn!(backend = %shared.backend, %error, "backend unavailable");
@@ -420,6 +427,19 @@ where
                 return Next::Closed(Outcome::Timeout);
             }
         }
+    }
+}
+
+/// How this session uses XCLIENT. An anonymous (MX) session must be introduced when
+/// XCLIENT is the only way the backend can learn its address (see
+/// [`crate::server::MxIdentity`]); an authenticated one goes on without, as it always did.
+fn xclient_use(shared: &Shared, authenticated: bool) -> Xclient {
+    if !shared.xclient {
+        Xclient::Off
+    } else if !authenticated && shared.mx_identity == Some(MxIdentity::Xclient) {
+        Xclient::Required
+    } else {
+        Xclient::IfOffered
     }
 }
 

@@ -72,7 +72,7 @@ fn describe() {
     );
     describe_counter!(
         BACKEND_CONNECTIONS_TOTAL,
-        "Connections to the backend for authenticated clients, by result."
+        "Connections to the backend for relayed sessions (after AUTH, or at an anonymous MX session's MAIL), by result; failure includes a backend that cannot be told an MX client's address."
     );
     describe_counter!(
         BYTES_TOTAL,

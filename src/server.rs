@@ -17,7 +17,7 @@ use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
 use crate::limits::{ClientNet, FailureWindow, PerNetConnections};
 use crate::session::{Limits as SessionLimits, ListenerKind};
-use crate::smtp::Capabilities;
+use crate::smtp::{Capabilities, xclient};
 use crate::users::UserDb;
 use ipnet::IpNet;
 
@@ -43,6 +43,8 @@ pub struct Shared {
     pub relay: Arc<crate::relay::Policy>,
     pub xclient: bool,
     pub backend_proxy_protocol: Option<proxy_proto::Version>,
+    /// `Some` with an MX listener: how the backend learns who an anonymous client is.
+    pub mx_identity: Option<MxIdentity>,
     /// `Some` with `--proxy-protocol`: the networks whose PROXY headers are believed.
     pub proxy_protocol_from: Option<Vec<IpNet>>,
     user_hasher: RandomState,
@@ -101,6 +103,8 @@ pub struct Config {
     pub listen_mx: Vec<SocketAddr>,
     pub xclient: bool,
     pub backend_proxy_protocol: Option<proxy_proto::Version>,
+    /// `Some` when there is an MX listener.
+    pub mx_identity: Option<MxIdentity>,
     pub proxy_protocol_from: Option<Vec<IpNet>>,
     pub backend: String,
     pub cert: PathBuf,
@@ -162,12 +166,22 @@ impl Config {
             (true, false) => Some(args.proxy_protocol_from.clone()),
             (false, _) => None,
         };
+        let mx_identity = if args.listen_mx.is_empty() {
+            None
+        } else {
+            Some(MxIdentity::choose(
+                args.xclient,
+                args.backend_proxy_protocol,
+                args.allow_mx_open_relay,
+            )?)
+        };
         Ok(Config {
             listen,
             listen_tls,
             listen_mx: args.listen_mx.clone(),
             xclient: args.xclient,
             backend_proxy_protocol: args.backend_proxy_protocol,
+            mx_identity,
             proxy_protocol_from,
             backend: args.backend.clone(),
             cert: args.cert.clone(),
@@ -209,6 +223,81 @@ impl Config {
     }
 }
 
+/// How the backend learns who an anonymous `--listen-mx` client is. Without one of
+/// these it sees postern's own address, and a backend that trusts that address (the
+/// usual sidecar: Postfix `permit_mynetworks` with postern on loopback) relays mail from
+/// anyone to anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MxIdentity {
+    /// A PROXY header on every backend connection (`--backend-proxy-protocol`).
+    ProxyHeader,
+    /// XCLIENT ADDR (`--xclient`): a backend connection that does not offer it gets the
+    /// client `451 4.3.0` at MAIL instead of a relay.
+    Xclient,
+    /// Neither, and the operator said so (`--allow-mx-open-relay`).
+    Unidentified,
+}
+
+/// Why `--listen-mx` will not start as configured.
+const MX_OPEN_RELAY: &str = "--listen-mx without --xclient or --backend-proxy-protocol: \
+the backend would see every MX client as postern's own address and, if it trusts that \
+address (Postfix mynetworks, loopback), relay mail from anyone to anywhere. Add --xclient \
+(and postern's address to the backend's smtpd_authorized_xclient_hosts) or \
+--backend-proxy-protocol; or, if the backend does not trust postern's address, \
+--allow-mx-open-relay";
+
+/// The start-up warning of [`MxIdentity::Unidentified`].
+const MX_UNIDENTIFIED: &str = "--allow-mx-open-relay: the backend sees every MX client as \
+postern's own address; it must not trust that address to relay (Postfix: keep it out of \
+mynetworks)";
+
+impl MxIdentity {
+    /// The identity the flags give, or the error that names the fix. With both flags
+    /// PROXY wins: it already carries the address, so XCLIENT is then only a bonus.
+    pub fn choose(
+        xclient: bool,
+        proxy: Option<proxy_proto::Version>,
+        allow_open_relay: bool,
+    ) -> Result<MxIdentity, String> {
+        match (proxy, xclient, allow_open_relay) {
+            (Some(_), _, _) => Ok(MxIdentity::ProxyHeader),
+            (None, true, _) => Ok(MxIdentity::Xclient),
+            (None, false, true) => Ok(MxIdentity::Unidentified),
+            (None, false, false) => Err(MX_OPEN_RELAY.to_owned()),
+        }
+    }
+}
+
+/// What is wrong with the backend's XCLIENT offer when `--xclient` is set, in words
+/// for the start-up log and `postern check`; `None` if ADDR is offered or not needed.
+/// The probe connects from postern's address as sessions do, so its EHLO shows what
+/// `smtpd_authorized_xclient_hosts` grants postern.
+pub fn xclient_gap(
+    xclient: bool,
+    mx_identity: Option<MxIdentity>,
+    capabilities: &Capabilities,
+) -> Option<String> {
+    if !xclient {
+        return None;
+    }
+    let problem = match xclient::offered_attributes(capabilities) {
+        None => {
+            "--xclient is set but the backend does not offer XCLIENT to postern \
+                 (Postfix: add postern's address to smtpd_authorized_xclient_hosts)"
+        }
+        Some(offered) if !offered.iter().any(|a| a == "ADDR") => {
+            "--xclient is set but the backend's XCLIENT does not take ADDR"
+        }
+        Some(_) => return None,
+    };
+    let consequence = if mx_identity == Some(MxIdentity::Xclient) {
+        "anonymous MX sessions get 451 4.3.0 at MAIL until it does"
+    } else {
+        "sessions reach it without the client's address"
+    };
+    Some(format!("{problem}; {consequence}"))
+}
+
 /// How long the start-up probe and `postern check` wait for the backend.
 const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -217,6 +306,9 @@ pub async fn run(config: Config) -> Result<(), String> {
     let tls = tls::load_server_config(&config.cert, &config.key)?;
     let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
     info!(users = users.len(), "users loaded");
+    if config.mx_identity == Some(MxIdentity::Unidentified) {
+        warn!("{MX_UNIDENTIFIED}");
+    }
     let prometheus = match config.metrics_listen {
         Some(addr) => Some((metrics::install()?, admin::bind(addr).await?)),
         None => None,
@@ -240,7 +332,12 @@ pub async fn run(config: Config) -> Result<(), String> {
     .await;
     let up = initial.is_ok();
     match &initial {
-        Ok(_) => info!(backend = %config.backend, "backend probe succeeded"),
+        Ok(capabilities) => {
+            info!(backend = %config.backend, "backend probe succeeded");
+            if let Some(gap) = xclient_gap(config.xclient, config.mx_identity, capabilities) {
+                warn!(backend = %config.backend, "{gap}");
+            }
+        }
         Err(error) => {
             warn!(backend = %config.backend, %error, "backend probe failed; offering a minimal capability list until it succeeds")
         }
@@ -287,6 +384,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         user_hasher: RandomState::new(),
         xclient: config.xclient,
         backend_proxy_protocol: config.backend_proxy_protocol,
+        mx_identity: config.mx_identity,
         proxy_protocol_from: config.proxy_protocol_from,
         capabilities: caps_rx,
         tls: RwLock::new(tls),
@@ -369,6 +467,12 @@ pub async fn check(config: Config) -> Result<(), String> {
         config.backend,
         offered.join(", ")
     );
+    if let Some(gap) = xclient_gap(config.xclient, config.mx_identity, &capabilities) {
+        println!("warning: {gap}");
+    }
+    if config.mx_identity == Some(MxIdentity::Unidentified) {
+        println!("warning: {MX_UNIDENTIFIED}");
+    }
     Ok(())
 }
 
@@ -417,5 +521,148 @@ impl Signals {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::config::{Cli, Command};
+    use crate::proxy_proto::Version;
+
+    /// `postern serve` with `extra` after the flags every run needs.
+    fn from_flags(extra: &[&str]) -> Result<Config, String> {
+        let base = ["postern", "serve", "--backend", "127.0.0.1:25"];
+        let base = base.iter().chain(["--hostname", "mx.test"].iter());
+        let cli = Cli::try_parse_from(base.chain(extra)).map_err(|e| e.to_string())?;
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        Config::from_args(&args)
+    }
+
+    #[test]
+    fn mx_identity_needs_a_way_to_name_the_client_or_an_explicit_risk() {
+        use MxIdentity::*;
+        let v2 = Some(Version::V2);
+        // (xclient, proxy, allow_open_relay) -> identity
+        for (name, xclient, proxy, allow, want) in [
+            ("proxy alone", false, v2, false, Some(ProxyHeader)),
+            ("proxy beats xclient", true, v2, false, Some(ProxyHeader)),
+            (
+                "allow is moot with proxy",
+                false,
+                v2,
+                true,
+                Some(ProxyHeader),
+            ),
+            ("xclient alone", true, None, false, Some(Xclient)),
+            (
+                "allow is moot with xclient",
+                true,
+                None,
+                true,
+                Some(Xclient),
+            ),
+            ("explicit risk", false, None, true, Some(Unidentified)),
+            ("nothing: open relay", false, None, false, None),
+        ] {
+            let got = MxIdentity::choose(xclient, proxy, allow);
+            assert_eq!(got.as_ref().ok().copied(), want, "{name}: {got:?}");
+        }
+        let error = MxIdentity::choose(false, None, false).unwrap_err();
+        for fix in [
+            "--xclient",
+            "--backend-proxy-protocol",
+            "--allow-mx-open-relay",
+        ] {
+            assert!(error.contains(fix), "{error}");
+        }
+    }
+
+    #[test]
+    fn listen_mx_refuses_to_start_without_client_identity() {
+        let mx = ["--listen-mx", "127.0.0.1:25"];
+        let error = from_flags(&mx).err().expect("open relay accepted");
+        assert!(
+            error.starts_with("--listen-mx without --xclient"),
+            "{error}"
+        );
+
+        let with = |extra: &[&str]| {
+            let flags: Vec<&str> = mx.iter().chain(extra).copied().collect();
+            from_flags(&flags).map(|c| c.mx_identity)
+        };
+        assert_eq!(with(&["--xclient"]), Ok(Some(MxIdentity::Xclient)));
+        assert_eq!(
+            with(&["--backend-proxy-protocol", "v1"]),
+            Ok(Some(MxIdentity::ProxyHeader))
+        );
+        assert_eq!(
+            with(&["--allow-mx-open-relay"]),
+            Ok(Some(MxIdentity::Unidentified))
+        );
+        // Boolish like --xclient: an explicit false is no permission.
+        assert!(with(&["--allow-mx-open-relay=false"]).is_err());
+        // Submission listeners alone have no anonymous sessions to worry about.
+        assert_eq!(
+            from_flags(&["--listen", "127.0.0.1:587"]).map(|c| c.mx_identity),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn xclient_gap_names_what_the_backend_lacks_and_what_follows() {
+        let caps = |lines: &[&str]| {
+            let lines: Vec<String> = ["backend.test"]
+                .iter()
+                .chain(lines)
+                .map(|l| l.to_string())
+                .collect();
+            Capabilities::from_ehlo_reply(&lines)
+        };
+        let mx = Some(MxIdentity::Xclient);
+        let none = caps(&["PIPELINING"]);
+        let no_addr = caps(&["XCLIENT NAME HELO LOGIN"]);
+        let full = caps(&["XCLIENT NAME ADDR PORT PROTO HELO LOGIN"]);
+        for (name, xclient, identity, capabilities, want) in [
+            ("not asked", false, mx, &none, None),
+            ("offered", true, mx, &full, None),
+            (
+                "not offered, MX",
+                true,
+                mx,
+                &none,
+                Some("does not offer XCLIENT to postern"),
+            ),
+            (
+                "no ADDR, MX",
+                true,
+                mx,
+                &no_addr,
+                Some("XCLIENT does not take ADDR"),
+            ),
+            (
+                "not offered, submission only",
+                true,
+                None,
+                &none,
+                Some("sessions reach it without the client's address"),
+            ),
+        ] {
+            let got = xclient_gap(xclient, identity, capabilities);
+            match (want, &got) {
+                (None, None) => {}
+                (Some(part), Some(text)) if text.contains(part) => {}
+                _ => panic!("{name}: {got:?}"),
+            }
+        }
+        let mx_gap = xclient_gap(true, mx, &none).unwrap_or_default();
+        assert!(
+            mx_gap.contains("451 4.3.0") && mx_gap.contains("smtpd_authorized_xclient_hosts"),
+            "{mx_gap}"
+        );
     }
 }

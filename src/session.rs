@@ -336,6 +336,17 @@ impl Session {
         }
     }
 
+    /// The backend was reached but cannot be told an anonymous MX client's address
+    /// (`--xclient` without XCLIENT ADDR): the MAIL gets a 451 of its own and nothing
+    /// is relayed. Anywhere else this is an unusable backend like any other.
+    pub fn on_backend_unidentified(&mut self) -> Vec<Action> {
+        if matches!(self.state, State::Handing) {
+            self.state = State::Command;
+            return vec![Action::Reply(canned::BACKEND_CANNOT_IDENTIFY.into())];
+        }
+        self.on_backend_ready(false)
+    }
+
     fn on_command(&mut self, line: &[u8]) -> Vec<Action> {
         let command = match Command::parse(line) {
             Ok(command) => command,

@@ -1,6 +1,8 @@
 //! `--listen-mx` (port 25 style) in front of a real Postfix: STARTTLS and AUTH offered
 //! but not required; an anonymous session goes to Postfix at its first MAIL and Postfix
 //! decides which recipients it takes; an authenticated one is relayed as on `--listen`.
+//! With `--xclient`, an anonymous session that Postfix would only see as postern's own
+//! address (postern not in `smtpd_authorized_xclient_hosts`) is refused at MAIL instead.
 
 mod support_issue5;
 
@@ -147,7 +149,7 @@ fn mail_line_and_pipelined_commands_reach_postfix_verbatim() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let postern = mx_postern(postfix.addr(V4), V4, &[]);
+    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
     let addr = postern.addr("--listen-mx");
 
     // AUTH is neither offered nor accepted before TLS.
@@ -240,4 +242,64 @@ fn helo_client_is_introduced_with_xclient_too() {
     let line = postfix.wait_line(&["disconnect from", &format!("[127.0.0.2]:{}", client.port())]);
     // The backend session stays a HELO one, as the client asked.
     assert!(line.contains(" helo=1 "), "{line}");
+}
+
+/// Postfix does not list postern in `smtpd_authorized_xclient_hosts`, so it offers
+/// postern no XCLIENT and would take every MX client for postern itself (127.0.0.1, in
+/// its mynetworks). postern says so at start-up and refuses anonymous MAIL with 451
+/// rather than relay it; authenticated sessions go on as before.
+#[test]
+fn xclient_not_authorized_anonymous_mail_gets_451_and_postfix_sees_no_message() {
+    if !tools() {
+        return;
+    }
+    let postfix = Postfix::start(PostfixOptions {
+        xclient_hosts: "192.0.2.1".into(),
+    });
+    let mut postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    postern.wait_log("the start-up XCLIENT warning", |text| {
+        text.contains("--xclient is set but the backend does not offer XCLIENT to postern")
+            .then_some(())
+    });
+
+    let run = Smtplib::new(postern.addr("--listen-mx"))
+        .from(CLIENT_V4)
+        .rcpt("someone@local.test")
+        .run();
+    assert_eq!(run.code("mail"), Some(451), "{}", run.raw);
+    assert_eq!(
+        run.text("mail"),
+        "4.3.0 Backend cannot identify the client, try again later",
+        "{}",
+        run.raw
+    );
+    assert!(run.rcpt_codes().is_empty(), "{}", run.raw);
+    let closed = postern.wait_session_closed(run.local());
+    assert_ne!(field(&closed, "result"), "relayed", "{closed}");
+    let refusals = postern
+        .log_text()
+        .matches("anonymous MX session refused at MAIL")
+        .count();
+    assert_eq!(refusals, 1, "{}", postern.log_text());
+
+    // Postfix saw postern connect, EHLO and QUIT (like a probe), and no mail at all.
+    let text = postfix.log_text();
+    for never in ["mail=", "client=", "from=<", "NOQUEUE", "XCLIENT"] {
+        assert!(!text.contains(never), "Postfix logged {never:?}:\n{text}");
+    }
+
+    // Authenticated on the same listener: relayed without XCLIENT, as Postfix's client
+    // postern (the login is postern's to check, and Postfix is not told it).
+    let run = Smtplib::new(postern.addr("--listen-mx"))
+        .from(CLIENT_V4)
+        .starttls()
+        .login(USER, PASSWORD)
+        .rcpt("someone@local.test")
+        .run();
+    assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
+    assert_eq!(run.code("mail"), Some(250), "{}", run.raw);
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    assert_eq!(run.code("data"), Some(250), "{}", run.raw);
+    postfix.wait_line(&["client=unknown[127.0.0.1]"]);
+    postfix.wait_line(&["to=<someone@local.test>", "status=sent"]);
 }

@@ -125,6 +125,12 @@ pub mod canned {
         "4.3.0 Backend out of step with the command stream, closing connection",
     );
     pub const TIMEOUT: Canned = Canned::new(421, "4.4.2 Timeout, closing connection");
+    /// `--xclient` and the backend does not take XCLIENT ADDR from postern: an anonymous
+    /// MX session would reach it as postern's own address, which it may trust to relay.
+    pub const BACKEND_CANNOT_IDENTIFY: Canned = Canned::new(
+        451,
+        "4.3.0 Backend cannot identify the client, try again later",
+    );
     pub const BACKEND_UNAVAILABLE: Canned =
         Canned::new(421, "4.3.0 Backend unavailable, closing connection");
 

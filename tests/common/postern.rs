@@ -120,9 +120,14 @@ impl PosternBuilder {
         self
     }
 
-    /// Writes the users file and certificates into `dir` and builds the command line.
-    /// `--listen`/`--listen-tls` get fresh ports unless set with [`Self::flag`].
-    fn prepare(&self, dir: &Path) -> (Command, CertPaths, Option<SocketAddr>, Option<SocketAddr>) {
+    /// Writes the users file and certificates into `dir` and builds the `subcommand`
+    /// (`serve` or `check`) command line. `--listen`/`--listen-tls` get fresh ports
+    /// unless set with [`Self::flag`].
+    fn prepare(
+        &self,
+        dir: &Path,
+        subcommand: &str,
+    ) -> (Command, CertPaths, Option<SocketAddr>, Option<SocketAddr>) {
         let paths = self.certs.write_to(dir);
         let users = dir.join("users");
         let mut content = self.users.join("\n");
@@ -164,7 +169,7 @@ impl PosternBuilder {
         }
 
         let mut cmd = command();
-        cmd.arg("serve");
+        cmd.arg(subcommand);
         for (name, value) in flags {
             cmd.arg(name).arg(value);
         }
@@ -178,7 +183,14 @@ impl PosternBuilder {
     /// error); fails the test if it is still running after [`STEP`].
     pub fn run_to_exit(self) -> Output {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut cmd, ..) = self.prepare(dir.path());
+        let (mut cmd, ..) = self.prepare(dir.path(), "serve");
+        run(&mut cmd, b"", STEP)
+    }
+
+    /// Runs `postern check` with this configuration instead of `serve`.
+    pub fn check(self) -> Output {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut cmd, ..) = self.prepare(dir.path(), "check");
         run(&mut cmd, b"", STEP)
     }
 
@@ -188,7 +200,7 @@ impl PosternBuilder {
         // binds it; try again with new ports in that case.
         for _attempt in 0..3 {
             let dir = tempfile::tempdir().expect("tempdir");
-            let (mut cmd, paths, smtp, smtps) = self.prepare(dir.path());
+            let (mut cmd, paths, smtp, smtps) = self.prepare(dir.path(), "serve");
             let log_path = dir.path().join("postern.log");
             let log = File::create(&log_path).expect("create log");
             cmd.stdin(Stdio::null())
