@@ -274,6 +274,11 @@ pub struct ServeArgs {
     /// backend) with 550 5.6.0; the backend connection is closed before the final dot.
     #[arg(long, env = "POSTERN_STRICT_DATA")]
     pub strict_data: bool,
+
+    /// Hide the backend's CHUNKING from clients, so BDAT is never relayed. For a backend
+    /// whose BDAT framing cannot be trusted (see the README's "Choosing what to relay").
+    #[arg(long, env = "POSTERN_HIDE_CHUNKING")]
+    pub hide_chunking: bool,
     // --- end relay tracker ---
     /// Log format.
     #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -61,6 +61,8 @@ pub enum RelayEnd {
 pub struct Policy {
     /// `--strict-data`: refuse DATA bodies with a bare CR or LF (SMTP smuggling).
     pub strict_data: bool,
+    /// `--hide-chunking`: the backend's CHUNKING is never offered, so BDAT never passes.
+    pub hide_chunking: bool,
     pub quota: Quota,
 }
 
@@ -76,6 +78,7 @@ impl Policy {
         })?;
         Ok(Policy {
             strict_data: args.strict_data,
+            hide_chunking: args.hide_chunking,
             quota,
         })
     }
@@ -84,6 +87,7 @@ impl Policy {
     pub fn observe_only() -> Policy {
         Policy {
             strict_data: false,
+            hide_chunking: false,
             quota: Quota::unlimited(),
         }
     }
@@ -126,6 +130,7 @@ where
         tls: context.tls,
         chunking: false,
         max_chunk: 0,
+        hide_chunking: policy.hide_chunking,
         strict_data: policy.strict_data,
         limits: policy.quota.limits(),
     }
@@ -697,6 +702,7 @@ mod tests {
     async fn strict_data_closes_the_backend_before_the_final_dot() {
         let policy = Policy {
             strict_data: true,
+            hide_chunking: false,
             quota: Quota::unlimited(),
         };
         let (client_peer, backend_peer, task) = start(Some("tim"), policy, b"");
@@ -729,6 +735,7 @@ mod tests {
     async fn the_message_limit_refuses_the_next_mail() {
         let policy = Policy {
             strict_data: false,
+            hide_chunking: false,
             quota: Quota::new(&QuotaConfig {
                 messages_per_user: Some(Rate {
                     count: 1,

@@ -61,7 +61,11 @@ impl Shared {
 
     /// The backend's capabilities as of the last successful probe.
     pub fn capabilities(&self) -> Arc<Capabilities> {
-        self.capabilities.borrow().clone()
+        let capabilities = self.capabilities.borrow().clone();
+        if self.relay.hide_chunking && capabilities.has("CHUNKING") {
+            return Arc::new(capabilities.without("CHUNKING"));
+        }
+        capabilities
     }
 
     pub fn tls_config(&self) -> Arc<ServerConfig> {

@@ -75,6 +75,8 @@ pub struct Settings {
     pub chunking: bool,
     /// The largest chunk a BDAT may announce: the backend's SIZE, at most [`MAX_CHUNK`].
     pub max_chunk: u64,
+    /// `--hide-chunking`: CHUNKING is never offered, so BDAT is refused.
+    pub hide_chunking: bool,
     /// `--strict-data`: refuse DATA bodies with any bare CR or LF.
     pub strict_data: bool,
     pub limits: Limits,
@@ -83,7 +85,7 @@ pub struct Settings {
 impl Settings {
     /// Takes CHUNKING and SIZE from the backend's capabilities.
     pub fn with_capabilities(mut self, capabilities: &Capabilities) -> Self {
-        self.chunking = capabilities.has("CHUNKING");
+        self.chunking = capabilities.has("CHUNKING") && !self.hide_chunking;
         self.max_chunk = chunk_limit(capabilities);
         self
     }
@@ -891,7 +893,10 @@ impl Rules {
         if !extended {
             return Reply { code: 250, lines };
         }
-        let capabilities = Capabilities::from_ehlo_reply(&backend.lines);
+        let mut capabilities = Capabilities::from_ehlo_reply(&backend.lines);
+        if self.settings.hide_chunking {
+            capabilities = capabilities.without("CHUNKING");
+        }
         // The live answer is the truth for this session, whatever the probe saw.
         self.settings = self.settings.clone().with_capabilities(&capabilities);
         lines.extend(

@@ -44,6 +44,18 @@ impl Capabilities {
             .find(|line| keyword_of(line).eq_ignore_ascii_case(keyword))
     }
 
+    /// The same list without `keyword`'s line (`--hide-chunking`).
+    pub fn without(&self, keyword: &str) -> Capabilities {
+        Capabilities {
+            backend_lines: self
+                .backend_lines
+                .iter()
+                .filter(|line| !keyword_of(line).eq_ignore_ascii_case(keyword))
+                .cloned()
+                .collect(),
+        }
+    }
+
     /// The backend lines a client may see.
     pub fn for_clients(&self) -> impl Iterator<Item = &str> {
         self.backend_lines

@@ -15,6 +15,7 @@ fn settings() -> Settings {
         tls: true,
         chunking: true,
         max_chunk: MAX_CHUNK,
+        hide_chunking: false,
         strict_data: false,
         limits: Limits::default(),
     }
@@ -1021,4 +1022,24 @@ fn a_354_to_anything_but_data_closes_both_sides() {
         run.client_text()
     );
     assert!(!String::from_utf8_lossy(&run.to_backend).contains("AUTH"));
+}
+
+#[test]
+fn hide_chunking_keeps_chunking_out_of_ehlo_and_bdat_out_of_the_backend() {
+    let hidden = Settings {
+        hide_chunking: true,
+        ..settings()
+    };
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"EHLO c\r\n"),
+        (B, b"250-legacy\r\n250-CHUNKING\r\n250 SIZE 100\r\n"),
+        (C, b"BDAT 3 LAST\r\nabc"),
+    ];
+    let run = split_invariant(&hidden, NO_LOOKUP, script);
+    assert_eq!(run.to_backend, b"EHLO c\r\n");
+    assert_eq!(
+        run.client_text(),
+        "250-postern.test\r\n250-SIZE 100\r\n250 AUTH PLAIN LOGIN CRAM-MD5\r\n\
+         502 5.5.1 BDAT not offered, closing connection\r\n"
+    );
 }
