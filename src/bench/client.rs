@@ -371,13 +371,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 fn parse_code(reply: &[u8]) -> Option<u16> {
     let mut code = None;
     for line in reply.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let digits = line.get(..3)?;
-        if !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let c = digits
-            .iter()
-            .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+        let c = crate::smtp::reply::reply_code(line.get(..3)?)?;
         if code.is_some_and(|prev| prev != c) {
             return None;
         }

@@ -35,7 +35,8 @@ use memchr::memchr;
 use crate::smtp::command::Verb;
 use crate::smtp::data::{BodyRule, BodyScanner, BodyStep};
 use crate::smtp::ehlo::AUTH_LINE;
-use crate::smtp::line::MAX_LINE;
+use crate::smtp::line::{MAX_LINE, find_crlf};
+use crate::smtp::reply::reply_code;
 use crate::smtp::{BackendReply, Canned, Capabilities, Reply, canned};
 
 /// Most commands sent to the backend and not yet answered. A client that pipelines
@@ -936,31 +937,11 @@ fn line_head(rest: &[u8]) -> Option<LineHead> {
     if end < 4 && end == head.len() {
         return None;
     }
-    let digits = &head[..end.min(3)];
-    let code = if digits.len() == 3 && digits.iter().all(u8::is_ascii_digit) {
-        digits
-            .iter()
-            .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'))
-    } else {
-        0
-    };
+    let code = reply_code(&head[..end.min(3)]).unwrap_or(0);
     Some(LineHead {
         code,
         more: end >= 4 && head[3] == b'-',
     })
-}
-
-/// Offset of the first CRLF.
-fn find_crlf(bytes: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(lf) = memchr(b'\n', &bytes[from..]) {
-        let at = from + lf;
-        if at > 0 && bytes[at - 1] == b'\r' {
-            return Some(at - 1);
-        }
-        from = at + 1;
-    }
-    None
 }
 
 /// `BDAT chunk-size [LAST]` (RFC 3030 §2): the size and the LAST flag. Digits only

@@ -77,8 +77,18 @@ impl LineBuffer {
     }
 }
 
-fn find_crlf(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(2).position(|w| w == b"\r\n")
+/// Offset of the first CRLF: the one line splitter of the crate (a bare CR or LF never
+/// ends a line).
+pub fn find_crlf(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(lf) = memchr::memchr(b'\n', &bytes[from..]) {
+        let at = from + lf;
+        if at > 0 && bytes[at - 1] == b'\r' {
+            return Some(at - 1);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 #[cfg(test)]

@@ -253,14 +253,25 @@ impl BackendReply {
     }
 }
 
-fn split_reply_line(line: &[u8]) -> Result<(u16, bool, String), ReplyError> {
-    let digits = line.get(..3).ok_or(ReplyError::Malformed)?;
-    if !digits.iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&digits[0]) {
-        return Err(ReplyError::Malformed);
+/// The code of a reply line from its first three octets: the one reply-code reader of
+/// the crate.
+pub fn reply_code(digits: &[u8]) -> Option<u16> {
+    match digits {
+        [a, b, c] if digits.iter().all(u8::is_ascii_digit) => Some(
+            [a, b, c]
+                .iter()
+                .fold(0u16, |acc, d| acc * 10 + u16::from(**d - b'0')),
+        ),
+        _ => None,
     }
-    let code = digits
-        .iter()
-        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+}
+
+fn split_reply_line(line: &[u8]) -> Result<(u16, bool, String), ReplyError> {
+    let code = line
+        .get(..3)
+        .and_then(reply_code)
+        .filter(|code| (200..600).contains(code))
+        .ok_or(ReplyError::Malformed)?;
     let (last, text) = match line.get(3) {
         None => (true, &[][..]),
         Some(b' ') => (true, &line[4..]),
