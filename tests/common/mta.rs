@@ -186,7 +186,7 @@ impl Mta {
     }
 
     /// Every message accepted so far, once the log has settled: the parsed list has not
-    /// changed for 500 ms (at most 10 s in all).
+    /// changed for 400 ms (at most 10 s in all).
     pub async fn accepted(&self) -> Vec<Accepted> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = self.accepted_now();
@@ -197,7 +197,7 @@ impl Mta {
             if now != last {
                 last = now;
                 stable_since = Instant::now();
-            } else if stable_since.elapsed() >= Duration::from_millis(500)
+            } else if stable_since.elapsed() >= Duration::from_millis(400)
                 || Instant::now() > deadline
             {
                 return last;
@@ -602,9 +602,7 @@ pub fn parse_accepted(kind: Kind, log: &str) -> Vec<Accepted> {
 fn field_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let start = line.find(key)? + key.len();
     let rest = &line[start..];
-    let end = rest
-        .find(|c: char| c == ' ' || c == ',' || c == ')')
-        .unwrap_or(rest.len());
+    let end = rest.find([' ', ',', ')']).unwrap_or(rest.len());
     Some(&rest[..end])
 }
 
