@@ -514,7 +514,15 @@ async fn run_case(
     match &session {
         None => problems.push("postern logged no `session closed` line".into()),
         Some((m, r, line)) => {
-            if (*m, *r) != (messages, recipients) {
+            // postern's `recipients=` counts every RCPT the MTA accepted, also in a
+            // transaction that never completed (a session postern closes mid-DATA), the
+            // MTA's log only those of the messages it took.
+            let agree = if case.end == End::Quit {
+                (*m, *r) == (messages, recipients)
+            } else {
+                *m == messages && *r >= recipients
+            };
+            if !agree {
                 problems.push(format!(
                     "postern counted messages={m} recipients={r}, {} accepted {messages}/{recipients}: {line}",
                     mta.kind.name()
@@ -686,17 +694,13 @@ fn control_octet_lines() -> Vec<(String, Vec<u8>)> {
     .map(|l| (format!("{:?}", String::from_utf8_lossy(l)), l.to_vec()))
     .collect();
     for octet in 0u8..0x20 {
-        let line = match octet {
-            b'\t' => continue,
-            // A lone LF ends the line early; a lone CR sits inside it.
-            b'\n' => b"NOOP ctl0a\n".to_vec(),
-            _ => {
-                let mut l = format!("NOOP ctl{octet:02x}").into_bytes();
-                l.push(octet);
-                l.extend_from_slice(b"z\r\n");
-                l
-            }
-        };
+        if octet == b'\t' {
+            continue;
+        }
+        // Inside the line, CR and LF alone too: the line ends only at CRLF.
+        let mut line = format!("NOOP ctl{octet:02x}").into_bytes();
+        line.push(octet);
+        line.extend_from_slice(b"z\r\n");
         lines.push((format!("octet {octet:#04x}"), line));
     }
     lines

@@ -186,7 +186,7 @@ impl Mta {
     }
 
     /// Every message accepted so far, once the log has settled: the parsed list has not
-    /// changed for 400 ms (at most 10 s in all).
+    /// changed for 300 ms (at most 10 s in all).
     pub async fn accepted(&self) -> Vec<Accepted> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = self.accepted_now();
@@ -197,7 +197,7 @@ impl Mta {
             if now != last {
                 last = now;
                 stable_since = Instant::now();
-            } else if stable_since.elapsed() >= Duration::from_millis(400)
+            } else if stable_since.elapsed() >= Duration::from_millis(300)
                 || Instant::now() > deadline
             {
                 return last;
