@@ -10,6 +10,8 @@
 //!   process on drop (printing its log if the test failed).
 //! - [`raw_backend`]: [`RawBackend`], an in-process SMTP server that records every byte it
 //!   receives and can refuse, greet 421 or stall.
+//! - [`mta`]: [`mta::Mta`], a private Postfix, Exim or OpenSMTPD behind a recording
+//!   forwarder, and the messages its log says it accepted.
 //! - [`sink`]: [`SmtpSink`], the real Postfix `smtp-sink`, dumping each message to a file.
 //! - [`client`]: [`SmtpClient`], a raw line client (plain, STARTTLS or implicit TLS) with
 //!   `expect("235")` style helpers.
@@ -24,6 +26,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod mta;
 pub mod postern;
 pub mod raw_backend;
 pub mod sink;
