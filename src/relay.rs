@@ -34,7 +34,8 @@ use tracker::{Claim, Event, Limit, Notice, Reservation, Settings, Tracker};
 /// How long closing a side may take before the relay gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Bytes moved each way and mail the backend accepted, for the session log line.
+/// Bytes written each way, and the messages the backend accepted with their
+/// recipients, for the session log line.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RelayStats {
     pub client_to_backend: u64,
@@ -432,13 +433,14 @@ impl<'a> Shell<'a> {
                 .map(|u| tracing::field::display(u.escape_debug()))
         };
         match event {
-            Event::RecipientAccepted => {
-                self.stats.recipients += 1;
-                m::recipients_accepted(1);
-            }
-            Event::MessageAccepted { .. } => {
+            // Recipients count with their message: one the backend never took (the
+            // session ended mid-DATA, the message was refused) was not sent to anyone.
+            Event::RecipientAccepted => {}
+            Event::MessageAccepted { recipients } => {
                 self.stats.messages += 1;
+                self.stats.recipients += u64::from(recipients);
                 m::message(MessageResult::Accepted);
+                m::recipients_accepted(u64::from(recipients));
             }
             Event::MessageRejected => m::message(MessageResult::RejectedByBackend),
             Event::LimitReached(limit) => {
@@ -621,7 +623,8 @@ mod tests {
         // Counted as written: the unfinished "NOOP" never went.
         assert_eq!(stats.client_to_backend, 15 + 16);
         assert_eq!(stats.backend_to_client, 26);
-        assert_eq!(stats.recipients, 1);
+        // A recipient of a message that was never sent is no recipient.
+        assert_eq!((stats.messages, stats.recipients), (0, 0));
     }
 
     #[tokio::test]
