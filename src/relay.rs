@@ -150,6 +150,7 @@ where
         client_unflushed: false,
     };
     let end = shell.run(&mut client, &mut backend).await;
+    shell.settle_store_call().await;
     shell.tracker.finish();
     shell.take_notices();
     shell.release_rest().await;
@@ -394,14 +395,19 @@ impl<'a> Shell<'a> {
         }
     }
 
+    /// Waits for a store call still in flight when the session ended: a slot it took
+    /// belongs to the tracker, which gives it back when it finishes.
+    async fn settle_store_call(&mut self) {
+        if let Some(call) = self.store_call.take()
+            && let StoreAnswer::Reservation(reservation) = call.await
+            && self.tracker.wants_reservation_answer()
+        {
+            self.tracker.on_reservation(reservation);
+        }
+    }
+
     /// Gives back what the session still held, once it is over.
     async fn release_rest(&mut self) {
-        if let Some(call) = self.store_call.take() {
-            // A reservation answered after the end is given back with the rest.
-            if let StoreAnswer::Reservation(Reservation::Granted { held: true }) = call.await {
-                warn!("a reservation outlived its session; giving it back");
-            }
-        }
         let (messages, recipients) = std::mem::take(&mut self.unreleased);
         if let Some(user) = self.context.user
             && (messages, recipients) != (0, 0)

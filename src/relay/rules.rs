@@ -299,7 +299,7 @@ enum ClientState {
 enum ReservationState {
     Idle,
     Wanted(Claim),
-    Answered(Reservation),
+    Answered(Claim, Reservation),
 }
 
 /// Where the backend's reply stream stands.
@@ -442,15 +442,25 @@ impl Rules {
 
     /// The answer to [`Wants::Reservation`].
     pub fn on_reservation(&mut self, reservation: Reservation) {
-        debug_assert!(
-            matches!(self.reservation, ReservationState::Wanted(_)),
-            "a reservation answer nobody asked for"
-        );
-        self.reservation = ReservationState::Answered(reservation);
+        match self.reservation {
+            ReservationState::Wanted(claim) => {
+                self.reservation = ReservationState::Answered(claim, reservation);
+            }
+            _ => debug_assert!(false, "a reservation answer nobody asked for"),
+        }
     }
 
-    /// The session is over: what is still held or reserved is given back.
+    /// The session is over: what is still held or reserved is given back, including a
+    /// slot granted for a command that was never sent.
     pub fn finish(&mut self, out: &mut Output) {
+        if let ReservationState::Answered(claim, Reservation::Granted { held: true }) =
+            std::mem::replace(&mut self.reservation, ReservationState::Idle)
+        {
+            match claim {
+                Claim::Message => self.ledger.unanswered_messages += 1,
+                Claim::Recipient => self.ledger.unanswered_recipients += 1,
+            }
+        }
         self.ledger.finish(out);
     }
 
@@ -688,8 +698,8 @@ impl Rules {
             return Some(Ok(false));
         }
         match std::mem::replace(&mut self.reservation, ReservationState::Idle) {
-            ReservationState::Answered(Reservation::Granted { held }) => Some(Ok(held)),
-            ReservationState::Answered(Reservation::Refused(limit)) => {
+            ReservationState::Answered(_, Reservation::Granted { held }) => Some(Ok(held)),
+            ReservationState::Answered(_, Reservation::Refused(limit)) => {
                 out.event(Event::LimitReached(limit));
                 self.local(limit_reply(limit), false, out);
                 Some(Err(()))

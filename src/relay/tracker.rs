@@ -145,6 +145,12 @@ impl Tracker {
         }
     }
 
+    /// Whether a reservation was asked for and not answered yet (also once the session
+    /// is closing, when [`Tracker::wants_reservation`] no longer asks for new ones).
+    pub fn wants_reservation_answer(&self) -> bool {
+        matches!(self.rules.wants(), Wants::Reservation(_))
+    }
+
     /// The store's answer to [`Tracker::wants_reservation`].
     pub fn on_reservation(&mut self, reservation: Reservation) {
         self.rules.on_reservation(reservation);

@@ -1043,3 +1043,32 @@ fn hide_chunking_keeps_chunking_out_of_ehlo_and_bdat_out_of_the_backend() {
          502 5.5.1 BDAT not offered, closing connection\r\n"
     );
 }
+
+#[test]
+fn a_slot_granted_after_the_session_closed_is_given_back() {
+    let limited = Settings {
+        limits: Limits {
+            recipients_per_user: Some(10),
+            ..Limits::default()
+        },
+        ..settings()
+    };
+    let mut tracker = Tracker::new(limited, b"RCPT TO:<a>\r\nXYZ", b"");
+    assert_eq!(tracker.wants_reservation(), Some(Claim::Recipient));
+    // The client is gone before the store answers; the answer still comes.
+    tracker.client_read(0);
+    assert!(tracker.wants_reservation_answer());
+    tracker.on_reservation(Reservation::Granted { held: true });
+    tracker.finish();
+    let mut released = (0, 0);
+    while let Some(notice) = tracker.next_notice() {
+        if let Notice::Release {
+            messages,
+            recipients,
+        } = notice
+        {
+            released = (released.0 + messages, released.1 + recipients);
+        }
+    }
+    assert_eq!(released, (0, 1));
+}
