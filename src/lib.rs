@@ -8,8 +8,10 @@
 //! it copies, to answer a second AUTH itself, keep EHLO consistent, count mail and
 //! enforce per-user sending limits.
 //!
-//! The protocol core (`smtp`, `sasl`, `session`, `relay::tracker`) is sans-IO: it takes lines and
-//! returns actions, and is tested without sockets. The async shell around it is thin.
+//! The protocol core (`smtp`, `sasl`, `session`, `relay::rules`, `relay::tracker`) is
+//! sans-IO: it takes bytes or lines and returns actions, and is tested without sockets.
+//! The async shell around it is thin: `relay` only moves bytes between the sockets and
+//! the buffers `relay::tracker::Tracker` owns.
 //!
 //! # Layout
 //!
@@ -21,7 +23,8 @@
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`backend`]: dials the backend and probes its capabilities.
 //! - [`proxy_proto`]: HAProxy PROXY protocol v1/v2 framing, decoding and encoding.
-//! - [`relay`]: the post-AUTH relay: verbatim bytes, followed by a sans-IO SMTP tracker.
+//! - [`relay`]: the post-AUTH relay: verbatim bytes, followed by a sans-IO SMTP tracker
+//!   ([`relay::tracker`], owning the buffers) applying [`relay::rules`].
 //! - [`quota`]: per-user sending limits, in memory or in Redis shared by replicas.
 //! - [`limits`]: per-network connection and AUTH-failure limits.
 //! - [`listener`]: accept loops and the connection limit.
