@@ -34,6 +34,14 @@ use tracker::{Claim, Event, Limit, Notice, Reservation, Settings, Tracker};
 /// How long closing a side may take before the relay gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a client still sending is read (and its bytes dropped) after postern
+/// closed its side: closing a socket with unread input sends a reset, which can destroy
+/// the last reply before the client reads it (Apache's "lingering close").
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The most bytes read and dropped while lingering.
+const LINGER_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Bytes written each way, and the messages the backend accepted with their
 /// recipients, for the session log line.
 #[derive(Debug, Default, Clone, Copy)]
@@ -207,6 +215,9 @@ impl<'a> Shell<'a> {
                 }
                 // A TLS client deserves a close_notify, not a truncated stream.
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
+                if self.tracker.ends_with_client_sending() {
+                    linger(client).await;
+                }
                 return self.end_reason();
             }
             let step = std::future::poll_fn(|cx| {
@@ -497,6 +508,14 @@ impl<'a> Shell<'a> {
 enum Side {
     Client,
     Backend,
+}
+
+/// Reads and drops what the client still sends, until it closes, [`LINGER`] passes or
+/// [`LINGER_BYTES`] were read.
+async fn linger<C: AsyncRead + Unpin>(client: &mut C) {
+    let mut sink = tokio::io::sink();
+    let mut limited = tokio::io::AsyncReadExt::take(client, LINGER_BYTES);
+    let _ = tokio::time::timeout(LINGER, tokio::io::copy(&mut limited, &mut sink)).await;
 }
 
 /// Takes a slot for `user`, with the configured failure mode applied.

@@ -355,3 +355,22 @@ async fn idle_relay_is_closed_after_relay_idle_timeout() {
             .find(|s| contains(&s.received, b"idle@client.test") && s.closed)
     });
 }
+
+/// A backend that refuses a message mid-body and hangs up: postern's writes to it fail,
+/// and the backend's last reply still reaches the client.
+#[tokio::test]
+async fn a_backend_that_hangs_up_mid_body_still_has_its_reply_relayed() {
+    let backend = RawBackend::start();
+    let postern = Postern::start(backend.addr);
+    backend.set_fault(Fault::RefuseBodyAndHangUp);
+    let mut c = postern.authenticated(false).await;
+    c.cmd("MAIL FROM:<big@client.test>", "250").await;
+    c.cmd("RCPT TO:<b@backend.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    let mut data = big_body(8 * 1024 * 1024);
+    data.extend_from_slice(b".\r\n");
+    c.send(&data).await;
+    c.expect("552 5.3.4").await;
+    c.expect_closed().await;
+    assert!(backend.sessions().iter().all(|s| s.messages.is_empty()));
+}

@@ -198,6 +198,13 @@ impl Tracker {
             || (self.client_eof && self.rules.wants() == Wants::Input && self.to_backend.is_empty())
     }
 
+    /// Whether the session ends while the client may still be sending (postern refused
+    /// it, or the backend hung up mid-stream): its bytes should be read and dropped for
+    /// a moment after the close, so that the last reply is not lost to a reset.
+    pub fn ends_with_client_sending(&self) -> bool {
+        !self.client_eof && (self.closing || self.backend_write_failed || self.backend_abandoned)
+    }
+
     /// Whether postern ended the session with a closing reply of its own.
     pub fn closed_by_postern(&self) -> bool {
         self.closing

@@ -37,6 +37,9 @@ pub enum Fault {
     Stall,
     /// Accept and close at once.
     Close,
+    /// Behave until a DATA body starts, then answer `552 5.3.4` after its first 64 KiB
+    /// and close without reading the rest (the peer's writes then fail).
+    RefuseBodyAndHangUp,
 }
 
 /// One accepted connection: everything the peer sent, in order.
@@ -281,7 +284,7 @@ async fn serve(
     index: usize,
 ) -> std::io::Result<()> {
     match fault {
-        Fault::None | Fault::Refuse => {}
+        Fault::None | Fault::Refuse | Fault::RefuseBodyAndHangUp => {}
         Fault::Close => return Ok(()),
         Fault::Greet421 => {
             stream
@@ -369,6 +372,15 @@ async fn serve(
                                 .await?
                         }
                     }
+                }
+                Mode::Data if fault == Fault::RefuseBodyAndHangUp => {
+                    if pending.len() < 64 * 1024 {
+                        break;
+                    }
+                    stream
+                        .write_all(b"552 5.3.4 Message size exceeds fixed limit\r\n")
+                        .await?;
+                    return Ok(());
                 }
                 Mode::Data => {
                     // The message ends at CRLF "." CRLF; the CRLF before the dot may be the
