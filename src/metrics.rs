@@ -76,7 +76,7 @@ fn describe() {
     );
     describe_counter!(
         BYTES_TOTAL,
-        "Bytes relayed after authentication, by direction."
+        "Bytes relayed after authentication, by direction, counted as written."
     );
     describe_histogram!(
         SESSION_DURATION_SECONDS,
@@ -89,11 +89,11 @@ fn describe() {
     );
     describe_counter!(
         MESSAGES_TOTAL,
-        "Messages after AUTH, by result: accepted or rejected by the backend, refused by a sending limit or by --strict-data."
+        "Messages after AUTH, by result: accepted or rejected by the backend, refused by a sending limit, for an end-of-data lookalike (smuggling) or by --strict-data."
     );
     describe_counter!(
         RECIPIENTS_TOTAL,
-        "Recipients the backend accepted after AUTH."
+        "Recipients of the messages the backend accepted after AUTH."
     );
     describe_counter!(
         LIMIT_REJECTIONS_TOTAL,
