@@ -824,6 +824,8 @@ impl Rules {
                 // order, so both sides are closed; the backend drops the open message.
                 self.client = ClientState::Closed;
                 self.pending.clear();
+                // What is still queued for the backend would be body to it now.
+                out.ops.push(Op::CloseBackend);
                 emit_local(canned::RELAY_OUT_OF_STEP, true, out);
                 return;
             }

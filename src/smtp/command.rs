@@ -125,6 +125,11 @@ impl Verb {
         let line = trim_blanks_start(line);
         let end = line.iter().position(|&b| is_blank(b)).unwrap_or(line.len());
         let (word, rest) = line.split_at(end);
+        // RFC 6531 allows UTF-8 in arguments, never in a verb; a backend that strips
+        // the eighth bit (sendmail's SevenBitInput, 7-bit gateways) reads D\xc1TA as DATA.
+        if !word.is_ascii() {
+            return Err(CommandError::ForbiddenCharacter);
+        }
         let rest = rest.get(1..).unwrap_or_default();
         let mut upper = [0u8; 8];
         let verb = match upper.get_mut(..word.len()) {
@@ -282,6 +287,7 @@ mod tests {
             (b"MAIL\x0bFROM:<a>", CommandError::ForbiddenCharacter),
             (b"STARTTLS\x0c", CommandError::ForbiddenCharacter),
             (b"NOOP\x7f", CommandError::ForbiddenCharacter),
+            (b"D\xc1TA", CommandError::ForbiddenCharacter),
             (
                 b"\x0bXCLIENT ADDR=1.2.3.4",
                 CommandError::ForbiddenCharacter,

@@ -894,6 +894,7 @@ fn control_octets_in_command_lines_are_refused_not_forwarded() {
         b"STARTTLS\x0c\r\n",
         b"MAIL\x00FROM:<a>\r\n",
         b"NOOP\x7f\r\n",
+        b"D\xc1TA\r\n",
     ] {
         let run = split_invariant(&settings(), NO_LOOKUP, &[(C, line), (C, b"NOOP\r\n")]);
         assert_eq!(run.to_backend, b"NOOP\r\n", "{line:?}");
@@ -1071,4 +1072,23 @@ fn a_slot_granted_after_the_session_closed_is_given_back() {
         }
     }
     assert_eq!(released, (0, 1));
+}
+
+#[test]
+fn nothing_queued_reaches_a_backend_that_answered_354_to_a_non_data_command() {
+    // Found by the relay fuzz harness: the BDAT chunk queued behind NOOP would be body
+    // to a backend that took NOOP as DATA, and its XCLIENT line a command.
+    let mut tracker = Tracker::new(settings(), b"", b"");
+    let client = b"NOOP\r\nBDAT 25\r\n\r\n.\r\nXCLIENT LOGIN=root\r\n";
+    let space = tracker.client_space().unwrap();
+    space[..client.len()].copy_from_slice(client);
+    tracker.client_read(client.len());
+    tracker.backend_written(6);
+    let reply = b"354 go ahead\r\n";
+    let space = tracker.backend_space().unwrap();
+    space[..reply.len()].copy_from_slice(reply);
+    tracker.backend_read(reply.len());
+    assert!(tracker.closed_by_postern());
+    assert!(tracker.backend_abandoned());
+    assert!(tracker.to_backend().is_empty());
 }
