@@ -388,3 +388,330 @@ pub fn now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, DnType, IsCa, Issuer, KeyPair,
+        PublicKeyData, date_time_ymd,
+    };
+
+    use super::*;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+
+    const FILES: Files<'static> = Files {
+        cert: "chain.pem",
+        key: "key.pem",
+    };
+    /// 2030-06-01T00:00:00Z: inside every test certificate's validity.
+    const MID: i64 = 1_906_416_000;
+
+    /// A 1024-bit RSA self-signed certificate for small.test, made once with
+    /// `openssl req -x509 -newkey rsa:1024 -days 36500` (rcgen cannot make such a key,
+    /// and aws-lc-rs refuses to load one, which is the point).
+    const RSA_1024: &str = "-----BEGIN CERTIFICATE-----
+MIICHzCCAYigAwIBAgIUfZ3UZ4hUR+bl8VxsRnmzDakf7yowDQYJKoZIhvcNAQEL
+BQAwFTETMBEGA1UEAwwKc21hbGwudGVzdDAgFw0yNjExMzAxMDI0NDhaGA8yMTI2
+MTEwNjEwMjQ0OFowFTETMBEGA1UEAwwKc21hbGwudGVzdDCBnzANBgkqhkiG9w0B
+AQEFAAOBjQAwgYkCgYEA5zrpXxFCHNP34QLAxOf9E2dm2Ik+sR2FEDDh4Qg697r1
+8dSD8dXDbiCSqjS6rXoeiVocaJoj9CKtlvynn71m83gadrT643b1qEPZTTcMrX1X
+JLPAOvnUvWWOT7xXWEZDdQXYuwF0HRF9Thct5uESLmFhpv1dKZIzv/pBxSG/zv8C
+AwEAAaNqMGgwHQYDVR0OBBYEFMOBnlsnOZNIDeaXUiEyT/5T4veWMB8GA1UdIwQY
+MBaAFMOBnlsnOZNIDeaXUiEyT/5T4veWMA8GA1UdEwEB/wQFMAMBAf8wFQYDVR0R
+BA4wDIIKc21hbGwudGVzdDANBgkqhkiG9w0BAQsFAAOBgQAdKsQ0Y+ZiQHhV70/A
+9o8RVibaA/ZLLW/30ltBodWDs9azgf+z9tCKBSKB0H2FyqqADk04MCoPtr6OPlG2
+WrZa58c/4VJB3tsXlYWWdUrRqcqz27fRB8ClxtCcEbjqMuwGNHlLd7dqOIewokQR
+AoO0pgXxQSXSbqiq/hDPpLgXQw==
+-----END CERTIFICATE-----
+";
+
+    /// AIA with one caIssuers URI (RFC 5280 §4.2.2.1), DER by hand: rcgen has no
+    /// builder for it.
+    fn aia_ca_issuers() -> CustomExtension {
+        let uri = b"http://ca.test/int.crt";
+        let mut access = vec![0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x02];
+        access.push(0x86);
+        access.push(uri.len() as u8);
+        access.extend_from_slice(uri);
+        let mut description = vec![0x30, access.len() as u8];
+        description.extend(access);
+        let mut content = vec![0x30, description.len() as u8];
+        content.extend(description);
+        CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], content)
+    }
+
+    struct Made {
+        der: CertificateDer<'static>,
+        key: KeyPair,
+    }
+
+    impl Made {
+        fn spki(&self) -> Vec<u8> {
+            self.key.subject_public_key_info()
+        }
+    }
+
+    /// A CA (`is_ca`) or server certificate valid through 2030, signed by `issuer` or
+    /// by itself.
+    fn make(
+        cn: &str,
+        names: &[&str],
+        is_ca: bool,
+        issuer: Option<&Issuer<'static, KeyPair>>,
+        extra: impl FnOnce(&mut CertificateParams),
+    ) -> (Made, CertificateParams) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.not_before = date_time_ymd(2030, 1, 1);
+        params.not_after = date_time_ymd(2030, 12, 31);
+        if is_ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
+        extra(&mut params);
+        let cert = match issuer {
+            Some(issuer) => params.signed_by(&key, issuer).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (
+            Made {
+                der: cert.der().clone(),
+                key,
+            },
+            params,
+        )
+    }
+
+    /// A root, an intermediate, and a server certificate for mx.example.test that
+    /// names its issuer's URL (as public CAs do) when `aia` is set.
+    fn chain(aia: bool) -> (Made, Made) {
+        let (root, root_params) = make("Test Root", &[], true, None, |_| {});
+        let root_issuer = Issuer::new(root_params, root.key);
+        let (int, int_params) = make("Test Intermediate", &[], true, Some(&root_issuer), |_| {});
+        let int_der = int.der.clone();
+        let int_issuer = Issuer::new(int_params, int.key);
+        let (leaf, _) = make(
+            "mx.example.test",
+            &["mx.example.test", "*.example.test"],
+            false,
+            Some(&int_issuer),
+            |p| {
+                if aia {
+                    p.custom_extensions.push(aia_ca_issuers());
+                }
+            },
+        );
+        let int = Made {
+            der: int_der,
+            key: KeyPair::generate().unwrap(),
+        };
+        (leaf, int)
+    }
+
+    fn texts(inspection: &Inspection) -> Vec<(Severity, String)> {
+        inspection
+            .findings
+            .iter()
+            .map(|f| (f.severity, f.text.clone()))
+            .collect()
+    }
+
+    /// The one finding of `inspection`, which must have `severity` and contain `parts`.
+    #[track_caller]
+    fn assert_one(inspection: &Inspection, severity: Severity, parts: &[&str]) {
+        let found = texts(inspection);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].0, severity, "{found:#?}");
+        for part in parts {
+            assert!(
+                found[0].1.contains(part),
+                "{part:?} missing: {}",
+                found[0].1
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_chain_in_order_passes_and_describes_its_leaf() {
+        let (leaf, int) = chain(true);
+        let spki = leaf.spki();
+        let got = inspect(FILES, &[leaf.der, int.der], Key::Spki(&spki), MID);
+        assert!(got.findings.is_empty(), "{:#?}", got.findings);
+        let described = got.leaf.unwrap();
+        assert_eq!(described.dns_names, ["mx.example.test", "*.example.test"]);
+        assert_eq!(described.label, "mx.example.test");
+        assert_eq!(described.not_after, 1_924_905_600); // 2030-12-31T00:00:00Z
+    }
+
+    #[test]
+    fn the_intermediate_first_is_named_as_the_wrong_order_not_as_a_wrong_key() {
+        let (leaf, int) = chain(true);
+        let spki = leaf.spki();
+        let got = inspect(FILES, &[int.der, leaf.der], Key::Spki(&spki), MID);
+        assert_one(
+            &got,
+            Severity::Error,
+            &[
+                "chain.pem: wrong order",
+                "key key.pem (CN=mx.example.test) is number 2",
+                "server certificate must come first",
+            ],
+        );
+        assert!(!texts(&got)[0].1.contains("does not match"));
+    }
+
+    #[test]
+    fn a_leaf_without_its_intermediate() {
+        // From a public-style CA (AIA caIssuers): clients will refuse it.
+        let (leaf, _) = chain(true);
+        let spki = leaf.spki();
+        let got = inspect(FILES, &[leaf.der], Key::Spki(&spki), MID);
+        assert_one(
+            &got,
+            Severity::Error,
+            &[
+                "missing intermediate",
+                "CN=Test Intermediate",
+                "unable to verify the first certificate",
+                "fullchain.pem",
+            ],
+        );
+        // From a private CA clients may trust directly: a warning.
+        let (leaf, _) = chain(false);
+        let spki = leaf.spki();
+        let got = inspect(FILES, &[leaf.der], Key::Spki(&spki), MID);
+        assert_one(
+            &got,
+            Severity::Warning,
+            &[
+                "the issuer CN=Test Intermediate is not in the file",
+                "private CA",
+            ],
+        );
+        // A self-signed certificate has no issuer to miss.
+        let (own, _) = make("self.test", &["self.test"], false, None, |_| {});
+        let spki = own.spki();
+        let got = inspect(FILES, &[own.der], Key::Spki(&spki), MID);
+        assert!(got.findings.is_empty(), "{:#?}", got.findings);
+    }
+
+    #[test]
+    fn a_key_for_another_certificate() {
+        let (leaf, int) = chain(true);
+        let (other, _) = make("other.test", &["other.test"], false, None, |_| {});
+        let spki = other.spki();
+        let got = inspect(FILES, &[leaf.der.clone()], Key::Spki(&spki), MID);
+        // The missing intermediate is reported too: both are true.
+        let found = texts(&got);
+        assert!(
+            found.iter().any(|(s, t)| *s == Severity::Error
+                && t.contains("private key key.pem does not match the certificate in chain.pem")),
+            "{found:#?}"
+        );
+        let got = inspect(FILES, &[leaf.der, int.der], Key::Spki(&spki), MID);
+        assert_one(
+            &got,
+            Severity::Error,
+            &["does not match any of the 2 certificates in chain.pem"],
+        );
+    }
+
+    #[test]
+    fn validity_at_the_edges() {
+        let (leaf, int) = chain(true);
+        let spki = leaf.spki();
+        let at = |now| {
+            inspect(
+                FILES,
+                &[leaf.der.clone(), int.der.clone()],
+                Key::Spki(&spki),
+                now,
+            )
+        };
+        const DAY: i64 = 86_400;
+        let start = 1_893_456_000; // 2030-01-01T00:00:00Z
+        let end = 1_924_905_600; // 2030-12-31T00:00:00Z
+        assert_one(
+            &at(end + 3 * DAY),
+            Severity::Error,
+            &["chain.pem: expired on 2030-12-31T00:00:00Z (3 days ago): renew it"],
+        );
+        assert_one(
+            &at(start - 5 * 3600),
+            Severity::Error,
+            &[
+                "not valid before 2030-01-01T00:00:00Z (in 5 hours)",
+                "clock",
+            ],
+        );
+        assert_one(
+            &at(end - 10 * DAY),
+            Severity::Warning,
+            &["(mx.example.test): expires on 2030-12-31T00:00:00Z, in 10 days: renew it"],
+        );
+        assert!(at(end - 31 * DAY).findings.is_empty());
+        assert!(at(start).findings.is_empty() && at(end - 31 * DAY).findings.is_empty());
+    }
+
+    #[test]
+    fn a_small_rsa_key_is_named_as_such() {
+        let der = CertificateDer::from_pem_slice(RSA_1024.as_bytes()).unwrap();
+        let now = 1_900_000_000;
+        // What aws-lc-rs says about the key is replaced by the reason.
+        let got = inspect(
+            FILES,
+            &[der.clone()],
+            Key::Unusable("provider refused"),
+            now,
+        );
+        assert_one(
+            &got,
+            Severity::Error,
+            &["its RSA key has 1024 bits", "under 2048 bits", "ECDSA"],
+        );
+        // A usable key of another kind is still reported, next to the size.
+        let got = inspect(FILES, &[der], Key::Spki(b"other"), now);
+        assert_eq!(got.errors().count(), 2, "{:#?}", got.findings);
+    }
+
+    #[test]
+    fn garbage_and_unusable_keys_are_errors_naming_the_file() {
+        let got = inspect(
+            FILES,
+            &[CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])],
+            Key::Spki(b""),
+            MID,
+        );
+        assert_one(
+            &got,
+            Severity::Error,
+            &["chain.pem: block 1 is not a valid X.509"],
+        );
+        let (leaf, int) = chain(true);
+        let got = inspect(FILES, &[leaf.der, int.der], Key::Unusable("bad key"), MID);
+        assert_one(&got, Severity::Error, &["private key key.pem: bad key"]);
+    }
+
+    #[test]
+    fn hostname_must_be_covered_by_some_certificate() {
+        let leaf = |names: &[&str]| Leaf {
+            dns_names: names.iter().map(|n| n.to_string()).collect(),
+            label: names.first().unwrap_or(&"").to_string(),
+            not_after: 0,
+        };
+        let pairs = [leaf(&["mx.example.test"]), leaf(&["*.example.org"])];
+        assert_eq!(hostname_warning("mx.example.test", &pairs), None);
+        assert_eq!(hostname_warning("smtp.example.org", &pairs), None);
+        let warning = hostname_warning("mail.other.test", &pairs).unwrap();
+        assert_eq!(
+            warning,
+            "--hostname mail.other.test is not among the certificates' names \
+             (mx.example.test, *.example.org): clients that connect to mail.other.test will \
+             refuse the certificate: add it to a certificate's names, or set --hostname to \
+             one of them"
+        );
+        assert!(hostname_warning("a.b.example.org", &pairs).is_some());
+    }
+}
