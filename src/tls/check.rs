@@ -602,7 +602,12 @@ AoO0pgXxQSXSbqiq/hDPpLgXQw==
         let (leaf, int) = chain(true);
         let (other, _) = make("other.test", &["other.test"], false, None, |_| {});
         let spki = other.spki();
-        let got = inspect(FILES, &[leaf.der.clone()], Key::Spki(&spki), MID);
+        let got = inspect(
+            FILES,
+            std::slice::from_ref(&leaf.der),
+            Key::Spki(&spki),
+            MID,
+        );
         // The missing intermediate is reported too: both are true.
         let found = texts(&got);
         assert!(
@@ -662,7 +667,7 @@ AoO0pgXxQSXSbqiq/hDPpLgXQw==
         // What aws-lc-rs says about the key is replaced by the reason.
         let got = inspect(
             FILES,
-            &[der.clone()],
+            std::slice::from_ref(&der),
             Key::Unusable("provider refused"),
             now,
         );
