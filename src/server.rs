@@ -299,11 +299,18 @@ pub fn xclient_gap(
 /// means a flag was forgotten.
 fn pairs(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Vec<tls::Pair>, String> {
     if certs.len() != keys.len() {
+        let times = |n: usize| {
+            if n == 1 {
+                "once".to_owned()
+            } else {
+                format!("{n} times")
+            }
+        };
         return Err(format!(
-            "--cert given {} times but --key {} times: give one --key per --cert, in the \
-             same order (POSTERN_CERT and POSTERN_KEY: comma-separated lists of equal length)",
-            certs.len(),
-            keys.len()
+            "--cert given {} but --key {}: give one --key per --cert, in the same order \
+             (POSTERN_CERT and POSTERN_KEY: comma-separated lists of equal length)",
+            times(certs.len()),
+            times(keys.len())
         ));
     }
     Ok(certs
