@@ -378,6 +378,16 @@ async fn reloading_one_pair_leaves_the_other_untouched() {
     );
 }
 
+/// (case, cert, key, --hostname, exit 0?, texts expected on stdout or stderr)
+type CheckCase<'a> = (
+    &'a str,
+    &'a PathBuf,
+    &'a PathBuf,
+    &'a str,
+    bool,
+    Vec<&'a str>,
+);
+
 /// `postern check` on one pair plus the default harness settings.
 fn check(backend: &RawBackend, cert: &Path, key: &Path, hostname: &str) -> Output {
     Postern::builder(backend.addr)
@@ -417,8 +427,7 @@ fn check_names_each_usual_mistake_and_its_fix() {
         Validity::NORMAL,
     );
     let mx = &site.mx;
-    // (case, cert, key, --hostname, exit 0?, text expected on stdout or stderr)
-    let cases: Vec<(&str, &PathBuf, &PathBuf, &str, bool, Vec<&str>)> = vec![
+    let cases: Vec<CheckCase> = vec![
         (
             "a full chain in order",
             &mx.chain,
