@@ -101,23 +101,28 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_BACKEND", value_name = "HOST:PORT")]
     pub backend: String,
 
-    /// PEM certificate chain (leaf first).
+    /// PEM certificate chain, server certificate first, then its intermediates. Repeat
+    /// --cert and --key in pairs for several names: each client gets the pair whose
+    /// certificate names its SNI, else the first pair.
     #[arg(
         long,
         env = "POSTERN_CERT",
+        value_delimiter = ',',
         value_name = "PATH",
         default_value = "/etc/postern/tls.crt"
     )]
-    pub cert: PathBuf,
+    pub cert: Vec<PathBuf>,
 
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA or Ed25519).
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1; RSA of 2048 bits or more, ECDSA or
+    /// Ed25519) of the --cert in the same position.
     #[arg(
         long,
         env = "POSTERN_KEY",
+        value_delimiter = ',',
         value_name = "PATH",
         default_value = "/etc/postern/tls.key"
     )]
-    pub key: PathBuf,
+    pub key: Vec<PathBuf>,
 
     /// Credentials file, Dovecot passwd-file style: `user:{SCHEME}data[:ignored...]`.
     #[arg(
@@ -128,7 +133,8 @@ pub struct ServeArgs {
     )]
     pub users: PathBuf,
 
-    /// Name used in the greeting and the EHLO reply [default: the machine's host name].
+    /// Name used in the greeting and the EHLO reply; a certificate should cover it
+    /// (`postern check` warns if none does) [default: the machine's host name].
     #[arg(long, env = "POSTERN_HOSTNAME", value_name = "NAME")]
     pub hostname: Option<String>,
 

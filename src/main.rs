@@ -25,7 +25,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("postern: {message}");
+            // Several errors (every certificate mistake at once) come one per line.
+            for line in message.lines() {
+                eprintln!("postern: {line}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -23,6 +23,8 @@ pub const MESSAGES_TOTAL: &str = "postern_messages_total";
 pub const RECIPIENTS_TOTAL: &str = "postern_recipients_total";
 pub const LIMIT_REJECTIONS_TOTAL: &str = "postern_limit_rejections_total";
 pub const LIMITS_STORE_ERRORS_TOTAL: &str = "postern_limits_store_errors_total";
+pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
+    "postern_certificate_expiry_timestamp_seconds";
 
 /// Session durations span a refused connection (milliseconds) to a slow bulk upload
 /// (many minutes).
@@ -102,6 +104,10 @@ fn describe() {
     describe_counter!(
         LIMITS_STORE_ERRORS_TOTAL,
         "Limits store calls that failed or timed out, by operation."
+    );
+    describe_gauge!(
+        CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
+        "The served certificate's notAfter as Unix time, by name (its first SAN); updated on reload."
     );
     gauge!(CONNECTIONS_ACTIVE).set(0.0);
     gauge!(BACKEND_UP).set(0.0);
@@ -226,4 +232,11 @@ pub fn limits_store_error(operation: &'static str) {
 
 pub fn backend_up(up: bool) {
     gauge!(BACKEND_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// The leaf's notAfter for the certificate named `name`. The one label that is not a
+/// `&'static str`: it comes from the operator's certificates, so the set is as small as
+/// the `--cert` list, and it is what an alert must show to say which one to renew.
+pub fn certificate_expiry(name: &str, not_after: i64) {
+    gauge!(CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "name" => name.to_owned()).set(not_after as f64);
 }

@@ -1,28 +1,29 @@
-//! Live reload of the certificate/key and the users file, on SIGHUP and when the files
-//! change on disk. Kubernetes updates a mounted Secret by swapping a symlink, so files
-//! are compared by what their path resolves to now (inode, size, mtime), polled.
-//! A bad new file is refused and the old one stays in use.
+//! Live reload of the certificate/key pairs and the users file, on SIGHUP and when the
+//! files change on disk. Kubernetes updates a mounted Secret by swapping a symlink, so
+//! files are compared by what their path resolves to now (inode, size, mtime), polled.
+//! Each pair reloads on its own: a bad new file is refused, that pair keeps its old
+//! version, and the other pairs are not touched.
+//!
+//! Once a day, a certificate under 30 days from its end is logged as a warning: an
+//! expiry nobody reads in metrics still shows up in the logs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use crate::metrics;
 use crate::server::Shared;
+use crate::tls::{self, Certificates, check};
 use crate::users::UserDb;
-use crate::{metrics, tls};
 
 /// How often the files are checked for changes.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The files to watch.
-pub struct Paths {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub users: PathBuf,
-}
+/// How often certificates close to their end are logged.
+const EXPIRY_LOG_INTERVAL: Duration = Duration::from_secs(86_400);
 
 /// What identifies a file's current content without reading it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,42 +46,82 @@ impl Fingerprint {
 }
 
 /// Watches for SIGHUP and file changes until the process exits.
-pub async fn watch(shared: Arc<Shared>, paths: Paths) {
+pub async fn watch(shared: Arc<Shared>, users: PathBuf) {
     let mut hangup = hangup_signal();
-    let tls_print = |p: &Paths| (Fingerprint::of(&p.cert), Fingerprint::of(&p.key));
-    let mut tls_seen = tls_print(&paths);
-    let mut users_seen = Fingerprint::of(&paths.users);
+    let certificates = shared.certificates.clone();
+    let pair_print = |pair: &tls::Pair| (Fingerprint::of(&pair.cert), Fingerprint::of(&pair.key));
+    let mut pairs_seen: Vec<_> = certificates.pairs().map(pair_print).collect();
+    let mut users_seen = Fingerprint::of(&users);
+    // Start-up already logged what expires soon; the next look is a day later.
+    let mut daily = tokio::time::interval_at(
+        tokio::time::Instant::now() + EXPIRY_LOG_INTERVAL,
+        EXPIRY_LOG_INTERVAL,
+    );
     loop {
         let forced = tokio::select! {
             () = tokio::time::sleep(POLL_INTERVAL) => false,
             () = hangup.recv() => true,
+            _ = daily.tick() => {
+                log_expiring(&certificates);
+                continue;
+            }
         };
         if forced {
-            info!("SIGHUP: reloading certificate and users");
+            info!("SIGHUP: reloading certificates and users");
         }
-        let tls_now = tls_print(&paths);
-        if forced || tls_now != tls_seen {
-            tls_seen = tls_now;
-            reload_tls(&shared, &paths);
+        for (index, pair) in certificates.pairs().enumerate() {
+            let now = pair_print(pair);
+            if let Some(seen) = pairs_seen.get_mut(index)
+                && (forced || *seen != now)
+            {
+                *seen = now;
+                reload_pair(&certificates, index, pair);
+            }
         }
-        let users_now = Fingerprint::of(&paths.users);
+        let users_now = Fingerprint::of(&users);
         if forced || users_now != users_seen {
             users_seen = users_now;
-            reload_users(&shared, &paths.users);
+            reload_users(&shared, &users);
         }
     }
 }
 
-fn reload_tls(shared: &Shared, paths: &Paths) {
-    match tls::load_server_config(&paths.cert, &paths.key) {
-        Ok(config) => {
-            shared.replace_tls(config);
-            metrics::reload(true);
-            info!(cert = %paths.cert.display(), "certificate reloaded");
+/// Sets the expiry gauge of every pair.
+pub fn publish_expiry(certificates: &Certificates) {
+    for index in 0..certificates.pairs().count() {
+        if let Some(current) = certificates.current(index) {
+            metrics::certificate_expiry(&current.leaf.label, current.leaf.not_after);
         }
-        Err(message) => {
+    }
+}
+
+fn reload_pair(certificates: &Certificates, index: usize, pair: &tls::Pair) {
+    match tls::load_pair(pair, check::now()) {
+        Ok(accepted) => {
+            for warning in &accepted.warnings {
+                warn!(cert = %pair.cert.display(), "{warning}");
+            }
+            let leaf = accepted.loaded.leaf.clone();
+            certificates.replace(index, accepted.loaded);
+            metrics::certificate_expiry(&leaf.label, leaf.not_after);
+            metrics::reload(true);
+            info!(cert = %pair.cert.display(), name = %leaf.label, expires = %check::date(leaf.not_after), "certificate reloaded");
+        }
+        Err(errors) => {
             metrics::reload(false);
-            error!(error = %message, "certificate reload refused; the previous certificate stays in use");
+            error!(cert = %pair.cert.display(), error = %errors.join("; "), "certificate reload refused; the previous certificate stays in use");
+        }
+    }
+}
+
+fn log_expiring(certificates: &Certificates) {
+    let now = check::now();
+    for (index, pair) in certificates.pairs().enumerate() {
+        if let Some(current) = certificates.current(index)
+            && let Some(text) =
+                check::expiry_warning(&pair.cert.display().to_string(), &current.leaf, now)
+        {
+            warn!(cert = %pair.cert.display(), "{text}");
         }
     }
 }

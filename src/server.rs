@@ -13,6 +13,8 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tracing::{info, warn};
 
+use crate::tls::Certificates;
+
 use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
 use crate::limits::{ClientNet, FailureWindow, PerNetConnections};
@@ -49,7 +51,10 @@ pub struct Shared {
     pub proxy_protocol_from: Option<Vec<IpNet>>,
     user_hasher: RandomState,
     capabilities: watch::Receiver<Arc<Capabilities>>,
-    tls: RwLock<Arc<ServerConfig>>,
+    /// One config for the process: a reload swaps a pair inside `certificates`, which
+    /// is its certificate resolver.
+    tls: Arc<ServerConfig>,
+    pub certificates: Arc<Certificates>,
     users: RwLock<Arc<UserDb>>,
 }
 
@@ -69,24 +74,13 @@ impl Shared {
     }
 
     pub fn tls_config(&self) -> Arc<ServerConfig> {
-        match self.tls.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.tls.clone()
     }
 
     pub fn users(&self) -> Arc<UserDb> {
         match self.users.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// New sessions use `config`; running ones keep the one they started with.
-    pub fn replace_tls(&self, config: Arc<ServerConfig>) {
-        match self.tls.write() {
-            Ok(mut guard) => *guard = config,
-            Err(poisoned) => *poisoned.into_inner() = config,
         }
     }
 
@@ -111,8 +105,8 @@ pub struct Config {
     pub mx_identity: Option<MxIdentity>,
     pub proxy_protocol_from: Option<Vec<IpNet>>,
     pub backend: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// `--cert`/`--key` pairs in order; the first is served when no SNI name matches.
+    pub certs: Vec<tls::Pair>,
     pub users: PathBuf,
     pub hostname: String,
     pub timeouts: Timeouts,
@@ -188,8 +182,7 @@ impl Config {
             mx_identity,
             proxy_protocol_from,
             backend: args.backend.clone(),
-            cert: args.cert.clone(),
-            key: args.key.clone(),
+            certs: pairs(&args.cert, &args.key)?,
             users: args.users.clone(),
             hostname,
             timeouts: Timeouts {
@@ -302,12 +295,47 @@ pub fn xclient_gap(
     Some(format!("{problem}; {consequence}"))
 }
 
+/// `--cert` and `--key` paired in order; both default to one file, so a different count
+/// means a flag was forgotten.
+fn pairs(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Vec<tls::Pair>, String> {
+    if certs.len() != keys.len() {
+        let times = |n: usize| {
+            if n == 1 {
+                "once".to_owned()
+            } else {
+                format!("{n} times")
+            }
+        };
+        return Err(format!(
+            "--cert given {} but --key {}: give one --key per --cert, in the same order \
+             (POSTERN_CERT and POSTERN_KEY: comma-separated lists of equal length)",
+            times(certs.len()),
+            times(keys.len())
+        ));
+    }
+    Ok(certs
+        .iter()
+        .zip(keys)
+        .map(|(cert, key)| tls::Pair {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+        .collect())
+}
+
 /// How long the start-up probe and `postern check` wait for the backend.
 const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the proxy until SIGTERM or SIGINT, then drains.
 pub async fn run(config: Config) -> Result<(), String> {
-    let tls = tls::load_server_config(&config.cert, &config.key)?;
+    // Every certificate mistake at once, each naming its fix: one line per error.
+    let certs = tls::load_all(&config.certs, &config.hostname, tls::check::now())
+        .map_err(|errors| errors.join("\n"))?;
+    for warning in &certs.warnings {
+        warn!("{warning}");
+    }
+    let certificates = certs.certificates;
+    let tls = tls::server_config(certificates.clone())?;
     let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
     info!(users = users.len(), "users loaded");
     if config.mx_identity == Some(MxIdentity::Unidentified) {
@@ -317,6 +345,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         Some(addr) => Some((metrics::install()?, admin::bind(addr).await?)),
         None => None,
     };
+    // After install: gauges set before the recorder exists go nowhere.
+    reload::publish_expiry(&certificates);
 
     let mut bound = Vec::new();
     for (addr, kind) in config.listeners() {
@@ -391,7 +421,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         mx_identity: config.mx_identity,
         proxy_protocol_from: config.proxy_protocol_from,
         capabilities: caps_rx,
-        tls: RwLock::new(tls),
+        tls,
+        certificates,
         users: RwLock::new(Arc::new(users)),
     });
     if let Some((handle, listener)) = prometheus {
@@ -401,12 +432,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         };
         tokio::spawn(admin::serve(listener, handle, readiness));
     }
-    let paths = reload::Paths {
-        cert: config.cert,
-        key: config.key,
-        users: config.users,
-    };
-    tokio::spawn(reload::watch(shared.clone(), paths));
+    tokio::spawn(reload::watch(shared.clone(), config.users));
 
     let slots = Arc::new(Semaphore::new(config.max_connections as usize));
     for (listener, kind) in bound {
@@ -433,12 +459,28 @@ pub async fn run(config: Config) -> Result<(), String> {
 
 /// `postern check`: everything `serve` would load or reach, without serving.
 pub async fn check(config: Config) -> Result<(), String> {
-    tls::load_server_config(&config.cert, &config.key)?;
-    println!(
-        "ok: certificate {} and key {}",
-        config.cert.display(),
-        config.key.display()
-    );
+    let certs = tls::load_all(&config.certs, &config.hostname, tls::check::now())
+        .map_err(|errors| errors.join("\n"))?;
+    for (index, pair) in certs.certificates.pairs().enumerate() {
+        let Some(current) = certs.certificates.current(index) else {
+            continue;
+        };
+        let leaf = &current.leaf;
+        println!(
+            "ok: certificate {} and key {} (names: {}; expires {})",
+            pair.cert.display(),
+            pair.key.display(),
+            if leaf.dns_names.is_empty() {
+                leaf.label.clone()
+            } else {
+                leaf.dns_names.join(", ")
+            },
+            tls::check::date(leaf.not_after)
+        );
+    }
+    for warning in &certs.warnings {
+        println!("warning: {warning}");
+    }
     let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
     println!(
         "ok: users file {} ({} users)",

@@ -1,12 +1,22 @@
-//! Server TLS configuration: PEM loading (rustls-pki-types) and the rustls config.
+//! Server TLS: certificate/key pairs chosen by SNI ([`sni`]), checked before use
+//! ([`check`]), PEM loading (rustls-pki-types) and the rustls config.
 
-use std::path::Path;
+pub mod check;
+pub mod sni;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio_rustls::rustls::crypto::aws_lc_rs::cipher_suite as suite;
 use tokio_rustls::rustls::crypto::{CryptoProvider, aws_lc_rs};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::ResolvesServerCert;
+use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
+
+pub use sni::Certificates;
 
 /// The crypto provider, named explicitly so a second provider compiled in by some
 /// dependency can never make rustls guess (which panics at runtime).
@@ -14,9 +24,103 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
 }
 
-/// Loads a certificate chain and its key into a server config. Every failure names the
-/// file and what is wrong with it.
-pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+/// The server's cipher suites in the order it prefers them. rustls picks the first one
+/// the client also offers (`ignore_client_order`), so an old TLS 1.2 client that lists
+/// AES-128 first still gets AES-256-GCM. TLS 1.3 keeps rustls's own list and order
+/// (AES-256-GCM, AES-128-GCM, CHACHA20): every TLS 1.3 suite is an AEAD.
+const SERVER_SUITE_ORDER: &[rustls::SupportedCipherSuite] = &[
+    suite::TLS13_AES_256_GCM_SHA384,
+    suite::TLS13_AES_128_GCM_SHA256,
+    suite::TLS13_CHACHA20_POLY1305_SHA256,
+    suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+];
+
+/// The provider for serving: [`provider`] with [`SERVER_SUITE_ORDER`].
+fn server_provider() -> Arc<CryptoProvider> {
+    let mut provider = aws_lc_rs::default_provider();
+    provider.cipher_suites = SERVER_SUITE_ORDER.to_vec();
+    Arc::new(provider)
+}
+
+/// A `--cert`/`--key` pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl fmt::Display for Pair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} / {}", self.cert.display(), self.key.display())
+    }
+}
+
+/// A pair that passed its checks, with the warnings found on the way.
+pub struct Accepted {
+    pub loaded: sni::Loaded,
+    pub warnings: Vec<String>,
+}
+
+/// Reads and checks one pair at `now` (Unix seconds). `Err` holds every error found,
+/// each naming the file and the fix.
+pub fn load_pair(pair: &Pair, now: i64) -> Result<Accepted, Vec<String>> {
+    let chain = read_chain(&pair.cert).map_err(|e| vec![e])?;
+    let key_der = PrivateKeyDer::from_pem_file(&pair.key)
+        .map_err(|e| vec![format!("reading private key {}: {e}", pair.key.display())])?;
+    let signing = server_provider().key_provider.load_private_key(key_der);
+    let spki = signing
+        .as_ref()
+        .ok()
+        .and_then(|k| k.public_key())
+        .map(|spki| spki.as_ref().to_vec());
+    let refusal = match &signing {
+        Ok(_) => String::new(),
+        Err(e) => format!("not a usable RSA, ECDSA or Ed25519 key ({e})"),
+    };
+    let key = match (&spki, &signing) {
+        (Some(spki), _) => check::Key::Spki(spki),
+        (None, Ok(_)) => check::Key::Unusable("the key's public half cannot be derived"),
+        (None, Err(_)) => check::Key::Unusable(&refusal),
+    };
+    let (cert_text, key_text) = (
+        pair.cert.display().to_string(),
+        pair.key.display().to_string(),
+    );
+    let files = check::Files {
+        cert: &cert_text,
+        key: &key_text,
+    };
+    let inspection = check::inspect(files, &chain, key, now);
+    let errors: Vec<String> = inspection.errors().map(str::to_owned).collect();
+    let (Ok(signing), Some(leaf), true) = (signing, inspection.leaf.clone(), errors.is_empty())
+    else {
+        return Err(errors);
+    };
+    let key = CertifiedKey::new(chain, signing);
+    // inspect() already matched the key to the first certificate; this is rustls's own
+    // word on it, kept so a disagreement can never serve a mismatched pair.
+    key.keys_match().map_err(|e| {
+        vec![format!(
+            "private key {} does not match certificate {}: {e}",
+            pair.key.display(),
+            pair.cert.display()
+        )]
+    })?;
+    Ok(Accepted {
+        loaded: sni::Loaded {
+            key: Arc::new(key),
+            leaf,
+        },
+        warnings: inspection.warnings().map(str::to_owned).collect(),
+    })
+}
+
+fn read_chain(cert: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("reading certificate {}: {e}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -27,26 +131,64 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
             cert.display()
         ));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("reading private key {}: {e}", key.display()))?;
-    let config = ServerConfig::builder_with_provider(provider())
+    Ok(chain)
+}
+
+/// Every pair loaded and checked, plus the warnings (`--hostname` coverage included).
+pub struct Loaded {
+    pub certificates: Arc<Certificates>,
+    pub warnings: Vec<String>,
+}
+
+/// Loads every pair; `Err` holds every error of every pair.
+pub fn load_all(pairs: &[Pair], hostname: &str, now: i64) -> Result<Loaded, Vec<String>> {
+    if pairs.is_empty() {
+        return Err(vec!["no certificate: give --cert and --key".to_owned()]);
+    }
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let mut loaded = Vec::new();
+    for pair in pairs {
+        match load_pair(pair, now) {
+            Ok(accepted) => {
+                warnings.extend(accepted.warnings);
+                loaded.push((pair.clone(), accepted.loaded));
+            }
+            Err(e) => errors.extend(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    warnings.extend(check::hostname_warning(
+        hostname,
+        loaded.iter().map(|(_, l)| &l.leaf),
+    ));
+    Ok(Loaded {
+        certificates: Arc::new(Certificates::new(loaded)),
+        warnings,
+    })
+}
+
+/// The server config for `resolver`: the server's cipher order, no client certificates.
+pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<ServerConfig>, String> {
+    let mut config = ServerConfig::builder_with_provider(server_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS configuration: {e}"))?
         .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => format!(
-                "private key {} does not match certificate {}",
-                key.display(),
-                cert.display()
-            ),
-            other => format!(
-                "certificate {} / key {}: {other}",
-                cert.display(),
-                key.display()
-            ),
-        })?;
+        .with_cert_resolver(resolver);
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// One pair as a server config, for the demo's throw-away certificate.
+pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+    let pair = Pair {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+    };
+    let accepted = load_pair(&pair, check::now()).map_err(|e| e.join("\n"))?;
+    server_config(Arc::new(Certificates::new(vec![(pair, accepted.loaded)])))
 }
 
 /// The negotiated protocol version and cipher suite, for the session log line.

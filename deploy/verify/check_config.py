@@ -20,6 +20,7 @@ METRICS = {
     "postern_tls_handshakes_total", "postern_auth_attempts_total",
     "postern_backend_connections_total", "postern_bytes_total",
     "postern_session_duration_seconds", "postern_backend_up", "postern_reloads_total",
+    "postern_certificate_expiry_timestamp_seconds",
 }
 HISTOGRAMS = {"postern_session_duration_seconds"}
 IMAGE_ENTRYPOINT = "/usr/local/bin/postern"
