@@ -29,7 +29,8 @@
 //! - [`limits`]: per-network connection and AUTH-failure limits.
 //! - [`listener`]: accept loops and the connection limit.
 //! - [`server`]: `postern serve`: wiring, shared state, signals.
-//! - [`tls`]: certificate loading and the rustls configuration.
+//! - [`tls`]: certificate loading, the rustls configuration, certificates chosen by SNI
+//!   (`tls::sni`) and the usual chain mistakes (`tls::check`).
 //! - [`metrics`]: metric names, the Prometheus recorder, typed helpers.
 //! - [`admin`]: `/metrics`, `/healthz` and `/readyz` over HTTP (hyper).
 //! - [`reload`]: certificate and users reload on SIGHUP and file change.
