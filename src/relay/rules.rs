@@ -35,7 +35,7 @@ use memchr::memchr;
 use crate::smtp::command::Verb;
 use crate::smtp::data::{BodyRule, BodyScanner, BodyStep};
 use crate::smtp::ehlo::AUTH_LINE;
-use crate::smtp::line::{MAX_LINE, find_crlf};
+use crate::smtp::line::{MAX_RELAYED_LINE, find_crlf};
 use crate::smtp::reply::reply_code;
 use crate::smtp::{BackendReply, Canned, Capabilities, Reply, canned};
 
@@ -477,12 +477,12 @@ impl Rules {
                         break;
                     }
                     let Some(end) = find_crlf(rest) else {
-                        if rest.len() > MAX_LINE + 1 {
+                        if rest.len() > MAX_RELAYED_LINE + 1 {
                             self.local(canned::LINE_TOO_LONG, true, out);
                         }
                         break;
                     };
-                    if end > MAX_LINE {
+                    if end > MAX_RELAYED_LINE {
                         self.local(canned::LINE_TOO_LONG, true, out);
                         break;
                     }

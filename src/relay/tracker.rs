@@ -86,10 +86,13 @@ impl Tracker {
     /// ahead while the rules wait for the backend, so what the client pipelined is
     /// there to be read in order the moment the backend answers.
     pub fn client_space(&mut self) -> Option<&mut [u8]> {
+        // A client that sends commands postern answers itself and never reads the
+        // answers would otherwise grow `to_client` without bound.
         let wanted = !self.client_eof
             && !self.closing
             && !self.backend_write_failed
-            && self.to_backend.len() < MAX_BUFFER;
+            && self.to_backend.len() < MAX_BUFFER
+            && self.to_client.len() < MAX_BUFFER;
         if wanted {
             self.from_client.space()
         } else {
@@ -274,8 +277,10 @@ impl Tracker {
     /// Performs one call's ops. `side` is where the rules' input came from.
     fn apply(&mut self, out: &Output, side: Side) {
         for op in &out.ops {
-            if self.closing {
-                break;
+            // After the closing reply nothing more is written, but what is counted or
+            // given back to the store still is.
+            if self.closing && matches!(op, Op::Forward(_) | Op::Reply(_)) {
+                continue;
             }
             match op {
                 Op::Forward(range) => {

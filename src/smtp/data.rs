@@ -11,7 +11,9 @@
 //!   or LF right before it and right after it, other than `<CRLF>.<CRLF>` itself. Bare
 //!   LFs elsewhere pass unchanged (old devices send them, and no backend ends a
 //!   message at them);
-//! - with `--strict-data`, at any bare CR or LF.
+//! - with `--strict-data`, at any bare CR or LF;
+//! - either way, at a NUL: RFC 5322 text and RFC 6152 8-bit lines never hold one, and a
+//!   backend that drops NULs would read `<CRLF>NUL.<CRLF>` as the end.
 //!
 //! A body is searched with `memchr::memmem` for `<LF>.` and `<CR>.`, which are rare in
 //! real mail (a client dot-stuffs every line that starts with a dot), so scanning
@@ -130,8 +132,21 @@ impl BodyScanner {
     /// Scans the next bytes of the body.
     pub fn scan(&mut self, input: &[u8]) -> BodyStep {
         let step = match self.rule {
-            BodyRule::Strict => self.scan_strict(input),
-            BodyRule::Guarded | BodyRule::Discard => self.scan_dot_lines(input),
+            BodyRule::Discard => self.scan_dot_lines(input),
+            BodyRule::Strict | BodyRule::Guarded => {
+                let nul = memchr::memchr(0, input);
+                let upto = &input[..nul.unwrap_or(input.len())];
+                let step = if self.rule == BodyRule::Strict {
+                    self.scan_strict(upto)
+                } else {
+                    self.scan_dot_lines(upto)
+                };
+                match (step, nul) {
+                    // What was held back before the NUL is refused with it.
+                    (BodyStep::More(n), Some(_)) => BodyStep::Ambiguous(n),
+                    (step, _) => step,
+                }
+            }
         };
         if let BodyStep::More(n) = step {
             for &byte in &input[..n] {
@@ -321,10 +336,27 @@ mod tests {
             );
         }
         // At the very start of the body, the DATA line's CRLF comes first.
-        for body in [&b".\n"[..], b".\rX", b".\r\r\n"] {
+        for body in [&b".\n"[..], b".\rX", b".\r\r\n", b"\0.\r\n"] {
             assert_eq!(
                 every_chunking(BodyRule::Guarded, body),
                 Some(BodyStep::Ambiguous(0))
+            );
+        }
+    }
+
+    #[test]
+    fn a_nul_stops_the_body_but_not_before_a_real_end() {
+        for rule in [BodyRule::Guarded, BodyRule::Strict] {
+            // Cut at the NUL, or before a line ending still held back in front of it.
+            let cut = every_chunking(rule, b"hello\r\n\0.\r\nMAIL FROM:<e>\r\n");
+            assert!(
+                matches!(cut, Some(BodyStep::Ambiguous(5..=7))),
+                "{rule:?} {cut:?}"
+            );
+            assert_eq!(
+                every_chunking(rule, b"a\r\n.\r\n\0"),
+                Some(BodyStep::End(6)),
+                "{rule:?}"
             );
         }
     }

@@ -8,6 +8,12 @@
 /// CRLF is answered and disconnected rather than buffered.
 pub const MAX_LINE: usize = 12288;
 
+/// The longest command line relayed after AUTH, CRLF excluded: Postfix's
+/// `line_length_limit` (2048). RFC 5321 §4.5.3.1.4 lets extensions lengthen MAIL and
+/// RCPT past 512 (SIZE, BODY, AUTH=, ENVID, ORCPT stay well under 2048), and a longer
+/// line could be split in two by a backend with a fixed buffer.
+pub const MAX_RELAYED_LINE: usize = 2046;
+
 /// The longest ordinary command line, CRLF excluded (RFC 5321 §4.5.3.1.4: 512 with CRLF).
 pub const MAX_COMMAND_LINE: usize = 510;
 

@@ -4,7 +4,7 @@
 //! each side and what is counted must not depend on how the bytes arrived.
 
 use super::*;
-use crate::smtp::line::MAX_LINE;
+use crate::smtp::line::MAX_RELAYED_LINE;
 
 const HOST: &str = "postern.test";
 
@@ -461,7 +461,7 @@ fn command_lines_with_bare_line_endings_are_refused_not_forwarded() {
 #[test]
 fn an_endless_command_line_is_refused_and_closes() {
     let mut long = b"NOOP ".to_vec();
-    long.resize(MAX_LINE + 10, b'a');
+    long.resize(MAX_RELAYED_LINE + 10, b'a');
     let mut sim = Sim::new(settings(), NO_LOOKUP);
     sim.feed(C, &long);
     assert!(sim.run.closed);
@@ -554,9 +554,6 @@ fn by_default_a_body_with_an_end_of_data_lookalike_never_completes() {
     // Postfix 3.7 ends DATA at <LF>.<LF>, OpenSMTPD at <LF>.<CRLF> and <CRLF>.<LF>:
     // relayed, each of these would give the backend a second, unchecked message.
     for sequence in SMUGGLING {
-        if sequence.contains(&0) {
-            continue; // A NUL is not a line ending: see below.
-        }
         let (prefix, body) = smuggling_script(sequence);
         let script: &[(Dir, &[u8])] = &[
             (C, &prefix),
@@ -595,11 +592,18 @@ fn by_default_a_body_with_an_end_of_data_lookalike_never_completes() {
             );
         });
     }
-    // Bare LFs elsewhere, and a NUL next to a dot, pass unchanged.
-    for body in [
-        &b"Subject: old device\nline\n..stuffed\n\r\n.\r\n"[..],
-        b"hello\r\n\x00.\r\n\r\n.\r\n",
-    ] {
+    // A NUL, which a backend may drop (making <CRLF>NUL.<CRLF> an end), is refused too.
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"),
+        (B, b"250 ok\r\n250 ok\r\n354 go\r\n"),
+        (C, b"hello\r\n\x00.\r\nMAIL FROM:<e>\r\n\r\n.\r\n"),
+    ];
+    every_split(&settings(), NO_LOOKUP, script, |run, label| {
+        assert!(run.backend_closed && run.closed, "{label}");
+        assert!(!run.to_backend.contains(&0), "{label}");
+    });
+    // Bare LFs elsewhere pass unchanged.
+    for body in [&b"Subject: old device\nline\n..stuffed\n\r\n.\r\n"[..]] {
         let script: &[(Dir, &[u8])] = &[
             (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"),
             (B, b"250 ok\r\n250 ok\r\n354 go\r\n"),
@@ -1091,4 +1095,18 @@ fn nothing_queued_reaches_a_backend_that_answered_354_to_a_non_data_command() {
     assert!(tracker.closed_by_postern());
     assert!(tracker.backend_abandoned());
     assert!(tracker.to_backend().is_empty());
+}
+
+#[test]
+fn command_lines_after_login_stop_at_postfixs_line_limit() {
+    let mut longest = b"MAIL FROM:<a@x> ".to_vec();
+    longest.resize(MAX_RELAYED_LINE, b'x');
+    longest.extend_from_slice(b"\r\n");
+    let run = split_invariant(&settings(), NO_LOOKUP, &[(C, &longest)]);
+    assert_eq!(run.to_backend, longest);
+    let mut over = longest[..MAX_RELAYED_LINE].to_vec();
+    over.extend_from_slice(b"y\r\n");
+    let run = split_invariant(&settings(), NO_LOOKUP, &[(C, &over)]);
+    assert!(run.to_backend.is_empty() && run.closed);
+    assert_eq!(run.client_text(), "500 5.5.2 Line too long\r\n");
 }
