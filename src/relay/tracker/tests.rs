@@ -603,7 +603,10 @@ fn by_default_a_body_with_an_end_of_data_lookalike_never_completes() {
         assert!(!run.to_backend.contains(&0), "{label}");
     });
     // Bare LFs elsewhere pass unchanged.
-    for body in [&b"Subject: old device\nline\n..stuffed\n\r\n.\r\n"[..]] {
+    for body in [
+        &b"Subject: old device\nline\n..stuffed\n\r\n.\r\n"[..],
+        b"bare\nlines\n\nand a bare\rCR\r\n..\r\n.\r\n",
+    ] {
         let script: &[(Dir, &[u8])] = &[
             (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"),
             (B, b"250 ok\r\n250 ok\r\n354 go\r\n"),
