@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span};
 
 use crate::backend::{self, BackendConn, BackendError, Xclient};
-use crate::limits::ClientNet;
+use crate::limits::{Admission, AuthHistory, ClientNet};
 use crate::relay::{self, RelayEnd, RelayStats};
 use crate::sasl::{Credentials, Mechanism};
 use crate::server::{MxIdentity, Shared};
@@ -122,6 +122,7 @@ struct Client {
     buf: LineBuffer,
     shutdown: watch::Receiver<bool>,
     addrs: ClientAddrs,
+    auth_history: AuthHistory,
 }
 
 // The pre-AUTH phases (handshake, drive) are boxed: their futures hold read buffers and
@@ -149,6 +150,7 @@ async fn run(
         buf: LineBuffer::new(),
         shutdown: shared.shutdown.clone(),
         addrs,
+        auth_history: AuthHistory::default(),
     };
     let first_wait = shared.timeouts.first_command;
 
@@ -273,6 +275,7 @@ where
         buf,
         shutdown,
         addrs,
+        auth_history,
     } = client;
     let mut deadline = tokio::time::Instant::now() + first_wait;
     let mut out = Vec::new();
@@ -326,7 +329,15 @@ where
                             return Next::Closed(Outcome::IoError);
                         }
                         let net = ClientNet::from(addrs.client.ip());
-                        let verdict = authenticate(shared, net, mechanism, credentials).await;
+                        let verdict = authenticate(
+                            shared,
+                            auth_history,
+                            shutdown,
+                            net,
+                            mechanism,
+                            credentials,
+                        )
+                        .await;
                         actions.extend(session.on_verified(verdict));
                     }
                     Action::ConnectBackend {
@@ -479,36 +490,52 @@ const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Applies the failure limits, checks the credentials, and records the outcome.
 async fn authenticate(
     shared: &Shared,
+    history: &mut AuthHistory,
+    shutdown: &mut watch::Receiver<bool>,
     client: ClientNet,
     mechanism: Mechanism,
     credentials: Credentials,
 ) -> Verdict {
     let username = credentials.username().to_owned();
     let user_key = shared.user_key(&username);
-    let now = Instant::now();
-    let throttled_scope = if shared.ip_failures.is_blocked(&client, now) {
-        Some("ip")
-    } else if shared.user_failures.is_blocked(&user_key, now) {
-        Some("user")
-    } else {
-        None
+    let (ticket, delay) = match shared.auth_gate.admit(client, user_key, Instant::now()) {
+        Admission::Verify { ticket, delay } => (ticket, delay),
+        Admission::Refused(refusal) => {
+            let scope = refusal.label();
+            metrics::auth_throttled(scope);
+            info!(user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
+            return Verdict::Throttled;
+        }
     };
-    if let Some(scope) = throttled_scope {
-        metrics::auth_throttled(scope);
-        info!(user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
-        return Verdict::Throttled;
+    if !delay.is_zero() {
+        // The name is over its failure limit: slowed down from networks that have not
+        // failed it, so its owner can still log in. A drain does not wait for it.
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = crate::server::stopping(shutdown) => return Verdict::Throttled,
+        }
     }
     let Some(valid) = verify(shared, credentials).await else {
         metrics::auth_throttled("verifier");
         return Verdict::Throttled;
     };
     metrics::auth_attempt(mechanism.label(), valid);
+    let now = Instant::now();
     if valid {
+        ticket.succeeded(now);
+        let forgiven = history.succeeded(user_key, mechanism);
+        if forgiven > 0 {
+            shared.auth_gate.forgive(client, user_key, forgiven, now);
+            tracing::debug!(
+                forgiven,
+                mechanism = mechanism.label(),
+                "earlier failures with another mechanism not counted against the user"
+            );
+        }
         return Verdict::Valid;
     }
-    let now = Instant::now();
-    shared.ip_failures.record_failure(client, now);
-    shared.user_failures.record_failure(user_key, now);
+    ticket.failed(now);
+    history.failed(user_key, mechanism);
     // One line per failure, with the name tried, for fail2ban-style tooling.
     info!(user = ?Escaped(&username), mechanism = mechanism.label(), result = "failure", "authentication failed");
     Verdict::Invalid

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
-use crate::limits::{ClientNet, FailureWindow, PerNetConnections};
+use crate::limits::{AuthGate, AuthLimits, PerNetConnections};
 use crate::session::{Limits as SessionLimits, ListenerKind};
 use crate::smtp::{Capabilities, xclient};
 use crate::users::UserDb;
@@ -36,8 +36,7 @@ pub struct Shared {
     pub limits: SessionLimits,
     /// AUTH failures per client network and per user name (hashed, so a flood of long
     /// names cannot grow the table's memory).
-    pub ip_failures: FailureWindow<ClientNet>,
-    pub user_failures: FailureWindow<u64>,
+    pub auth_gate: Arc<AuthGate>,
     pub per_net: Arc<PerNetConnections>,
     /// What the post-AUTH relay enforces: sending limits, --strict-data.
     pub relay: Arc<crate::relay::Policy>,
@@ -375,14 +374,12 @@ pub async fn run(config: Config) -> Result<(), String> {
         verify_slots: Semaphore::new(verify_concurrency()),
         shutdown: shutdown_rx.clone(),
         limits: config.session_limits,
-        ip_failures: FailureWindow::new(
-            config.max_auth_failures_per_ip,
-            config.auth_failure_window,
-        ),
-        user_failures: FailureWindow::new(
-            config.max_auth_failures_per_user,
-            config.auth_failure_window,
-        ),
+        auth_gate: AuthGate::new(AuthLimits {
+            per_net: config.max_auth_failures_per_ip,
+            per_user: config.max_auth_failures_per_user,
+            window: config.auth_failure_window,
+            user_delay: config.session_limits.auth_failure_delay,
+        }),
         per_net: PerNetConnections::new(config.max_connections_per_ip),
         relay: config.relay,
         user_hasher: RandomState::new(),

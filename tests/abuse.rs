@@ -1,0 +1,181 @@
+//! Issue 12, the abuse defences, against the real binary with postern's default limits:
+//! no remote lockout of a user name, attempts counted before they are hashed,
+//! failures that take the same time whatever the user, pre-AUTH budgets, bounded logs,
+//! an empty users file refused, and the mechanisms EHLO offers.
+//!
+//! Client networks are told apart with PROXY headers from the trusted loopback
+//! (`--proxy-protocol --proxy-protocol-from 127.0.0.1/32`), one address per attempt.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::postern::{PosternBuilder, USER};
+use common::*;
+
+/// postern with its default limits, `/metrics`, and PROXY headers believed from loopback.
+fn behind_proxy(configure: impl FnOnce(PosternBuilder) -> PosternBuilder) -> (Postern, SocketAddr) {
+    let backend = RawBackend::start();
+    let admin = free_addr();
+    let builder = Postern::builder(backend.addr)
+        .default_limits()
+        .flag("--metrics-listen", admin.to_string())
+        .flag("--proxy-protocol", "true")
+        .flag("--proxy-protocol-from", "127.0.0.1/32");
+    let postern = configure(builder).start();
+    wait_until(STEP, "admin endpoint to accept", || {
+        accepts(admin).then_some(())
+    });
+    // The backend must outlive the test: leak it with the postern that uses it.
+    std::mem::forget(backend);
+    (postern, admin)
+}
+
+/// An implicit-TLS session from `client` (a PROXY v1 header), greeted and past EHLO.
+async fn from(postern: &Postern, client: &str) -> SmtpClient {
+    let mut c = SmtpClient::connect(postern.smtps).await;
+    let header = format!(
+        "PROXY TCP4 {client} 127.0.0.1 40000 {}\r\n",
+        postern.smtps.port()
+    );
+    c.send(header.as_bytes()).await;
+    c.upgrade(postern.tls_config()).await;
+    c.expect("220").await;
+    c.cmd("EHLO client.test", "250").await;
+    c
+}
+
+/// A users file whose costliest hash is sha512-crypt, so that a burst of verifications
+/// finishes well within the verifier queue's timeout and every admitted attempt is
+/// really hashed; no failure delay.
+fn cheap_hashes(builder: PosternBuilder) -> PosternBuilder {
+    let sha512 = common::postern::FIXTURE_USERS[0];
+    builder
+        .users_file(&[
+            &format!("{USER}:{{PLAIN}}{PASSWORD}"),
+            &format!("{}:{}", sha512.0, sha512.1),
+        ])
+        .flag("--auth-failure-delay", "0s")
+}
+
+// ---- 1. No remote lockout ---------------------------------------------------------------
+
+/// Wrong passwords for alice from many networks: those networks are refused for alice
+/// (even with the right password), a fresh network is slowed but gets in, with PLAIN and
+/// CRAM-MD5, and a network that logged in before the attack is neither refused nor slowed.
+#[tokio::test]
+async fn failures_for_a_user_refuse_only_the_networks_that_failed() {
+    let (postern, _) = behind_proxy(|b| {
+        b.flag("--max-auth-failures-per-user", "3")
+            .flag("--auth-failure-delay", "100ms")
+    });
+    let mut home = from(&postern, "192.0.2.1").await;
+    home.auth_plain(USER, PASSWORD, "235").await;
+    drop(home);
+
+    for i in 1..=6 {
+        let mut c = from(&postern, &format!("198.51.100.{i}")).await;
+        c.auth_plain(USER, "wrong", "535 5.7.8").await;
+    }
+    for i in 1..=6 {
+        let mut c = from(&postern, &format!("198.51.100.{i}")).await;
+        c.auth_plain(USER, PASSWORD, "454 4.7.0").await;
+    }
+
+    let start = Instant::now();
+    let mut home = from(&postern, "192.0.2.1").await;
+    home.auth_plain(USER, PASSWORD, "235").await;
+    let home_took = start.elapsed();
+    assert!(
+        home_took < Duration::from_millis(500),
+        "home slowed: {home_took:?}"
+    );
+
+    // Six failures over a limit of three: the name now waits 100 ms × 2^3.
+    let start = Instant::now();
+    let mut fresh = from(&postern, "203.0.113.7").await;
+    fresh.auth_plain(USER, PASSWORD, "235").await;
+    let fresh_took = start.elapsed();
+    assert!(
+        fresh_took >= Duration::from_millis(700),
+        "fresh network not slowed: {fresh_took:?}"
+    );
+
+    let mut cram = from(&postern, "203.0.113.8").await;
+    let r = cram.cmd("AUTH CRAM-MD5", "334").await;
+    cram.cmd(&cram_md5_response(USER, PASSWORD, &r.lines[0]), "235")
+        .await;
+    let log = postern.log();
+    assert!(
+        log.contains("scope=\"user\"") || log.contains("scope=user"),
+        "{log}"
+    );
+}
+
+// ---- 2. Count before you hash ---------------------------------------------------------
+
+/// 50 parallel wrong passwords from one address, each for its own name: no more than
+/// --max-auth-failures-per-ip (20) are ever hashed; the rest get 454 at once.
+#[tokio::test]
+async fn a_parallel_burst_from_one_network_verifies_no_more_than_the_limit() {
+    let (postern, admin) =
+        behind_proxy(|b| cheap_hashes(b).flag("--max-connections-per-ip", "200"));
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(from(&postern, "198.51.100.50").await);
+    }
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            c.line(&format!(
+                "AUTH PLAIN {}",
+                plain_response(&format!("guess{i}"), "x")
+            ))
+            .await;
+            c.read_reply().await.code
+        }));
+    }
+    let mut codes = Vec::new();
+    for task in tasks {
+        codes.push(within("burst reply", task).await.expect("task"));
+    }
+    let failed = codes.iter().filter(|&&c| c == 535).count();
+    let throttled = codes.iter().filter(|&&c| c == 454).count();
+    assert_eq!(failed + throttled, 50, "{codes:?}");
+    assert_eq!(failed, 20, "{codes:?}");
+    let verified = metric_sum(admin, "postern_auth_attempts_total")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(verified, 20.0);
+}
+
+/// The same burst for one name: no more than --max-auth-failures-per-user (10).
+#[tokio::test]
+async fn a_parallel_burst_for_one_name_verifies_no_more_than_the_user_limit() {
+    let (postern, admin) =
+        behind_proxy(|b| cheap_hashes(b).flag("--max-connections-per-ip", "200"));
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(from(&postern, "198.51.100.60").await);
+    }
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        tasks.push(tokio::spawn(async move {
+            c.line(&format!("AUTH PLAIN {}", plain_response("sha512", "x")))
+                .await;
+            c.read_reply().await.code
+        }));
+    }
+    let mut failed = 0;
+    for task in tasks {
+        if within("burst reply", task).await.expect("task") == 535 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 10);
+    let verified = metric_sum(admin, "postern_auth_attempts_total")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(verified, 10.0);
+}
