@@ -179,3 +179,63 @@ async fn a_parallel_burst_for_one_name_verifies_no_more_than_the_user_limit() {
         .unwrap_or(0.0);
     assert_eq!(verified, 10.0);
 }
+
+// ---- 6. Users file ----------------------------------------------------------------------
+
+/// A users file with comments only: `serve` and `check` refuse it and say why.
+#[test]
+fn a_users_file_without_users_is_refused_at_start_up_and_by_check() {
+    for (what, out) in [
+        (
+            "serve",
+            Postern::builder(free_addr())
+                .users_file(&["# nobody yet", ""])
+                .run_to_exit(),
+        ),
+        (
+            "check",
+            Postern::builder(free_addr())
+                .users_file(&["# nobody yet", ""])
+                .check(),
+        ),
+    ] {
+        assert_eq!(out.status.code(), Some(1), "{what}: {out}");
+        assert!(
+            out.stderr
+                .contains("no users: the file must name at least one user"),
+            "{what}: {out}"
+        );
+    }
+}
+
+/// Emptied on disk, the users file is refused: the old users keep working, the error is
+/// counted and logged.
+#[tokio::test]
+async fn a_users_file_emptied_on_disk_is_refused_and_the_old_users_stay() {
+    let (postern, admin) = behind_proxy(|b| b);
+    std::fs::write(postern.users_path(), "# emptied by mistake\n").expect("write users");
+    let deadline = Instant::now() + STEP;
+    loop {
+        let (_, body) = http_get(admin, "/metrics").await;
+        let errors = body
+            .lines()
+            .find_map(|l| l.strip_prefix("postern_reloads_total{result=\"error\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if errors >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reload error counted:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = postern.log();
+    assert!(
+        log.contains("users file reload refused") && log.contains("no users"),
+        "{log}"
+    );
+    let mut c = from(&postern, "192.0.2.9").await;
+    c.auth_plain(USER, PASSWORD, "235").await;
+}
