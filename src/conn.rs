@@ -22,6 +22,7 @@ use crate::server::{MxIdentity, Shared};
 use crate::session::{Action, ChallengeSource, ListenerKind, Session, Verdict};
 use crate::smtp::line::LineTooLong;
 use crate::smtp::{LineBuffer, Reply, canned};
+use crate::users::Check;
 use crate::{metrics, tls};
 
 /// Bytes asked of the socket per read before AUTH; commands are small.
@@ -515,10 +516,11 @@ async fn authenticate(
             () = crate::server::stopping(shutdown) => return Verdict::Throttled,
         }
     }
-    let Some(valid) = verify(shared, credentials).await else {
+    let Some((check, took)) = verify(shared, credentials).await else {
         metrics::auth_throttled("verifier");
         return Verdict::Throttled;
     };
+    let valid = check.valid;
     metrics::auth_attempt(mechanism.label(), valid);
     let now = Instant::now();
     if valid {
@@ -536,6 +538,14 @@ async fn authenticate(
     }
     ticket.failed(now);
     history.failed(user_key, mechanism);
+    // Every failure answers after the costliest hash's time, so response times tell
+    // neither which names exist nor how each is stored (the verifier slot is free again:
+    // this waits without holding CPU).
+    shared.failure_pace.observe(took, check.decoy_work);
+    tokio::select! {
+        () = tokio::time::sleep(shared.failure_pace.pad(took)) => {}
+        () = crate::server::stopping(shutdown) => {}
+    }
     // One line per failure, with the name tried, for fail2ban-style tooling.
     info!(user = ?Escaped(&username), mechanism = mechanism.label(), result = "failure", "authentication failed");
     Verdict::Invalid
@@ -543,22 +553,38 @@ async fn authenticate(
 
 /// Checks credentials on the blocking pool: a KDF takes ~100 ms of CPU and must not
 /// stall the reactor. The semaphore bounds how many run at once; `None` if none was
-/// free in time.
-async fn verify(shared: &Shared, credentials: Credentials) -> Option<bool> {
+/// free in time. Also returns how long the check itself took (not the queue).
+async fn verify(shared: &Shared, credentials: Credentials) -> Option<(Check, Duration)> {
     let users = shared.users();
     let permit = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, shared.verify_slots.acquire()).await;
     let Ok(Ok(_permit)) = permit else {
         return None;
     };
-    let check = tokio::task::spawn_blocking(move || match &credentials {
-        Credentials::Password { username, password } => users.verify_password(username, password),
-        Credentials::CramMd5 {
-            username,
-            challenge,
-            digest,
-        } => users.verify_cram_md5(username, challenge, digest),
+    let check = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let check = match &credentials {
+            Credentials::Password { username, password } => {
+                users.check_password(username, password)
+            }
+            Credentials::CramMd5 {
+                username,
+                challenge,
+                digest,
+            } => Check {
+                valid: users.verify_cram_md5(username, challenge, digest),
+                decoy_work: false,
+            },
+        };
+        (check, started.elapsed())
     });
-    Some(check.await.unwrap_or(false))
+    let failed = (
+        Check {
+            valid: false,
+            decoy_work: false,
+        },
+        Duration::ZERO,
+    );
+    Some(check.await.unwrap_or(failed))
 }
 
 /// RFC 2195 challenge `<random.timestamp@hostname>`, fresh from the CSPRNG each time.

@@ -489,6 +489,44 @@ impl Drop for AuthTicket {
     }
 }
 
+/// How long a failed AUTH takes at least, so that a failure answers after the same time
+/// whatever the user: unknown, `{PLAIN}`, a cheap hash, a costly one or CRAM-MD5. The
+/// target follows the costliest verification seen (the decoy, see
+/// `users::Check::decoy_work`): it rises quickly when a failure took longer, so a hash the
+/// cost model underrated is still covered, and falls slowly with the decoy's own samples
+/// once the machine is less busy. Durations are passed in.
+#[derive(Debug, Default)]
+pub struct FailurePace {
+    estimate: Mutex<Duration>,
+}
+
+impl FailurePace {
+    /// A first sample of the decoy's time, measured before any client failed.
+    pub fn seed(&self, decoy: Duration) {
+        let mut estimate = lock(&self.estimate);
+        *estimate = (*estimate).max(decoy);
+    }
+
+    /// A failed verification took `took`; `decoy_work` if it cost what the decoy costs.
+    pub fn observe(&self, took: Duration, decoy_work: bool) {
+        let mut estimate = lock(&self.estimate);
+        let current = *estimate;
+        if took > current {
+            *estimate = current + (took - current) / 2;
+        } else if decoy_work {
+            *estimate = current - (current - took) / 8;
+        }
+    }
+
+    /// How long to wait after a failed verification that took `took`. The target sits a
+    /// quarter above the estimate, so that the decoy's own failures are padded too and
+    /// every failure ends at the same moment, not only the cheap ones.
+    pub fn pad(&self, took: Duration) -> Duration {
+        let target = *lock(&self.estimate) * 5 / 4;
+        target.saturating_sub(took)
+    }
+}
+
 /// One connection's failed attempts, so that a client that fails one mechanism and
 /// succeeds with the next (smtplib tries CRAM-MD5 first, which a hashed user cannot
 /// pass) is not counted as guessing passwords.
@@ -740,5 +778,25 @@ mod tests {
         assert_eq!(history.succeeded(ALICE, Mechanism::Plain), 1);
         assert_eq!(history.succeeded(ALICE, Mechanism::Login), 0);
         assert_eq!(history.succeeded(BOB, Mechanism::Plain), 1);
+    }
+
+    #[test]
+    fn failure_pace_pads_every_failure_to_the_costliest() {
+        let ms = Duration::from_millis;
+        let pace = FailurePace::default();
+        pace.seed(ms(100));
+        // A cheap failure waits until the target, a quarter above the decoy's time...
+        assert_eq!(pace.pad(ms(0)), ms(125));
+        assert_eq!(pace.pad(ms(3)), ms(122));
+        // ...and so does the decoy itself.
+        assert_eq!(pace.pad(ms(100)), ms(25));
+        // Cheap samples never pull the target down; the decoy's do, slowly.
+        pace.observe(ms(1), false);
+        assert_eq!(pace.pad(ms(0)), ms(125));
+        pace.observe(ms(60), true);
+        assert_eq!(pace.pad(ms(0)), ms(118) + Duration::from_micros(750));
+        // A costlier hash than expected raises it at once by half the difference.
+        pace.observe(ms(295), false);
+        assert_eq!(pace.pad(ms(0)), ms(243) + Duration::from_micros(750));
     }
 }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
-use crate::limits::{AuthGate, AuthLimits, PerNetConnections};
+use crate::limits::{AuthGate, AuthLimits, FailurePace, PerNetConnections};
 use crate::session::{Limits as SessionLimits, ListenerKind};
 use crate::smtp::{Capabilities, xclient};
 use crate::users::UserDb;
@@ -37,6 +37,8 @@ pub struct Shared {
     /// AUTH failures per client network and per user name (hashed, so a flood of long
     /// names cannot grow the table's memory).
     pub auth_gate: Arc<AuthGate>,
+    /// How long a failed AUTH takes at least (the costliest hash's time).
+    pub failure_pace: Arc<FailurePace>,
     pub per_net: Arc<PerNetConnections>,
     /// What the post-AUTH relay enforces: sending limits, --strict-data.
     pub relay: Arc<crate::relay::Policy>,
@@ -92,6 +94,11 @@ impl Shared {
     /// New verifications use `users`; a verification already running keeps its copy.
     pub fn replace_users(&self, users: UserDb) {
         let users = Arc::new(users);
+        // A costlier decoy in the new file must pace failures from the first one on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (pace, users) = (self.failure_pace.clone(), users.clone());
+            runtime.spawn_blocking(move || pace.seed(users.time_decoy()));
+        }
         match self.users.write() {
             Ok(mut guard) => *guard = users,
             Err(poisoned) => *poisoned.into_inner() = users,
@@ -307,8 +314,13 @@ const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs the proxy until SIGTERM or SIGINT, then drains.
 pub async fn run(config: Config) -> Result<(), String> {
     let tls = tls::load_server_config(&config.cert, &config.key)?;
-    let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
+    let users = Arc::new(UserDb::load(&config.users).map_err(|e| e.to_string())?);
     info!(users = users.len(), "users loaded");
+    let failure_pace = Arc::new(FailurePace::default());
+    let decoy = users.clone();
+    if let Ok(took) = tokio::task::spawn_blocking(move || decoy.time_decoy()).await {
+        failure_pace.seed(took);
+    }
     if config.mx_identity == Some(MxIdentity::Unidentified) {
         warn!("{MX_UNIDENTIFIED}");
     }
@@ -380,6 +392,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             window: config.auth_failure_window,
             user_delay: config.session_limits.auth_failure_delay,
         }),
+        failure_pace,
         per_net: PerNetConnections::new(config.max_connections_per_ip),
         relay: config.relay,
         user_hasher: RandomState::new(),
@@ -389,7 +402,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         proxy_protocol_from: config.proxy_protocol_from,
         capabilities: caps_rx,
         tls: RwLock::new(tls),
-        users: RwLock::new(Arc::new(users)),
+        users: RwLock::new(users),
     });
     if let Some((handle, listener)) = prometheus {
         let readiness = admin::Readiness {

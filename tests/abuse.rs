@@ -213,7 +213,12 @@ fn a_users_file_without_users_is_refused_at_start_up_and_by_check() {
 #[tokio::test]
 async fn a_users_file_emptied_on_disk_is_refused_and_the_old_users_stay() {
     let (postern, admin) = behind_proxy(|b| b);
+    // A served session means the file watcher (started before the accept loops) has
+    // taken the file's first fingerprint.
+    let mut c = from(&postern, "192.0.2.9").await;
+    c.auth_plain(USER, PASSWORD, "235").await;
     std::fs::write(postern.users_path(), "# emptied by mistake\n").expect("write users");
+    postern.signal("HUP");
     let deadline = Instant::now() + STEP;
     loop {
         let (_, body) = http_get(admin, "/metrics").await;
@@ -238,4 +243,62 @@ async fn a_users_file_emptied_on_disk_is_refused_and_the_old_users_stay() {
     );
     let mut c = from(&postern, "192.0.2.9").await;
     c.auth_plain(USER, PASSWORD, "235").await;
+}
+
+// ---- 3. Constant-time failures ----------------------------------------------------------
+
+/// A wrong password for an unknown name, a `{PLAIN}` user, sha512-crypt at its default and
+/// at `rounds=10000`, and argon2id (the costliest): medians over 30 tries each, taken in
+/// turn, differ by less than 5 ms.
+#[tokio::test]
+async fn failures_take_the_same_time_whatever_the_user() {
+    let backend = RawBackend::start();
+    let sha512 = common::postern::FIXTURE_USERS[0];
+    // argon2id at 4 MiB (the fixture's argon2 CLI hash) rather than 64 MiB keeps the test
+    // short; it is still the costliest hash here, and so the decoy.
+    let postern = Postern::builder(backend.addr)
+        .users_file(&[
+            &format!("{USER}:{{PLAIN}}{PASSWORD}"),
+            &format!("{}:{}", sha512.0, sha512.1),
+            "rounds:{SHA512-CRYPT}$6$rounds=10000$abc$3DDOWZMNRRKDT142bUtYQRY52ycK/xshRXOQgIyt2QRXzLDnoPq6v4lO9bA3f/JhGz1mHrAh.QUDGHmaE5RxP.",
+            "argon2:{ARGON2ID}$argon2id$v=19$m=4096,t=3,p=1$c29tZXNhbHQ$JSTtCfuzyWAVVZF1mjNyip+A7CCi5xkKhBoPdXSPbqs",
+        ])
+        .flag("--auth-failure-delay", "0s")
+        .start();
+    let users = ["nobody-such", USER, "sha512", "rounds", "argon2"];
+    let (mut c, _) = postern.implicit().await;
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); users.len()];
+    for round in 0..32 {
+        for (i, user) in users.iter().enumerate() {
+            let start = Instant::now();
+            c.auth_plain(user, "wrong", "535 5.7.8").await;
+            // Two rounds to settle the pacing before measuring.
+            if round >= 2 {
+                times[i].push(start.elapsed());
+            }
+        }
+    }
+    let medians: Vec<Duration> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort();
+            t[t.len() / 2]
+        })
+        .collect();
+    let (min, max) = (
+        medians.iter().min().copied().unwrap_or_default(),
+        medians.iter().max().copied().unwrap_or_default(),
+    );
+    let report: Vec<String> = users
+        .iter()
+        .zip(&medians)
+        .map(|(u, m)| format!("{u}: {m:?}"))
+        .collect();
+    eprintln!("failure medians: {}", report.join(", "));
+    assert!(
+        max - min < Duration::from_millis(5),
+        "medians differ by {:?}: {}",
+        max - min,
+        report.join(", ")
+    );
 }
