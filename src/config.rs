@@ -283,6 +283,19 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_HIDE_CHUNKING")]
     pub hide_chunking: bool,
     // --- end relay tracker ---
+
+    // --- Abuse defences before AUTH (src/limits.rs, src/session.rs) ---
+    /// Total time from connect to a successful AUTH (an MX session: to its first MAIL);
+    /// a session still without it gets 421 4.7.0 and is closed.
+    #[arg(long, env = "POSTERN_AUTH_DEADLINE", value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub auth_deadline: Duration,
+
+    /// NOOP, RSET, EHLO/HELO, HELP, VRFY and unknown commands a session may send before
+    /// AUTH (as Postfix's smtpd_junk_command_limit); one more gets 421 4.7.0 and the
+    /// connection is closed.
+    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_junk_commands: u32,
+    // --- end abuse defences ---
     /// Log format.
     #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

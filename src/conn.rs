@@ -19,7 +19,7 @@ use crate::limits::{Admission, AuthHistory, ClientNet};
 use crate::relay::{self, RelayEnd, RelayStats};
 use crate::sasl::{Credentials, Mechanism};
 use crate::server::{MxIdentity, Shared};
-use crate::session::{Action, ChallengeSource, ListenerKind, Session, Verdict};
+use crate::session::{Action, ChallengeSource, ListenerKind, Rejection, Session, Verdict};
 use crate::smtp::line::LineTooLong;
 use crate::smtp::{LineBuffer, Reply, canned};
 use crate::users::Check;
@@ -124,6 +124,8 @@ struct Client {
     shutdown: watch::Receiver<bool>,
     addrs: ClientAddrs,
     auth_history: AuthHistory,
+    /// When the session must have authenticated (or, on MX, sent MAIL) by.
+    auth_deadline: tokio::time::Instant,
 }
 
 // The pre-AUTH phases (handshake, drive) are boxed: their futures hold read buffers and
@@ -152,6 +154,7 @@ async fn run(
         shutdown: shared.shutdown.clone(),
         addrs,
         auth_history: AuthHistory::default(),
+        auth_deadline: tokio::time::Instant::now() + shared.timeouts.auth_deadline,
     };
     let first_wait = shared.timeouts.first_command;
 
@@ -277,7 +280,9 @@ where
         shutdown,
         addrs,
         auth_history,
+        auth_deadline,
     } = client;
+    let auth_deadline = *auth_deadline;
     let mut deadline = tokio::time::Instant::now() + first_wait;
     let mut out = Vec::new();
     let mut actions = VecDeque::new();
@@ -313,6 +318,9 @@ where
                             tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
                         if session.auth_failures_exhausted() {
                             metrics::auth_throttled("connection");
+                        }
+                        if let Some(rejection) = session.rejection() {
+                            metrics::connection_rejected(rejection.label());
                         }
                         return Next::Closed(if session.quit() {
                             Outcome::Quit
@@ -416,19 +424,30 @@ where
             return Next::Closed(Outcome::IoError);
         }
 
-        let read = tokio::select! {
-            read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => read,
-            () = crate::server::stopping(shutdown) => {
-                let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
-                return Next::Closed(Outcome::ShuttingDown);
+        // A timeout polls its future first: a client that always has a byte ready would
+        // never see the AUTH deadline pass, so it is checked before each read too.
+        let read = if tokio::time::Instant::now() >= auth_deadline {
+            None
+        } else {
+            tokio::select! {
+                read = tokio::time::timeout_at(deadline.min(auth_deadline), stream.read(&mut chunk)) => read.ok(),
+                () = crate::server::stopping(shutdown) => {
+                    let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
+                    return Next::Closed(Outcome::ShuttingDown);
+                }
             }
         };
         match read {
-            Ok(Ok(0)) => return Next::Closed(Outcome::ClientClosed),
-            Ok(Ok(n)) => buf.extend(&chunk[..n]),
-            Ok(Err(_)) => return Next::Closed(Outcome::IoError),
-            Err(_elapsed) => {
-                actions.extend(session.on_timeout());
+            Some(Ok(0)) => return Next::Closed(Outcome::ClientClosed),
+            Some(Ok(n)) => buf.extend(&chunk[..n]),
+            Some(Err(_)) => return Next::Closed(Outcome::IoError),
+            None => {
+                if tokio::time::Instant::now() >= auth_deadline {
+                    metrics::connection_rejected(Rejection::AuthDeadline.label());
+                    actions.extend(session.on_auth_deadline());
+                } else {
+                    actions.extend(session.on_timeout());
+                }
                 let mut timeout_reply = Vec::new();
                 for action in actions.drain(..) {
                     if let Action::Reply(reply) = action {
@@ -504,7 +523,10 @@ async fn authenticate(
         Admission::Refused(refusal) => {
             let scope = refusal.label();
             metrics::auth_throttled(scope);
-            info!(user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
+            // A refused run repeats fast: one line per network and interval, counted.
+            if let Some(events) = shared.throttle_log.note(client, Instant::now()) {
+                info!(net = %client, events, user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
+            }
             return Verdict::Throttled;
         }
     };
@@ -635,13 +657,64 @@ async fn flush<S: AsyncWrite + Unpin>(
     result
 }
 
+/// Logs the throttle events held back by [`Shared::throttle_log`] once their network's
+/// interval is over, until the process exits.
+pub async fn report_throttles(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::limits::THROTTLE_LOG_INTERVAL / 4);
+    loop {
+        tick.tick().await;
+        for (net, events) in shared.throttle_log.due(Instant::now()) {
+            info!(net = %net, events, "authentication throttled");
+        }
+    }
+}
+
+/// Most octets of a client-supplied string that a log line carries: AUTH lines may be
+/// 12 KB, and a name that long, logged per attempt, would flood the log.
+const MAX_LOGGED: usize = 256;
+
 /// Client-supplied text for logs: control characters (CR/LF above all) escaped, so a
-/// user name cannot forge log lines.
+/// user name cannot forge log lines, and cut to [`MAX_LOGGED`] octets with a marker
+/// saying how many were left out.
 struct Escaped<'a>(&'a str);
 
 impl fmt::Debug for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.escape_debug())
+        let text = self.0;
+        if text.len() <= MAX_LOGGED {
+            return write!(f, "{}", text.escape_debug());
+        }
+        let mut cut = MAX_LOGGED;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (kept, left) = text.split_at(cut);
+        write!(f, "{}…[+{} octets]", kept.escape_debug(), left.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_names_are_escaped_and_cut() {
+        for (name, expected) in [
+            ("alice".to_owned(), "alice".to_owned()),
+            ("a\r\nb".to_owned(), "a\\r\\nb".to_owned()),
+            ("x".repeat(256), "x".repeat(256)),
+            (
+                "x".repeat(12_288),
+                format!("{}…[+12032 octets]", "x".repeat(256)),
+            ),
+            // Never cut inside a character: é is two octets, the cut falls back one.
+            (
+                format!("{}é{}", "x".repeat(255), "y".repeat(10)),
+                format!("{}…[+12 octets]", "x".repeat(255)),
+            ),
+        ] {
+            assert_eq!(format!("{:?}", Escaped(&name)), expected);
+        }
     }
 }
 
@@ -653,4 +726,6 @@ pub struct Timeouts {
     pub command: Duration,
     pub backend: Duration,
     pub relay_idle: Duration,
+    /// From connect to a successful AUTH (an MX session: to its first MAIL).
+    pub auth_deadline: Duration,
 }

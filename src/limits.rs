@@ -42,6 +42,20 @@ impl From<IpAddr> for ClientNet {
     }
 }
 
+/// As logs show it: an IPv4 address, or an IPv6 /64 as `2001:db8:1:2::/64`.
+impl std::fmt::Display for ClientNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientNet::V4(octets) => write!(f, "{}", std::net::Ipv4Addr::from(*octets)),
+            ClientNet::V6Prefix(prefix) => {
+                let mut octets = [0u8; 16];
+                octets[..8].copy_from_slice(prefix);
+                write!(f, "{}/64", std::net::Ipv6Addr::from(octets))
+            }
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The tables hold plain counters; a panic elsewhere cannot leave them inconsistent.
     mutex
@@ -527,6 +541,92 @@ impl FailurePace {
     }
 }
 
+/// How often repeated throttle events from one network make a log line.
+pub const THROTTLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Keeps throttle events from flooding the log: the first event from a network is logged
+/// at once, the rest are counted and reported in one line per network per interval. A
+/// brute-force run refused thousands of times a minute costs a line a minute.
+#[derive(Debug)]
+pub struct ThrottleLog {
+    interval: Duration,
+    entries: Mutex<HashMap<ClientNet, Held>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// When the current interval began (the last line logged for the network).
+    since: Instant,
+    /// Events since then that were not logged.
+    count: u64,
+}
+
+impl ThrottleLog {
+    pub fn new(interval: Duration) -> Self {
+        ThrottleLog {
+            interval,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One throttle event from `net`: `Some(n)` if a line is due now, reporting `n`
+    /// events (this one and any held back), `None` if it is held back.
+    pub fn note(&self, net: ClientNet, now: Instant) -> Option<u64> {
+        let mut entries = lock(&self.entries);
+        match entries.get_mut(&net) {
+            Some(held) if now.saturating_duration_since(held.since) < self.interval => {
+                held.count += 1;
+                None
+            }
+            Some(held) => {
+                let events = held.count + 1;
+                *held = Held {
+                    since: now,
+                    count: 0,
+                };
+                Some(events)
+            }
+            None => {
+                if entries.len() >= MAX_TRACKED {
+                    // Full: an arbitrary network loses its held-back count, never memory.
+                    if let Some(victim) = entries.keys().next().copied() {
+                        entries.remove(&victim);
+                    }
+                }
+                entries.insert(
+                    net,
+                    Held {
+                        since: now,
+                        count: 0,
+                    },
+                );
+                Some(1)
+            }
+        }
+    }
+
+    /// The networks whose interval is over with events held back, and how many: one line
+    /// each is due. Networks quiet for a whole interval are forgotten.
+    pub fn due(&self, now: Instant) -> Vec<(ClientNet, u64)> {
+        let mut due = Vec::new();
+        lock(&self.entries).retain(|net, held| {
+            if now.saturating_duration_since(held.since) < self.interval {
+                return true;
+            }
+            if held.count == 0 {
+                return false;
+            }
+            due.push((*net, held.count));
+            *held = Held {
+                since: now,
+                count: 0,
+            };
+            true
+        });
+        due
+    }
+}
+
 /// One connection's failed attempts, so that a client that fails one mechanism and
 /// succeeds with the next (smtplib tries CRAM-MD5 first, which a hashed user cannot
 /// pass) is not counted as guessing passwords.
@@ -798,5 +898,33 @@ mod tests {
         // A costlier hash than expected raises it at once by half the difference.
         pace.observe(ms(295), false);
         assert_eq!(pace.pad(ms(0)), ms(243) + Duration::from_micros(750));
+    }
+
+    #[test]
+    fn throttle_log_reports_one_line_per_network_per_interval() {
+        let log = ThrottleLog::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let a = ClientNet::V4([192, 0, 2, 1]);
+        let b = ClientNet::V4([192, 0, 2, 2]);
+        assert_eq!(log.note(a, t0), Some(1));
+        for i in 0..100 {
+            assert_eq!(log.note(a, t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(log.note(b, t0), Some(1));
+        assert!(log.due(t0 + Duration::from_secs(59)).is_empty());
+        // The interval ends: one line for a's 100 held-back events; b had none.
+        assert_eq!(log.due(t0 + Duration::from_secs(60)), vec![(a, 100)]);
+        assert_eq!(log.note(a, t0 + Duration::from_secs(61)), None);
+        // An event after the interval reports itself and what was held back.
+        assert_eq!(log.note(a, t0 + Duration::from_secs(121)), Some(2));
+        // b was quiet for a whole interval: forgotten, so its next event logs at once.
+        assert_eq!(log.note(b, t0 + Duration::from_secs(200)), Some(1));
+    }
+
+    #[test]
+    fn client_nets_display_as_an_address_or_a_64() {
+        let v6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
+        assert_eq!(ClientNet::from(v6).to_string(), "2001:db8:1:2::/64");
+        assert_eq!(ClientNet::V4([192, 0, 2, 7]).to_string(), "192.0.2.7");
     }
 }

@@ -15,7 +15,9 @@ use tracing::{info, warn};
 
 use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
-use crate::limits::{AuthGate, AuthLimits, FailurePace, PerNetConnections};
+use crate::limits::{
+    AuthGate, AuthLimits, FailurePace, PerNetConnections, THROTTLE_LOG_INTERVAL, ThrottleLog,
+};
 use crate::session::{Limits as SessionLimits, ListenerKind};
 use crate::smtp::{Capabilities, xclient};
 use crate::users::UserDb;
@@ -39,6 +41,8 @@ pub struct Shared {
     pub auth_gate: Arc<AuthGate>,
     /// How long a failed AUTH takes at least (the costliest hash's time).
     pub failure_pace: Arc<FailurePace>,
+    /// Throttle log lines held back per network.
+    pub throttle_log: ThrottleLog,
     pub per_net: Arc<PerNetConnections>,
     /// What the post-AUTH relay enforces: sending limits, --strict-data.
     pub relay: Arc<crate::relay::Policy>,
@@ -204,6 +208,7 @@ impl Config {
                 command: args.command_timeout,
                 backend: args.backend_timeout,
                 relay_idle: args.relay_idle_timeout,
+                auth_deadline: args.auth_deadline,
             },
             probe_interval: args.probe_interval,
             metrics_listen: args.metrics_listen,
@@ -214,6 +219,7 @@ impl Config {
                 max_errors: args.max_errors,
                 max_auth_failures: args.max_auth_failures,
                 auth_failure_delay: args.auth_failure_delay,
+                max_junk_commands: args.max_junk_commands,
             },
             max_auth_failures_per_ip: args.max_auth_failures_per_ip,
             max_auth_failures_per_user: args.max_auth_failures_per_user,
@@ -393,6 +399,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             user_delay: config.session_limits.auth_failure_delay,
         }),
         failure_pace,
+        throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
         per_net: PerNetConnections::new(config.max_connections_per_ip),
         relay: config.relay,
         user_hasher: RandomState::new(),
@@ -417,6 +424,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         users: config.users,
     };
     tokio::spawn(reload::watch(shared.clone(), paths));
+    tokio::spawn(crate::conn::report_throttles(shared.clone()));
 
     let slots = Arc::new(Semaphore::new(config.max_connections as usize));
     for (listener, kind) in bound {

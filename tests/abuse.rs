@@ -302,3 +302,133 @@ async fn failures_take_the_same_time_whatever_the_user() {
         report.join(", ")
     );
 }
+
+// ---- 4. Pre-AUTH budgets --------------------------------------------------------------
+
+/// Sum of `postern_connections_rejected_total{reason="<reason>"}`.
+async fn rejected(admin: SocketAddr, reason: &str) -> f64 {
+    let (_, body) = http_get(admin, "/metrics").await;
+    let prefix = format!("postern_connections_rejected_total{{reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A client that keeps talking but never logs in is closed at --auth-deadline, even
+/// while every command is answered in time; so is an MX client that never sends MAIL.
+#[tokio::test]
+async fn the_auth_deadline_closes_a_session_that_never_logs_in() {
+    let backend = RawBackend::start();
+    let admin = free_addr();
+    let mx = free_addr();
+    let postern = Postern::builder(backend.addr)
+        .default_limits()
+        .flag("--metrics-listen", admin.to_string())
+        .flag("--auth-deadline", "1500ms")
+        .flag("--listen-mx", mx.to_string())
+        .flag("--xclient", "true")
+        .start();
+    wait_until(STEP, "admin endpoint", || accepts(admin).then_some(()));
+    let start = Instant::now();
+    let (mut c, _) = postern.implicit().await;
+    loop {
+        c.line("NOOP").await;
+        let r = c.read_reply().await;
+        if r.code == 421 {
+            assert!(
+                r.raw
+                    .starts_with("421 4.7.0 Too long without authentication"),
+                "{}",
+                r.raw
+            );
+            break;
+        }
+        assert_eq!(r.code, 250, "{}", r.raw);
+        assert!(start.elapsed() < Duration::from_secs(5), "no deadline");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        start.elapsed()
+    );
+    c.expect_closed().await;
+
+    let mut m = SmtpClient::connect(mx).await;
+    m.expect("220").await;
+    m.cmd("EHLO peer.test", "250").await;
+    m.expect("421 4.7.0").await;
+    m.expect_closed().await;
+    assert_eq!(rejected(admin, "auth_deadline").await, 2.0);
+}
+
+/// The 101st junk command before AUTH gets 421 4.7.0 and a close.
+#[tokio::test]
+async fn junk_commands_before_auth_are_limited() {
+    let backend = RawBackend::start();
+    let admin = free_addr();
+    let postern = Postern::builder(backend.addr)
+        .default_limits()
+        .flag("--metrics-listen", admin.to_string())
+        .start();
+    wait_until(STEP, "admin endpoint", || accepts(admin).then_some(()));
+    let (mut c, _) = postern.implicit().await; // its EHLO is the first
+    // VRFY, HELP and unknown verbs are errors too (530, 500): a few, under --max-errors.
+    for i in 1..100 {
+        let line = match i {
+            10 => "VRFY root",
+            20 => "HELP",
+            30 => "XYZZY",
+            _ => ["NOOP", "RSET", "HELO c", "EHLO c"][i % 4],
+        };
+        c.cmd(line, "").await;
+    }
+    c.cmd("NOOP", "421 4.7.0 Too many commands without authentication")
+        .await;
+    c.expect_closed().await;
+    assert_eq!(rejected(admin, "junk_commands").await, 1.0);
+    // AUTH still works for a fresh connection from the same address.
+    let (mut ok, _) = postern.implicit().await;
+    ok.auth_plain(USER, PASSWORD, "235").await;
+}
+
+// ---- 5. Bounded logs --------------------------------------------------------------------
+
+/// A 9000-octet user name (the longest whose PLAIN response fits the 12288-octet AUTH
+/// line; a 12 KB one gets 500 5.5.6 and is never logged) is logged cut to 256 octets
+/// with a marker; 30 throttled attempts from one network make one "authentication
+/// throttled" line, not 30.
+#[tokio::test]
+async fn log_lines_stay_bounded() {
+    let (postern, _) = behind_proxy(|b| {
+        b.flag("--auth-failure-delay", "0s")
+            .flag("--max-auth-failures", "1000")
+            .flag("--max-auth-failures-per-ip", "1")
+    });
+    let long = "n".repeat(9000);
+    let mut c = from(&postern, "198.51.100.77").await;
+    for expected in std::iter::once("535").chain(std::iter::repeat_n("454 4.7.0", 30)) {
+        c.cmd("AUTH PLAIN", "334").await;
+        c.cmd(&plain_response(&long, "x"), expected).await;
+    }
+    let mut huge = from(&postern, "198.51.100.78").await;
+    huge.cmd("AUTH PLAIN", "334").await;
+    huge.cmd(&plain_response(&"n".repeat(12 * 1024), "x"), "500 5.5.6")
+        .await;
+    let log = postern.log();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1024, "a log line of {longest} octets");
+    let marker = format!("{}…[+{} octets]", "n".repeat(256), 9000 - 256);
+    assert!(log.contains(&marker), "{log}");
+    let throttled: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("authentication throttled"))
+        .collect();
+    assert_eq!(throttled.len(), 1, "{throttled:#?}");
+    assert!(
+        throttled[0].contains("net=198.51.100.77"),
+        "{}",
+        throttled[0]
+    );
+}

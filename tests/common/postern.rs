@@ -70,6 +70,7 @@ pub const RELAXED_LIMITS: &[(&str, &str)] = &[
     ("--max-auth-failures-per-ip", "100000"),
     ("--max-auth-failures-per-user", "100000"),
     ("--max-errors", "1000"),
+    ("--max-junk-commands", "100000"),
     ("--max-connections-per-ip", "10000"),
 ];
 
