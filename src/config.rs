@@ -295,6 +295,12 @@ pub struct ServeArgs {
     /// connection is closed.
     #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_junk_commands: u32,
+
+    /// SASL mechanisms EHLO offers, comma-separated from PLAIN, LOGIN, CRAM-MD5 [default:
+    /// PLAIN,LOGIN, and CRAM-MD5 too when every user has a {PLAIN} secret, since CRAM-MD5
+    /// needs the cleartext].
+    #[arg(long, env = "POSTERN_AUTH_MECHANISMS", value_name = "LIST", value_delimiter = ',', value_parser = parse_mechanism)]
+    pub auth_mechanisms: Vec<crate::sasl::Mechanism>,
     // --- end abuse defences ---
     /// Log format.
     #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -330,4 +336,10 @@ pub enum HashScheme {
     #[value(name = "sha512-crypt")]
     Sha512Crypt,
     Bcrypt,
+}
+
+/// A `--auth-mechanisms` entry: a mechanism postern implements, in any case.
+fn parse_mechanism(name: &str) -> Result<crate::sasl::Mechanism, String> {
+    crate::sasl::Mechanism::parse(name.trim())
+        .ok_or_else(|| format!("{name:?}: expected PLAIN, LOGIN or CRAM-MD5"))
 }

@@ -147,7 +147,8 @@ async fn run(
         shared.capabilities(),
         challenge_source(shared),
         shared.limits,
-    );
+    )
+    .with_mechanisms(&shared.mechanisms());
     let mut client = Client {
         session,
         buf: LineBuffer::new(),

@@ -18,6 +18,7 @@ use crate::conn::Timeouts;
 use crate::limits::{
     AuthGate, AuthLimits, FailurePace, PerNetConnections, THROTTLE_LOG_INTERVAL, ThrottleLog,
 };
+use crate::sasl::Mechanism;
 use crate::session::{Limits as SessionLimits, ListenerKind};
 use crate::smtp::{Capabilities, xclient};
 use crate::users::UserDb;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub failure_pace: Arc<FailurePace>,
     /// Throttle log lines held back per network.
     pub throttle_log: ThrottleLog,
+    /// `--auth-mechanisms`, if given; see [`Shared::mechanisms`].
+    pub auth_mechanisms: Option<Vec<Mechanism>>,
     pub per_net: Arc<PerNetConnections>,
     /// What the post-AUTH relay enforces: sending limits, --strict-data.
     pub relay: Arc<crate::relay::Policy>,
@@ -62,6 +65,15 @@ impl Shared {
     /// The failure-table key of a user name.
     pub fn user_key(&self, username: &str) -> u64 {
         self.user_hasher.hash_one(username)
+    }
+
+    /// The SASL mechanisms a new session offers: `--auth-mechanisms`, or PLAIN and LOGIN,
+    /// with CRAM-MD5 only while every user of the current file can pass it.
+    pub fn mechanisms(&self) -> Vec<Mechanism> {
+        match &self.auth_mechanisms {
+            Some(chosen) => chosen.clone(),
+            None => default_mechanisms(&self.users()),
+        }
     }
 
     /// The backend's capabilities as of the last successful probe.
@@ -136,6 +148,8 @@ pub struct Config {
     pub max_auth_failures_per_user: u32,
     pub auth_failure_window: Duration,
     pub relay: Arc<crate::relay::Policy>,
+    /// `--auth-mechanisms`, if given.
+    pub auth_mechanisms: Option<Vec<Mechanism>>,
 }
 
 impl Config {
@@ -225,6 +239,8 @@ impl Config {
             max_auth_failures_per_user: args.max_auth_failures_per_user,
             auth_failure_window: args.auth_failure_window,
             relay: Arc::new(crate::relay::Policy::from_args(args)?),
+            auth_mechanisms: (!args.auth_mechanisms.is_empty())
+                .then(|| args.auth_mechanisms.clone()),
         })
     }
 
@@ -314,6 +330,40 @@ pub fn xclient_gap(
     Some(format!("{problem}; {consequence}"))
 }
 
+/// PLAIN and LOGIN, and CRAM-MD5 when every user has a `{PLAIN}` secret: offering it to
+/// a hashed user only earns that client a 535 (and smtplib tries it first).
+fn default_mechanisms(users: &UserDb) -> Vec<Mechanism> {
+    let mut mechanisms = vec![Mechanism::Plain, Mechanism::Login];
+    if users.all_plain() {
+        mechanisms.push(Mechanism::CramMd5);
+    }
+    mechanisms
+}
+
+/// Says at start-up which mechanisms are offered and why.
+fn log_mechanisms(chosen: Option<&[Mechanism]>, users: &UserDb) {
+    let hashed = users.hashed();
+    match chosen {
+        Some(chosen) => {
+            let names: Vec<&str> = chosen.iter().map(|m| m.name()).collect();
+            info!(mechanisms = %names.join(" "), "AUTH mechanisms from --auth-mechanisms");
+            if chosen.contains(&Mechanism::CramMd5) && hashed > 0 {
+                warn!(
+                    hashed,
+                    "--auth-mechanisms offers CRAM-MD5, which users with a hashed password cannot pass"
+                );
+            }
+        }
+        None if hashed == 0 => info!(
+            "AUTH PLAIN LOGIN CRAM-MD5: every user has a {{PLAIN}} secret, so CRAM-MD5 is offered"
+        ),
+        None => info!(
+            hashed,
+            "AUTH PLAIN LOGIN: CRAM-MD5 is not offered because users with a hashed password cannot pass it (--auth-mechanisms to choose)"
+        ),
+    }
+}
+
 /// How long the start-up probe and `postern check` wait for the backend.
 const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -322,6 +372,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let tls = tls::load_server_config(&config.cert, &config.key)?;
     let users = Arc::new(UserDb::load(&config.users).map_err(|e| e.to_string())?);
     info!(users = users.len(), "users loaded");
+    log_mechanisms(config.auth_mechanisms.as_deref(), &users);
     let failure_pace = Arc::new(FailurePace::default());
     let decoy = users.clone();
     if let Ok(took) = tokio::task::spawn_blocking(move || decoy.time_decoy()).await {
@@ -400,6 +451,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         }),
         failure_pace,
         throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
+        auth_mechanisms: config.auth_mechanisms,
         per_net: PerNetConnections::new(config.max_connections_per_ip),
         relay: config.relay,
         user_hasher: RandomState::new(),

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sasl::{Credentials, Exchange, Mechanism, Step};
-use crate::smtp::ehlo::AUTH_LINE;
 use crate::smtp::{Capabilities, Command, CommandError, Reply, canned};
 
 /// What kind of listener accepted the connection.
@@ -182,6 +181,8 @@ pub struct Session {
     limits: Limits,
     errors: u32,
     auth_failures: u32,
+    /// What EHLO offers and AUTH accepts.
+    mechanisms: Vec<Mechanism>,
     /// Commands that neither authenticate nor start mail, so far (see [`is_junk`]).
     junk: u32,
     rejection: Option<Rejection>,
@@ -207,9 +208,17 @@ impl Session {
             limits,
             errors: 0,
             auth_failures: 0,
+            mechanisms: Mechanism::ALL.to_vec(),
             junk: 0,
             rejection: None,
         }
+    }
+
+    /// Offers and accepts only `mechanisms` (all of them by default), e.g. no CRAM-MD5
+    /// when some users have hashed passwords and so could never pass it.
+    pub fn with_mechanisms(mut self, mechanisms: &[Mechanism]) -> Self {
+        self.mechanisms = mechanisms.to_vec();
+        self
     }
 
     /// The budget whose end closed the session, if one did.
@@ -435,7 +444,7 @@ impl Session {
             Command::Auth {
                 mechanism: Some(name),
                 initial,
-            } => match Mechanism::parse(name) {
+            } => match Mechanism::parse(name).filter(|m| self.mechanisms.contains(m)) {
                 None => reply(canned::AUTH_UNKNOWN_MECHANISM.into()),
                 Some(mechanism) => {
                     let challenge = match mechanism {
@@ -528,8 +537,9 @@ impl Session {
                 .for_clients()
                 .map(|line| Cow::Owned(line.to_owned())),
         );
-        if self.tls {
-            lines.push(AUTH_LINE.into());
+        if self.tls && !self.mechanisms.is_empty() {
+            let names: Vec<&str> = self.mechanisms.iter().map(|m| m.name()).collect();
+            lines.push(format!("AUTH {}", names.join(" ")).into());
         } else if self.kind != ListenerKind::ImplicitTls {
             lines.push("STARTTLS".into());
         }
@@ -978,5 +988,14 @@ mod tests {
         assert_reply(&actions, "421 4.7.0 Too long without authentication");
         assert!(matches!(actions.last(), Some(Action::Close)));
         assert_eq!(s.rejection().map(Rejection::label), Some("auth_deadline"));
+    }
+
+    #[test]
+    fn only_the_chosen_mechanisms_are_offered_and_accepted() {
+        let mut s = session(ListenerKind::ImplicitTls)
+            .with_mechanisms(&[Mechanism::Plain, Mechanism::Login]);
+        assert!(wire(&s.on_line(b"EHLO c")).ends_with("250 AUTH PLAIN LOGIN\r\n"));
+        assert_reply(&s.on_line(b"AUTH CRAM-MD5"), "504 5.5.4");
+        assert_reply(&s.on_line(b"AUTH LOGIN"), "334");
     }
 }

@@ -432,3 +432,114 @@ async fn log_lines_stay_bounded() {
         throttled[0]
     );
 }
+
+// ---- 7. Mechanisms that can work ---------------------------------------------------------
+
+/// By default CRAM-MD5 is offered only when every user is `{PLAIN}`, and start-up says
+/// why; `--auth-mechanisms` chooses explicitly.
+#[tokio::test]
+async fn cram_md5_is_offered_only_when_every_user_can_pass_it() {
+    let backend = RawBackend::start();
+    let mixed = Postern::builder(backend.addr)
+        .without_flag("--auth-mechanisms")
+        .start();
+    let (mut c, ehlo) = mixed.implicit().await;
+    assert!(
+        ehlo.raw.contains("250 AUTH PLAIN LOGIN\r\n"),
+        "{}",
+        ehlo.raw
+    );
+    c.cmd("AUTH CRAM-MD5", "504 5.5.4").await;
+    assert!(
+        mixed
+            .log()
+            .contains("CRAM-MD5 is not offered because users with a hashed password"),
+        "{}",
+        mixed.log()
+    );
+
+    let plain = Postern::builder(backend.addr)
+        .without_flag("--auth-mechanisms")
+        .users_file(&[&format!("{USER}:{{PLAIN}}{PASSWORD}")])
+        .start();
+    let (_, ehlo) = plain.implicit().await;
+    assert!(
+        ehlo.raw.contains("250 AUTH PLAIN LOGIN CRAM-MD5\r\n"),
+        "{}",
+        ehlo.raw
+    );
+    assert!(
+        plain.log().contains("so CRAM-MD5 is offered"),
+        "{}",
+        plain.log()
+    );
+
+    let chosen = Postern::builder(backend.addr)
+        .flag("--auth-mechanisms", "login,CRAM-MD5")
+        .start();
+    let (mut c, ehlo) = chosen.implicit().await;
+    assert!(
+        ehlo.raw.contains("250 AUTH LOGIN CRAM-MD5\r\n"),
+        "{}",
+        ehlo.raw
+    );
+    c.auth_plain(USER, PASSWORD, "504 5.5.4").await;
+
+    let bad = Postern::builder(backend.addr)
+        .flag("--auth-mechanisms", "PLAIN,GSSAPI")
+        .run_to_exit();
+    assert_eq!(bad.status.code(), Some(2), "{bad}");
+    assert!(
+        bad.stderr.contains("expected PLAIN, LOGIN or CRAM-MD5"),
+        "{bad}"
+    );
+}
+
+/// smtplib tries CRAM-MD5 first; a hashed user fails it and logs in with PLAIN. Those
+/// CRAM-MD5 failures do not count against the user: after three such logins (the
+/// per-user limit is 2) a wrong then a right password from another network still get
+/// 535 and 235, where counted failures would have refused that network with 454.
+#[tokio::test]
+async fn smtplib_falling_back_from_cram_md5_is_not_counted_as_failures() {
+    use common::tools::{Listener, smtplib};
+    let backend = RawBackend::start();
+    let postern = Postern::builder(backend.addr)
+        .default_limits()
+        .flag("--auth-failure-delay", "0s")
+        .flag("--max-auth-failures-per-user", "2")
+        .start();
+    for _ in 0..3 {
+        let out = smtplib(
+            &postern,
+            Listener::Implicit,
+            "sha512",
+            PASSWORD,
+            "auto",
+            b"Subject: fallback\r\n\r\nx\r\n",
+        );
+        out.assert_success("smtplib falling back from CRAM-MD5");
+    }
+    assert_eq!(
+        postern
+            .log()
+            .matches("authentication failed user=sha512 mechanism=\"cram-md5\"")
+            .count(),
+        3,
+        "{}",
+        postern.log()
+    );
+    // Another network: 127.0.0.2 (all of 127/8 is loopback).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let tcp = within("connect", socket.connect(postern.smtps))
+        .await
+        .expect("connect");
+    let mut c = SmtpClient::from_tcp(tcp);
+    c.upgrade(postern.tls_config()).await;
+    c.expect("220").await;
+    c.cmd("EHLO other.test", "250").await;
+    c.auth_plain("sha512", "wrong", "535 5.7.8").await;
+    c.auth_plain("sha512", PASSWORD, "235").await;
+}
