@@ -229,12 +229,15 @@ pub struct ServeArgs {
     pub auth_failure_delay: Duration,
 
     /// Failed AUTH attempts from one client IP (or IPv6 /64) per --auth-failure-window
-    /// after which its attempts get 454 4.7.0 without any password being checked.
+    /// after which its attempts get 454 4.7.0 without any password being checked. An
+    /// attempt counts from before its hash is computed, so a parallel burst cannot pass it.
     #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_IP", value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_auth_failures_per_ip: u32,
 
-    /// Failed AUTH attempts for one user name per --auth-failure-window after which
-    /// attempts for it get 454 4.7.0 without any password being checked.
+    /// Failed AUTH attempts for one user name per --auth-failure-window after which the
+    /// name is slowed down (--auth-failure-delay, doubling per further failure, at most
+    /// 15s) and attempts for it get 454 4.7.0 from the networks that failed it; a network
+    /// that logged in as that user within the window is never refused.
     #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_USER", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_auth_failures_per_user: u32,
 
@@ -286,6 +289,25 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_HIDE_CHUNKING")]
     pub hide_chunking: bool,
     // --- end relay tracker ---
+
+    // --- Abuse defences before AUTH (src/limits.rs, src/session.rs) ---
+    /// Total time from connect to a successful AUTH (an MX session: to its first MAIL);
+    /// a session still without it gets 421 4.7.0 and is closed.
+    #[arg(long, env = "POSTERN_AUTH_DEADLINE", value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub auth_deadline: Duration,
+
+    /// NOOP, RSET, EHLO/HELO, HELP, VRFY and unknown commands a session may send before
+    /// AUTH (as Postfix's smtpd_junk_command_limit); one more gets 421 4.7.0 and the
+    /// connection is closed.
+    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_junk_commands: u32,
+
+    /// SASL mechanisms EHLO offers, comma-separated from PLAIN, LOGIN, CRAM-MD5 [default:
+    /// PLAIN,LOGIN, and CRAM-MD5 too when every user has a {PLAIN} secret, since CRAM-MD5
+    /// needs the cleartext].
+    #[arg(long, env = "POSTERN_AUTH_MECHANISMS", value_name = "LIST", value_delimiter = ',', value_parser = parse_mechanism)]
+    pub auth_mechanisms: Vec<crate::sasl::Mechanism>,
+    // --- end abuse defences ---
     /// Log format.
     #[arg(long, env = "POSTERN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -320,4 +342,10 @@ pub enum HashScheme {
     #[value(name = "sha512-crypt")]
     Sha512Crypt,
     Bcrypt,
+}
+
+/// A `--auth-mechanisms` entry: a mechanism postern implements, in any case.
+fn parse_mechanism(name: &str) -> Result<crate::sasl::Mechanism, String> {
+    crate::sasl::Mechanism::parse(name.trim())
+        .ok_or_else(|| format!("{name:?}: expected PLAIN, LOGIN or CRAM-MD5"))
 }

@@ -15,13 +15,14 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, info_span};
 
 use crate::backend::{self, BackendConn, BackendError, Xclient};
-use crate::limits::ClientNet;
+use crate::limits::{Admission, AuthHistory, ClientNet};
 use crate::relay::{self, RelayEnd, RelayStats};
 use crate::sasl::{Credentials, Mechanism};
 use crate::server::{MxIdentity, Shared};
-use crate::session::{Action, ChallengeSource, ListenerKind, Session, Verdict};
+use crate::session::{Action, ChallengeSource, ListenerKind, Rejection, Session, Verdict};
 use crate::smtp::line::LineTooLong;
 use crate::smtp::{LineBuffer, Reply, canned};
+use crate::users::Check;
 use crate::{metrics, tls};
 
 /// Bytes asked of the socket per read before AUTH; commands are small.
@@ -122,6 +123,9 @@ struct Client {
     buf: LineBuffer,
     shutdown: watch::Receiver<bool>,
     addrs: ClientAddrs,
+    auth_history: AuthHistory,
+    /// When the session must have authenticated (or, on MX, sent MAIL) by.
+    auth_deadline: tokio::time::Instant,
 }
 
 // The pre-AUTH phases (handshake, drive) are boxed: their futures hold read buffers and
@@ -143,12 +147,15 @@ async fn run(
         shared.capabilities(),
         challenge_source(shared),
         shared.limits,
-    );
+    )
+    .with_mechanisms(&shared.mechanisms());
     let mut client = Client {
         session,
         buf: LineBuffer::new(),
         shutdown: shared.shutdown.clone(),
         addrs,
+        auth_history: AuthHistory::default(),
+        auth_deadline: tokio::time::Instant::now() + shared.timeouts.auth_deadline,
     };
     let first_wait = shared.timeouts.first_command;
 
@@ -273,7 +280,10 @@ where
         buf,
         shutdown,
         addrs,
+        auth_history,
+        auth_deadline,
     } = client;
+    let auth_deadline = *auth_deadline;
     let mut deadline = tokio::time::Instant::now() + first_wait;
     let mut out = Vec::new();
     let mut actions = VecDeque::new();
@@ -310,6 +320,9 @@ where
                         if session.auth_failures_exhausted() {
                             metrics::auth_throttled("connection");
                         }
+                        if let Some(rejection) = session.rejection() {
+                            metrics::connection_rejected(rejection.label());
+                        }
                         return Next::Closed(if session.quit() {
                             Outcome::Quit
                         } else {
@@ -326,7 +339,15 @@ where
                             return Next::Closed(Outcome::IoError);
                         }
                         let net = ClientNet::from(addrs.client.ip());
-                        let verdict = authenticate(shared, net, mechanism, credentials).await;
+                        let verdict = authenticate(
+                            shared,
+                            auth_history,
+                            shutdown,
+                            net,
+                            mechanism,
+                            credentials,
+                        )
+                        .await;
                         actions.extend(session.on_verified(verdict));
                     }
                     Action::ConnectBackend {
@@ -404,19 +425,30 @@ where
             return Next::Closed(Outcome::IoError);
         }
 
-        let read = tokio::select! {
-            read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => read,
-            () = crate::server::stopping(shutdown) => {
-                let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
-                return Next::Closed(Outcome::ShuttingDown);
+        // A timeout polls its future first: a client that always has a byte ready would
+        // never see the AUTH deadline pass, so it is checked before each read too.
+        let read = if tokio::time::Instant::now() >= auth_deadline {
+            None
+        } else {
+            tokio::select! {
+                read = tokio::time::timeout_at(deadline.min(auth_deadline), stream.read(&mut chunk)) => read.ok(),
+                () = crate::server::stopping(shutdown) => {
+                    let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
+                    return Next::Closed(Outcome::ShuttingDown);
+                }
             }
         };
         match read {
-            Ok(Ok(0)) => return Next::Closed(Outcome::ClientClosed),
-            Ok(Ok(n)) => buf.extend(&chunk[..n]),
-            Ok(Err(_)) => return Next::Closed(Outcome::IoError),
-            Err(_elapsed) => {
-                actions.extend(session.on_timeout());
+            Some(Ok(0)) => return Next::Closed(Outcome::ClientClosed),
+            Some(Ok(n)) => buf.extend(&chunk[..n]),
+            Some(Err(_)) => return Next::Closed(Outcome::IoError),
+            None => {
+                if tokio::time::Instant::now() >= auth_deadline {
+                    metrics::connection_rejected(Rejection::AuthDeadline.label());
+                    actions.extend(session.on_auth_deadline());
+                } else {
+                    actions.extend(session.on_timeout());
+                }
                 let mut timeout_reply = Vec::new();
                 for action in actions.drain(..) {
                     if let Action::Reply(reply) = action {
@@ -479,36 +511,64 @@ const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Applies the failure limits, checks the credentials, and records the outcome.
 async fn authenticate(
     shared: &Shared,
+    history: &mut AuthHistory,
+    shutdown: &mut watch::Receiver<bool>,
     client: ClientNet,
     mechanism: Mechanism,
     credentials: Credentials,
 ) -> Verdict {
     let username = credentials.username().to_owned();
     let user_key = shared.user_key(&username);
-    let now = Instant::now();
-    let throttled_scope = if shared.ip_failures.is_blocked(&client, now) {
-        Some("ip")
-    } else if shared.user_failures.is_blocked(&user_key, now) {
-        Some("user")
-    } else {
-        None
+    let (ticket, delay) = match shared.auth_gate.admit(client, user_key, Instant::now()) {
+        Admission::Verify { ticket, delay } => (ticket, delay),
+        Admission::Refused(refusal) => {
+            let scope = refusal.label();
+            metrics::auth_throttled(scope);
+            // A refused run repeats fast: one line per network and interval, counted.
+            if let Some(events) = shared.throttle_log.note(client, Instant::now()) {
+                info!(net = %client, events, user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
+            }
+            return Verdict::Throttled;
+        }
     };
-    if let Some(scope) = throttled_scope {
-        metrics::auth_throttled(scope);
-        info!(user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
-        return Verdict::Throttled;
+    if !delay.is_zero() {
+        // The name is over its failure limit: slowed down from networks that have not
+        // failed it, so its owner can still log in. A drain does not wait for it.
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = crate::server::stopping(shutdown) => return Verdict::Throttled,
+        }
     }
-    let Some(valid) = verify(shared, credentials).await else {
+    let Some((check, took)) = verify(shared, credentials).await else {
         metrics::auth_throttled("verifier");
         return Verdict::Throttled;
     };
+    let valid = check.valid;
     metrics::auth_attempt(mechanism.label(), valid);
+    let now = Instant::now();
     if valid {
+        ticket.succeeded(now);
+        let forgiven = history.succeeded(user_key, mechanism);
+        if forgiven > 0 {
+            shared.auth_gate.forgive(client, user_key, forgiven, now);
+            tracing::debug!(
+                forgiven,
+                mechanism = mechanism.label(),
+                "earlier failures with another mechanism not counted against the user"
+            );
+        }
         return Verdict::Valid;
     }
-    let now = Instant::now();
-    shared.ip_failures.record_failure(client, now);
-    shared.user_failures.record_failure(user_key, now);
+    ticket.failed(now);
+    history.failed(user_key, mechanism);
+    // Every failure answers after the costliest hash's time, so response times tell
+    // neither which names exist nor how each is stored (the verifier slot is free again:
+    // this waits without holding CPU).
+    shared.failure_pace.observe(took, check.decoy_work);
+    tokio::select! {
+        () = tokio::time::sleep(shared.failure_pace.pad(took)) => {}
+        () = crate::server::stopping(shutdown) => {}
+    }
     // One line per failure, with the name tried, for fail2ban-style tooling.
     info!(user = ?Escaped(&username), mechanism = mechanism.label(), result = "failure", "authentication failed");
     Verdict::Invalid
@@ -516,22 +576,38 @@ async fn authenticate(
 
 /// Checks credentials on the blocking pool: a KDF takes ~100 ms of CPU and must not
 /// stall the reactor. The semaphore bounds how many run at once; `None` if none was
-/// free in time.
-async fn verify(shared: &Shared, credentials: Credentials) -> Option<bool> {
+/// free in time. Also returns how long the check itself took (not the queue).
+async fn verify(shared: &Shared, credentials: Credentials) -> Option<(Check, Duration)> {
     let users = shared.users();
     let permit = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, shared.verify_slots.acquire()).await;
     let Ok(Ok(_permit)) = permit else {
         return None;
     };
-    let check = tokio::task::spawn_blocking(move || match &credentials {
-        Credentials::Password { username, password } => users.verify_password(username, password),
-        Credentials::CramMd5 {
-            username,
-            challenge,
-            digest,
-        } => users.verify_cram_md5(username, challenge, digest),
+    let check = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let check = match &credentials {
+            Credentials::Password { username, password } => {
+                users.check_password(username, password)
+            }
+            Credentials::CramMd5 {
+                username,
+                challenge,
+                digest,
+            } => Check {
+                valid: users.verify_cram_md5(username, challenge, digest),
+                decoy_work: false,
+            },
+        };
+        (check, started.elapsed())
     });
-    Some(check.await.unwrap_or(false))
+    let failed = (
+        Check {
+            valid: false,
+            decoy_work: false,
+        },
+        Duration::ZERO,
+    );
+    Some(check.await.unwrap_or(failed))
 }
 
 /// RFC 2195 challenge `<random.timestamp@hostname>`, fresh from the CSPRNG each time.
@@ -582,13 +658,64 @@ async fn flush<S: AsyncWrite + Unpin>(
     result
 }
 
+/// Logs the throttle events held back by [`Shared::throttle_log`] once their network's
+/// interval is over, until the process exits.
+pub async fn report_throttles(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::limits::THROTTLE_LOG_INTERVAL / 4);
+    loop {
+        tick.tick().await;
+        for (net, events) in shared.throttle_log.due(Instant::now()) {
+            info!(net = %net, events, "authentication throttled");
+        }
+    }
+}
+
+/// Most octets of a client-supplied string that a log line carries: AUTH lines may be
+/// 12 KB, and a name that long, logged per attempt, would flood the log.
+const MAX_LOGGED: usize = 256;
+
 /// Client-supplied text for logs: control characters (CR/LF above all) escaped, so a
-/// user name cannot forge log lines.
+/// user name cannot forge log lines, and cut to [`MAX_LOGGED`] octets with a marker
+/// saying how many were left out.
 struct Escaped<'a>(&'a str);
 
 impl fmt::Debug for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0.escape_debug())
+        let text = self.0;
+        if text.len() <= MAX_LOGGED {
+            return write!(f, "{}", text.escape_debug());
+        }
+        let mut cut = MAX_LOGGED;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (kept, left) = text.split_at(cut);
+        write!(f, "{}…[+{} octets]", kept.escape_debug(), left.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_names_are_escaped_and_cut() {
+        for (name, expected) in [
+            ("alice".to_owned(), "alice".to_owned()),
+            ("a\r\nb".to_owned(), "a\\r\\nb".to_owned()),
+            ("x".repeat(256), "x".repeat(256)),
+            (
+                "x".repeat(12_288),
+                format!("{}…[+12032 octets]", "x".repeat(256)),
+            ),
+            // Never cut inside a character: é is two octets, the cut falls back one.
+            (
+                format!("{}é{}", "x".repeat(255), "y".repeat(10)),
+                format!("{}…[+12 octets]", "x".repeat(255)),
+            ),
+        ] {
+            assert_eq!(format!("{:?}", Escaped(&name)), expected);
+        }
     }
 }
 
@@ -600,4 +727,6 @@ pub struct Timeouts {
     pub command: Duration,
     pub backend: Duration,
     pub relay_idle: Duration,
+    /// From connect to a successful AUTH (an MX session: to its first MAIL).
+    pub auth_deadline: Duration,
 }

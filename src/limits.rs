@@ -1,7 +1,8 @@
 //! Abuse limits shared by all connections: open connections per client network, and
-//! authentication failures per client network and per user name in a sliding window.
+//! authentication failures per client network and per user name in a sliding window
+//! ([`AuthGate`]).
 //!
-//! Both tables are bounded: the connection table by the connection limit itself, the
+//! The tables are bounded: the connection table by the connection limit itself, the
 //! failure table by [`MAX_TRACKED`] entries, so a flood from many addresses costs a
 //! fixed amount of memory. Time is passed in, so the logic is tested without a clock.
 
@@ -10,6 +11,8 @@ use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::sasl::Mechanism;
 
 /// Most keys the failure table tracks at once (~50 bytes each).
 pub const MAX_TRACKED: usize = 100_000;
@@ -35,6 +38,20 @@ impl From<IpAddr> for ClientNet {
                     ClientNet::V6Prefix(prefix)
                 }
             },
+        }
+    }
+}
+
+/// As logs show it: an IPv4 address, or an IPv6 /64 as `2001:db8:1:2::/64`.
+impl std::fmt::Display for ClientNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientNet::V4(octets) => write!(f, "{}", std::net::Ipv4Addr::from(*octets)),
+            ClientNet::V6Prefix(prefix) => {
+                let mut octets = [0u8; 16];
+                octets[..8].copy_from_slice(prefix);
+                write!(f, "{}/64", std::net::Ipv6Addr::from(octets))
+            }
         }
     }
 }
@@ -95,16 +112,16 @@ impl Drop for NetSlot {
     }
 }
 
-/// Failures per key over a sliding window, estimated from the current and previous
-/// fixed windows (the previous one weighted by how much of it still overlaps).
+/// Events per key over a sliding window, estimated from the current and previous fixed
+/// windows (the previous one weighted by how much of it still overlaps). Not locked: the
+/// owner decides what one lock covers.
 #[derive(Debug)]
-pub struct FailureWindow<K> {
+struct Table<K> {
     window: Duration,
-    limit: u32,
-    entries: Mutex<HashMap<K, Counts>>,
-    /// When a full table may next be swept for expired entries. A sweep is a scan
-    /// under the lock, so a flood of new keys must not trigger one per insertion.
-    next_sweep: Mutex<Option<Instant>>,
+    entries: HashMap<K, Counts>,
+    /// When a full table may next be swept for expired entries. A sweep is a scan, so a
+    /// flood of new keys must not trigger one per insertion.
+    next_sweep: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -138,27 +155,86 @@ impl Counts {
     }
 }
 
-impl<K: Hash + Eq + Clone> FailureWindow<K> {
-    pub fn new(limit: u32, window: Duration) -> Self {
-        FailureWindow {
+impl<K: Hash + Eq + Clone> Table<K> {
+    fn new(window: Duration) -> Self {
+        Table {
             window: window.max(Duration::from_secs(1)),
-            limit,
-            entries: Mutex::new(HashMap::new()),
-            next_sweep: Mutex::new(None),
+            entries: HashMap::new(),
+            next_sweep: None,
         }
     }
 
-    /// Whether `key` reached the limit: further attempts are refused without checking
-    /// any password, so a brute-force run cannot burn CPU on the KDF.
-    pub fn is_blocked(&self, key: &K, now: Instant) -> bool {
-        let mut entries = lock(&self.entries);
-        match entries.get_mut(key) {
+    /// The sliding-window estimate of events for `key`.
+    fn estimate(&mut self, key: &K, now: Instant) -> f64 {
+        let window = self.window;
+        match self.entries.get_mut(key) {
             Some(counts) => {
-                counts.advance(now, self.window);
-                counts.estimate(now, self.window) >= f64::from(self.limit)
+                counts.advance(now, window);
+                counts.estimate(now, window)
             }
-            None => false,
+            None => 0.0,
         }
+    }
+
+    /// Records `n` events for `key`.
+    fn add(&mut self, key: K, n: u32, now: Instant) {
+        if self.entries.len() >= MAX_TRACKED && !self.entries.contains_key(&key) {
+            let window = self.window;
+            if self.next_sweep.is_none_or(|at| now >= at) {
+                self.entries
+                    .retain(|_, counts| now.saturating_duration_since(counts.start) < window * 2);
+                self.next_sweep = Some(now + window / 4);
+            }
+            if self.entries.len() >= MAX_TRACKED {
+                // Still full of live entries: forget an arbitrary one rather than grow.
+                if let Some(victim) = self.entries.keys().next().cloned() {
+                    self.entries.remove(&victim);
+                }
+            }
+        }
+        let counts = self.entries.entry(key).or_insert(Counts {
+            start: now,
+            current: 0,
+            previous: 0,
+        });
+        counts.advance(now, self.window);
+        counts.current = counts.current.saturating_add(n);
+    }
+
+    /// Takes back up to `n` events recorded for `key`, newest first.
+    fn subtract(&mut self, key: &K, n: u32, now: Instant) {
+        let window = self.window;
+        if let Some(counts) = self.entries.get_mut(key) {
+            counts.advance(now, window);
+            let from_current = n.min(counts.current);
+            counts.current -= from_current;
+            counts.previous = counts.previous.saturating_sub(n - from_current);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// Failures per key over a sliding window (see [`Table`]), behind its own lock.
+#[derive(Debug)]
+pub struct FailureWindow<K> {
+    limit: u32,
+    table: Mutex<Table<K>>,
+}
+
+impl<K: Hash + Eq + Clone> FailureWindow<K> {
+    pub fn new(limit: u32, window: Duration) -> Self {
+        FailureWindow {
+            limit,
+            table: Mutex::new(Table::new(window)),
+        }
+    }
+
+    /// Whether `key` reached the limit.
+    pub fn is_blocked(&self, key: &K, now: Instant) -> bool {
+        lock(&self.table).estimate(key, now) >= f64::from(self.limit)
     }
 
     /// Records one failure for `key`.
@@ -168,45 +244,417 @@ impl<K: Hash + Eq + Clone> FailureWindow<K> {
 
     /// The sliding-window estimate of events for `key`, rounded down.
     pub fn count(&self, key: &K, now: Instant) -> u64 {
-        let mut entries = lock(&self.entries);
-        match entries.get_mut(key) {
-            Some(counts) => {
-                counts.advance(now, self.window);
-                counts.estimate(now, self.window) as u64
-            }
-            None => 0,
-        }
+        lock(&self.table).estimate(key, now) as u64
     }
 
     /// Records `n` events for `key`.
     pub fn add(&self, key: K, n: u32, now: Instant) {
-        let mut entries = lock(&self.entries);
-        if entries.len() >= MAX_TRACKED && !entries.contains_key(&key) {
-            let window = self.window;
-            let mut next_sweep = lock(&self.next_sweep);
-            if next_sweep.is_none_or(|at| now >= at) {
-                entries
-                    .retain(|_, counts| now.saturating_duration_since(counts.start) < window * 2);
-                *next_sweep = Some(now + window / 4);
-            }
-            if entries.len() >= MAX_TRACKED {
-                // Still full of live entries: forget an arbitrary one rather than grow.
-                if let Some(victim) = entries.keys().next().cloned() {
-                    entries.remove(&victim);
-                }
-            }
-        }
-        let counts = entries.entry(key).or_insert(Counts {
-            start: now,
-            current: 0,
-            previous: 0,
-        });
-        counts.advance(now, self.window);
-        counts.current = counts.current.saturating_add(n);
+        lock(&self.table).add(key, n, now);
     }
 
     pub fn tracked(&self) -> usize {
-        lock(&self.entries).len()
+        lock(&self.table).len()
+    }
+}
+
+// === AuthGate ===
+
+/// The failure-table key of a user name: a keyed hash (see `server::Shared::user_key`), so
+/// a flood of long names cannot grow the tables' memory.
+pub type UserKey = u64;
+
+/// The longest a user name's slowdown makes one attempt wait.
+pub const MAX_USER_DELAY: Duration = Duration::from_secs(15);
+
+/// What the [`AuthGate`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthLimits {
+    /// Failed (or running) verifications per client network and window.
+    pub per_net: u32,
+    /// Failed (or running) verifications per user name and window, past which the name
+    /// is slowed down, and refused from the networks that failed it.
+    pub per_user: u32,
+    pub window: Duration,
+    /// The first slowdown past `per_user`; it doubles with each further failure, up to
+    /// [`MAX_USER_DELAY`].
+    pub user_delay: Duration,
+}
+
+/// Why an attempt is refused without any password being checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The client's network is over its failure limit.
+    Net,
+    /// The user name is over its limit and this network is among those that failed it.
+    User,
+}
+
+impl Refusal {
+    /// The `scope` label of `postern_auth_throttled_total` and the log line.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Net => "ip",
+            Refusal::User => "user",
+        }
+    }
+}
+
+/// The gate's answer to an attempt.
+#[derive(Debug)]
+pub enum Admission {
+    /// Verify after waiting `delay`; `ticket` holds the attempt's place in the windows
+    /// until its outcome is known.
+    Verify {
+        ticket: AuthTicket,
+        delay: Duration,
+    },
+    Refused(Refusal),
+}
+
+/// AUTH failure limits per client network and per user name.
+///
+/// An attempt takes its place in both windows *before* its hash is computed (check and
+/// reserve under one lock), so a burst of parallel attempts can never verify more than
+/// the limit; a success gives its place back. Failures for a user name never lock the
+/// name out everywhere, which would let anyone deny service to any user: past the limit
+/// the name is slowed down, and refused only from the networks that failed it; a network
+/// that logged in as that user within the window is never refused for it.
+#[derive(Debug)]
+pub struct AuthGate {
+    limits: AuthLimits,
+    state: Mutex<GateState>,
+}
+
+#[derive(Debug)]
+struct GateState {
+    nets: Table<ClientNet>,
+    users: Table<UserKey>,
+    /// Failures of one user name from one network: the networks a locked name refuses.
+    user_nets: Table<(UserKey, ClientNet)>,
+    /// When a network last logged in as a user.
+    logged_in: HashMap<(UserKey, ClientNet), Instant>,
+    /// Verifications running now. Bounded by the connections, so not swept.
+    running_nets: HashMap<ClientNet, u32>,
+    running_users: HashMap<UserKey, u32>,
+    running_user_nets: HashMap<(UserKey, ClientNet), u32>,
+}
+
+fn increment<K: Hash + Eq>(map: &mut HashMap<K, u32>, key: K) {
+    *map.entry(key).or_insert(0) += 1;
+}
+
+fn decrement<K: Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
+    if let Some(count) = map.get_mut(key) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+fn running<K: Hash + Eq>(map: &HashMap<K, u32>, key: &K) -> f64 {
+    f64::from(map.get(key).copied().unwrap_or(0))
+}
+
+impl AuthGate {
+    pub fn new(limits: AuthLimits) -> Arc<Self> {
+        Arc::new(AuthGate {
+            limits,
+            state: Mutex::new(GateState {
+                nets: Table::new(limits.window),
+                users: Table::new(limits.window),
+                user_nets: Table::new(limits.window),
+                logged_in: HashMap::new(),
+                running_nets: HashMap::new(),
+                running_users: HashMap::new(),
+                running_user_nets: HashMap::new(),
+            }),
+        })
+    }
+
+    /// Decides whether an attempt for `user` from `net` may be verified, and if so
+    /// reserves its place.
+    pub fn admit(self: &Arc<Self>, net: ClientNet, user: UserKey, now: Instant) -> Admission {
+        let limits = self.limits;
+        let mut state = lock(&self.state);
+        let net_count = state.nets.estimate(&net, now) + running(&state.running_nets, &net);
+        if net_count >= f64::from(limits.per_net) {
+            return Admission::Refused(Refusal::Net);
+        }
+        let pair = (user, net);
+        let trusted = state
+            .logged_in
+            .get(&pair)
+            .is_some_and(|at| now.saturating_duration_since(*at) < limits.window);
+        let mut delay = Duration::ZERO;
+        if !trusted {
+            let user_count =
+                state.users.estimate(&user, now) + running(&state.running_users, &user);
+            if user_count >= f64::from(limits.per_user) {
+                let failed_here = state.user_nets.estimate(&pair, now) > 0.0
+                    || state.running_user_nets.contains_key(&pair);
+                if failed_here {
+                    return Admission::Refused(Refusal::User);
+                }
+                delay = user_delay(limits, user_count);
+            }
+        }
+        increment(&mut state.running_nets, net);
+        increment(&mut state.running_users, user);
+        increment(&mut state.running_user_nets, pair);
+        Admission::Verify {
+            ticket: AuthTicket {
+                gate: self.clone(),
+                net,
+                user,
+                settled: false,
+            },
+            delay,
+        }
+    }
+
+    /// Takes back `n` failures of `user` from `net` (a client that failed one mechanism
+    /// and then logged in with another on the same connection).
+    pub fn forgive(&self, net: ClientNet, user: UserKey, n: u32, now: Instant) {
+        let mut state = lock(&self.state);
+        state.users.subtract(&user, n, now);
+        state.user_nets.subtract(&(user, net), n, now);
+    }
+
+    fn settle(&self, net: ClientNet, user: UserKey, outcome: Settled) {
+        let mut state = lock(&self.state);
+        let pair = (user, net);
+        decrement(&mut state.running_nets, &net);
+        decrement(&mut state.running_users, &user);
+        decrement(&mut state.running_user_nets, &pair);
+        match outcome {
+            Settled::Succeeded(now) => {
+                let window = self.limits.window;
+                if state.logged_in.len() >= MAX_TRACKED && !state.logged_in.contains_key(&pair) {
+                    state
+                        .logged_in
+                        .retain(|_, at| now.saturating_duration_since(*at) < window);
+                    if state.logged_in.len() >= MAX_TRACKED
+                        && let Some(victim) = state.logged_in.keys().next().copied()
+                    {
+                        state.logged_in.remove(&victim);
+                    }
+                }
+                state.logged_in.insert(pair, now);
+            }
+            Settled::Failed(now) => {
+                state.nets.add(net, 1, now);
+                state.users.add(user, 1, now);
+                state.user_nets.add(pair, 1, now);
+            }
+            Settled::GivenBack => {}
+        }
+    }
+}
+
+/// How an [`AuthTicket`] ended.
+enum Settled {
+    Succeeded(Instant),
+    Failed(Instant),
+    GivenBack,
+}
+
+/// The slowdown of an attempt for a name with `count` failures (or running attempts):
+/// `user_delay` at the limit, doubling with each one past it, capped.
+fn user_delay(limits: AuthLimits, count: f64) -> Duration {
+    let over = (count - f64::from(limits.per_user)).clamp(0.0, 16.0) as u32;
+    limits
+        .user_delay
+        .saturating_mul(1 << over)
+        .min(MAX_USER_DELAY)
+}
+
+/// One attempt's place in the [`AuthGate`]'s windows. Dropped without an outcome (no
+/// verifier was free, the client went away) it gives the place back.
+#[derive(Debug)]
+pub struct AuthTicket {
+    gate: Arc<AuthGate>,
+    net: ClientNet,
+    user: UserKey,
+    settled: bool,
+}
+
+impl AuthTicket {
+    /// The credentials were valid: the place is given back and the network is trusted
+    /// for this user for a window.
+    pub fn succeeded(mut self, now: Instant) {
+        self.settled = true;
+        self.gate
+            .settle(self.net, self.user, Settled::Succeeded(now));
+    }
+
+    /// The credentials were wrong: the place becomes a failure.
+    pub fn failed(mut self, now: Instant) {
+        self.settled = true;
+        self.gate.settle(self.net, self.user, Settled::Failed(now));
+    }
+}
+
+impl Drop for AuthTicket {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.gate.settle(self.net, self.user, Settled::GivenBack);
+        }
+    }
+}
+
+/// How long a failed AUTH takes at least, so that a failure answers after the same time
+/// whatever the user: unknown, `{PLAIN}`, a cheap hash, a costly one or CRAM-MD5. The
+/// target follows the costliest verification seen (the decoy, see
+/// `users::Check::decoy_work`): it rises quickly when a failure took longer, so a hash the
+/// cost model underrated is still covered, and falls slowly with the decoy's own samples
+/// once the machine is less busy. Durations are passed in.
+#[derive(Debug, Default)]
+pub struct FailurePace {
+    estimate: Mutex<Duration>,
+}
+
+impl FailurePace {
+    /// A first sample of the decoy's time, measured before any client failed.
+    pub fn seed(&self, decoy: Duration) {
+        let mut estimate = lock(&self.estimate);
+        *estimate = (*estimate).max(decoy);
+    }
+
+    /// A failed verification took `took`; `decoy_work` if it cost what the decoy costs.
+    pub fn observe(&self, took: Duration, decoy_work: bool) {
+        let mut estimate = lock(&self.estimate);
+        let current = *estimate;
+        if took > current {
+            *estimate = current + (took - current) / 2;
+        } else if decoy_work {
+            *estimate = current - (current - took) / 8;
+        }
+    }
+
+    /// How long to wait after a failed verification that took `took`. The target sits a
+    /// quarter above the estimate, so that the decoy's own failures are padded too and
+    /// every failure ends at the same moment, not only the cheap ones.
+    pub fn pad(&self, took: Duration) -> Duration {
+        let target = *lock(&self.estimate) * 5 / 4;
+        target.saturating_sub(took)
+    }
+}
+
+/// How often repeated throttle events from one network make a log line.
+pub const THROTTLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Keeps throttle events from flooding the log: the first event from a network is logged
+/// at once, the rest are counted and reported in one line per network per interval. A
+/// brute-force run refused thousands of times a minute costs a line a minute.
+#[derive(Debug)]
+pub struct ThrottleLog {
+    interval: Duration,
+    entries: Mutex<HashMap<ClientNet, Held>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// When the current interval began (the last line logged for the network).
+    since: Instant,
+    /// Events since then that were not logged.
+    count: u64,
+}
+
+impl ThrottleLog {
+    pub fn new(interval: Duration) -> Self {
+        ThrottleLog {
+            interval,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One throttle event from `net`: `Some(n)` if a line is due now, reporting `n`
+    /// events (this one and any held back), `None` if it is held back.
+    pub fn note(&self, net: ClientNet, now: Instant) -> Option<u64> {
+        let mut entries = lock(&self.entries);
+        match entries.get_mut(&net) {
+            Some(held) if now.saturating_duration_since(held.since) < self.interval => {
+                held.count += 1;
+                None
+            }
+            Some(held) => {
+                let events = held.count + 1;
+                *held = Held {
+                    since: now,
+                    count: 0,
+                };
+                Some(events)
+            }
+            None => {
+                if entries.len() >= MAX_TRACKED {
+                    // Full: an arbitrary network loses its held-back count, never memory.
+                    if let Some(victim) = entries.keys().next().copied() {
+                        entries.remove(&victim);
+                    }
+                }
+                entries.insert(
+                    net,
+                    Held {
+                        since: now,
+                        count: 0,
+                    },
+                );
+                Some(1)
+            }
+        }
+    }
+
+    /// The networks whose interval is over with events held back, and how many: one line
+    /// each is due. Networks quiet for a whole interval are forgotten.
+    pub fn due(&self, now: Instant) -> Vec<(ClientNet, u64)> {
+        let mut due = Vec::new();
+        lock(&self.entries).retain(|net, held| {
+            if now.saturating_duration_since(held.since) < self.interval {
+                return true;
+            }
+            if held.count == 0 {
+                return false;
+            }
+            due.push((*net, held.count));
+            *held = Held {
+                since: now,
+                count: 0,
+            };
+            true
+        });
+        due
+    }
+}
+
+/// One connection's failed attempts, so that a client that fails one mechanism and
+/// succeeds with the next (smtplib tries CRAM-MD5 first, which a hashed user cannot
+/// pass) is not counted as guessing passwords.
+#[derive(Debug, Default)]
+pub struct AuthHistory {
+    failures: Vec<(UserKey, Mechanism)>,
+}
+
+/// Failures an [`AuthHistory`] remembers; the per-connection failure limit is lower.
+const MAX_HISTORY: usize = 16;
+
+impl AuthHistory {
+    pub fn failed(&mut self, user: UserKey, mechanism: Mechanism) {
+        if self.failures.len() < MAX_HISTORY {
+            self.failures.push((user, mechanism));
+        }
+    }
+
+    /// `user` logged in with `mechanism`: how many of this connection's failures for
+    /// `user` were with another mechanism, and so are not held against it.
+    pub fn succeeded(&mut self, user: UserKey, mechanism: Mechanism) -> u32 {
+        let forgiven = self
+            .failures
+            .iter()
+            .filter(|(u, m)| *u == user && *m != mechanism)
+            .count() as u32;
+        self.failures.retain(|(u, _)| *u != user);
+        forgiven
     }
 }
 
@@ -270,5 +718,213 @@ mod tests {
             limit.record_failure(i, now);
         }
         assert!(limit.tracked() <= MAX_TRACKED);
+    }
+
+    fn gate(per_net: u32, per_user: u32) -> Arc<AuthGate> {
+        AuthGate::new(AuthLimits {
+            per_net,
+            per_user,
+            window: Duration::from_secs(600),
+            user_delay: Duration::from_secs(1),
+        })
+    }
+
+    fn net(last: u8) -> ClientNet {
+        ClientNet::V4([198, 51, 100, last])
+    }
+
+    const ALICE: UserKey = 1;
+    const BOB: UserKey = 2;
+
+    /// Admits and fails one attempt; panics if it was refused.
+    #[track_caller]
+    fn fail(gate: &Arc<AuthGate>, from: ClientNet, user: UserKey, now: Instant) -> Duration {
+        match gate.admit(from, user, now) {
+            Admission::Verify { ticket, delay } => {
+                ticket.failed(now);
+                delay
+            }
+            Admission::Refused(why) => panic!("refused: {why:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn refusal(
+        gate: &Arc<AuthGate>,
+        from: ClientNet,
+        user: UserKey,
+        now: Instant,
+    ) -> Option<Refusal> {
+        match gate.admit(from, user, now) {
+            Admission::Verify { .. } => None,
+            Admission::Refused(why) => Some(why),
+        }
+    }
+
+    #[test]
+    fn user_failures_from_many_networks_slow_the_name_but_refuse_only_those_networks() {
+        let gate = gate(100, 3);
+        let now = Instant::now();
+        for i in 0..3 {
+            assert_eq!(
+                fail(&gate, net(i), ALICE, now),
+                Duration::ZERO,
+                "attempt {i}"
+            );
+        }
+        // Over the limit: the networks that failed are refused...
+        for i in 0..3 {
+            assert_eq!(refusal(&gate, net(i), ALICE, now), Some(Refusal::User));
+        }
+        // ...a fresh one is slowed, more with each failure, up to the cap...
+        assert_eq!(fail(&gate, net(10), ALICE, now), Duration::from_secs(1));
+        assert_eq!(fail(&gate, net(11), ALICE, now), Duration::from_secs(2));
+        assert_eq!(fail(&gate, net(12), ALICE, now), Duration::from_secs(4));
+        for i in 13..30 {
+            fail(&gate, net(i), ALICE, now);
+        }
+        match gate.admit(net(99), ALICE, now) {
+            Admission::Verify { delay, .. } => assert_eq!(delay, MAX_USER_DELAY),
+            other => panic!("{other:?}"),
+        }
+        // ...and other names are untouched.
+        assert_eq!(refusal(&gate, net(0), BOB, now), None);
+    }
+
+    #[test]
+    fn a_network_that_logged_in_is_never_refused_for_that_user() {
+        let gate = gate(100, 2);
+        let now = Instant::now();
+        let home = net(1);
+        match gate.admit(home, ALICE, now) {
+            Admission::Verify { ticket, .. } => ticket.succeeded(now),
+            other => panic!("{other:?}"),
+        }
+        for i in 0..5 {
+            fail(&gate, home, ALICE, now);
+            fail(&gate, net(50 + i), ALICE, now);
+        }
+        match gate.admit(home, ALICE, now) {
+            Admission::Verify { delay, .. } => assert_eq!(delay, Duration::ZERO),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(refusal(&gate, net(50), ALICE, now), Some(Refusal::User));
+        // The trust lasts a window.
+        let later = now + Duration::from_secs(601);
+        assert_eq!(refusal(&gate, home, ALICE, later), Some(Refusal::User));
+    }
+
+    #[test]
+    fn the_network_limit_refuses_whatever_the_user() {
+        let gate = gate(3, 100);
+        let now = Instant::now();
+        for user in 0..3 {
+            fail(&gate, net(1), user, now);
+        }
+        assert_eq!(refusal(&gate, net(1), 77, now), Some(Refusal::Net));
+        assert_eq!(refusal(&gate, net(2), 77, now), None);
+    }
+
+    #[test]
+    fn running_attempts_hold_their_place_and_success_gives_it_back() {
+        let gate = gate(5, 3);
+        let now = Instant::now();
+        // A burst from one network for many names: only the limit gets through.
+        let tickets: Vec<AuthTicket> = (0..50)
+            .filter_map(|user| match gate.admit(net(1), user, now) {
+                Admission::Verify { ticket, .. } => Some(ticket),
+                Admission::Refused(_) => None,
+            })
+            .collect();
+        assert_eq!(tickets.len(), 5);
+        // Success and a dropped ticket give the place back; a failure keeps it.
+        let mut tickets = tickets.into_iter();
+        if let Some(t) = tickets.next() {
+            t.succeeded(now);
+        }
+        if let Some(t) = tickets.next() {
+            drop(t);
+        }
+        if let Some(t) = tickets.next() {
+            t.failed(now);
+        }
+        let rest: Vec<AuthTicket> = tickets.collect();
+        assert_eq!(refusal(&gate, net(1), 100, now), None);
+        drop(rest);
+        // A burst for one name from one network stops at the user limit.
+        let burst: Vec<Admission> = (0..50).map(|_| gate.admit(net(2), ALICE, now)).collect();
+        let admitted = burst
+            .iter()
+            .filter(|a| matches!(a, Admission::Verify { .. }))
+            .count();
+        assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn forgiven_failures_leave_the_user_window() {
+        let gate = gate(100, 2);
+        let now = Instant::now();
+        fail(&gate, net(1), ALICE, now);
+        fail(&gate, net(1), ALICE, now);
+        assert_eq!(refusal(&gate, net(1), ALICE, now), Some(Refusal::User));
+        gate.forgive(net(1), ALICE, 2, now);
+        assert_eq!(refusal(&gate, net(1), ALICE, now), None);
+
+        let mut history = AuthHistory::default();
+        history.failed(ALICE, Mechanism::CramMd5);
+        history.failed(ALICE, Mechanism::Plain);
+        history.failed(BOB, Mechanism::CramMd5);
+        // Only the other mechanism's failure for the same name is forgiven.
+        assert_eq!(history.succeeded(ALICE, Mechanism::Plain), 1);
+        assert_eq!(history.succeeded(ALICE, Mechanism::Login), 0);
+        assert_eq!(history.succeeded(BOB, Mechanism::Plain), 1);
+    }
+
+    #[test]
+    fn failure_pace_pads_every_failure_to_the_costliest() {
+        let ms = Duration::from_millis;
+        let pace = FailurePace::default();
+        pace.seed(ms(100));
+        // A cheap failure waits until the target, a quarter above the decoy's time...
+        assert_eq!(pace.pad(ms(0)), ms(125));
+        assert_eq!(pace.pad(ms(3)), ms(122));
+        // ...and so does the decoy itself.
+        assert_eq!(pace.pad(ms(100)), ms(25));
+        // Cheap samples never pull the target down; the decoy's do, slowly.
+        pace.observe(ms(1), false);
+        assert_eq!(pace.pad(ms(0)), ms(125));
+        pace.observe(ms(60), true);
+        assert_eq!(pace.pad(ms(0)), ms(118) + Duration::from_micros(750));
+        // A costlier hash than expected raises it at once by half the difference.
+        pace.observe(ms(295), false);
+        assert_eq!(pace.pad(ms(0)), ms(243) + Duration::from_micros(750));
+    }
+
+    #[test]
+    fn throttle_log_reports_one_line_per_network_per_interval() {
+        let log = ThrottleLog::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let a = ClientNet::V4([192, 0, 2, 1]);
+        let b = ClientNet::V4([192, 0, 2, 2]);
+        assert_eq!(log.note(a, t0), Some(1));
+        for i in 0..100 {
+            assert_eq!(log.note(a, t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(log.note(b, t0), Some(1));
+        assert!(log.due(t0 + Duration::from_secs(59)).is_empty());
+        // The interval ends: one line for a's 100 held-back events; b had none.
+        assert_eq!(log.due(t0 + Duration::from_secs(60)), vec![(a, 100)]);
+        assert_eq!(log.note(a, t0 + Duration::from_secs(61)), None);
+        // An event after the interval reports itself and what was held back.
+        assert_eq!(log.note(a, t0 + Duration::from_secs(121)), Some(2));
+        // b was quiet for a whole interval: forgotten, so its next event logs at once.
+        assert_eq!(log.note(b, t0 + Duration::from_secs(200)), Some(1));
+    }
+
+    #[test]
+    fn client_nets_display_as_an_address_or_a_64() {
+        let v6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
+        assert_eq!(ClientNet::from(v6).to_string(), "2001:db8:1:2::/64");
+        assert_eq!(ClientNet::V4([192, 0, 2, 7]).to_string(), "192.0.2.7");
     }
 }

@@ -38,6 +38,9 @@ pub enum Mechanism {
 }
 
 impl Mechanism {
+    /// Every mechanism postern implements, in the order EHLO lists them.
+    pub const ALL: [Mechanism; 3] = [Mechanism::Plain, Mechanism::Login, Mechanism::CramMd5];
+
     /// Parses a mechanism name from an `AUTH` command, ignoring ASCII case (RFC 4422 §3.1).
     pub fn parse(name: &str) -> Option<Mechanism> {
         [Mechanism::Plain, Mechanism::Login, Mechanism::CramMd5]

@@ -17,7 +17,10 @@ use crate::tls::Certificates;
 
 use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
-use crate::limits::{ClientNet, FailureWindow, PerNetConnections};
+use crate::limits::{
+    AuthGate, AuthLimits, FailurePace, PerNetConnections, THROTTLE_LOG_INTERVAL, ThrottleLog,
+};
+use crate::sasl::Mechanism;
 use crate::session::{Limits as SessionLimits, ListenerKind};
 use crate::smtp::{Capabilities, xclient};
 use crate::users::UserDb;
@@ -38,8 +41,13 @@ pub struct Shared {
     pub limits: SessionLimits,
     /// AUTH failures per client network and per user name (hashed, so a flood of long
     /// names cannot grow the table's memory).
-    pub ip_failures: FailureWindow<ClientNet>,
-    pub user_failures: FailureWindow<u64>,
+    pub auth_gate: Arc<AuthGate>,
+    /// How long a failed AUTH takes at least (the costliest hash's time).
+    pub failure_pace: Arc<FailurePace>,
+    /// Throttle log lines held back per network.
+    pub throttle_log: ThrottleLog,
+    /// `--auth-mechanisms`, if given; see [`Shared::mechanisms`].
+    pub auth_mechanisms: Option<Vec<Mechanism>>,
     pub per_net: Arc<PerNetConnections>,
     /// What the post-AUTH relay enforces: sending limits, --strict-data.
     pub relay: Arc<crate::relay::Policy>,
@@ -62,6 +70,15 @@ impl Shared {
     /// The failure-table key of a user name.
     pub fn user_key(&self, username: &str) -> u64 {
         self.user_hasher.hash_one(username)
+    }
+
+    /// The SASL mechanisms a new session offers: `--auth-mechanisms`, or PLAIN and LOGIN,
+    /// with CRAM-MD5 only while every user of the current file can pass it.
+    pub fn mechanisms(&self) -> Vec<Mechanism> {
+        match &self.auth_mechanisms {
+            Some(chosen) => chosen.clone(),
+            None => default_mechanisms(&self.users()),
+        }
     }
 
     /// The backend's capabilities as of the last successful probe.
@@ -87,6 +104,11 @@ impl Shared {
     /// New verifications use `users`; a verification already running keeps its copy.
     pub fn replace_users(&self, users: UserDb) {
         let users = Arc::new(users);
+        // A costlier decoy in the new file must pace failures from the first one on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (pace, users) = (self.failure_pace.clone(), users.clone());
+            runtime.spawn_blocking(move || pace.seed(users.time_decoy()));
+        }
         match self.users.write() {
             Ok(mut guard) => *guard = users,
             Err(poisoned) => *poisoned.into_inner() = users,
@@ -120,6 +142,8 @@ pub struct Config {
     pub max_auth_failures_per_user: u32,
     pub auth_failure_window: Duration,
     pub relay: Arc<crate::relay::Policy>,
+    /// `--auth-mechanisms`, if given.
+    pub auth_mechanisms: Option<Vec<Mechanism>>,
 }
 
 impl Config {
@@ -191,6 +215,7 @@ impl Config {
                 command: args.command_timeout,
                 backend: args.backend_timeout,
                 relay_idle: args.relay_idle_timeout,
+                auth_deadline: args.auth_deadline,
             },
             probe_interval: args.probe_interval,
             metrics_listen: args.metrics_listen,
@@ -201,11 +226,14 @@ impl Config {
                 max_errors: args.max_errors,
                 max_auth_failures: args.max_auth_failures,
                 auth_failure_delay: args.auth_failure_delay,
+                max_junk_commands: args.max_junk_commands,
             },
             max_auth_failures_per_ip: args.max_auth_failures_per_ip,
             max_auth_failures_per_user: args.max_auth_failures_per_user,
             auth_failure_window: args.auth_failure_window,
             relay: Arc::new(crate::relay::Policy::from_args(args)?),
+            auth_mechanisms: (!args.auth_mechanisms.is_empty())
+                .then(|| args.auth_mechanisms.clone()),
         })
     }
 
@@ -323,6 +351,40 @@ fn pairs(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Vec<tls::Pair>, String> 
         .collect())
 }
 
+/// PLAIN and LOGIN, and CRAM-MD5 when every user has a `{PLAIN}` secret: offering it to
+/// a hashed user only earns that client a 535 (and smtplib tries it first).
+fn default_mechanisms(users: &UserDb) -> Vec<Mechanism> {
+    let mut mechanisms = vec![Mechanism::Plain, Mechanism::Login];
+    if users.all_plain() {
+        mechanisms.push(Mechanism::CramMd5);
+    }
+    mechanisms
+}
+
+/// Says at start-up which mechanisms are offered and why.
+fn log_mechanisms(chosen: Option<&[Mechanism]>, users: &UserDb) {
+    let hashed = users.hashed();
+    match chosen {
+        Some(chosen) => {
+            let names: Vec<&str> = chosen.iter().map(|m| m.name()).collect();
+            info!(mechanisms = %names.join(" "), "AUTH mechanisms from --auth-mechanisms");
+            if chosen.contains(&Mechanism::CramMd5) && hashed > 0 {
+                warn!(
+                    hashed,
+                    "--auth-mechanisms offers CRAM-MD5, which users with a hashed password cannot pass"
+                );
+            }
+        }
+        None if hashed == 0 => info!(
+            "AUTH PLAIN LOGIN CRAM-MD5: every user has a {{PLAIN}} secret, so CRAM-MD5 is offered"
+        ),
+        None => info!(
+            hashed,
+            "AUTH PLAIN LOGIN: CRAM-MD5 is not offered because users with a hashed password cannot pass it (--auth-mechanisms to choose)"
+        ),
+    }
+}
+
 /// How long the start-up probe and `postern check` wait for the backend.
 const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -336,8 +398,14 @@ pub async fn run(config: Config) -> Result<(), String> {
     }
     let certificates = certs.certificates;
     let tls = tls::server_config(certificates.clone())?;
-    let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
+    let users = Arc::new(UserDb::load(&config.users).map_err(|e| e.to_string())?);
     info!(users = users.len(), "users loaded");
+    log_mechanisms(config.auth_mechanisms.as_deref(), &users);
+    let failure_pace = Arc::new(FailurePace::default());
+    let decoy = users.clone();
+    if let Ok(took) = tokio::task::spawn_blocking(move || decoy.time_decoy()).await {
+        failure_pace.seed(took);
+    }
     if config.mx_identity == Some(MxIdentity::Unidentified) {
         warn!("{MX_UNIDENTIFIED}");
     }
@@ -405,14 +473,15 @@ pub async fn run(config: Config) -> Result<(), String> {
         verify_slots: Semaphore::new(verify_concurrency()),
         shutdown: shutdown_rx.clone(),
         limits: config.session_limits,
-        ip_failures: FailureWindow::new(
-            config.max_auth_failures_per_ip,
-            config.auth_failure_window,
-        ),
-        user_failures: FailureWindow::new(
-            config.max_auth_failures_per_user,
-            config.auth_failure_window,
-        ),
+        auth_gate: AuthGate::new(AuthLimits {
+            per_net: config.max_auth_failures_per_ip,
+            per_user: config.max_auth_failures_per_user,
+            window: config.auth_failure_window,
+            user_delay: config.session_limits.auth_failure_delay,
+        }),
+        failure_pace,
+        throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
+        auth_mechanisms: config.auth_mechanisms,
         per_net: PerNetConnections::new(config.max_connections_per_ip),
         relay: config.relay,
         user_hasher: RandomState::new(),
@@ -423,7 +492,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         capabilities: caps_rx,
         tls,
         certificates,
-        users: RwLock::new(Arc::new(users)),
+        users: RwLock::new(users),
     });
     if let Some((handle, listener)) = prometheus {
         let readiness = admin::Readiness {
@@ -433,6 +502,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         tokio::spawn(admin::serve(listener, handle, readiness));
     }
     tokio::spawn(reload::watch(shared.clone(), config.users));
+    tokio::spawn(crate::conn::report_throttles(shared.clone()));
 
     let slots = Arc::new(Semaphore::new(config.max_connections as usize));
     for (listener, kind) in bound {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sasl::{Credentials, Exchange, Mechanism, Step};
-use crate::smtp::ehlo::AUTH_LINE;
 use crate::smtp::{Capabilities, Command, CommandError, Reply, canned};
 
 /// What kind of listener accepted the connection.
@@ -127,6 +126,9 @@ pub struct Limits {
     pub max_auth_failures: u32,
     /// Delay before answering the n-th failed AUTH: n times this.
     pub auth_failure_delay: Duration,
+    /// NOOP, RSET, EHLO/HELO, HELP, VRFY and unknown commands allowed before AUTH; one
+    /// more closes the session with `421 4.7.0`.
+    pub max_junk_commands: u32,
 }
 
 impl Default for Limits {
@@ -135,6 +137,27 @@ impl Default for Limits {
             max_errors: 10,
             max_auth_failures: 3,
             auth_failure_delay: Duration::from_secs(1),
+            max_junk_commands: 100,
+        }
+    }
+}
+
+/// Why the session closed a connection it could have kept serving: one of the
+/// pre-AUTH budgets ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// [`Limits::max_junk_commands`].
+    JunkCommands,
+    /// The driver's deadline for AUTH ([`Session::on_auth_deadline`]).
+    AuthDeadline,
+}
+
+impl Rejection {
+    /// The `reason` label of `postern_connections_rejected_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::JunkCommands => "junk_commands",
+            Rejection::AuthDeadline => "auth_deadline",
         }
     }
 }
@@ -158,6 +181,11 @@ pub struct Session {
     limits: Limits,
     errors: u32,
     auth_failures: u32,
+    /// What EHLO offers and AUTH accepts.
+    mechanisms: Vec<Mechanism>,
+    /// Commands that neither authenticate nor start mail, so far (see [`is_junk`]).
+    junk: u32,
+    rejection: Option<Rejection>,
 }
 
 impl Session {
@@ -180,7 +208,29 @@ impl Session {
             limits,
             errors: 0,
             auth_failures: 0,
+            mechanisms: Mechanism::ALL.to_vec(),
+            junk: 0,
+            rejection: None,
         }
+    }
+
+    /// Offers and accepts only `mechanisms` (all of them by default), e.g. no CRAM-MD5
+    /// when some users have hashed passwords and so could never pass it.
+    pub fn with_mechanisms(mut self, mechanisms: &[Mechanism]) -> Self {
+        self.mechanisms = mechanisms.to_vec();
+        self
+    }
+
+    /// The budget whose end closed the session, if one did.
+    pub fn rejection(&self) -> Option<Rejection> {
+        self.rejection
+    }
+
+    /// The driver's deadline for a successful AUTH (an MX session: for its first MAIL)
+    /// passed: a client that keeps a slot without ever logging in is let go.
+    pub fn on_auth_deadline(&mut self) -> Vec<Action> {
+        self.rejection = Some(Rejection::AuthDeadline);
+        self.close_with(canned::AUTH_DEADLINE.into())
     }
 
     /// The 220 greeting (RFC 5321 §4.2).
@@ -352,6 +402,15 @@ impl Session {
             Ok(command) => command,
             Err(error) => return reply(command_error_reply(error)),
         };
+        // A client that only ever greets, resets and probes is holding a connection slot
+        // without any intention to log in (Postfix: smtpd_junk_command_limit).
+        if is_junk(&command) {
+            self.junk += 1;
+            if self.junk > self.limits.max_junk_commands {
+                self.rejection = Some(Rejection::JunkCommands);
+                return self.close_with(canned::TOO_MANY_JUNK_COMMANDS.into());
+            }
+        }
         match command {
             Command::Ehlo(name) => {
                 self.hello = Some(Hello {
@@ -385,7 +444,7 @@ impl Session {
             Command::Auth {
                 mechanism: Some(name),
                 initial,
-            } => match Mechanism::parse(name) {
+            } => match Mechanism::parse(name).filter(|m| self.mechanisms.contains(m)) {
                 None => reply(canned::AUTH_UNKNOWN_MECHANISM.into()),
                 Some(mechanism) => {
                     let challenge = match mechanism {
@@ -478,8 +537,9 @@ impl Session {
                 .for_clients()
                 .map(|line| Cow::Owned(line.to_owned())),
         );
-        if self.tls {
-            lines.push(AUTH_LINE.into());
+        if self.tls && !self.mechanisms.is_empty() {
+            let names: Vec<&str> = self.mechanisms.iter().map(|m| m.name()).collect();
+            lines.push(format!("AUTH {}", names.join(" ")).into());
         } else if self.kind != ListenerKind::ImplicitTls {
             lines.push("STARTTLS".into());
         }
@@ -490,6 +550,19 @@ impl Session {
         self.state = State::Closed { quit: false };
         vec![Action::Reply(reply), Action::Close]
     }
+}
+
+/// The commands `--max-junk-commands` counts: they neither authenticate nor start mail.
+fn is_junk(command: &Command<'_>) -> bool {
+    matches!(
+        command,
+        Command::Noop
+            | Command::Rset
+            | Command::Ehlo(_)
+            | Command::Helo(_)
+            | Command::Known
+            | Command::Unknown
+    )
 }
 
 fn reply(reply: Reply) -> Vec<Action> {
@@ -777,6 +850,7 @@ mod tests {
             max_errors: 10,
             max_auth_failures: 3,
             auth_failure_delay: Duration::from_secs(1),
+            ..Limits::default()
         };
         let mut s = Session::new(
             ListenerKind::ImplicitTls,
@@ -873,5 +947,55 @@ mod tests {
             s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes())[..],
             [Action::Verify { .. }]
         ));
+    }
+
+    #[test]
+    fn junk_commands_past_the_limit_close_with_421() {
+        let limits = Limits {
+            max_junk_commands: 4,
+            max_errors: 100,
+            ..Limits::default()
+        };
+        let mut s = Session::new(
+            ListenerKind::ImplicitTls,
+            "mx.test".into(),
+            Arc::new(Capabilities::unknown()),
+            Box::new(String::new),
+            limits,
+        );
+        for line in [&b"EHLO c"[..], b"NOOP", b"RSET", b"VRFY x"] {
+            assert!(!matches!(s.on_line(line).last(), Some(Action::Close)));
+        }
+        // Neither AUTH nor a refused MAIL is junk.
+        assert_reply(&s.on_line(b"AUTH PLAIN"), "334");
+        s.on_line(b"*");
+        assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "530");
+        assert_eq!(s.rejection(), None);
+        let actions = s.on_line(b"HELP");
+        assert_eq!(
+            wire(&actions),
+            "421 4.7.0 Too many commands without authentication, closing connection\r\n"
+        );
+        assert!(matches!(actions.last(), Some(Action::Close)));
+        assert_eq!(s.rejection(), Some(Rejection::JunkCommands));
+        assert_eq!(Rejection::JunkCommands.label(), "junk_commands");
+    }
+
+    #[test]
+    fn the_auth_deadline_closes_with_421() {
+        let mut s = greeted_tls();
+        let actions = s.on_auth_deadline();
+        assert_reply(&actions, "421 4.7.0 Too long without authentication");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+        assert_eq!(s.rejection().map(Rejection::label), Some("auth_deadline"));
+    }
+
+    #[test]
+    fn only_the_chosen_mechanisms_are_offered_and_accepted() {
+        let mut s = session(ListenerKind::ImplicitTls)
+            .with_mechanisms(&[Mechanism::Plain, Mechanism::Login]);
+        assert!(wire(&s.on_line(b"EHLO c")).ends_with("250 AUTH PLAIN LOGIN\r\n"));
+        assert_reply(&s.on_line(b"AUTH CRAM-MD5"), "504 5.5.4");
+        assert_reply(&s.on_line(b"AUTH LOGIN"), "334");
     }
 }

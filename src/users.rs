@@ -53,12 +53,26 @@ const MAX_ECHOED_SCHEME: usize = 32;
 /// HMAC key for CRAM-MD5 attempts that cannot succeed; only its cost matters.
 const CRAM_MD5_DUMMY_KEY: &[u8] = b"postern: no cleartext secret";
 
+/// Why a file without users is refused.
+const NO_USERS: &str = "no users: the file must name at least one user:{SCHEME}password line";
+
 /// The users postern accepts and their password hashes. Cheap to share in an `Arc`.
 pub struct UserDb {
     users: HashMap<String, Secret>,
-    /// Verified instead when the user does not exist, so that an unknown name costs what a
-    /// wrong password costs: a copy of a real entry of the scheme most users have.
+    /// Verified instead when the user does not exist: a copy of the costliest hash in the
+    /// file, so that no failure costs more than an unknown name, and the caller can pad
+    /// every failure to its time (see [`Check::decoy_work`]).
     dummy: Option<Secret>,
+}
+
+/// The outcome of a password check, with what the caller needs to make failures take
+/// the same time whatever the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Check {
+    pub valid: bool,
+    /// The work done cost what the decoy costs (an unknown user, or a user whose hash has
+    /// the decoy's scheme and parameters): its duration is a sample of the decoy's time.
+    pub decoy_work: bool,
 }
 
 /// Why the users file could not be loaded.
@@ -72,6 +86,7 @@ pub struct LoadError {
 enum LoadErrorKind {
     Read(std::io::Error),
     Line { number: usize, problem: Problem },
+    NoUsers,
 }
 
 /// What is wrong with one line. No variant holds a password field.
@@ -142,8 +157,8 @@ impl UserDb {
     pub fn parse(text: &str) -> Result<UserDb, LoadError> {
         let mut users = HashMap::new();
         let mut first_lines: HashMap<&str, usize> = HashMap::new();
-        // Per scheme (indexed by `Scheme as usize`): how many users, and the first one's secret.
-        let mut per_scheme: [(usize, Option<Secret>); 4] = Default::default();
+        // The costliest secret so far and its cost.
+        let mut costliest: Option<(u64, Scheme, Secret)> = None;
         for (index, line) in text.lines().enumerate() {
             let number = index + 1;
             let line_error = |problem| LoadError {
@@ -160,19 +175,25 @@ impl UserDb {
                 }));
             }
             first_lines.insert(user, number);
-            let (count, first) = &mut per_scheme[secret.scheme() as usize];
-            *count += 1;
-            first.get_or_insert_with(|| secret.clone());
+            let key = (secret.cost(), secret.scheme());
+            if costliest
+                .as_ref()
+                .is_none_or(|(cost, scheme, _)| key > (*cost, *scheme))
+            {
+                costliest = Some((key.0, key.1, secret.clone()));
+            }
             users.insert(user.to_owned(), secret);
         }
-        // Most users' scheme wins; on a tie the costlier one (a higher index), so probing
-        // for names that exist is never cheaper than guessing a password.
-        let dummy = per_scheme
-            .into_iter()
-            .enumerate()
-            .filter(|(_, (count, _))| *count > 0)
-            .max_by_key(|(scheme, (count, _))| (*count, *scheme))
-            .and_then(|(_, (_, first))| first);
+        // A file that names nobody is a mistake (a truncated copy, the wrong path written
+        // by a tool): serving it would refuse every login, so it is refused instead, and a
+        // reload keeps the users it had.
+        if users.is_empty() {
+            return Err(LoadError {
+                path: None,
+                kind: LoadErrorKind::NoUsers,
+            });
+        }
+        let dummy = costliest.map(|(_, _, secret)| secret);
         Ok(UserDb { users, dummy })
     }
 
@@ -209,17 +230,55 @@ impl UserDb {
     ///
     /// Blocking (argon2 ~100 ms): the caller runs it in `spawn_blocking`.
     pub fn verify_password(&self, username: &str, password: &[u8]) -> bool {
+        self.check_password(username, password).valid
+    }
+
+    /// [`Self::verify_password`], also saying whether the work done was the decoy's.
+    pub fn check_password(&self, username: &str, password: &[u8]) -> Check {
+        let decoy_cost = self.dummy.as_ref().map(Secret::cost);
         match self.users.get(username) {
-            Some(secret) => secret.verify(password),
+            Some(secret) => Check {
+                valid: secret.verify(password),
+                decoy_work: decoy_cost == Some(secret.cost()),
+            },
             None => {
-                // Same work as a wrong password, so response time does not tell which user
-                // names exist. black_box keeps the result (and so the work) from being elided.
+                // The costliest work a wrong password can cause, so response time does not
+                // tell which user names exist. black_box keeps the result (and so the
+                // work) from being elided.
                 if let Some(dummy) = &self.dummy {
                     std::hint::black_box(dummy.verify(password));
                 }
-                false
+                Check {
+                    valid: false,
+                    decoy_work: true,
+                }
             }
         }
+    }
+
+    /// How long one verification of the decoy takes now: a first sample for the caller's
+    /// failure pacing, before any client has failed. Blocking, like a verification.
+    pub fn time_decoy(&self) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        if let Some(dummy) = &self.dummy {
+            std::hint::black_box(dummy.verify(b"postern: decoy timing"));
+        }
+        started.elapsed()
+    }
+
+    /// Whether every user has a `{PLAIN}` secret, so that CRAM-MD5 can work for all.
+    pub fn all_plain(&self) -> bool {
+        self.users
+            .values()
+            .all(|secret| matches!(secret, Secret::Plain(_)))
+    }
+
+    /// How many users have a hashed secret (and so cannot use CRAM-MD5).
+    pub fn hashed(&self) -> usize {
+        self.users
+            .values()
+            .filter(|secret| !matches!(secret, Secret::Plain(_)))
+            .count()
     }
 
     /// RFC 2195: HMAC-MD5(secret, challenge) as lowercase hex, compared in constant time.
@@ -308,6 +367,45 @@ impl Secret {
             Secret::Sha512Crypt(_) => Scheme::Sha512Crypt,
             Secret::BlfCrypt(_) => Scheme::BlfCrypt,
             Secret::Argon2id(_) => Scheme::Argon2id,
+        }
+    }
+
+    /// Roughly how long a verification takes, in nanoseconds on a current x86-64 core.
+    /// Only the order matters: it picks the decoy, the costliest hash in the file. The
+    /// caller measures real times for padding, so a model that is off by a factor only
+    /// makes the decoy a little cheaper than the costliest hash, which the measured
+    /// pacing still covers.
+    fn cost(&self) -> u64 {
+        /// Per sha512-crypt round, per bcrypt iteration (2^cost), per argon2 KiB-pass.
+        const SHA512_ROUND_NS: u64 = 550;
+        const BCRYPT_ITERATION_NS: u64 = 60_000;
+        const ARGON2_KIB_PASS_NS: u64 = 500;
+        /// crypt(3)'s rounds when the hash names none.
+        const SHA512_DEFAULT_ROUNDS: u64 = 5_000;
+        match self {
+            Secret::Plain(_) => 0,
+            Secret::Sha512Crypt(hash) => {
+                let rounds = hash
+                    .strip_prefix("$6$rounds=")
+                    .and_then(|rest| rest.split('$').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(SHA512_DEFAULT_ROUNDS);
+                rounds.saturating_mul(SHA512_ROUND_NS)
+            }
+            Secret::BlfCrypt(hash) => {
+                let cost = bcrypt::HashParts::from_str(hash)
+                    .map(|parts| parts.get_cost())
+                    .unwrap_or(BCRYPT_COST);
+                (1u64 << cost.min(40)).saturating_mul(BCRYPT_ITERATION_NS)
+            }
+            Secret::Argon2id(hash) => argon2::PasswordHash::new(hash)
+                .ok()
+                .and_then(|hash| argon2::Params::try_from(&hash).ok())
+                .map_or(0, |params| {
+                    u64::from(params.m_cost())
+                        .saturating_mul(u64::from(params.t_cost()))
+                        .saturating_mul(ARGON2_KIB_PASS_NS)
+                }),
         }
     }
 
@@ -504,7 +602,7 @@ impl LoadError {
     pub fn line(&self) -> Option<usize> {
         match self.kind {
             LoadErrorKind::Line { number, .. } => Some(number),
-            LoadErrorKind::Read(_) => None,
+            LoadErrorKind::Read(_) | LoadErrorKind::NoUsers => None,
         }
     }
 }
@@ -522,6 +620,8 @@ impl fmt::Display for LoadError {
             (LoadErrorKind::Line { number, problem }, None) => {
                 write!(f, "line {number}: {problem}")
             }
+            (LoadErrorKind::NoUsers, Some(path)) => write!(f, "{}: {NO_USERS}", path.display()),
+            (LoadErrorKind::NoUsers, None) => f.write_str(NO_USERS),
         }
     }
 }
@@ -530,7 +630,7 @@ impl std::error::Error for LoadError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
             LoadErrorKind::Read(error) => Some(error),
-            LoadErrorKind::Line { .. } => None,
+            LoadErrorKind::Line { .. } | LoadErrorKind::NoUsers => None,
         }
     }
 }
@@ -627,34 +727,78 @@ mod tests {
         let db = fixture();
         for user in ["nobody", "DOVE-PLAIN", "dove-plain ", ""] {
             assert!(!db.verify_password(user, b"secret"), "{user:?}");
+            assert!(db.check_password(user, b"secret").decoy_work, "{user:?}");
         }
-        // The dummy is a real hash of the commonest scheme (bcrypt in the fixture).
+        // The dummy is the costliest hash: dove-argon2's 64 MiB and 3 passes.
         assert_eq!(
             db.dummy.as_ref().map(Secret::scheme),
-            Some(Scheme::BlfCrypt)
+            Some(Scheme::Argon2id)
         );
+        assert!(db.check_password("dove-argon2", b"x").decoy_work);
+        // cli-argon2 is argon2id too, but with 4 MiB: not the decoy's cost.
+        assert!(!db.check_password("cli-argon2", b"x").decoy_work);
+        assert!(!db.check_password("dove-plain", b"x").decoy_work);
     }
 
     #[test]
-    fn dummy_follows_the_commonest_scheme_then_the_costlier() {
+    fn dummy_is_the_costliest_hash_whatever_the_scheme() {
         let sha = "$6$rounds=10000$abc$3DDOWZMNRRKDT142bUtYQRY52ycK/xshRXOQgIyt2QRXzLDnoPq6v4lO9bA3f/JhGz1mHrAh.QUDGHmaE5RxP.";
-        let blf = "$2y$05$9IoBKkFUzKc3D5KkeRvJ6OYtvf/dCmzNy1TY7g9mdvyXnWBRT7TZ.";
+        let sha_default = "$6$lRIUi9jdcFZ6nFOD$hPrIV2Ds4Jf.dNbalhcRaBBCV.9BRXWpP1DDrxJs50x2o.EIkJxrSc0982QPgbx.kKYv7QQIOkPTbs8owfYZl1";
+        let blf5 = "$2y$05$9IoBKkFUzKc3D5KkeRvJ6OYtvf/dCmzNy1TY7g9mdvyXnWBRT7TZ.";
+        let blf10 = "$2y$10$oRLhhHmqTZZ0Ljm686ddve9SFvzomf7gN78V.m/awgkO/KjlNZ/Ci";
+        let argon_small =
+            "$argon2id$v=19$m=4096,t=3,p=1$c29tZXNhbHQ$JSTtCfuzyWAVVZF1mjNyip+A7CCi5xkKhBoPdXSPbqs";
         for (text, expected) in [
-            (String::new(), None),
-            ("a:{PLAIN}x".to_owned(), Some(Scheme::Plain)),
+            ("a:{PLAIN}x".to_owned(), Scheme::Plain),
+            // One costly user among many cheap ones is still the decoy.
             (
                 format!("a:{{PLAIN}}x\nb:{{PLAIN}}y\nc:{{SHA512-CRYPT}}{sha}"),
-                Some(Scheme::Plain),
+                Scheme::Sha512Crypt,
+            ),
+            // rounds=10000 (~5.5 ms) beats bcrypt cost 5 (~2 ms)...
+            (
+                format!("c:{{SHA512-CRYPT}}{sha}\nd:{{BLF-CRYPT}}{blf5}"),
+                Scheme::Sha512Crypt,
+            ),
+            // ...but not cost 10 (~60 ms), nor a small argon2 the default rounds.
+            (
+                format!("c:{{SHA512-CRYPT}}{sha}\nd:{{BLF-CRYPT}}{blf10}"),
+                Scheme::BlfCrypt,
             ),
             (
-                format!("a:{{PLAIN}}x\nc:{{SHA512-CRYPT}}{sha}\nd:{{BLF-CRYPT}}{blf}"),
-                Some(Scheme::BlfCrypt),
+                format!("c:{{SHA512-CRYPT}}{sha_default}\nd:{{ARGON2ID}}{argon_small}"),
+                Scheme::Argon2id,
             ),
         ] {
             let db = UserDb::parse(&text).map_err(|error| error.to_string());
             let dummy = db.map(|db| db.dummy.as_ref().map(Secret::scheme));
-            assert_eq!(dummy, Ok(expected), "{text}");
+            assert_eq!(dummy, Ok(Some(expected)), "{text}");
         }
+    }
+
+    #[test]
+    fn a_file_without_users_is_refused() {
+        for text in ["", "\n\n", "# only a comment\n   \n# and another\n"] {
+            assert_eq!(parse_error(text), NO_USERS, "{text:?}");
+        }
+        let dir = tempfile::tempdir().map_err(|error| error.to_string());
+        let Ok(dir) = dir else {
+            panic!("{dir:?}");
+        };
+        let file = dir.path().join("users");
+        assert!(std::fs::write(&file, "# nobody yet\n").is_ok());
+        let message = UserDb::load(&file)
+            .map(|db| db.len())
+            .map_err(|e| e.to_string());
+        assert_eq!(message, Err(format!("{}: {NO_USERS}", file.display())));
+    }
+
+    #[test]
+    fn cram_md5_needs_every_user_plain() {
+        assert!(!fixture().all_plain());
+        assert_eq!(fixture().hashed(), 10);
+        let db = UserDb::parse("a:{PLAIN}x\nb:{CLEAR}y").map_err(|e| e.to_string());
+        assert_eq!(db.map(|db| (db.all_plain(), db.hashed())), Ok((true, 0)));
     }
 
     #[test]

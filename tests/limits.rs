@@ -40,7 +40,8 @@ async fn a_user_locked_out_after_repeated_failures_gets_454() {
         c.auth_plain(USER, "wrong", "535").await;
     }
     let (mut c, _) = postern.implicit().await;
-    // Even the right password is not checked now.
+    // Even the right password is not checked now from the network that failed (other
+    // networks are only slowed down: tests/abuse.rs).
     c.auth_plain(USER, PASSWORD, "454 4.7.0").await;
     // Other users are unaffected.
     c.auth_plain("sha512", PASSWORD, "235").await;

@@ -110,6 +110,16 @@ pub mod canned {
         421,
         "4.7.0 Too many authentication failures, closing connection",
     );
+    /// `--max-junk-commands` reached before AUTH (Postfix's smtpd_junk_command_limit).
+    pub const TOO_MANY_JUNK_COMMANDS: Canned = Canned::new(
+        421,
+        "4.7.0 Too many commands without authentication, closing connection",
+    );
+    /// `--auth-deadline` passed before AUTH succeeded (an MX session: before its MAIL).
+    pub const AUTH_DEADLINE: Canned = Canned::new(
+        421,
+        "4.7.0 Too long without authentication, closing connection",
+    );
     pub const AUTH_THROTTLED: Canned = Canned::new(
         454,
         "4.7.0 Too many authentication failures, try again later",

@@ -76,6 +76,15 @@ impl SmtpClient {
         }
     }
 
+    /// Wraps a TCP connection made elsewhere (e.g. from a chosen source address).
+    pub fn from_tcp(tcp: TcpStream) -> SmtpClient {
+        SmtpClient {
+            stream: Stream::Plain(tcp),
+            buf: Vec::new(),
+            transcript: String::new(),
+        }
+    }
+
     /// Connects and does the TLS handshake at once (a `--listen-tls` port, RFC 8314).
     pub async fn connect_tls(addr: SocketAddr, config: Arc<ClientConfig>) -> SmtpClient {
         let mut c = Self::connect(addr).await;

@@ -59,6 +59,8 @@ pub struct PosternBuilder {
     flags: Vec<(String, String)>,
     env: Vec<(String, String)>,
     relaxed_limits: bool,
+    /// Harness flags [`Self::without_flag`] removed.
+    removed: Vec<String>,
 }
 
 /// Abuse limits the harness relaxes by default, so that protocol tests can fail AUTH
@@ -70,6 +72,7 @@ pub const RELAXED_LIMITS: &[(&str, &str)] = &[
     ("--max-auth-failures-per-ip", "100000"),
     ("--max-auth-failures-per-user", "100000"),
     ("--max-errors", "1000"),
+    ("--max-junk-commands", "100000"),
     ("--max-connections-per-ip", "10000"),
 ];
 
@@ -111,6 +114,7 @@ impl PosternBuilder {
     /// Removes a flag the harness would otherwise pass.
     pub fn without_flag(mut self, name: &str) -> Self {
         self.flags.retain(|(n, _)| n != name);
+        self.removed.push(name.to_string());
         self
     }
 
@@ -141,6 +145,9 @@ impl PosternBuilder {
             ("--users".into(), users.display().to_string()),
             ("--hostname".into(), HOSTNAME.into()),
             ("--log-level".into(), "debug".into()),
+            // The suite's users mix {PLAIN} and hashes, which by default hides CRAM-MD5;
+            // the protocol tests exercise all three (tests/abuse.rs tests the default).
+            ("--auth-mechanisms".into(), "PLAIN,LOGIN,CRAM-MD5".into()),
         ];
         if self.relaxed_limits {
             flags.extend(
@@ -149,6 +156,7 @@ impl PosternBuilder {
                     .map(|(n, v)| (n.to_string(), v.to_string())),
             );
         }
+        flags.retain(|(n, _)| !self.removed.contains(n));
         let mut smtp = None;
         let mut smtps = None;
         if !self.flags.iter().any(|(n, _)| n == "--listen") {
@@ -269,6 +277,7 @@ impl Postern {
             flags: Vec::new(),
             env: Vec::new(),
             relaxed_limits: true,
+            removed: Vec::new(),
         }
     }
 
