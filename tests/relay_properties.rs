@@ -141,6 +141,12 @@ fn postern_refused(harness: &Harness) -> bool {
         .any(|line| matches!(line.first(), Some(b'4' | b'5')))
 }
 
+fn sorted_events(events: &[Event]) -> Vec<String> {
+    let mut events: Vec<String> = events.iter().map(|e| format!("{e:?}")).collect();
+    events.sort();
+    events
+}
+
 fn count(events: &[Event], f: impl Fn(&Event) -> bool) -> usize {
     events.iter().filter(|e| f(e)).count()
 }
@@ -160,7 +166,9 @@ proptest! {
         for pieces in [split(&input, &cuts), bytewise] {
             let other = run(setup, &pieces);
             prop_assert_eq!(&other.backend.log, &whole.backend.log);
-            prop_assert_eq!(&other.events, &whole.events);
+            // Events from client lines (a limit reached) and from replies (a recipient
+            // accepted) interleave as the reads fall; each kind comes in order.
+            prop_assert_eq!(sorted_events(&other.events), sorted_events(&whole.events));
             prop_assert_eq!(
                 other.tracker.backend_abandoned(),
                 whole.tracker.backend_abandoned()
@@ -311,7 +319,7 @@ fn the_harness_catches_a_smuggled_message() {
     assert!(harness.client_text().contains("550 5.6.0"));
 }
 
-// === Problems found (ignored so the branch stays green; see the report) ===
+// === Problems the review found, each fixed: these keep them fixed ===
 
 /// `Tracker::finish` runs the ledger's release through `apply`, which stops at the first
 /// op once `closing` is set: every session postern ends with a closing reply of its own
@@ -319,7 +327,6 @@ fn the_harness_catches_a_smuggled_message() {
 /// out of step) keeps the slots its open transaction held, until the window expires.
 /// Found by `any_interleaving_keeps_the_invariants`.
 #[test]
-#[ignore = "bug: Tracker::finish drops the Release once postern has closed the session"]
 fn a_session_postern_closes_gives_back_what_it_held() {
     let limited = Setup {
         limits: Limits {
@@ -330,7 +337,6 @@ fn a_session_postern_closes_gives_back_what_it_held() {
         ..plain()
     };
     let mut harness = Harness::new(limited);
-    harness.tolerate_closed_leak = false;
     harness.step(Op::Client(
         b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n".to_vec(),
     ));
@@ -347,10 +353,8 @@ fn a_session_postern_closes_gives_back_what_it_held() {
 /// `to_backend` has room, and nothing is forwarded for these lines. A client that
 /// sends them and never reads gets an unbounded queue: 6 octets in, ~36 out.
 #[test]
-#[ignore = "bug: postern's own replies grow to_client without bound for a client that does not read"]
 fn a_client_that_never_reads_cannot_grow_the_reply_queue_without_bound() {
     let mut harness = Harness::new(plain());
-    harness.tolerate_reply_flood = false;
     harness.step(Op::Client(b"AUTH\r\n".repeat(100_000)));
     // Read everything the tracker will take; never write to the client.
     harness.step(Op::ReadClient(usize::MAX));
@@ -358,7 +362,6 @@ fn a_client_that_never_reads_cannot_grow_the_reply_queue_without_bound() {
 
 /// The same flood through an anonymous MX session (no login needed to reach the relay).
 #[test]
-#[ignore = "bug: postern's own replies grow to_client without bound for a client that does not read"]
 fn an_anonymous_client_cannot_grow_the_reply_queue_without_bound() {
     let anonymous = Setup {
         authenticated: false,
@@ -366,7 +369,6 @@ fn an_anonymous_client_cannot_grow_the_reply_queue_without_bound() {
         ..plain()
     };
     let mut harness = Harness::new(anonymous);
-    harness.tolerate_reply_flood = false;
     harness.step(Op::Client(b"NOOP\x0b\r\n".repeat(60_000)));
     harness.step(Op::ReadClient(usize::MAX));
     assert!(harness.tracker.to_client().len() <= 4 * MAX_BUFFER);
@@ -378,7 +380,6 @@ fn an_anonymous_client_cannot_grow_the_reply_queue_without_bound() {
 /// true })` and never consumed, and `finish` gives back only the ledger's slots: the
 /// slot stays taken in the store until its window expires.
 #[test]
-#[ignore = "bug: a reservation granted once the session stopped taking commands is never given back"]
 fn a_reservation_granted_after_the_backend_failed_is_given_back() {
     let limited = Setup {
         limits: Limits {
@@ -388,7 +389,6 @@ fn a_reservation_granted_after_the_backend_failed_is_given_back() {
         ..plain()
     };
     let mut harness = Harness::new(limited);
-    harness.tolerate_late_grants = false;
     harness.step(Op::Client(b"MAIL FROM:<a>\r\n".to_vec()));
     harness.step(Op::ReadClient(usize::MAX));
     assert!(harness.tracker.wants_reservation().is_some());
@@ -405,7 +405,6 @@ fn a_reservation_granted_after_the_backend_failed_is_given_back() {
 /// `<CRLF>.<CRLF>` ends that message and the chunk's next line (here XCLIENT, which
 /// postern never forwards as a command) is a command to the backend.
 #[test]
-#[ignore = "bug: bytes queued for the backend are still written after a 354 to a non-DATA command"]
 fn nothing_more_reaches_a_backend_that_answered_354_to_a_non_data_command() {
     use postern::relay::tracker::Tracker;
     let mut tracker = Tracker::new(plain().settings(), b"", b"");
@@ -434,7 +433,6 @@ fn nothing_more_reaches_a_backend_that_answered_354_to_a_non_data_command() {
 /// pipelined behind it, a BDAT chunk included, is then a body to that backend. RFC 6531
 /// allows UTF-8 in arguments, never in verbs, so refusing such verbs costs nothing.
 #[test]
-#[ignore = "hardening: a verb with 8-bit octets reads as DATA/AUTH to a backend that strips the eighth bit"]
 fn a_verb_with_eight_bit_octets_is_refused() {
     let harness = run(plain(), &[b"D\xc1TA\r\nNOOP\r\n".to_vec()]);
     assert!(
