@@ -34,7 +34,7 @@ const READ_BUF: usize = 256 * 1024;
 const MAX_LINE: usize = 4096;
 
 /// End of the data: the CRLF that ends the last line, a dot, CRLF.
-const END_OF_DATA: &[u8] = b"\r\n.\r\n";
+use postern::smtp::data::END_OF_DATA;
 
 #[derive(Debug, Parser)]
 #[command(about = "SMTP sink for benchmarks: accepts and discards mail")]

@@ -388,7 +388,7 @@ async fn serve(
                     let end = if pending.starts_with(b".\r\n") {
                         Some((0, 3))
                     } else {
-                        super::find(&pending[scan_from..], b"\r\n.\r\n")
+                        super::find(&pending[scan_from..], postern::smtp::data::END_OF_DATA)
                             .map(|i| (scan_from + i + 2, scan_from + i + 5))
                     };
                     let Some((body_end, consumed)) = end else {
