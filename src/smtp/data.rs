@@ -69,6 +69,14 @@ pub struct BodyScanner {
     line_start: bool,
 }
 
+/// Where a pattern occurs next in the input being scanned.
+#[derive(Debug, Clone, Copy)]
+enum Hit {
+    Unknown,
+    None,
+    At(usize),
+}
+
 /// How a `.` after a CR or LF reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DotLine {
@@ -167,15 +175,23 @@ impl BodyScanner {
                 return step;
             }
         }
+        // Each pattern's next hit is searched for only once it has been passed, so a
+        // body full of dot-stuffed lines is still scanned in linear time.
+        let mut next = [Hit::Unknown, Hit::Unknown];
         let mut from = 0;
         loop {
-            let rest = &input[from..];
-            let hit = match (LF_DOT.find(rest), CR_DOT.find(rest)) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
+            for (hit, finder) in next.iter_mut().zip([&*LF_DOT, &*CR_DOT]) {
+                if matches!(hit, Hit::Unknown) || matches!(hit, Hit::At(at) if *at < from) {
+                    *hit = finder
+                        .find(&input[from..])
+                        .map_or(Hit::None, |at| Hit::At(from + at));
+                }
+            }
+            let eol_at = match next {
+                [Hit::At(a), Hit::At(b)] => a.min(b),
+                [Hit::At(at), _] | [_, Hit::At(at)] => at,
+                _ => break,
             };
-            let Some(hit) = hit else { break };
-            let eol_at = from + hit;
             let before = match eol_at {
                 0 => self.before[1],
                 _ => input[eol_at - 1],
