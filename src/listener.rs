@@ -74,7 +74,7 @@ pub async fn accept_loop(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            refuse(tcp, "max_connections");
+            refuse(tcp, "max_connections", &shared.refusal_slots);
             continue;
         };
         let shared = shared.clone();
@@ -87,7 +87,7 @@ pub async fn accept_loop(
                 .per_net
                 .try_acquire(ClientNet::from(addrs.client.ip()))
             else {
-                refuse(tcp, "max_connections_per_ip");
+                refuse(tcp, "max_connections_per_ip", &shared.refusal_slots);
                 return;
             };
             conn::serve(tcp, addrs, kind, shared).await;
@@ -159,13 +159,71 @@ const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a refused client gets to read its 421.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most refused connections that wait for their 421 at once. Each holds a task and a
+/// socket for up to [`REFUSAL_WRITE_TIMEOUT`], so a flood of clients that never read
+/// must not grow them without bound; past this many, a refused connection is closed at
+/// once without a reply (the client sees a reset or EOF, and retries as after a 421).
+pub const MAX_PENDING_REFUSALS: usize = 256;
+
 /// Answers `421 4.7.0` before any greeting (RFC 5321 §3.1 allows a 421 opening) and
-/// closes, off the accept loop so a slow reader cannot stall accepting.
-fn refuse(mut tcp: tokio::net::TcpStream, reason: &'static str) {
+/// closes, off the accept loop so a slow reader cannot stall accepting. With
+/// [`MAX_PENDING_REFUSALS`] already waiting (`pending` has no permit left), closes
+/// without the 421.
+fn refuse(mut tcp: TcpStream, reason: &'static str, pending: &Arc<Semaphore>) {
     metrics::connection_rejected(reason);
+    let Ok(permit) = pending.clone().try_acquire_owned() else {
+        drop(tcp);
+        return;
+    };
     tokio::spawn(async move {
         let mut out = Vec::new();
         Reply::from(canned::TOO_MANY_CONNECTIONS).encode(&mut out);
         let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, tcp.write_all(&out)).await;
+        drop(permit);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A connected pair: the client end and the accepted server end.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    async fn read_all(mut client: TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got)).await;
+        got
+    }
+
+    #[tokio::test]
+    async fn refusals_past_the_bound_are_closed_without_a_421() {
+        let pending = Arc::new(Semaphore::new(MAX_PENDING_REFUSALS));
+        // Every slot taken, as by clients that never read their 421.
+        let held = pending
+            .clone()
+            .acquire_many_owned(MAX_PENDING_REFUSALS as u32)
+            .await
+            .unwrap();
+        let (client, server) = pair().await;
+        refuse(server, "max_connections", &pending);
+        assert_eq!(read_all(client).await, b"");
+
+        // A slot frees: the next refused client gets its 421 again, and the slot back.
+        drop(held);
+        let (client, server) = pair().await;
+        refuse(server, "max_connections", &pending);
+        assert!(read_all(client).await.starts_with(b"421 4.7.0"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pending.available_permits(), MAX_PENDING_REFUSALS);
+    }
 }

@@ -49,6 +49,9 @@ pub struct Shared {
     /// `--auth-mechanisms`, if given; see [`Shared::mechanisms`].
     pub auth_mechanisms: Option<Vec<Mechanism>>,
     pub per_net: Arc<PerNetConnections>,
+    /// Refused connections still waiting for their 421 (see
+    /// [`listener::MAX_PENDING_REFUSALS`]).
+    pub refusal_slots: Arc<Semaphore>,
     /// What the post-AUTH relay enforces: sending limits, --strict-data.
     pub relay: Arc<crate::relay::Policy>,
     pub xclient: bool,
@@ -483,6 +486,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
         auth_mechanisms: config.auth_mechanisms,
         per_net: PerNetConnections::new(config.max_connections_per_ip),
+        refusal_slots: Arc::new(Semaphore::new(listener::MAX_PENDING_REFUSALS)),
         relay: config.relay,
         user_hasher: RandomState::new(),
         xclient: config.xclient,
