@@ -318,7 +318,7 @@ where
                         let _ =
                             tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
                         if session.auth_failures_exhausted() {
-                            metrics::auth_throttled("connection");
+                            metrics::auth_throttled(metrics::label::throttle_scope::CONNECTION);
                         }
                         if let Some(rejection) = session.rejection() {
                             metrics::connection_rejected(rejection.label());
@@ -487,18 +487,18 @@ async fn handshake(
             let version = conn
                 .protocol_version()
                 .and_then(|v| v.as_str())
-                .unwrap_or("unknown");
+                .unwrap_or(metrics::label::tls_version::UNKNOWN);
             metrics::tls_handshake(true, version);
             summary.tls = Some(tls::describe(conn));
             Some(stream)
         }
         Ok(Err(error)) => {
-            metrics::tls_handshake(false, "none");
+            metrics::tls_handshake(false, metrics::label::tls_version::NONE);
             tracing::debug!(%error, "TLS handshake failed");
             None
         }
         Err(_) => {
-            metrics::tls_handshake(false, "none");
+            metrics::tls_handshake(false, metrics::label::tls_version::NONE);
             tracing::debug!("TLS handshake timed out");
             None
         }
@@ -540,7 +540,7 @@ async fn authenticate(
         }
     }
     let Some((check, took)) = verify(shared, credentials).await else {
-        metrics::auth_throttled("verifier");
+        metrics::auth_throttled(metrics::label::throttle_scope::VERIFIER);
         return Verdict::Throttled;
     };
     let valid = check.valid;

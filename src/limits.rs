@@ -293,8 +293,8 @@ impl Refusal {
     /// The `scope` label of `postern_auth_throttled_total` and the log line.
     pub fn label(self) -> &'static str {
         match self {
-            Refusal::Net => "ip",
-            Refusal::User => "user",
+            Refusal::Net => crate::metrics::label::throttle_scope::IP,
+            Refusal::User => crate::metrics::label::throttle_scope::USER,
         }
     }
 }

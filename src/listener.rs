@@ -74,7 +74,11 @@ pub async fn accept_loop(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            refuse(tcp, "max_connections", &shared.refusal_slots);
+            refuse(
+                tcp,
+                metrics::label::reject_reason::MAX_CONNECTIONS,
+                &shared.refusal_slots,
+            );
             continue;
         };
         let shared = shared.clone();
@@ -87,7 +91,11 @@ pub async fn accept_loop(
                 .per_net
                 .try_acquire(ClientNet::from(addrs.client.ip()))
             else {
-                refuse(tcp, "max_connections_per_ip", &shared.refusal_slots);
+                refuse(
+                    tcp,
+                    metrics::label::reject_reason::MAX_CONNECTIONS_PER_IP,
+                    &shared.refusal_slots,
+                );
                 return;
             };
             conn::serve(tcp, addrs, kind, shared).await;
@@ -112,7 +120,7 @@ async fn client_addrs(
     };
     // Exim CVE-2023-42117 class: a PROXY header is only believed from listed sources.
     if !trusted.iter().any(|net| net.contains(&peer.ip())) {
-        metrics::connection_rejected("proxy_untrusted");
+        metrics::connection_rejected(metrics::label::reject_reason::PROXY_UNTRUSTED);
         warn!(%peer, "PROXY protocol expected from a listed load balancer only; closing");
         return None;
     }
@@ -129,7 +137,7 @@ async fn client_addrs(
             local,
         }),
         Ok(None) | Err(_) => {
-            metrics::connection_rejected("proxy_invalid");
+            metrics::connection_rejected(metrics::label::reject_reason::PROXY_INVALID);
             warn!(%peer, "missing, malformed or slow PROXY header; closing without a greeting");
             None
         }

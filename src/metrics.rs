@@ -26,6 +26,126 @@ pub const LIMITS_STORE_ERRORS_TOTAL: &str = "postern_limits_store_errors_total";
 pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
     "postern_certificate_expiry_timestamp_seconds";
 
+/// The label values of each family, one module per label: what the code emits is
+/// taken from here, and [`install`] creates every combination at 0 so that `rate()` and
+/// alerts work before the first event. A value emitted that is not listed here is a bug
+/// (`debug_assert!` in the helpers, and the unit tests check the enums' labels).
+pub mod label {
+    /// `listener` of [`CONNECTIONS_TOTAL`](super::CONNECTIONS_TOTAL).
+    pub mod listener {
+        pub const STARTTLS: &str = "starttls";
+        pub const TLS: &str = "tls";
+        pub const MX: &str = "mx";
+        pub const ALL: &[&str] = &[STARTTLS, TLS, MX];
+    }
+    /// `result` of the backend-connection and reload counters and of TLS handshakes.
+    pub mod ok_error {
+        pub const OK: &str = "ok";
+        pub const ERROR: &str = "error";
+        pub const ALL: &[&str] = &[OK, ERROR];
+    }
+    /// `version` of [`TLS_HANDSHAKES_TOTAL`](super::TLS_HANDSHAKES_TOTAL): rustls's names
+    /// of the versions postern serves, `unknown` if it ever reports none, and `none` for
+    /// a failed handshake.
+    pub mod tls_version {
+        pub const TLS12: &str = "TLSv1_2";
+        pub const TLS13: &str = "TLSv1_3";
+        pub const UNKNOWN: &str = "unknown";
+        pub const NONE: &str = "none";
+        /// The versions of a completed handshake.
+        pub const OK: &[&str] = &[TLS12, TLS13, UNKNOWN];
+    }
+    /// `mechanism` of [`AUTH_ATTEMPTS_TOTAL`](super::AUTH_ATTEMPTS_TOTAL).
+    pub mod mechanism {
+        pub const PLAIN: &str = "plain";
+        pub const LOGIN: &str = "login";
+        pub const CRAM_MD5: &str = "cram-md5";
+        pub const ALL: &[&str] = &[PLAIN, LOGIN, CRAM_MD5];
+    }
+    /// `result` of [`AUTH_ATTEMPTS_TOTAL`](super::AUTH_ATTEMPTS_TOTAL).
+    pub mod auth_result {
+        pub const SUCCESS: &str = "success";
+        pub const FAILURE: &str = "failure";
+        pub const ALL: &[&str] = &[SUCCESS, FAILURE];
+    }
+    /// `direction` of [`BYTES_TOTAL`](super::BYTES_TOTAL).
+    pub mod direction {
+        pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
+        pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
+        pub const ALL: &[&str] = &[CLIENT_TO_BACKEND, BACKEND_TO_CLIENT];
+    }
+    /// `scope` of [`AUTH_THROTTLED_TOTAL`](super::AUTH_THROTTLED_TOTAL).
+    pub mod throttle_scope {
+        /// The client network is over its failure limit.
+        pub const IP: &str = "ip";
+        /// The user name is over its limit from this network.
+        pub const USER: &str = "user";
+        /// The connection used up its --max-auth-failures.
+        pub const CONNECTION: &str = "connection";
+        /// No verifier was free in time.
+        pub const VERIFIER: &str = "verifier";
+        pub const ALL: &[&str] = &[IP, USER, CONNECTION, VERIFIER];
+    }
+    /// `reason` of [`CONNECTIONS_REJECTED_TOTAL`](super::CONNECTIONS_REJECTED_TOTAL).
+    pub mod reject_reason {
+        pub const MAX_CONNECTIONS: &str = "max_connections";
+        pub const MAX_CONNECTIONS_PER_IP: &str = "max_connections_per_ip";
+        pub const PROXY_UNTRUSTED: &str = "proxy_untrusted";
+        pub const PROXY_INVALID: &str = "proxy_invalid";
+        pub const JUNK_COMMANDS: &str = "junk_commands";
+        pub const AUTH_DEADLINE: &str = "auth_deadline";
+        pub const ALL: &[&str] = &[
+            MAX_CONNECTIONS,
+            MAX_CONNECTIONS_PER_IP,
+            PROXY_UNTRUSTED,
+            PROXY_INVALID,
+            JUNK_COMMANDS,
+            AUTH_DEADLINE,
+        ];
+    }
+    /// `result` of [`MESSAGES_TOTAL`](super::MESSAGES_TOTAL).
+    pub mod message_result {
+        pub const ACCEPTED: &str = "accepted";
+        pub const REJECTED_BACKEND: &str = "rejected_backend";
+        pub const REJECTED_LIMIT: &str = "rejected_limit";
+        pub const REJECTED_STRICT_DATA: &str = "rejected_strict_data";
+        pub const REJECTED_SMUGGLING: &str = "rejected_smuggling";
+        pub const ALL: &[&str] = &[
+            ACCEPTED,
+            REJECTED_BACKEND,
+            REJECTED_LIMIT,
+            REJECTED_STRICT_DATA,
+            REJECTED_SMUGGLING,
+        ];
+    }
+    /// `limit` of [`LIMIT_REJECTIONS_TOTAL`](super::LIMIT_REJECTIONS_TOTAL).
+    pub mod limit {
+        pub const MESSAGES_PER_USER: &str = "messages_per_user";
+        pub const RECIPIENTS_PER_USER: &str = "recipients_per_user";
+        pub const RECIPIENTS_PER_MESSAGE: &str = "recipients_per_message";
+        pub const STORE_UNAVAILABLE: &str = "store_unavailable";
+        pub const ALL: &[&str] = &[
+            MESSAGES_PER_USER,
+            RECIPIENTS_PER_USER,
+            RECIPIENTS_PER_MESSAGE,
+            STORE_UNAVAILABLE,
+        ];
+    }
+    /// `operation` of [`LIMITS_STORE_ERRORS_TOTAL`](super::LIMITS_STORE_ERRORS_TOTAL).
+    pub mod store_operation {
+        pub const RESERVE: &str = "reserve";
+        pub const RELEASE: &str = "release";
+        pub const ALL: &[&str] = &[RESERVE, RELEASE];
+    }
+}
+
+/// Whether `value` is one of a family's listed label values (see [`label`]).
+fn listed(values: &[&str], value: &str) -> bool {
+    let ok = values.contains(&value);
+    debug_assert!(ok, "metric label {value:?} is not in its list {values:?}");
+    ok
+}
+
 /// Session durations span a refused connection (milliseconds) to a slow bulk upload
 /// (many minutes).
 pub const SESSION_DURATION_BUCKETS: &[f64] = &[
@@ -109,14 +229,57 @@ fn describe() {
         CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
         "The served certificate's notAfter as Unix time, by name (its first SAN); updated on reload."
     );
+    describe_counter!(
+        AUTH_THROTTLED_TOTAL,
+        "AUTH attempts refused without a password check, by scope: ip (network over its failure limit), user (name over its limit from this network), connection (--max-auth-failures used up), verifier (no verifier free in time)."
+    );
+    describe_counter!(
+        CONNECTIONS_REJECTED_TOTAL,
+        "Client connections refused or closed before AUTH, by reason."
+    );
     gauge!(CONNECTIONS_ACTIVE).set(0.0);
     gauge!(BACKEND_UP).set(0.0);
-    for direction in [Direction::ClientToBackend, Direction::BackendToClient] {
-        bytes_counter(direction).absolute(0);
+    register_zeros();
+}
+
+/// Creates every counter series postern can emit, at 0.
+fn register_zeros() {
+    use label::*;
+    for l in listener::ALL {
+        counter!(CONNECTIONS_TOTAL, "listener" => *l).absolute(0);
     }
-    for result in ["ok", "error"] {
-        counter!(RELOADS_TOTAL, "result" => result).absolute(0);
-        counter!(BACKEND_CONNECTIONS_TOTAL, "result" => result).absolute(0);
+    for v in tls_version::OK {
+        counter!(TLS_HANDSHAKES_TOTAL, "result" => ok_error::OK, "version" => *v).absolute(0);
+    }
+    counter!(TLS_HANDSHAKES_TOTAL, "result" => ok_error::ERROR, "version" => tls_version::NONE)
+        .absolute(0);
+    for m in mechanism::ALL {
+        for r in auth_result::ALL {
+            counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => *m, "result" => *r).absolute(0);
+        }
+    }
+    for r in ok_error::ALL {
+        counter!(RELOADS_TOTAL, "result" => *r).absolute(0);
+        counter!(BACKEND_CONNECTIONS_TOTAL, "result" => *r).absolute(0);
+    }
+    for d in direction::ALL {
+        counter!(BYTES_TOTAL, "direction" => *d).absolute(0);
+    }
+    for s in throttle_scope::ALL {
+        counter!(AUTH_THROTTLED_TOTAL, "scope" => *s).absolute(0);
+    }
+    for r in reject_reason::ALL {
+        counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => *r).absolute(0);
+    }
+    for r in message_result::ALL {
+        counter!(MESSAGES_TOTAL, "result" => *r).absolute(0);
+    }
+    counter!(RECIPIENTS_TOTAL).absolute(0);
+    for l in limit::ALL {
+        counter!(LIMIT_REJECTIONS_TOTAL, "limit" => *l).absolute(0);
+    }
+    for o in store_operation::ALL {
+        counter!(LIMITS_STORE_ERRORS_TOTAL, "operation" => *o).absolute(0);
     }
 }
 
@@ -130,8 +293,8 @@ pub enum Direction {
 impl Direction {
     pub fn label(self) -> &'static str {
         match self {
-            Direction::ClientToBackend => "client_to_backend",
-            Direction::BackendToClient => "backend_to_client",
+            Direction::ClientToBackend => label::direction::CLIENT_TO_BACKEND,
+            Direction::BackendToClient => label::direction::BACKEND_TO_CLIENT,
         }
     }
 }
@@ -148,6 +311,7 @@ pub struct ActiveConnection {
 
 impl ActiveConnection {
     pub fn open(listener: &'static str) -> Self {
+        listed(label::listener::ALL, listener);
         counter!(CONNECTIONS_TOTAL, "listener" => listener).increment(1);
         gauge!(CONNECTIONS_ACTIVE).increment(1.0);
         ActiveConnection {
@@ -163,31 +327,57 @@ impl Drop for ActiveConnection {
     }
 }
 
-pub fn tls_handshake(ok: bool, version: &'static str) {
-    let result = if ok { "ok" } else { "error" };
+/// `version` as rustls names it; one postern does not list counts as `unknown`.
+pub fn tls_handshake(ok: bool, version: &str) {
+    use label::{ok_error, tls_version};
+    let (result, version) = if ok {
+        let listed = tls_version::OK.iter().find(|v| **v == version);
+        (
+            ok_error::OK,
+            listed.copied().unwrap_or(tls_version::UNKNOWN),
+        )
+    } else {
+        (ok_error::ERROR, tls_version::NONE)
+    };
     counter!(TLS_HANDSHAKES_TOTAL, "result" => result, "version" => version).increment(1);
 }
 
 pub fn auth_attempt(mechanism: &'static str, success: bool) {
-    let result = if success { "success" } else { "failure" };
+    use label::auth_result;
+    listed(label::mechanism::ALL, mechanism);
+    let result = if success {
+        auth_result::SUCCESS
+    } else {
+        auth_result::FAILURE
+    };
     counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism, "result" => result).increment(1);
 }
 
 pub fn backend_connection(ok: bool) {
-    let result = if ok { "ok" } else { "error" };
+    let result = if ok {
+        label::ok_error::OK
+    } else {
+        label::ok_error::ERROR
+    };
     counter!(BACKEND_CONNECTIONS_TOTAL, "result" => result).increment(1);
 }
 
 pub fn auth_throttled(scope: &'static str) {
+    listed(label::throttle_scope::ALL, scope);
     counter!(AUTH_THROTTLED_TOTAL, "scope" => scope).increment(1);
 }
 
 pub fn connection_rejected(reason: &'static str) {
+    listed(label::reject_reason::ALL, reason);
     counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => reason).increment(1);
 }
 
 pub fn reload(ok: bool) {
-    let result = if ok { "ok" } else { "error" };
+    let result = if ok {
+        label::ok_error::OK
+    } else {
+        label::ok_error::ERROR
+    };
     counter!(RELOADS_TOTAL, "result" => result).increment(1);
 }
 
@@ -205,11 +395,11 @@ pub enum MessageResult {
 impl MessageResult {
     pub fn label(self) -> &'static str {
         match self {
-            MessageResult::Accepted => "accepted",
-            MessageResult::RejectedByBackend => "rejected_backend",
-            MessageResult::RejectedByLimit => "rejected_limit",
-            MessageResult::RejectedStrictData => "rejected_strict_data",
-            MessageResult::RejectedSmuggling => "rejected_smuggling",
+            MessageResult::Accepted => label::message_result::ACCEPTED,
+            MessageResult::RejectedByBackend => label::message_result::REJECTED_BACKEND,
+            MessageResult::RejectedByLimit => label::message_result::REJECTED_LIMIT,
+            MessageResult::RejectedStrictData => label::message_result::REJECTED_STRICT_DATA,
+            MessageResult::RejectedSmuggling => label::message_result::REJECTED_SMUGGLING,
         }
     }
 }
@@ -223,10 +413,12 @@ pub fn recipients_accepted(n: u64) {
 }
 
 pub fn limit_rejection(limit: &'static str) {
+    listed(label::limit::ALL, limit);
     counter!(LIMIT_REJECTIONS_TOTAL, "limit" => limit).increment(1);
 }
 
 pub fn limits_store_error(operation: &'static str) {
+    listed(label::store_operation::ALL, operation);
     counter!(LIMITS_STORE_ERRORS_TOTAL, "operation" => operation).increment(1);
 }
 
@@ -239,4 +431,38 @@ pub fn backend_up(up: bool) {
 /// the `--cert` list, and it is what an alert must show to say which one to renew.
 pub fn certificate_expiry(name: &str, not_after: i64) {
     gauge!(CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "name" => name.to_owned()).set(not_after as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::label;
+    use crate::relay::rules::Limit;
+    use crate::sasl::Mechanism;
+    use crate::session::{ListenerKind, Rejection};
+
+    /// The enums that name label values outside this module name listed ones.
+    #[test]
+    fn every_emitted_label_is_listed() {
+        for m in Mechanism::ALL {
+            assert!(label::mechanism::ALL.contains(&m.label()), "{m:?}");
+        }
+        for l in [
+            ListenerKind::Submission,
+            ListenerKind::ImplicitTls,
+            ListenerKind::Mx,
+        ] {
+            assert!(label::listener::ALL.contains(&l.label()), "{l:?}");
+        }
+        for r in [Rejection::JunkCommands, Rejection::AuthDeadline] {
+            assert!(label::reject_reason::ALL.contains(&r.label()), "{r:?}");
+        }
+        for l in [
+            Limit::MessagesPerUser,
+            Limit::RecipientsPerUser,
+            Limit::RecipientsPerMessage,
+            Limit::StoreUnavailable,
+        ] {
+            assert!(label::limit::ALL.contains(&l.label()), "{l:?}");
+        }
+    }
 }

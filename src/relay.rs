@@ -524,7 +524,7 @@ async fn reserve(quota: &Quota, user: &str, messages: u32, recipients: u32) -> R
         Ok(quota::Reservation::Granted) => Reservation::Granted { held: true },
         Ok(quota::Reservation::Refused(limit)) => Reservation::Refused(limit),
         Err(error) => {
-            m::limits_store_error("reserve");
+            m::limits_store_error(m::label::store_operation::RESERVE);
             warn!(%error, failure = ?quota.failure(), "limits store unavailable");
             match quota.failure() {
                 StoreFailure::Open => Reservation::Granted { held: false },
@@ -538,7 +538,7 @@ async fn reserve(quota: &Quota, user: &str, messages: u32, recipients: u32) -> R
 /// age out with their window.
 async fn release(quota: &Quota, user: &str, messages: u32, recipients: u32) {
     if let Err(error) = quota.release(user, messages, recipients).await {
-        m::limits_store_error("release");
+        m::limits_store_error(m::label::store_operation::RELEASE);
         warn!(%error, messages, recipients, "limits store release failed");
     }
 }

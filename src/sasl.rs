@@ -60,9 +60,9 @@ impl Mechanism {
     /// The value of the `mechanism` metric label and tracing field.
     pub fn label(self) -> &'static str {
         match self {
-            Mechanism::Plain => "plain",
-            Mechanism::Login => "login",
-            Mechanism::CramMd5 => "cram-md5",
+            Mechanism::Plain => crate::metrics::label::mechanism::PLAIN,
+            Mechanism::Login => crate::metrics::label::mechanism::LOGIN,
+            Mechanism::CramMd5 => crate::metrics::label::mechanism::CRAM_MD5,
         }
     }
 }

@@ -29,9 +29,9 @@ impl ListenerKind {
     /// Label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
-            ListenerKind::Submission => "starttls",
-            ListenerKind::ImplicitTls => "tls",
-            ListenerKind::Mx => "mx",
+            ListenerKind::Submission => crate::metrics::label::listener::STARTTLS,
+            ListenerKind::ImplicitTls => crate::metrics::label::listener::TLS,
+            ListenerKind::Mx => crate::metrics::label::listener::MX,
         }
     }
 }
@@ -156,8 +156,8 @@ impl Rejection {
     /// The `reason` label of `postern_connections_rejected_total`.
     pub fn label(self) -> &'static str {
         match self {
-            Rejection::JunkCommands => "junk_commands",
-            Rejection::AuthDeadline => "auth_deadline",
+            Rejection::JunkCommands => crate::metrics::label::reject_reason::JUNK_COMMANDS,
+            Rejection::AuthDeadline => crate::metrics::label::reject_reason::AUTH_DEADLINE,
         }
     }
 }

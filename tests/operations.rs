@@ -57,6 +57,166 @@ async fn health_and_readiness_follow_the_backend() {
     drop(postern);
 }
 
+/// Every counter series postern can emit, as `name{labels}` (labels in the order postern
+/// writes them). Written out here rather than taken from the crate, so a renamed or
+/// dropped label value fails this test.
+fn every_counter_series() -> Vec<String> {
+    let mut series = Vec::new();
+    let mut add = |name: &str, labels: &[(&str, &[&str])]| {
+        let mut sets = vec![String::new()];
+        for (key, values) in labels {
+            sets = sets
+                .iter()
+                .flat_map(|set| {
+                    values.iter().map(move |v| {
+                        let sep = if set.is_empty() { "" } else { "," };
+                        format!("{set}{sep}{key}=\"{v}\"")
+                    })
+                })
+                .collect();
+        }
+        for set in sets {
+            series.push(if set.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{name}{{{set}}}")
+            });
+        }
+    };
+    let ok_error: &[&str] = &["ok", "error"];
+    add(
+        "postern_connections_total",
+        &[("listener", &["starttls", "tls", "mx"])],
+    );
+    add(
+        "postern_tls_handshakes_total",
+        &[
+            ("result", &["ok"]),
+            ("version", &["TLSv1_2", "TLSv1_3", "unknown"]),
+        ],
+    );
+    add(
+        "postern_tls_handshakes_total",
+        &[("result", &["error"]), ("version", &["none"])],
+    );
+    add(
+        "postern_auth_attempts_total",
+        &[
+            ("mechanism", &["plain", "login", "cram-md5"]),
+            ("result", &["success", "failure"]),
+        ],
+    );
+    add("postern_backend_connections_total", &[("result", ok_error)]);
+    add("postern_reloads_total", &[("result", ok_error)]);
+    add(
+        "postern_bytes_total",
+        &[("direction", &["client_to_backend", "backend_to_client"])],
+    );
+    add(
+        "postern_auth_throttled_total",
+        &[("scope", &["ip", "user", "connection", "verifier"])],
+    );
+    add(
+        "postern_connections_rejected_total",
+        &[(
+            "reason",
+            &[
+                "max_connections",
+                "max_connections_per_ip",
+                "proxy_untrusted",
+                "proxy_invalid",
+                "junk_commands",
+                "auth_deadline",
+            ],
+        )],
+    );
+    add(
+        "postern_messages_total",
+        &[(
+            "result",
+            &[
+                "accepted",
+                "rejected_backend",
+                "rejected_limit",
+                "rejected_strict_data",
+                "rejected_smuggling",
+            ],
+        )],
+    );
+    add("postern_recipients_total", &[]);
+    add(
+        "postern_limit_rejections_total",
+        &[(
+            "limit",
+            &[
+                "messages_per_user",
+                "recipients_per_user",
+                "recipients_per_message",
+                "store_unavailable",
+            ],
+        )],
+    );
+    add(
+        "postern_limits_store_errors_total",
+        &[("operation", &["reserve", "release"])],
+    );
+    series
+}
+
+#[tokio::test]
+async fn every_counter_exists_at_zero_from_start_up() {
+    let backend = RawBackend::start();
+    let (_postern, admin) = with_admin(&backend);
+    let body = wait_status(admin, "/metrics", 200).await;
+    // The harness's readiness probe opens one connection per listener and drops it
+    // before TLS, so those two families may have moved; every other series is at 0.
+    let probed = [
+        "postern_connections_total{",
+        "postern_tls_handshakes_total{",
+    ];
+    let mut missing = Vec::new();
+    for series in every_counter_series() {
+        let present = body.lines().any(|line| {
+            line.strip_prefix(series.as_str())
+                .and_then(|value| value.strip_prefix(' '))
+                .and_then(|value| value.parse::<f64>().ok())
+                .is_some_and(|value| value == 0.0 || probed.iter().any(|p| series.starts_with(p)))
+        });
+        if !present {
+            missing.push(series);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "missing or not at 0: {missing:#?}\n{body}"
+    );
+    // Every counter family postern writes is one listed above, with its HELP text.
+    let families: std::collections::BTreeSet<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let listed = every_counter_series();
+    for family in &families {
+        assert!(
+            listed
+                .iter()
+                .any(|s| s == family || s.starts_with(&format!("{family}{{"))),
+            "{family} is not listed in this test"
+        );
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(&format!("# HELP {family} "))),
+            "{family} has no HELP"
+        );
+    }
+    let expected: std::collections::BTreeSet<&str> = listed
+        .iter()
+        .map(|s| s.split('{').next().unwrap_or(s))
+        .collect();
+    assert_eq!(families, expected, "counter families on /metrics");
+}
+
 #[tokio::test]
 async fn metrics_count_auth_and_never_name_users() {
     let backend = RawBackend::start();

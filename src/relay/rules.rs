@@ -142,10 +142,10 @@ pub enum Limit {
 impl Limit {
     pub fn label(self) -> &'static str {
         match self {
-            Limit::MessagesPerUser => "messages_per_user",
-            Limit::RecipientsPerUser => "recipients_per_user",
-            Limit::RecipientsPerMessage => "recipients_per_message",
-            Limit::StoreUnavailable => "store_unavailable",
+            Limit::MessagesPerUser => crate::metrics::label::limit::MESSAGES_PER_USER,
+            Limit::RecipientsPerUser => crate::metrics::label::limit::RECIPIENTS_PER_USER,
+            Limit::RecipientsPerMessage => crate::metrics::label::limit::RECIPIENTS_PER_MESSAGE,
+            Limit::StoreUnavailable => crate::metrics::label::limit::STORE_UNAVAILABLE,
         }
     }
 }
