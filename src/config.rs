@@ -212,9 +212,28 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_MAX_CONNECTIONS", value_name = "N", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
-    /// Most connections open at once from one client IPv4 address or IPv6 /64.
+    /// Most connections open at once from one client IPv4 address or IPv6 network
+    /// (--ipv6-prefix).
     #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_ip: u32,
+
+    /// Prefix length at which IPv6 clients count as one network for every per-IP limit
+    /// (connections, AUTH failures): one subscriber usually holds a whole
+    /// /64.
+    #[arg(long, env = "POSTERN_IPV6_PREFIX", value_name = "N", default_value_t = crate::limits::DEFAULT_IPV6_PREFIX, value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub ipv6_prefix: u8,
+
+    /// Shorter IPv6 prefix (one site's allocation) whose open connections are capped
+    /// together by --max-connections-per-wide-prefix, so a client cannot escape the
+    /// per-IP limit by walking through the /64s of its /48. Must not be longer than
+    /// --ipv6-prefix.
+    #[arg(long, env = "POSTERN_IPV6_PREFIX_WIDE", value_name = "N", default_value_t = crate::limits::DEFAULT_IPV6_PREFIX_WIDE, value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub ipv6_prefix_wide: u8,
+
+    /// Most connections open at once from one IPv6 --ipv6-prefix-wide network; more get
+    /// `421 4.7.0` [default: 4 × --max-connections-per-ip].
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_WIDE_PREFIX", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_wide_prefix: Option<u32>,
 
     /// Error replies after which a session is closed with 421 4.7.0.
     #[arg(long, env = "POSTERN_MAX_ERRORS", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
@@ -228,7 +247,7 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_AUTH_FAILURE_DELAY", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub auth_failure_delay: Duration,
 
-    /// Failed AUTH attempts from one client IP (or IPv6 /64) per --auth-failure-window
+    /// Failed AUTH attempts from one client IP (or IPv6 --ipv6-prefix network) per --auth-failure-window
     /// after which its attempts get 454 4.7.0 without any password being checked. An
     /// attempt counts from before its hash is computed, so a parallel burst cannot pass it.
     #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_IP", value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]

@@ -338,7 +338,7 @@ where
                         if flush(stream, &mut out, shared).await.is_err() {
                             return Next::Closed(Outcome::IoError);
                         }
-                        let net = ClientNet::from(addrs.client.ip());
+                        let net = shared.grouping.net(addrs.client.ip());
                         let verdict = authenticate(
                             shared,
                             auth_history,

@@ -17,40 +17,88 @@ use crate::sasl::Mechanism;
 /// Most keys the failure table tracks at once (~50 bytes each).
 pub const MAX_TRACKED: usize = 100_000;
 
-/// A client's network as the limits see it: an IPv4 address, or an IPv6 /64 (one
-/// subscriber usually owns a whole /64, so counting single IPv6 addresses is useless).
-/// IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
+/// A client's network as the limits see it: an IPv4 address, or an IPv6 prefix (one
+/// subscriber usually owns a whole /64 or more, so counting single IPv6 addresses is
+/// useless). IPv4-mapped IPv6 addresses count as the IPv4 address they carry. Made by a
+/// [`NetGrouping`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClientNet {
     V4([u8; 4]),
-    V6Prefix([u8; 8]),
+    /// The address with every bit past `len` cleared.
+    V6 {
+        prefix: [u8; 16],
+        len: u8,
+    },
 }
 
-impl From<IpAddr> for ClientNet {
-    fn from(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(v4) => ClientNet::V4(v4.octets()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => ClientNet::V4(v4.octets()),
-                None => {
-                    let mut prefix = [0u8; 8];
-                    prefix.copy_from_slice(&v6.octets()[..8]);
-                    ClientNet::V6Prefix(prefix)
-                }
-            },
+/// Default of `--ipv6-prefix`: a /64 is one subscriber's LAN (RFC 6177).
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// Default of `--ipv6-prefix-wide`: a /48 is one site's allocation (RFC 6177), so one
+/// customer can hold 65536 /64s and walk through them.
+pub const DEFAULT_IPV6_PREFIX_WIDE: u8 = 48;
+
+/// How client addresses are grouped into networks: IPv6 at `v6_prefix` for every
+/// per-network limit, and at the shorter `v6_wide_prefix` for a second, larger
+/// connection cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetGrouping {
+    pub v6_prefix: u8,
+    pub v6_wide_prefix: u8,
+}
+
+impl Default for NetGrouping {
+    fn default() -> Self {
+        NetGrouping {
+            v6_prefix: DEFAULT_IPV6_PREFIX,
+            v6_wide_prefix: DEFAULT_IPV6_PREFIX_WIDE,
         }
     }
 }
 
-/// As logs show it: an IPv4 address, or an IPv6 /64 as `2001:db8:1:2::/64`.
+impl NetGrouping {
+    /// The network `ip` counts in.
+    pub fn net(self, ip: IpAddr) -> ClientNet {
+        match ip {
+            IpAddr::V4(v4) => ClientNet::V4(v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientNet::V4(v4.octets()),
+                None => ClientNet::v6(v6.octets(), self.v6_prefix),
+            },
+        }
+    }
+
+    /// The wider IPv6 network `ip` also counts in; `None` for IPv4 (an IPv4 address is
+    /// already scarce), and when the wide prefix is not wider than the narrow one.
+    pub fn wide(self, ip: IpAddr) -> Option<ClientNet> {
+        match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => (self.v6_wide_prefix
+                < self.v6_prefix)
+                .then(|| ClientNet::v6(v6.octets(), self.v6_wide_prefix)),
+            _ => None,
+        }
+    }
+}
+
+impl ClientNet {
+    fn v6(mut octets: [u8; 16], len: u8) -> ClientNet {
+        let len = len.min(128);
+        let bits = u128::from_be_bytes(octets);
+        let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+        octets = (bits & mask).to_be_bytes();
+        ClientNet::V6 {
+            prefix: octets,
+            len,
+        }
+    }
+}
+
+/// As logs show it: an IPv4 address, or an IPv6 prefix as `2001:db8:1:2::/64`.
 impl std::fmt::Display for ClientNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientNet::V4(octets) => write!(f, "{}", std::net::Ipv4Addr::from(*octets)),
-            ClientNet::V6Prefix(prefix) => {
-                let mut octets = [0u8; 16];
-                octets[..8].copy_from_slice(prefix);
-                write!(f, "{}/64", std::net::Ipv6Addr::from(octets))
+            ClientNet::V6 { prefix, len } => {
+                write!(f, "{}/{len}", std::net::Ipv6Addr::from(*prefix))
             }
         }
     }
@@ -63,39 +111,70 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Open connections per client network.
+/// Open connections per client network, and per wider IPv6 network (see
+/// [`NetGrouping`]).
 #[derive(Debug)]
 pub struct PerNetConnections {
     limit: u32,
-    open: Mutex<HashMap<ClientNet, u32>>,
+    wide_limit: u32,
+    open: Mutex<Open>,
 }
 
-/// Holds one connection slot of a network; dropping it frees the slot.
+#[derive(Debug, Default)]
+struct Open {
+    nets: HashMap<ClientNet, u32>,
+    wide: HashMap<ClientNet, u32>,
+}
+
+/// Which connection cap a new connection is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// `--max-connections-per-ip` for its address or IPv6 prefix.
+    Net,
+    /// `--max-connections-per-wide-prefix` for its wider IPv6 prefix.
+    Wide,
+}
+
+/// Holds one connection slot of a network (and of its wider network); dropping it frees
+/// them.
 #[derive(Debug)]
 pub struct NetSlot {
     table: Arc<PerNetConnections>,
     net: ClientNet,
+    wide: Option<ClientNet>,
 }
 
 impl PerNetConnections {
-    pub fn new(limit: u32) -> Arc<Self> {
+    pub fn new(limit: u32, wide_limit: u32) -> Arc<Self> {
         Arc::new(PerNetConnections {
             limit,
-            open: Mutex::new(HashMap::new()),
+            wide_limit,
+            open: Mutex::new(Open::default()),
         })
     }
 
-    /// A slot for `net`, or `None` if it already has `limit` connections open.
-    pub fn try_acquire(self: &Arc<Self>, net: ClientNet) -> Option<NetSlot> {
+    /// A slot for `net` and its wider network `wide`, or which cap is reached. Checks
+    /// both before counting either, so a refusal takes nothing.
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        net: ClientNet,
+        wide: Option<ClientNet>,
+    ) -> Result<NetSlot, OverLimit> {
         let mut open = lock(&self.open);
-        let count = open.entry(net).or_insert(0);
-        if *count >= self.limit {
-            return None;
+        if open.nets.get(&net).copied().unwrap_or(0) >= self.limit {
+            return Err(OverLimit::Net);
         }
-        *count += 1;
-        Some(NetSlot {
+        if let Some(wide) = wide {
+            if open.wide.get(&wide).copied().unwrap_or(0) >= self.wide_limit {
+                return Err(OverLimit::Wide);
+            }
+            increment(&mut open.wide, wide);
+        }
+        increment(&mut open.nets, net);
+        Ok(NetSlot {
             table: self.clone(),
             net,
+            wide,
         })
     }
 }
@@ -103,11 +182,9 @@ impl PerNetConnections {
 impl Drop for NetSlot {
     fn drop(&mut self) {
         let mut open = lock(&self.table.open);
-        if let Some(count) = open.get_mut(&self.net) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.remove(&self.net);
-            }
+        decrement(&mut open.nets, &self.net);
+        if let Some(wide) = &self.wide {
+            decrement(&mut open.wide, wide);
         }
     }
 }
@@ -663,34 +740,151 @@ mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
-        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(ClientNet::from(a), ClientNet::from(b));
-        assert_ne!(ClientNet::from(a), ClientNet::from(c));
+        let g = NetGrouping::default();
+        let a = ip("2001:db8:1:2::1");
+        assert_eq!(g.net(a), g.net(ip("2001:db8:1:2:ffff::9")));
+        assert_ne!(g.net(a), g.net(ip("2001:db8:1:3::1")));
         let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped());
-        assert_eq!(
-            ClientNet::from(mapped),
-            ClientNet::from(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)))
-        );
+        assert_eq!(g.net(mapped), g.net(ip("192.0.2.7")));
+        assert_eq!(g.wide(mapped), None);
+        assert_eq!(g.wide(ip("192.0.2.7")), None);
         assert_ne!(
-            ClientNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-            ClientNet::from(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            g.net(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            g.net(IpAddr::V4(Ipv4Addr::LOCALHOST))
         );
     }
 
     #[test]
+    fn ipv6_groups_at_the_configured_prefixes() {
+        // (name, narrow, wide, a, b, same narrow network, same wide network)
+        let rows = [
+            (
+                "/64s in one /48",
+                64,
+                48,
+                "2001:db8:1:2::1",
+                "2001:db8:1:3::1",
+                false,
+                true,
+            ),
+            (
+                "/48s apart",
+                64,
+                48,
+                "2001:db8:1:2::1",
+                "2001:db8:2:2::1",
+                false,
+                false,
+            ),
+            (
+                "one /56",
+                56,
+                48,
+                "2001:db8:1:200::1",
+                "2001:db8:1:2ff::1",
+                true,
+                true,
+            ),
+            (
+                "/56s apart",
+                56,
+                48,
+                "2001:db8:1:200::1",
+                "2001:db8:1:300::1",
+                false,
+                true,
+            ),
+            (
+                "odd bit lengths",
+                61,
+                47,
+                "2001:db8:0:8::1",
+                "2001:db8:1:f::1",
+                false,
+                true,
+            ),
+            (
+                "one /61",
+                61,
+                47,
+                "2001:db8:0:8::1",
+                "2001:db8:0:f::1",
+                true,
+                true,
+            ),
+            (
+                "/128: one address",
+                128,
+                64,
+                "2001:db8::1",
+                "2001:db8::2",
+                false,
+                true,
+            ),
+        ];
+        for (name, narrow, wide, a, b, same_net, same_wide) in rows {
+            let g = NetGrouping {
+                v6_prefix: narrow,
+                v6_wide_prefix: wide,
+            };
+            assert_eq!(g.net(ip(a)) == g.net(ip(b)), same_net, "{name}");
+            assert_eq!(g.wide(ip(a)) == g.wide(ip(b)), same_wide, "{name}");
+            assert!(g.wide(ip(a)).is_some(), "{name}");
+        }
+        let g = NetGrouping::default();
+        assert_eq!(
+            g.net(ip("2001:db8:1:2:3::4")).to_string(),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            g.wide(ip("2001:db8:1:2:3::4")).map(|n| n.to_string()),
+            Some("2001:db8:1::/48".to_owned())
+        );
+        // A wide prefix not wider than the narrow one adds no second count.
+        let same = NetGrouping {
+            v6_prefix: 48,
+            v6_wide_prefix: 48,
+        };
+        assert_eq!(same.wide(ip("2001:db8::1")), None);
+    }
+
+    #[test]
     fn per_net_slots_are_limited_and_released_on_drop() {
-        let table = PerNetConnections::new(2);
+        let table = PerNetConnections::new(2, 100);
         let net = ClientNet::V4([192, 0, 2, 1]);
-        let first = table.try_acquire(net).unwrap();
-        let _second = table.try_acquire(net).unwrap();
-        assert!(table.try_acquire(net).is_none());
-        assert!(table.try_acquire(ClientNet::V4([192, 0, 2, 2])).is_some());
+        let first = table.try_acquire(net, None).unwrap();
+        let _second = table.try_acquire(net, None).unwrap();
+        assert_eq!(table.try_acquire(net, None).unwrap_err(), OverLimit::Net);
+        assert!(
+            table
+                .try_acquire(ClientNet::V4([192, 0, 2, 2]), None)
+                .is_ok()
+        );
         drop(first);
-        assert!(table.try_acquire(net).is_some());
+        assert!(table.try_acquire(net, None).is_ok());
+    }
+
+    #[test]
+    fn the_wide_cap_spans_the_narrow_networks_inside_it() {
+        let g = NetGrouping::default();
+        let table = PerNetConnections::new(2, 3);
+        let slot = |addr: &str| table.try_acquire(g.net(ip(addr)), g.wide(ip(addr)));
+        let a1 = slot("2001:db8:1:1::1").unwrap();
+        let _a2 = slot("2001:db8:1:1::2").unwrap();
+        assert_eq!(slot("2001:db8:1:1::3").unwrap_err(), OverLimit::Net);
+        let _b = slot("2001:db8:1:2::1").unwrap();
+        // Three open in 2001:db8:1::/48: a fresh /64 in it is over the wide cap...
+        assert_eq!(slot("2001:db8:1:3::1").unwrap_err(), OverLimit::Wide);
+        // ...another /48 is not, and a refusal took no slot.
+        assert!(slot("2001:db8:2:1::1").is_ok());
+        drop(a1);
+        assert!(slot("2001:db8:1:3::1").is_ok());
     }
 
     #[test]
@@ -924,7 +1118,10 @@ mod tests {
     #[test]
     fn client_nets_display_as_an_address_or_a_64() {
         let v6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
-        assert_eq!(ClientNet::from(v6).to_string(), "2001:db8:1:2::/64");
+        assert_eq!(
+            NetGrouping::default().net(v6).to_string(),
+            "2001:db8:1:2::/64"
+        );
         assert_eq!(ClientNet::V4([192, 0, 2, 7]).to_string(), "192.0.2.7");
     }
 }

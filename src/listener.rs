@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use crate::conn::{self, ClientAddrs};
-use crate::limits::ClientNet;
+use crate::limits::OverLimit;
 use crate::metrics;
 use crate::proxy_proto;
 use crate::server::Shared;
@@ -87,16 +87,22 @@ pub async fn accept_loop(
             let Some(addrs) = client_addrs(&mut tcp, peer, &shared).await else {
                 return;
             };
-            let Some(net_slot) = shared
+            let ip = addrs.client.ip();
+            let net_slot = match shared
                 .per_net
-                .try_acquire(ClientNet::from(addrs.client.ip()))
-            else {
-                refuse(
-                    tcp,
-                    metrics::label::reject_reason::MAX_CONNECTIONS_PER_IP,
-                    &shared.refusal_slots,
-                );
-                return;
+                .try_acquire(shared.grouping.net(ip), shared.grouping.wide(ip))
+            {
+                Ok(slot) => slot,
+                Err(over) => {
+                    let reason = match over {
+                        OverLimit::Net => metrics::label::reject_reason::MAX_CONNECTIONS_PER_IP,
+                        OverLimit::Wide => {
+                            metrics::label::reject_reason::MAX_CONNECTIONS_PER_WIDE_PREFIX
+                        }
+                    };
+                    refuse(tcp, reason, &shared.refusal_slots);
+                    return;
+                }
             };
             conn::serve(tcp, addrs, kind, shared).await;
             drop((permit, net_slot));

@@ -90,6 +90,7 @@ pub mod label {
     pub mod reject_reason {
         pub const MAX_CONNECTIONS: &str = "max_connections";
         pub const MAX_CONNECTIONS_PER_IP: &str = "max_connections_per_ip";
+        pub const MAX_CONNECTIONS_PER_WIDE_PREFIX: &str = "max_connections_per_wide_prefix";
         pub const PROXY_UNTRUSTED: &str = "proxy_untrusted";
         pub const PROXY_INVALID: &str = "proxy_invalid";
         pub const JUNK_COMMANDS: &str = "junk_commands";
@@ -97,6 +98,7 @@ pub mod label {
         pub const ALL: &[&str] = &[
             MAX_CONNECTIONS,
             MAX_CONNECTIONS_PER_IP,
+            MAX_CONNECTIONS_PER_WIDE_PREFIX,
             PROXY_UNTRUSTED,
             PROXY_INVALID,
             JUNK_COMMANDS,

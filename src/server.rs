@@ -18,7 +18,8 @@ use crate::tls::Certificates;
 use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
 use crate::limits::{
-    AuthGate, AuthLimits, FailurePace, PerNetConnections, THROTTLE_LOG_INTERVAL, ThrottleLog,
+    AuthGate, AuthLimits, FailurePace, NetGrouping, PerNetConnections, THROTTLE_LOG_INTERVAL,
+    ThrottleLog,
 };
 use crate::sasl::Mechanism;
 use crate::session::{Limits as SessionLimits, ListenerKind};
@@ -49,6 +50,8 @@ pub struct Shared {
     /// `--auth-mechanisms`, if given; see [`Shared::mechanisms`].
     pub auth_mechanisms: Option<Vec<Mechanism>>,
     pub per_net: Arc<PerNetConnections>,
+    /// How client addresses group into networks for every per-network limit.
+    pub grouping: NetGrouping,
     /// Refused connections still waiting for their 421 (see
     /// [`listener::MAX_PENDING_REFUSALS`]).
     pub refusal_slots: Arc<Semaphore>,
@@ -140,6 +143,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
+    pub max_connections_per_wide_prefix: u32,
+    /// `--ipv6-prefix` and `--ipv6-prefix-wide`.
+    pub grouping: NetGrouping,
     pub session_limits: SessionLimits,
     pub max_auth_failures_per_ip: u32,
     pub max_auth_failures_per_user: u32,
@@ -191,6 +197,16 @@ impl Config {
             (true, false) => Some(args.proxy_protocol_from.clone()),
             (false, _) => None,
         };
+        if args.ipv6_prefix_wide > args.ipv6_prefix {
+            return Err(format!(
+                "--ipv6-prefix-wide {} is longer than --ipv6-prefix {}: the wide network must contain the narrow one",
+                args.ipv6_prefix_wide, args.ipv6_prefix
+            ));
+        }
+        let grouping = NetGrouping {
+            v6_prefix: args.ipv6_prefix,
+            v6_wide_prefix: args.ipv6_prefix_wide,
+        };
         let mx_identity = if args.listen_mx.is_empty() {
             None
         } else {
@@ -225,6 +241,10 @@ impl Config {
             shutdown_grace: args.shutdown_grace,
             max_connections: args.max_connections,
             max_connections_per_ip: args.max_connections_per_ip,
+            max_connections_per_wide_prefix: args
+                .max_connections_per_wide_prefix
+                .unwrap_or(args.max_connections_per_ip.saturating_mul(4)),
+            grouping,
             session_limits: SessionLimits {
                 max_errors: args.max_errors,
                 max_auth_failures: args.max_auth_failures,
@@ -485,7 +505,11 @@ pub async fn run(config: Config) -> Result<(), String> {
         failure_pace,
         throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
         auth_mechanisms: config.auth_mechanisms,
-        per_net: PerNetConnections::new(config.max_connections_per_ip),
+        per_net: PerNetConnections::new(
+            config.max_connections_per_ip,
+            config.max_connections_per_wide_prefix,
+        ),
+        grouping: config.grouping,
         refusal_slots: Arc::new(Semaphore::new(listener::MAX_PENDING_REFUSALS)),
         relay: config.relay,
         user_hasher: RandomState::new(),
@@ -661,6 +685,21 @@ mod tests {
             panic!("not serve")
         };
         Config::from_args(&args)
+    }
+
+    #[test]
+    fn ipv6_grouping_flags_and_the_wide_cap_default() {
+        let config = from_flags(&[]).unwrap();
+        assert_eq!(config.grouping, NetGrouping::default());
+        assert_eq!(config.max_connections_per_wide_prefix, 4 * 50);
+        let config = from_flags(&["--max-connections-per-ip", "7", "--ipv6-prefix", "56"]).unwrap();
+        assert_eq!(config.max_connections_per_wide_prefix, 28);
+        assert_eq!(config.grouping.v6_prefix, 56);
+        let error = from_flags(&["--ipv6-prefix", "48", "--ipv6-prefix-wide", "56"])
+            .err()
+            .unwrap();
+        assert!(error.contains("--ipv6-prefix-wide 56"), "{error}");
+        assert!(from_flags(&["--ipv6-prefix", "129"]).is_err());
     }
 
     #[test]

@@ -543,3 +543,49 @@ async fn smtplib_falling_back_from_cram_md5_is_not_counted_as_failures() {
     c.auth_plain("sha512", "wrong", "535 5.7.8").await;
     c.auth_plain("sha512", PASSWORD, "235").await;
 }
+
+// ---- 8. IPv6 aggregation (issue 12, point 6) --------------------------------------------
+
+/// A plain session from IPv6 `client` (a PROXY v1 header sent by `::1`), answered with
+/// `expect`.
+async fn from_v6(postern: &Postern, client: &str, expect: &str) -> SmtpClient {
+    let mut c = SmtpClient::connect(postern.smtp).await;
+    let header = format!("PROXY TCP6 {client} ::1 40000 {}\r\n", postern.smtp.port());
+    c.send(header.as_bytes()).await;
+    c.expect(expect).await;
+    c
+}
+
+/// Each /64 has its own per-IP cap, and the /48 around them a second, larger one: a
+/// client cannot get past the per-IP limit by walking through the /64s of its site.
+#[tokio::test]
+async fn ipv6_connections_are_capped_per_64_and_per_48() {
+    let backend = RawBackend::start();
+    let admin = free_addr();
+    let postern = Postern::builder(backend.addr)
+        .default_limits()
+        .on_ipv6_loopback()
+        .flag("--metrics-listen", admin.to_string())
+        .flag("--proxy-protocol", "true")
+        .flag("--proxy-protocol-from", "::1/128")
+        .flag("--max-connections-per-ip", "2")
+        .flag("--max-connections-per-wide-prefix", "3")
+        .start();
+    wait_until(STEP, "admin endpoint to accept", || {
+        accepts(admin).then_some(())
+    });
+    // Two addresses of one /64 fill its cap; a third address in it is refused.
+    let _a1 = from_v6(&postern, "2001:db8:1:1::1", "220").await;
+    let _a2 = from_v6(&postern, "2001:db8:1:1::2", "220").await;
+    from_v6(&postern, "2001:db8:1:1::3", "421 4.7.0").await;
+    // A second /64 of the same /48 brings it to its cap of 3...
+    let _b = from_v6(&postern, "2001:db8:1:2::1", "220").await;
+    // ...so a fresh /64 in it is refused, while another /48 is not.
+    from_v6(&postern, "2001:db8:1:3::1", "421 4.7.0").await;
+    let _c = from_v6(&postern, "2001:db8:2:1::1", "220").await;
+    assert_eq!(rejected(admin, "max_connections_per_ip").await, 1.0);
+    assert_eq!(
+        rejected(admin, "max_connections_per_wide_prefix").await,
+        1.0
+    );
+}

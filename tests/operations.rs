@@ -123,6 +123,7 @@ fn every_counter_series() -> Vec<String> {
             &[
                 "max_connections",
                 "max_connections_per_ip",
+                "max_connections_per_wide_prefix",
                 "proxy_untrusted",
                 "proxy_invalid",
                 "junk_commands",

@@ -61,6 +61,8 @@ pub struct PosternBuilder {
     relaxed_limits: bool,
     /// Harness flags [`Self::without_flag`] removed.
     removed: Vec<String>,
+    /// Listen on `::1` instead of `127.0.0.1` ([`Self::on_ipv6_loopback`]).
+    ipv6: bool,
 }
 
 /// Abuse limits the harness relaxes by default, so that protocol tests can fail AUTH
@@ -77,6 +79,13 @@ pub const RELAXED_LIMITS: &[(&str, &str)] = &[
 ];
 
 impl PosternBuilder {
+    /// Listens on `[::1]` instead of `127.0.0.1` (a port free on one is taken on the
+    /// other only by chance, which `start` retries).
+    pub fn on_ipv6_loopback(mut self) -> Self {
+        self.ipv6 = true;
+        self
+    }
+
     /// Keeps postern's own defaults for the abuse limits instead of [`RELAXED_LIMITS`].
     pub fn default_limits(mut self) -> Self {
         self.relaxed_limits = false;
@@ -159,6 +168,14 @@ impl PosternBuilder {
         flags.retain(|(n, _)| !self.removed.contains(n));
         let mut smtp = None;
         let mut smtps = None;
+        let free_addr = || {
+            let a = free_addr();
+            if self.ipv6 {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+            } else {
+                a
+            }
+        };
         if !self.flags.iter().any(|(n, _)| n == "--listen") {
             let a = free_addr();
             smtp = Some(a);
@@ -278,6 +295,7 @@ impl Postern {
             env: Vec::new(),
             relaxed_limits: true,
             removed: Vec::new(),
+            ipv6: false,
         }
     }
 
