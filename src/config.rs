@@ -218,7 +218,7 @@ pub struct ServeArgs {
     pub max_connections_per_ip: u32,
 
     /// Prefix length at which IPv6 clients count as one network for every per-IP limit
-    /// (connections, AUTH failures): one subscriber usually holds a whole
+    /// (connections, AUTH failures, verifications): one subscriber usually holds a whole
     /// /64.
     #[arg(long, env = "POSTERN_IPV6_PREFIX", value_name = "N", default_value_t = crate::limits::DEFAULT_IPV6_PREFIX, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub ipv6_prefix: u8,
@@ -320,6 +320,12 @@ pub struct ServeArgs {
     /// connection is closed.
     #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_junk_commands: u32,
+
+    /// Password verifications one client network (IP or IPv6 --ipv6-prefix) may have
+    /// running or queued at once; further attempts get 454 4.7.0 without a check, so a
+    /// flood from one network leaves the rest of the verifier pool to everyone else.
+    #[arg(long, env = "POSTERN_MAX_VERIFICATIONS_PER_NETWORK", value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_verifications_per_network: u32,
 
     /// SASL mechanisms EHLO offers, comma-separated from PLAIN, LOGIN, CRAM-MD5 [default:
     /// PLAIN,LOGIN, and CRAM-MD5 too when every user has a {PLAIN} secret, since CRAM-MD5

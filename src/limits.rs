@@ -1,4 +1,5 @@
-//! Abuse limits shared by all connections: open connections per client network, and
+//! Abuse limits shared by all connections: open connections and running password
+//! verifications per client network, and
 //! authentication failures per client network and per user name in a sliding window
 //! ([`AuthGate`]).
 //!
@@ -111,10 +112,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Open connections per client network, and per wider IPv6 network (see
-/// [`NetGrouping`]).
+/// Slots per client network, and per wider IPv6 network (see [`NetGrouping`]): the
+/// open connections, and (with no wide cap) the running password verifications.
 #[derive(Debug)]
-pub struct PerNetConnections {
+pub struct PerNetSlots {
     limit: u32,
     wide_limit: u32,
     open: Mutex<Open>,
@@ -139,14 +140,14 @@ pub enum OverLimit {
 /// them.
 #[derive(Debug)]
 pub struct NetSlot {
-    table: Arc<PerNetConnections>,
+    table: Arc<PerNetSlots>,
     net: ClientNet,
     wide: Option<ClientNet>,
 }
 
-impl PerNetConnections {
+impl PerNetSlots {
     pub fn new(limit: u32, wide_limit: u32) -> Arc<Self> {
-        Arc::new(PerNetConnections {
+        Arc::new(PerNetSlots {
             limit,
             wide_limit,
             open: Mutex::new(Open::default()),
@@ -856,7 +857,7 @@ mod tests {
 
     #[test]
     fn per_net_slots_are_limited_and_released_on_drop() {
-        let table = PerNetConnections::new(2, 100);
+        let table = PerNetSlots::new(2, 100);
         let net = ClientNet::V4([192, 0, 2, 1]);
         let first = table.try_acquire(net, None).unwrap();
         let _second = table.try_acquire(net, None).unwrap();
@@ -873,7 +874,7 @@ mod tests {
     #[test]
     fn the_wide_cap_spans_the_narrow_networks_inside_it() {
         let g = NetGrouping::default();
-        let table = PerNetConnections::new(2, 3);
+        let table = PerNetSlots::new(2, 3);
         let slot = |addr: &str| table.try_acquire(g.net(ip(addr)), g.wide(ip(addr)));
         let a1 = slot("2001:db8:1:1::1").unwrap();
         let _a2 = slot("2001:db8:1:1::2").unwrap();

@@ -84,7 +84,9 @@ pub mod label {
         pub const CONNECTION: &str = "connection";
         /// No verifier was free in time.
         pub const VERIFIER: &str = "verifier";
-        pub const ALL: &[&str] = &[IP, USER, CONNECTION, VERIFIER];
+        /// The network already has --max-verifications-per-network running or queued.
+        pub const NETWORK_VERIFICATIONS: &str = "network_verifications";
+        pub const ALL: &[&str] = &[IP, USER, CONNECTION, VERIFIER, NETWORK_VERIFICATIONS];
     }
     /// `reason` of [`CONNECTIONS_REJECTED_TOTAL`](super::CONNECTIONS_REJECTED_TOTAL).
     pub mod reject_reason {
@@ -233,7 +235,7 @@ fn describe() {
     );
     describe_counter!(
         AUTH_THROTTLED_TOTAL,
-        "AUTH attempts refused without a password check, by scope: ip (network over its failure limit), user (name over its limit from this network), connection (--max-auth-failures used up), verifier (no verifier free in time)."
+        "AUTH attempts refused without a password check, by scope: ip (network over its failure limit), user (name over its limit from this network), connection (--max-auth-failures used up), verifier (no verifier free in time), network_verifications (--max-verifications-per-network running or queued)."
     );
     describe_counter!(
         CONNECTIONS_REJECTED_TOTAL,

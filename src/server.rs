@@ -18,8 +18,7 @@ use crate::tls::Certificates;
 use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::Timeouts;
 use crate::limits::{
-    AuthGate, AuthLimits, FailurePace, NetGrouping, PerNetConnections, THROTTLE_LOG_INTERVAL,
-    ThrottleLog,
+    AuthGate, AuthLimits, FailurePace, NetGrouping, PerNetSlots, THROTTLE_LOG_INTERVAL, ThrottleLog,
 };
 use crate::sasl::Mechanism;
 use crate::session::{Limits as SessionLimits, ListenerKind};
@@ -38,6 +37,9 @@ pub struct Shared {
     pub crypto: Arc<CryptoProvider>,
     /// Bounds concurrent password hash verifications (argon2 uses 64 MiB each).
     pub verify_slots: Semaphore,
+    /// Verifications running or queued per client network
+    /// (`--max-verifications-per-network`), so one network cannot take the whole pool.
+    pub verifications_per_net: Arc<PerNetSlots>,
     pub shutdown: watch::Receiver<bool>,
     pub limits: SessionLimits,
     /// AUTH failures per client network and per user name (hashed, so a flood of long
@@ -49,7 +51,7 @@ pub struct Shared {
     pub throttle_log: ThrottleLog,
     /// `--auth-mechanisms`, if given; see [`Shared::mechanisms`].
     pub auth_mechanisms: Option<Vec<Mechanism>>,
-    pub per_net: Arc<PerNetConnections>,
+    pub per_net: Arc<PerNetSlots>,
     /// How client addresses group into networks for every per-network limit.
     pub grouping: NetGrouping,
     /// Refused connections still waiting for their 421 (see
@@ -144,6 +146,7 @@ pub struct Config {
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
     pub max_connections_per_wide_prefix: u32,
+    pub max_verifications_per_network: u32,
     /// `--ipv6-prefix` and `--ipv6-prefix-wide`.
     pub grouping: NetGrouping,
     pub session_limits: SessionLimits,
@@ -245,6 +248,7 @@ impl Config {
                 .max_connections_per_wide_prefix
                 .unwrap_or(args.max_connections_per_ip.saturating_mul(4)),
             grouping,
+            max_verifications_per_network: args.max_verifications_per_network,
             session_limits: SessionLimits {
                 max_errors: args.max_errors,
                 max_auth_failures: args.max_auth_failures,
@@ -494,6 +498,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         timeouts: config.timeouts,
         crypto: tls::provider(),
         verify_slots: Semaphore::new(verify_concurrency()),
+        verifications_per_net: PerNetSlots::new(config.max_verifications_per_network, u32::MAX),
         shutdown: shutdown_rx.clone(),
         limits: config.session_limits,
         auth_gate: AuthGate::new(AuthLimits {
@@ -505,7 +510,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         failure_pace,
         throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
         auth_mechanisms: config.auth_mechanisms,
-        per_net: PerNetConnections::new(
+        per_net: PerNetSlots::new(
             config.max_connections_per_ip,
             config.max_connections_per_wide_prefix,
         ),

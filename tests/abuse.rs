@@ -48,10 +48,11 @@ async fn from(postern: &Postern, client: &str) -> SmtpClient {
 
 /// A users file whose costliest hash is sha512-crypt, so that a burst of verifications
 /// finishes well within the verifier queue's timeout and every admitted attempt is
-/// really hashed; no failure delay.
+/// really hashed (none held back by --max-verifications-per-network); no failure delay.
 fn cheap_hashes(builder: PosternBuilder) -> PosternBuilder {
     let sha512 = common::postern::FIXTURE_USERS[0];
     builder
+        .flag("--max-verifications-per-network", "1000")
         .users_file(&[
             &format!("{USER}:{{PLAIN}}{PASSWORD}"),
             &format!("{}:{}", sha512.0, sha512.1),
@@ -588,4 +589,65 @@ async fn ipv6_connections_are_capped_per_64_and_per_48() {
         rejected(admin, "max_connections_per_wide_prefix").await,
         1.0
     );
+}
+
+// ---- 9. A fair share of hashing (issue 12, point 4) ---------------------------------------
+
+/// One network floods AUTH over many connections against a costly argon2id hash; it
+/// gets at most --max-verifications-per-network (2) verifications at once, the rest 454
+/// without a check, so a user from another network still logs in within a second.
+#[tokio::test]
+async fn a_flood_from_one_network_leaves_the_verifiers_to_others() {
+    let (postern, admin) = behind_proxy(|b| {
+        b.flag("--max-connections-per-ip", "200")
+            .flag("--max-auth-failures-per-ip", "100000")
+            .flag("--max-auth-failures-per-user", "100000")
+            .flag("--max-auth-failures", "1000")
+            .flag("--auth-failure-delay", "0s")
+    });
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(from(&postern, "198.51.100.80").await);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for mut c in flood {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut codes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.line(&format!("AUTH PLAIN {}", plain_response("argon2", "wrong")))
+                    .await;
+                codes.push(c.read_reply().await.code);
+            }
+            codes
+        }));
+    }
+    // Let the flood fill whatever it can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut user = from(&postern, "203.0.113.9").await;
+    let started = Instant::now();
+    user.auth_plain(USER, PASSWORD, "235").await;
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut codes = Vec::new();
+    for task in tasks {
+        codes.extend(within("flood replies", task).await.expect("task"));
+    }
+    assert!(took < Duration::from_secs(1), "the user waited {took:?}");
+    assert!(
+        codes.contains(&454),
+        "the flood was never held back: {codes:?}"
+    );
+    assert!(
+        codes.contains(&535),
+        "the flood was never verified: {codes:?}"
+    );
+    let throttled = metric_sum(
+        admin,
+        "postern_auth_throttled_total{scope=\"network_verifications\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(throttled > 0.0);
 }

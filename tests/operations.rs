@@ -114,7 +114,16 @@ fn every_counter_series() -> Vec<String> {
     );
     add(
         "postern_auth_throttled_total",
-        &[("scope", &["ip", "user", "connection", "verifier"])],
+        &[(
+            "scope",
+            &[
+                "ip",
+                "user",
+                "connection",
+                "verifier",
+                "network_verifications",
+            ],
+        )],
     );
     add(
         "postern_connections_rejected_total",

@@ -76,6 +76,7 @@ pub const RELAXED_LIMITS: &[(&str, &str)] = &[
     ("--max-errors", "1000"),
     ("--max-junk-commands", "100000"),
     ("--max-connections-per-ip", "10000"),
+    ("--max-verifications-per-network", "10000"),
 ];
 
 impl PosternBuilder {
