@@ -541,14 +541,18 @@ async fn authenticate(
     }
     // A flood from one network queues at most this many for the verifier pool: the
     // rest is refused here, before it can crowd out other networks' logins.
-    let Ok(_verifying) = shared.verifications_per_net.try_acquire(client, None) else {
+    let Ok(verifying) = shared.verifications_per_net.try_acquire(client, None) else {
         metrics::auth_throttled(metrics::label::throttle_scope::NETWORK_VERIFICATIONS);
         if let Some(events) = shared.throttle_log.note(client, Instant::now()) {
             info!(net = %client, events, user = ?Escaped(&username), mechanism = mechanism.label(), scope = metrics::label::throttle_scope::NETWORK_VERIFICATIONS, "authentication throttled");
         }
         return Verdict::Throttled;
     };
-    let Some((check, took)) = verify(shared, credentials).await else {
+    let verified = verify(shared, credentials).await;
+    // Given back with the verifier, not after the failure pacing below: the cap is on
+    // hashing, and a paced failure holds no CPU.
+    drop(verifying);
+    let Some((check, took)) = verified else {
         metrics::auth_throttled(metrics::label::throttle_scope::VERIFIER);
         return Verdict::Throttled;
     };
