@@ -356,17 +356,8 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct HashPasswordArgs {
     /// Hash scheme of the printed line.
-    #[arg(long, value_enum, default_value_t = HashScheme::Argon2id)]
-    pub scheme: HashScheme,
-}
-
-/// Schemes `hash-password` can produce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum HashScheme {
-    Argon2id,
-    #[value(name = "sha512-crypt")]
-    Sha512Crypt,
-    Bcrypt,
+    #[arg(long, value_enum, default_value_t = crate::users::HashScheme::Argon2id)]
+    pub scheme: crate::users::HashScheme,
 }
 
 /// A `--auth-mechanisms` entry: a mechanism postern implements, in any case.

@@ -30,7 +30,43 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use crate::limits::MAX_TRACKED;
-use crate::relay::tracker::{Limit, Limits, Usage};
+
+/// What a session is allowed to send. The relay's rules enforce the per-message one
+/// and ask this store for the per-user ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub messages_per_user: Option<u64>,
+    pub recipients_per_user: Option<u64>,
+    pub recipients_per_message: Option<u32>,
+}
+
+/// A user's sending so far, as the limits store estimates it for the current window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub messages: u64,
+    pub recipients: u64,
+}
+
+/// Which sending limit refused a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    MessagesPerUser,
+    RecipientsPerUser,
+    RecipientsPerMessage,
+    /// The store was unavailable and the failure mode is closed.
+    StoreUnavailable,
+}
+
+impl Limit {
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::MessagesPerUser => crate::metrics::label::limit::MESSAGES_PER_USER,
+            Limit::RecipientsPerUser => crate::metrics::label::limit::RECIPIENTS_PER_USER,
+            Limit::RecipientsPerMessage => crate::metrics::label::limit::RECIPIENTS_PER_MESSAGE,
+            Limit::StoreUnavailable => crate::metrics::label::limit::STORE_UNAVAILABLE,
+        }
+    }
+}
 
 /// `N/DURATION`, e.g. `100/1h`: at most N per sliding window of DURATION.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

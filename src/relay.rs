@@ -25,9 +25,8 @@ use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::{info, warn};
 
-use crate::config::ServeArgs;
 use crate::metrics::{self as m, Direction, MessageResult, bytes_counter};
-use crate::quota::{self, Quota, QuotaConfig, StoreFailure};
+use crate::quota::{self, Quota, StoreFailure};
 use crate::smtp::Capabilities;
 use tracker::{Claim, Event, Limit, Notice, Reservation, Settings, Tracker};
 
@@ -76,22 +75,6 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn from_args(args: &ServeArgs) -> Result<Policy, String> {
-        let quota = Quota::new(&QuotaConfig {
-            messages_per_user: args.max_messages_per_user,
-            recipients_per_user: args.max_recipients_per_user,
-            recipients_per_message: args.max_recipients_per_message,
-            store: args.limits_store.clone(),
-            failure: args.limits_store_failure,
-            timeout: args.limits_store_timeout,
-        })?;
-        Ok(Policy {
-            strict_data: args.strict_data,
-            hide_chunking: args.hide_chunking,
-            quota,
-        })
-    }
-
     /// Observe and count only: no limits, no strict DATA.
     pub fn observe_only() -> Policy {
         Policy {
@@ -558,7 +541,7 @@ fn ended_by(error: io::Error) -> RelayEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quota::Rate;
+    use crate::quota::{QuotaConfig, Rate};
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, DuplexStream, duplex};
 
     const WAIT: Duration = Duration::from_secs(5);

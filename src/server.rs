@@ -258,7 +258,7 @@ impl Config {
             max_auth_failures_per_ip: args.max_auth_failures_per_ip,
             max_auth_failures_per_user: args.max_auth_failures_per_user,
             auth_failure_window: args.auth_failure_window,
-            relay: Arc::new(crate::relay::Policy::from_args(args)?),
+            relay: Arc::new(relay_policy(args)?),
             auth_mechanisms: (!args.auth_mechanisms.is_empty())
                 .then(|| args.auth_mechanisms.clone()),
         })
@@ -410,6 +410,23 @@ fn log_mechanisms(chosen: Option<&[Mechanism]>, users: &UserDb) {
             "AUTH PLAIN LOGIN: CRAM-MD5 is not offered because users with a hashed password cannot pass it (--auth-mechanisms to choose)"
         ),
     }
+}
+
+/// The relay's policy from the command line: the relay itself never reads flags.
+fn relay_policy(args: &ServeArgs) -> Result<crate::relay::Policy, String> {
+    let quota = crate::quota::Quota::new(&crate::quota::QuotaConfig {
+        messages_per_user: args.max_messages_per_user,
+        recipients_per_user: args.max_recipients_per_user,
+        recipients_per_message: args.max_recipients_per_message,
+        store: args.limits_store.clone(),
+        failure: args.limits_store_failure,
+        timeout: args.limits_store_timeout,
+    })?;
+    Ok(crate::relay::Policy {
+        strict_data: args.strict_data,
+        hide_chunking: args.hide_chunking,
+        quota,
+    })
 }
 
 /// How long the start-up probe and `postern check` wait for the backend.

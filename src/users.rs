@@ -26,8 +26,6 @@ use hmac::{Hmac, KeyInit as _, Mac as _};
 use sha_crypt::ShaCrypt;
 use subtle::ConstantTimeEq as _;
 
-use crate::config::HashScheme;
-
 /// Dovecot's argon2id defaults for new hashes: 64 MiB, 3 passes, 1 lane.
 const ARGON2_MEMORY_KIB: u32 = 65_536;
 const ARGON2_PASSES: u32 = 3;
@@ -536,6 +534,15 @@ fn hmac_md5_hex(key: &[u8], message: &[u8]) -> Option<[u8; 32]> {
 }
 
 // === hash_password ===
+
+/// Schemes `hash-password` can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HashScheme {
+    Argon2id,
+    #[value(name = "sha512-crypt")]
+    Sha512Crypt,
+    Bcrypt,
+}
 
 /// Hashes `password` for a users file and returns the whole password field, e.g.
 /// `{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$...`, which Dovecot reads as well.

@@ -32,6 +32,7 @@ use std::sync::Arc;
 
 use memchr::memchr;
 
+pub use crate::quota::{Limit, Limits, Usage};
 use crate::smtp::command::Verb;
 use crate::smtp::data::{BodyRule, BodyScanner, BodyStep};
 use crate::smtp::ehlo::AUTH_LINE;
@@ -51,15 +52,6 @@ pub const MAX_EHLO_REPLY: usize = 32 * 1024;
 /// The largest BDAT chunk announced to a backend that advertises no SIZE: 2^31-1, so
 /// that no backend's integer parsing can wrap it.
 pub const MAX_CHUNK: u64 = (1 << 31) - 1;
-
-/// What a session is allowed to send. Windows live in the limits store; the rules
-/// only know which limits exist and the per-message one.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub messages_per_user: Option<u64>,
-    pub recipients_per_user: Option<u64>,
-    pub recipients_per_message: Option<u32>,
-}
 
 /// What the rules need to know about the session.
 #[derive(Debug, Clone)]
@@ -102,13 +94,6 @@ pub fn chunk_limit(capabilities: &Capabilities) -> u64 {
     size.map_or(MAX_CHUNK, |n| n.min(MAX_CHUNK))
 }
 
-/// A user's sending so far, as the limits store estimates it for the current window.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub messages: u64,
-    pub recipients: u64,
-}
-
 /// What a reservation asks the store for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -127,27 +112,6 @@ pub enum Reservation {
     /// The limit is reached, or the store is down and fails closed
     /// ([`Limit::StoreUnavailable`]): the command gets `451`.
     Refused(Limit),
-}
-
-/// Which sending limit refused a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    MessagesPerUser,
-    RecipientsPerUser,
-    RecipientsPerMessage,
-    /// The store was unavailable and the failure mode is closed.
-    StoreUnavailable,
-}
-
-impl Limit {
-    pub fn label(self) -> &'static str {
-        match self {
-            Limit::MessagesPerUser => crate::metrics::label::limit::MESSAGES_PER_USER,
-            Limit::RecipientsPerUser => crate::metrics::label::limit::RECIPIENTS_PER_USER,
-            Limit::RecipientsPerMessage => crate::metrics::label::limit::RECIPIENTS_PER_MESSAGE,
-            Limit::StoreUnavailable => crate::metrics::label::limit::STORE_UNAVAILABLE,
-        }
-    }
 }
 
 /// Something the driver counts or logs.
