@@ -573,6 +573,7 @@ fn command_error_reply(error: CommandError) -> Reply {
     match error {
         CommandError::TooLong => canned::LINE_TOO_LONG.into(),
         CommandError::ForbiddenCharacter => canned::CONTROL_CHARACTER.into(),
+        CommandError::AmbiguousVerb => canned::AMBIGUOUS_VERB.into(),
         CommandError::BadHelloName => canned::BAD_HELLO.into(),
     }
 }

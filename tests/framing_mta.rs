@@ -673,7 +673,7 @@ fn strict_data_cases() -> Vec<Case> {
     vec![case]
 }
 
-/// Command lines with a control octet, each answered `500 5.5.2` by postern.
+/// Command lines with a control octet or an ambiguous verb, each answered `500 5.5.2`.
 fn control_octet_lines() -> Vec<(String, Vec<u8>)> {
     let mut lines: Vec<(String, Vec<u8>)> = [
         &b"MAIL\x0bFROM:<a@x>\r\n"[..],
@@ -684,6 +684,12 @@ fn control_octet_lines() -> Vec<(String, Vec<u8>)> {
         b"STARTTLS\x0c\r\n",
         b"MAIL\x00FROM:<a@x>\r\n",
         b"NOOP\x7f\r\n",
+        // Verbs backends split differently: Postfix skips leading blanks and splits on
+        // HT, Exim and OpenSMTPD do not; an 8-bit verb reads as DATA to a 7-bit reader.
+        b"\tBDAT 10 LAST\r\n",
+        b"BDAT\t10 LAST\r\n",
+        b" MAIL FROM:<a@x>\r\n",
+        b"D\xc1TA\r\n",
     ]
     .iter()
     .map(|l| (format!("{:?}", String::from_utf8_lossy(l)), l.to_vec()))
@@ -716,6 +722,9 @@ fn control_octet_cases() -> Vec<Case> {
         b"STARTTLS",
         b"MAIL\x00",
         b"NOOP\x7f",
+        b"BDAT",
+        b" MAIL",
+        b"D\xc1TA",
         b"ctl",
         b"a@x",
         b"b@x",

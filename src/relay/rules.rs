@@ -33,7 +33,7 @@ use std::sync::Arc;
 use memchr::memchr;
 
 pub use crate::quota::{Limit, Limits, Usage};
-use crate::smtp::command::Verb;
+use crate::smtp::command::{CommandError, Verb};
 use crate::smtp::data::{BodyRule, BodyScanner, BodyStep};
 use crate::smtp::ehlo::AUTH_LINE;
 use crate::smtp::line::{MAX_RELAYED_LINE, find_crlf};
@@ -529,9 +529,16 @@ impl Rules {
     /// Returns false if the line was not taken (a reservation or a reply is needed
     /// first).
     fn on_command(&mut self, line: &[u8], range: Range<usize>, out: &mut Output) -> bool {
-        let Ok((verb, args)) = Verb::split(line) else {
-            self.local(canned::CONTROL_CHARACTER, false, out);
-            return true;
+        let (verb, args) = match Verb::split(line) {
+            Ok(split) => split,
+            Err(error) => {
+                let reply = match error {
+                    CommandError::AmbiguousVerb => canned::AMBIGUOUS_VERB,
+                    _ => canned::CONTROL_CHARACTER,
+                };
+                self.local(reply, false, out);
+                return true;
+            }
         };
         let pending = match verb {
             Verb::Auth => {

@@ -97,6 +97,8 @@ pub mod canned {
     pub const STARTTLS_NO_ARGUMENTS: Canned = Canned::new(501, "5.5.4 Syntax: STARTTLS");
 
     pub const LINE_TOO_LONG: Canned = Canned::new(500, "5.5.2 Line too long");
+    pub const AMBIGUOUS_VERB: Canned =
+        Canned::new(500, "5.5.2 A command starts with its verb, then a space");
     pub const CONTROL_CHARACTER: Canned =
         Canned::new(500, "5.5.2 Control character or bare CR or LF in command");
     pub const BAD_HELLO: Canned = Canned::new(501, "5.5.4 Syntax: EHLO hostname");
