@@ -18,17 +18,19 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::shutdown::Shutdown;
+
 /// What `/readyz` reports on.
 #[derive(Clone)]
 pub struct Readiness {
     pub backend_up: watch::Receiver<bool>,
-    pub draining: watch::Receiver<bool>,
+    pub draining: Shutdown,
 }
 
 impl Readiness {
     /// `Ok` when new sessions can be served, else the one-line reason.
     fn check(&self) -> Result<(), &'static str> {
-        if *self.draining.borrow() {
+        if self.draining.is_stopping() {
             Err("draining: shutting down")
         } else if !*self.backend_up.borrow() {
             Err("backend probe failing")

@@ -317,3 +317,171 @@ async fn read_reply(
         buf.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// How the backend learns who an anonymous `--listen-mx` client is. Without one of
+/// these it sees postern's own address, and a backend that trusts that address (the
+/// usual sidecar: Postfix `permit_mynetworks` with postern on loopback) relays mail from
+/// anyone to anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MxIdentity {
+    /// A PROXY header on every backend connection (`--backend-proxy-protocol`).
+    ProxyHeader,
+    /// XCLIENT ADDR (`--xclient`): a backend connection that does not offer it gets the
+    /// client `451 4.3.0` at MAIL instead of a relay.
+    Xclient,
+    /// Neither, and the operator said so (`--allow-mx-open-relay`).
+    Unidentified,
+}
+
+/// Why `--listen-mx` will not start as configured.
+const MX_OPEN_RELAY: &str = "--listen-mx without --xclient or --backend-proxy-protocol: \
+the backend would see every MX client as postern's own address and, if it trusts that \
+address (Postfix mynetworks, loopback), relay mail from anyone to anywhere. Add --xclient \
+(and postern's address to the backend's smtpd_authorized_xclient_hosts) or \
+--backend-proxy-protocol; or, if the backend does not trust postern's address, \
+--allow-mx-open-relay";
+
+impl MxIdentity {
+    /// The identity the flags give, or the error that names the fix. With both flags
+    /// PROXY wins: it already carries the address, so XCLIENT is then only a bonus.
+    pub fn choose(
+        xclient: bool,
+        proxy: Option<proxy_proto::Version>,
+        allow_open_relay: bool,
+    ) -> Result<MxIdentity, String> {
+        match (proxy, xclient, allow_open_relay) {
+            (Some(_), _, _) => Ok(MxIdentity::ProxyHeader),
+            (None, true, _) => Ok(MxIdentity::Xclient),
+            (None, false, true) => Ok(MxIdentity::Unidentified),
+            (None, false, false) => Err(MX_OPEN_RELAY.to_owned()),
+        }
+    }
+}
+
+/// What is wrong with the backend's XCLIENT offer when `--xclient` is set, in words
+/// for the start-up log and `postern check`; `None` if ADDR is offered or not needed.
+/// The probe connects from postern's address as sessions do, so its EHLO shows what
+/// `smtpd_authorized_xclient_hosts` grants postern.
+pub fn xclient_gap(
+    xclient: bool,
+    mx_identity: Option<MxIdentity>,
+    capabilities: &Capabilities,
+) -> Option<String> {
+    if !xclient {
+        return None;
+    }
+    let problem = match xclient::offered_attributes(capabilities) {
+        None => {
+            "--xclient is set but the backend does not offer XCLIENT to postern \
+                 (Postfix: add postern's address to smtpd_authorized_xclient_hosts)"
+        }
+        Some(offered) if !offered.iter().any(|a| a == "ADDR") => {
+            "--xclient is set but the backend's XCLIENT does not take ADDR"
+        }
+        Some(_) => return None,
+    };
+    let consequence = if mx_identity == Some(MxIdentity::Xclient) {
+        "anonymous MX sessions get 451 4.3.0 at MAIL until it does"
+    } else {
+        "sessions reach it without the client's address"
+    };
+    Some(format!("{problem}; {consequence}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy_proto::Version;
+
+    #[test]
+    fn mx_identity_needs_a_way_to_name_the_client_or_an_explicit_risk() {
+        use MxIdentity::*;
+        let v2 = Some(Version::V2);
+        // (xclient, proxy, allow_open_relay) -> identity
+        for (name, xclient, proxy, allow, want) in [
+            ("proxy alone", false, v2, false, Some(ProxyHeader)),
+            ("proxy beats xclient", true, v2, false, Some(ProxyHeader)),
+            (
+                "allow is moot with proxy",
+                false,
+                v2,
+                true,
+                Some(ProxyHeader),
+            ),
+            ("xclient alone", true, None, false, Some(Xclient)),
+            (
+                "allow is moot with xclient",
+                true,
+                None,
+                true,
+                Some(Xclient),
+            ),
+            ("explicit risk", false, None, true, Some(Unidentified)),
+            ("nothing: open relay", false, None, false, None),
+        ] {
+            let got = MxIdentity::choose(xclient, proxy, allow);
+            assert_eq!(got.as_ref().ok().copied(), want, "{name}: {got:?}");
+        }
+        let error = MxIdentity::choose(false, None, false).unwrap_err();
+        for fix in [
+            "--xclient",
+            "--backend-proxy-protocol",
+            "--allow-mx-open-relay",
+        ] {
+            assert!(error.contains(fix), "{error}");
+        }
+    }
+
+    #[test]
+    fn xclient_gap_names_what_the_backend_lacks_and_what_follows() {
+        let caps = |lines: &[&str]| {
+            let lines: Vec<String> = ["backend.test"]
+                .iter()
+                .chain(lines)
+                .map(|l| l.to_string())
+                .collect();
+            Capabilities::from_ehlo_reply(&lines)
+        };
+        let mx = Some(MxIdentity::Xclient);
+        let none = caps(&["PIPELINING"]);
+        let no_addr = caps(&["XCLIENT NAME HELO LOGIN"]);
+        let full = caps(&["XCLIENT NAME ADDR PORT PROTO HELO LOGIN"]);
+        for (name, xclient, identity, capabilities, want) in [
+            ("not asked", false, mx, &none, None),
+            ("offered", true, mx, &full, None),
+            (
+                "not offered, MX",
+                true,
+                mx,
+                &none,
+                Some("does not offer XCLIENT to postern"),
+            ),
+            (
+                "no ADDR, MX",
+                true,
+                mx,
+                &no_addr,
+                Some("XCLIENT does not take ADDR"),
+            ),
+            (
+                "not offered, submission only",
+                true,
+                None,
+                &none,
+                Some("sessions reach it without the client's address"),
+            ),
+        ] {
+            let got = xclient_gap(xclient, identity, capabilities);
+            match (want, &got) {
+                (None, None) => {}
+                (Some(part), Some(text)) if text.contains(part) => {}
+                _ => panic!("{name}: {got:?}"),
+            }
+        }
+        let mx_gap = xclient_gap(true, mx, &none).unwrap_or_default();
+        assert!(
+            mx_gap.contains("451 4.3.0") && mx_gap.contains("smtpd_authorized_xclient_hosts"),
+            "{mx_gap}"
+        );
+    }
+}

@@ -43,7 +43,7 @@ pub enum Command {
     HashPassword(HashPasswordArgs),
     /// Try postern on this machine: the real proxy on loopback with a throw-away
     /// certificate, a demo user and a stand-in backend that prints each mail it receives.
-    Demo(crate::demo::DemoArgs),
+    Demo(DemoArgs),
     /// Print a shell completion script to stdout.
     Completions {
         #[arg(value_enum)]
@@ -364,4 +364,34 @@ pub struct HashPasswordArgs {
 fn parse_mechanism(name: &str) -> Result<crate::sasl::Mechanism, String> {
     crate::sasl::Mechanism::parse(name.trim())
         .ok_or_else(|| format!("{name:?}: expected PLAIN, LOGIN or CRAM-MD5"))
+}
+
+/// Flags of `postern demo`. Unlike `serve`, none is read from the environment: a
+/// `POSTERN_*` variable meant for a real deployment must not redirect the demo.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// STARTTLS submission listener (loopback only).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2587")]
+    pub listen: SocketAddr,
+
+    /// Implicit-TLS listener (loopback only).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2465")]
+    pub listen_tls: SocketAddr,
+
+    /// Metrics, /healthz and /readyz endpoint (loopback only).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9587")]
+    pub metrics_listen: SocketAddr,
+
+    /// Where the built-in stand-in backend listens (loopback only). The default port 0 picks
+    /// a free one, so a local MTA on 2525 or 25 never gets in the way.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub sink: SocketAddr,
+
+    /// Relay to this real SMTP server instead of the built-in stand-in.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "sink")]
+    pub backend: Option<String>,
+
+    /// Log level of the proxy's log on stderr (error, warn, info, debug, trace).
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
 }

@@ -3,7 +3,6 @@
 //! to the [`relay`] once the client is authenticated.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,18 +11,60 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::crypto::CryptoProvider;
 use tracing::{Instrument, info, info_span};
 
-use crate::backend::{self, BackendConn, BackendError, Xclient};
-use crate::limits::{Admission, AuthHistory, ClientNet};
+use crate::auth::{Authenticator, LoggedName};
+use crate::backend::{self, BackendConn, BackendError, MxIdentity, Xclient};
+use crate::limits::{AuthHistory, NetGrouping};
 use crate::relay::{self, RelayEnd, RelayStats};
-use crate::sasl::{Credentials, Mechanism};
-use crate::server::{MxIdentity, Shared};
-use crate::session::{Action, ChallengeSource, ListenerKind, Rejection, Session, Verdict};
+use crate::sasl::Mechanism;
+use crate::session::{
+    Action, ChallengeSource, Limits as SessionLimits, ListenerKind, Rejection, Session,
+};
+use crate::shutdown::Shutdown;
 use crate::smtp::line::LineTooLong;
-use crate::smtp::{LineBuffer, Reply, canned};
-use crate::users::Check;
+use crate::smtp::{Capabilities, LineBuffer, Reply, canned};
 use crate::{metrics, tls};
+
+/// What every connection uses and that outlives it: the settings of the session, the
+/// backend and the relay, and the services a session calls on. Built once by the server.
+pub struct Services {
+    pub hostname: Arc<str>,
+    /// `HOST:PORT` of the backend.
+    pub backend: String,
+    pub timeouts: Timeouts,
+    /// The CSPRNG for CRAM-MD5 challenges.
+    pub crypto: Arc<CryptoProvider>,
+    pub session_limits: SessionLimits,
+    pub auth: Arc<Authenticator>,
+    /// How client addresses group into networks for the AUTH limits.
+    pub grouping: NetGrouping,
+    /// What the post-AUTH relay enforces: sending limits, --strict-data.
+    pub relay: Arc<crate::relay::Policy>,
+    pub xclient: bool,
+    pub backend_proxy_protocol: Option<crate::proxy_proto::Version>,
+    /// `Some` with an MX listener: how the backend learns who an anonymous client is.
+    pub mx_identity: Option<MxIdentity>,
+    /// The backend's capabilities as of the last successful probe.
+    pub capabilities: watch::Receiver<Arc<Capabilities>>,
+    /// One config for the process: a reload swaps a pair inside its certificate
+    /// resolver, so sessions never see a half-loaded pair.
+    pub tls: Arc<ServerConfig>,
+    pub shutdown: Shutdown,
+}
+
+impl Services {
+    /// The backend's capabilities as the relay should present them.
+    pub fn capabilities(&self) -> Arc<Capabilities> {
+        let capabilities = self.capabilities.borrow().clone();
+        if self.relay.hide_chunking && capabilities.has("CHUNKING") {
+            return Arc::new(capabilities.without("CHUNKING"));
+        }
+        capabilities
+    }
+}
 
 /// Bytes asked of the socket per read before AUTH; commands are small.
 const READ_CHUNK: usize = 4096;
@@ -80,20 +121,25 @@ struct Summary {
 }
 
 /// Serves one accepted connection to the end and logs one line about it.
-pub async fn serve(tcp: TcpStream, addrs: ClientAddrs, kind: ListenerKind, shared: Arc<Shared>) {
+pub async fn serve(
+    tcp: TcpStream,
+    addrs: ClientAddrs,
+    kind: ListenerKind,
+    services: Arc<Services>,
+) {
     let span = info_span!("session", peer = %addrs.client, listener = kind.label());
     async move {
         let started = Instant::now();
         let _active = metrics::ActiveConnection::open(kind.label());
         let mut summary = Summary::default();
-        let outcome = run(tcp, addrs, kind, &shared, &mut summary).await;
+        let outcome = run(tcp, addrs, kind, &services, &mut summary).await;
         let elapsed = started.elapsed();
         info!(
             tls = summary.tls.as_deref().unwrap_or("none"),
             user = summary
                 .user
                 .as_ref()
-                .map(|u| Escaped(u))
+                .map(|u| LoggedName(u))
                 .map(tracing::field::debug),
             mechanism = summary.mechanism.map(Mechanism::label),
             bytes_in = summary.stats.client_to_backend,
@@ -121,7 +167,7 @@ pub struct ClientAddrs {
 struct Client {
     session: Session,
     buf: LineBuffer,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     addrs: ClientAddrs,
     auth_history: AuthHistory,
     /// When the session must have authenticated (or, on MX, sent MAIL) by.
@@ -135,7 +181,7 @@ async fn run(
     tcp: TcpStream,
     addrs: ClientAddrs,
     kind: ListenerKind,
-    shared: &Shared,
+    services: &Services,
     summary: &mut Summary,
 ) -> Outcome {
     // Every reply is small and answers a request: NODELAY keeps TLS handshakes and
@@ -143,48 +189,48 @@ async fn run(
     let _ = tcp.set_nodelay(true);
     let session = Session::new(
         kind,
-        shared.hostname.clone(),
-        shared.capabilities(),
-        challenge_source(shared),
-        shared.limits,
+        services.hostname.clone(),
+        services.capabilities(),
+        challenge_source(services),
+        services.session_limits,
     )
-    .with_mechanisms(&shared.mechanisms());
+    .with_mechanisms(&services.auth.mechanisms());
     let mut client = Client {
         session,
         buf: LineBuffer::new(),
-        shutdown: shared.shutdown.clone(),
+        shutdown: services.shutdown.clone(),
         addrs,
         auth_history: AuthHistory::default(),
-        auth_deadline: tokio::time::Instant::now() + shared.timeouts.auth_deadline,
+        auth_deadline: tokio::time::Instant::now() + services.timeouts.auth_deadline,
     };
-    let first_wait = shared.timeouts.first_command;
+    let first_wait = services.timeouts.first_command;
 
     let next = match kind {
         ListenerKind::ImplicitTls => {
-            let Some(mut stream) = Box::pin(handshake(tcp, shared, summary)).await else {
+            let Some(mut stream) = Box::pin(handshake(tcp, services, summary)).await else {
                 return Outcome::TlsFailed;
             };
-            if send(&mut stream, &client.session.greeting(), shared)
+            if send(&mut stream, &client.session.greeting(), services)
                 .await
                 .is_err()
             {
                 return Outcome::IoError;
             }
-            let next = Box::pin(drive(&mut stream, &mut client, shared, first_wait)).await;
-            return finish(stream, next, &client.session, shared, summary).await;
+            let next = Box::pin(drive(&mut stream, &mut client, services, first_wait)).await;
+            return finish(stream, next, &client.session, services, summary).await;
         }
         ListenerKind::Submission | ListenerKind::Mx => {
             let mut tcp = tcp;
-            if send(&mut tcp, &client.session.greeting(), shared)
+            if send(&mut tcp, &client.session.greeting(), services)
                 .await
                 .is_err()
             {
                 return Outcome::IoError;
             }
-            let next = Box::pin(drive(&mut tcp, &mut client, shared, first_wait)).await;
+            let next = Box::pin(drive(&mut tcp, &mut client, services, first_wait)).await;
             match next {
                 Next::StartTls => tcp,
-                other => return finish(tcp, other, &client.session, shared, summary).await,
+                other => return finish(tcp, other, &client.session, services, summary).await,
             }
         }
     };
@@ -193,18 +239,18 @@ async fn run(
     // sent in plaintext and is never acted on. Bytes still in flight when the handshake
     // starts reach rustls, which rejects them as a malformed ClientHello.
     client.buf.discard();
-    let Some(mut stream) = Box::pin(handshake(next, shared, summary)).await else {
+    let Some(mut stream) = Box::pin(handshake(next, services, summary)).await else {
         return Outcome::TlsFailed;
     };
     client.session.on_tls_established();
     let next = Box::pin(drive(
         &mut stream,
         &mut client,
-        shared,
-        shared.timeouts.command,
+        services,
+        services.timeouts.command,
     ))
     .await;
-    finish(stream, next, &client.session, shared, summary).await
+    finish(stream, next, &client.session, services, summary).await
 }
 
 /// Relays an authenticated session, or reports how the pre-AUTH phase ended.
@@ -212,7 +258,7 @@ async fn finish<S>(
     client: S,
     next: Next,
     session: &Session,
-    shared: &Shared,
+    services: &Services,
     summary: &mut Summary,
 ) -> Outcome
 where
@@ -235,16 +281,16 @@ where
             let context = relay::Context {
                 user: session.authenticated().map(|(user, _)| user),
                 tls: session.is_tls(),
-                hostname: &shared.hostname,
+                hostname: &services.hostname,
                 capabilities: &capabilities,
-                policy: &shared.relay,
+                policy: &services.relay,
             };
             let (stats, end) = relay::relay(
                 client,
                 backend.stream,
                 &client_pending,
                 &backend.pending,
-                shared.timeouts.relay_idle,
+                services.timeouts.relay_idle,
                 context,
             )
             .await;
@@ -269,7 +315,7 @@ where
 async fn drive<S>(
     stream: &mut S,
     client: &mut Client,
-    shared: &Shared,
+    services: &Services,
     first_wait: Duration,
 ) -> Next
 where
@@ -296,7 +342,7 @@ where
             if actions.is_empty() {
                 match buf.next_line() {
                     Ok(Some(line)) => {
-                        deadline = tokio::time::Instant::now() + shared.timeouts.command;
+                        deadline = tokio::time::Instant::now() + services.timeouts.command;
                         actions.extend(session.on_line(&line));
                     }
                     Ok(None) => break,
@@ -307,13 +353,13 @@ where
                 match action {
                     Action::Reply(reply) => reply.encode(&mut out),
                     Action::StartTls => {
-                        return match flush(stream, &mut out, shared).await {
+                        return match flush(stream, &mut out, services).await {
                             Ok(()) => Next::StartTls,
                             Err(_) => Next::Closed(Outcome::IoError),
                         };
                     }
                     Action::Close => {
-                        let _ = flush(stream, &mut out, shared).await;
+                        let _ = flush(stream, &mut out, services).await;
                         // A TLS client deserves a close_notify, not a truncated stream.
                         let _ =
                             tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
@@ -335,19 +381,14 @@ where
                     } => {
                         // The client waits for this answer anyway; send what is queued
                         // so it is not held up behind a slow hash.
-                        if flush(stream, &mut out, shared).await.is_err() {
+                        if flush(stream, &mut out, services).await.is_err() {
                             return Next::Closed(Outcome::IoError);
                         }
-                        let net = shared.grouping.net(addrs.client.ip());
-                        let verdict = authenticate(
-                            shared,
-                            auth_history,
-                            shutdown,
-                            net,
-                            mechanism,
-                            credentials,
-                        )
-                        .await;
+                        let net = services.grouping.net(addrs.client.ip());
+                        let verdict = services
+                            .auth
+                            .authenticate(auth_history, shutdown, net, mechanism, credentials)
+                            .await;
                         actions.extend(session.on_verified(verdict));
                     }
                     Action::ConnectBackend {
@@ -356,17 +397,17 @@ where
                         first,
                     } => {
                         let introduction = backend::Introduction {
-                            proxy: shared.backend_proxy_protocol,
-                            xclient: xclient_use(shared, login.is_some()),
+                            proxy: services.backend_proxy_protocol,
+                            xclient: xclient_use(services, login.is_some()),
                             client: addrs.client,
                             local: addrs.local,
                             login: login.as_deref(),
                         };
                         let result = backend::connect(
-                            &shared.backend,
+                            &services.backend,
                             &hello,
                             &introduction,
-                            shared.timeouts.backend,
+                            services.timeouts.backend,
                         )
                         .await;
                         relay_first = first;
@@ -378,32 +419,32 @@ where
                             }
                             Err(BackendError::Unidentified) => {
                                 tracing::warn!(
-                                    backend = %shared.backend,
+                                    backend = %services.backend,
                                     "backend does not offer XCLIENT ADDR to postern; anonymous MX session refused at MAIL with 451 4.3.0 instead of relayed as postern's own address"
                                 );
                                 actions.extend(session.on_backend_unidentified());
                             }
                             Err(error) => {
-                                tracing::warn!(backend = %shared.backend, %error, "backend unavailable");
+                                tracing::warn!(backend = %services.backend, %error, "backend unavailable");
                                 actions.extend(session.on_backend_ready(false));
                             }
                         }
                     }
                     Action::Delay(delay) => {
-                        if flush(stream, &mut out, shared).await.is_err() {
+                        if flush(stream, &mut out, services).await.is_err() {
                             return Next::Closed(Outcome::IoError);
                         }
                         // A drain does not wait for a brute-force penalty to run out.
                         tokio::select! {
                             () = tokio::time::sleep(delay) => {}
-                            () = crate::server::stopping(shutdown) => {
-                                let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
+                            () = shutdown.stopping() => {
+                                let _ = send(stream, &canned::SHUTTING_DOWN.into(), services).await;
                                 return Next::Closed(Outcome::ShuttingDown);
                             }
                         }
                     }
                     Action::Relay => {
-                        if flush(stream, &mut out, shared).await.is_err() {
+                        if flush(stream, &mut out, services).await.is_err() {
                             return Next::Closed(Outcome::IoError);
                         }
                         return match backend_conn.take() {
@@ -421,7 +462,7 @@ where
                 }
             }
         }
-        if flush(stream, &mut out, shared).await.is_err() {
+        if flush(stream, &mut out, services).await.is_err() {
             return Next::Closed(Outcome::IoError);
         }
 
@@ -432,8 +473,8 @@ where
         } else {
             tokio::select! {
                 read = tokio::time::timeout_at(deadline.min(auth_deadline), stream.read(&mut chunk)) => read.ok(),
-                () = crate::server::stopping(shutdown) => {
-                    let _ = send(stream, &canned::SHUTTING_DOWN.into(), shared).await;
+                () = shutdown.stopping() => {
+                    let _ = send(stream, &canned::SHUTTING_DOWN.into(), services).await;
                     return Next::Closed(Outcome::ShuttingDown);
                 }
             }
@@ -455,7 +496,7 @@ where
                         reply.encode(&mut timeout_reply);
                     }
                 }
-                let _ = flush(stream, &mut timeout_reply, shared).await;
+                let _ = flush(stream, &mut timeout_reply, services).await;
                 return Next::Closed(Outcome::Timeout);
             }
         }
@@ -464,11 +505,11 @@ where
 
 /// How this session uses XCLIENT. An anonymous (MX) session must be introduced when
 /// XCLIENT is the only way the backend can learn its address (see
-/// [`crate::server::MxIdentity`]); an authenticated one goes on without, as it always did.
-fn xclient_use(shared: &Shared, authenticated: bool) -> Xclient {
-    if !shared.xclient {
+/// [`MxIdentity`]); an authenticated one goes on without, as it always did.
+fn xclient_use(services: &Services, authenticated: bool) -> Xclient {
+    if !services.xclient {
         Xclient::Off
-    } else if !authenticated && shared.mx_identity == Some(MxIdentity::Xclient) {
+    } else if !authenticated && services.mx_identity == Some(MxIdentity::Xclient) {
         Xclient::Required
     } else {
         Xclient::IfOffered
@@ -477,11 +518,11 @@ fn xclient_use(shared: &Shared, authenticated: bool) -> Xclient {
 
 async fn handshake(
     tcp: TcpStream,
-    shared: &Shared,
+    services: &Services,
     summary: &mut Summary,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let acceptor = TlsAcceptor::from(shared.tls_config());
-    match tokio::time::timeout(shared.timeouts.tls_handshake, acceptor.accept(tcp)).await {
+    let acceptor = TlsAcceptor::from(services.tls.clone());
+    match tokio::time::timeout(services.timeouts.tls_handshake, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => {
             let (_, conn) = stream.get_ref();
             let version = conn
@@ -505,128 +546,10 @@ async fn handshake(
     }
 }
 
-/// How long an AUTH may wait for a free verifier before it gets `454 4.7.0`.
-const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Applies the failure limits, checks the credentials, and records the outcome.
-async fn authenticate(
-    shared: &Shared,
-    history: &mut AuthHistory,
-    shutdown: &mut watch::Receiver<bool>,
-    client: ClientNet,
-    mechanism: Mechanism,
-    credentials: Credentials,
-) -> Verdict {
-    let username = credentials.username().to_owned();
-    let user_key = shared.user_key(&username);
-    let (ticket, delay) = match shared.auth_gate.admit(client, user_key, Instant::now()) {
-        Admission::Verify { ticket, delay } => (ticket, delay),
-        Admission::Refused(refusal) => {
-            let scope = refusal.label();
-            metrics::auth_throttled(scope);
-            // A refused run repeats fast: one line per network and interval, counted.
-            if let Some(events) = shared.throttle_log.note(client, Instant::now()) {
-                info!(net = %client, events, user = ?Escaped(&username), mechanism = mechanism.label(), scope, "authentication throttled");
-            }
-            return Verdict::Throttled;
-        }
-    };
-    if !delay.is_zero() {
-        // The name is over its failure limit: slowed down from networks that have not
-        // failed it, so its owner can still log in. A drain does not wait for it.
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = crate::server::stopping(shutdown) => return Verdict::Throttled,
-        }
-    }
-    // A flood from one network queues at most this many for the verifier pool: the
-    // rest is refused here, before it can crowd out other networks' logins.
-    let Ok(verifying) = shared.verifications_per_net.try_acquire(client, None) else {
-        metrics::auth_throttled(metrics::label::throttle_scope::NETWORK_VERIFICATIONS);
-        if let Some(events) = shared.throttle_log.note(client, Instant::now()) {
-            info!(net = %client, events, user = ?Escaped(&username), mechanism = mechanism.label(), scope = metrics::label::throttle_scope::NETWORK_VERIFICATIONS, "authentication throttled");
-        }
-        return Verdict::Throttled;
-    };
-    let verified = verify(shared, credentials).await;
-    // Given back with the verifier, not after the failure pacing below: the cap is on
-    // hashing, and a paced failure holds no CPU.
-    drop(verifying);
-    let Some((check, took)) = verified else {
-        metrics::auth_throttled(metrics::label::throttle_scope::VERIFIER);
-        return Verdict::Throttled;
-    };
-    let valid = check.valid;
-    metrics::auth_attempt(mechanism.label(), valid);
-    let now = Instant::now();
-    if valid {
-        ticket.succeeded(now);
-        let forgiven = history.succeeded(user_key, mechanism);
-        if forgiven > 0 {
-            shared.auth_gate.forgive(client, user_key, forgiven, now);
-            tracing::debug!(
-                forgiven,
-                mechanism = mechanism.label(),
-                "earlier failures with another mechanism not counted against the user"
-            );
-        }
-        return Verdict::Valid;
-    }
-    ticket.failed(now);
-    history.failed(user_key, mechanism);
-    // Every failure answers after the costliest hash's time, so response times tell
-    // neither which names exist nor how each is stored (the verifier slot is free again:
-    // this waits without holding CPU).
-    shared.failure_pace.observe(took, check.decoy_work);
-    tokio::select! {
-        () = tokio::time::sleep(shared.failure_pace.pad(took)) => {}
-        () = crate::server::stopping(shutdown) => {}
-    }
-    // One line per failure, with the name tried, for fail2ban-style tooling.
-    info!(user = ?Escaped(&username), mechanism = mechanism.label(), result = "failure", "authentication failed");
-    Verdict::Invalid
-}
-
-/// Checks credentials on the blocking pool: a KDF takes ~100 ms of CPU and must not
-/// stall the reactor. The semaphore bounds how many run at once; `None` if none was
-/// free in time. Also returns how long the check itself took (not the queue).
-async fn verify(shared: &Shared, credentials: Credentials) -> Option<(Check, Duration)> {
-    let users = shared.users();
-    let permit = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, shared.verify_slots.acquire()).await;
-    let Ok(Ok(_permit)) = permit else {
-        return None;
-    };
-    let check = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let check = match &credentials {
-            Credentials::Password { username, password } => {
-                users.check_password(username, password)
-            }
-            Credentials::CramMd5 {
-                username,
-                challenge,
-                digest,
-            } => Check {
-                valid: users.verify_cram_md5(username, challenge, digest),
-                decoy_work: false,
-            },
-        };
-        (check, started.elapsed())
-    });
-    let failed = (
-        Check {
-            valid: false,
-            decoy_work: false,
-        },
-        Duration::ZERO,
-    );
-    Some(check.await.unwrap_or(failed))
-}
-
 /// RFC 2195 challenge `<random.timestamp@hostname>`, fresh from the CSPRNG each time.
-fn challenge_source(shared: &Shared) -> ChallengeSource {
-    let provider = shared.crypto.clone();
-    let hostname = shared.hostname.clone();
+fn challenge_source(services: &Services) -> ChallengeSource {
+    let provider = services.crypto.clone();
+    let hostname = services.hostname.clone();
     Box::new(move || {
         let mut random = [0u8; 8];
         // A failing system RNG leaves zeros; the timestamp still varies, and a
@@ -643,11 +566,11 @@ fn challenge_source(shared: &Shared) -> ChallengeSource {
 async fn send<S: AsyncWrite + Unpin>(
     stream: &mut S,
     reply: &Reply,
-    shared: &Shared,
+    services: &Services,
 ) -> std::io::Result<()> {
     let mut out = Vec::new();
     reply.encode(&mut out);
-    flush(stream, &mut out, shared).await
+    flush(stream, &mut out, services).await
 }
 
 /// Writes and empties `out`. A client that stops reading cannot hold the task: the
@@ -655,7 +578,7 @@ async fn send<S: AsyncWrite + Unpin>(
 async fn flush<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Vec<u8>,
-    shared: &Shared,
+    services: &Services,
 ) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
@@ -664,72 +587,11 @@ async fn flush<S: AsyncWrite + Unpin>(
         stream.write_all(out).await?;
         stream.flush().await
     };
-    let result = tokio::time::timeout(shared.timeouts.command, write)
+    let result = tokio::time::timeout(services.timeouts.command, write)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
     out.clear();
     result
-}
-
-/// Logs the throttle events held back by [`Shared::throttle_log`] once their network's
-/// interval is over, until the process exits.
-pub async fn report_throttles(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(crate::limits::THROTTLE_LOG_INTERVAL / 4);
-    loop {
-        tick.tick().await;
-        for (net, events) in shared.throttle_log.due(Instant::now()) {
-            info!(net = %net, events, "authentication throttled");
-        }
-    }
-}
-
-/// Most octets of a client-supplied string that a log line carries: AUTH lines may be
-/// 12 KB, and a name that long, logged per attempt, would flood the log.
-const MAX_LOGGED: usize = 256;
-
-/// Client-supplied text for logs: control characters (CR/LF above all) escaped, so a
-/// user name cannot forge log lines, and cut to [`MAX_LOGGED`] octets with a marker
-/// saying how many were left out.
-struct Escaped<'a>(&'a str);
-
-impl fmt::Debug for Escaped<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = self.0;
-        if text.len() <= MAX_LOGGED {
-            return write!(f, "{}", text.escape_debug());
-        }
-        let mut cut = MAX_LOGGED;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let (kept, left) = text.split_at(cut);
-        write!(f, "{}…[+{} octets]", kept.escape_debug(), left.len())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn logged_names_are_escaped_and_cut() {
-        for (name, expected) in [
-            ("alice".to_owned(), "alice".to_owned()),
-            ("a\r\nb".to_owned(), "a\\r\\nb".to_owned()),
-            ("x".repeat(256), "x".repeat(256)),
-            (
-                "x".repeat(12_288),
-                format!("{}…[+12032 octets]", "x".repeat(256)),
-            ),
-            // Never cut inside a character: é is two octets, the cut falls back one.
-            (
-                format!("{}é{}", "x".repeat(255), "y".repeat(10)),
-                format!("{}…[+12 octets]", "x".repeat(255)),
-            ),
-        ] {
-            assert_eq!(format!("{:?}", Escaped(&name)), expected);
-        }
-    }
 }
 
 /// Phase time limits.

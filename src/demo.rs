@@ -13,53 +13,23 @@
 pub mod sink;
 
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::pin::pin;
-use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use clap::{Args, FromArgMatches as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use clap::{Args as _, FromArgMatches as _};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
-use crate::config::ServeArgs;
-use crate::server::{self, Config};
+use crate::config::{DemoArgs, ServeArgs};
+use crate::server::{self, Config, Listeners};
+use crate::shutdown;
 use crate::tls;
 
 /// The demo user's name.
 pub const USER: &str = "demo";
-
-/// Flags of `postern demo`. Unlike `serve`, none is read from the environment: a
-/// `POSTERN_*` variable meant for a real deployment must not redirect the demo.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// STARTTLS submission listener (loopback only).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2587")]
-    pub listen: SocketAddr,
-
-    /// Implicit-TLS listener (loopback only).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2465")]
-    pub listen_tls: SocketAddr,
-
-    /// Metrics, /healthz and /readyz endpoint (loopback only).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9587")]
-    pub metrics_listen: SocketAddr,
-
-    /// Where the built-in stand-in backend listens (loopback only). The default port 0 picks
-    /// a free one, so a local MTA on 2525 or 25 never gets in the way.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
-    pub sink: SocketAddr,
-
-    /// Relay to this real SMTP server instead of the built-in stand-in.
-    #[arg(long, value_name = "HOST:PORT", conflicts_with = "sink")]
-    pub backend: Option<String>,
-
-    /// Log level of the proxy's log on stderr (error, warn, info, debug, trace).
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
-    pub log_level: String,
-}
 
 /// Sender and recipient used in the printed examples. `.test` is reserved (RFC 2606),
 /// so a demo mail relayed to a real backend by mistake cannot reach anyone.
@@ -72,9 +42,6 @@ const CERT_COMMON_NAME: &str = "postern demo, self-signed, throw-away";
 /// A short grace on Ctrl-C: a demo should stop promptly, but still show the drain.
 const SHUTDOWN_GRACE: &str = "5s";
 
-/// How long to wait for the proxy to answer `/readyz` before giving up on start-up.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// Password length and alphabet: 16 characters of 32 (80 bits), without look-alikes
 /// (l/1, o/0) and without characters a shell or a command line would treat specially.
 const PASSWORD_LEN: usize = 16;
@@ -86,6 +53,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     // Caught from the start, so a Ctrl-C while starting still removes the directory
     // (the default action would kill the process before `dir` is dropped).
     let mut early_interrupt = interrupt_signal()?;
+    let stop = shutdown::os_signals()?;
 
     let dir = tempfile::Builder::new()
         .prefix("postern-demo-")
@@ -110,21 +78,19 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     };
 
     let config = serve_config(&args, &backend, &files)?;
-    // `server::run` binds inside; a busy port is found here first so the banner is
-    // never printed for a demo that cannot start.
-    for addr in [args.listen, args.listen_tls, args.metrics_listen] {
-        TcpListener::bind(addr).await.map_err(|e| {
-            format!("binding {addr}: {e} (pick other ports with --listen, --listen-tls, --metrics-listen)")
-        })?;
-    }
-
-    let mut proxy = pin!(server::run(config));
+    // Bound here, before the banner: a busy port is reported instead of a banner for a
+    // demo that cannot start.
+    let listeners = Listeners::bind(&config).await.map_err(|e| {
+        format!("{e} (pick other ports with --listen, --listen-tls, --metrics-listen)")
+    })?;
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let mut proxy = pin!(server::run(config, listeners, stop, Some(ready_tx)));
     tokio::select! {
         result = &mut proxy => {
             return result.and(Err("the proxy stopped during start-up".into()));
         }
-        ready = wait_ready(args.metrics_listen) => {
-            print_banner(&args, &backend, &files, ready);
+        ready = ready_rx => {
+            print_banner(&args, &backend, &files, ready.is_ok_and(|r| r.backend_up));
         }
         _ = early_interrupt.recv() => {
             say("postern demo: interrupted while starting; nothing was sent\n");
@@ -277,38 +243,6 @@ fn serve_config(args: &DemoArgs, backend: &str, files: &Files) -> Result<Config,
     Config::from_args(&serve_args)
 }
 
-/// Polls `/readyz` until the endpoint answers. `server::run` binds the SMTP listeners
-/// before it starts the endpoint, so an HTTP answer means clients can connect. Returns
-/// whether the backend was reported up.
-async fn wait_ready(metrics: SocketAddr) -> bool {
-    let poll = async {
-        loop {
-            if let Ok(status) = readyz(metrics).await {
-                return status == 200;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(READY_TIMEOUT, poll)
-        .await
-        .unwrap_or(false)
-}
-
-/// One `GET /readyz`; the HTTP status code.
-async fn readyz(addr: SocketAddr) -> std::io::Result<u16> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).await?;
-    // "HTTP/1.1 200"
-    std::str::from_utf8(&head[9..12])
-        .ok()
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| std::io::Error::other("not an HTTP status line"))
-}
-
 fn print_banner(args: &DemoArgs, backend: &str, files: &Files, backend_up: bool) {
     say(&banner(args, backend, files, backend_up));
 }
@@ -445,6 +379,7 @@ impl Interrupt {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
+    use std::time::Duration;
 
     use super::*;
     use crate::config::{Cli, Command};

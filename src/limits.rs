@@ -337,7 +337,7 @@ impl<K: Hash + Eq + Clone> FailureWindow<K> {
 
 // === AuthGate ===
 
-/// The failure-table key of a user name: a keyed hash (see `server::Shared::user_key`), so
+/// The failure-table key of a user name: a keyed hash (see `auth::Authenticator`), so
 /// a flood of long names cannot grow the tables' memory.
 pub type UserKey = u64;
 

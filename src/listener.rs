@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -14,12 +15,12 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::warn;
 
-use crate::conn::{self, ClientAddrs};
-use crate::limits::OverLimit;
+use crate::conn::{self, ClientAddrs, Services};
+use crate::limits::{NetGrouping, OverLimit, PerNetSlots};
 use crate::metrics;
 use crate::proxy_proto;
-use crate::server::Shared;
 use crate::session::ListenerKind;
+use crate::shutdown::Shutdown;
 use crate::smtp::{Reply, canned};
 
 /// Pending connections the kernel may queue before postern accepts them (capped by
@@ -41,16 +42,31 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// Who may connect, and how many at once: the limits applied before a session starts.
+pub struct ConnectionLimits {
+    /// Connections across all listeners (`--max-connections`); a drain waits for all
+    /// of its permits.
+    pub total: Arc<Semaphore>,
+    /// Connections per client network and per wide IPv6 prefix.
+    pub per_net: Arc<PerNetSlots>,
+    /// How client addresses group into networks.
+    pub grouping: NetGrouping,
+    /// Refused connections still waiting for their 421 (see [`MAX_PENDING_REFUSALS`]).
+    pub refusals: Arc<Semaphore>,
+    /// `Some` with `--proxy-protocol`: the networks whose PROXY headers are believed.
+    pub proxy_protocol_from: Option<Vec<IpNet>>,
+}
+
 /// Accepts connections until shutdown, spawning a [`conn::serve`] task for each.
-/// `slots` bounds connections across all listeners; over the bound a client gets
+/// `limits.total` bounds connections across all listeners; over the bound a client gets
 /// `421 4.7.0` before any greeting.
 pub async fn accept_loop(
     listener: TcpListener,
     kind: ListenerKind,
-    shared: Arc<Shared>,
-    slots: Arc<Semaphore>,
+    limits: Arc<ConnectionLimits>,
+    services: Arc<Services>,
+    mut shutdown: Shutdown,
 ) {
-    let mut shutdown = shared.shutdown.clone();
     let mut backoff = Duration::from_millis(5);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, listener = kind.label(), "listening");
@@ -58,7 +74,7 @@ pub async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = crate::server::stopping(&mut shutdown) => return,
+            () = shutdown.stopping() => return,
         };
         let (mut tcp, peer) = match accepted {
             Ok(pair) => {
@@ -66,31 +82,30 @@ pub async fn accept_loop(
                 pair
             }
             Err(error) => {
-                // EMFILE and friends: wait for connections to close instead of spinning.
                 error!(%error, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = limits.total.clone().try_acquire_owned() else {
             refuse(
                 tcp,
                 metrics::label::reject_reason::MAX_CONNECTIONS,
-                &shared.refusal_slots,
+                &limits.refusals,
             );
             continue;
         };
-        let shared = shared.clone();
+        let (limits, services) = (limits.clone(), services.clone());
         tokio::spawn(async move {
             let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-            let Some(addrs) = client_addrs(&mut tcp, peer, &shared).await else {
+            let Some(addrs) = client_addrs(&mut tcp, peer, &limits).await else {
                 return;
             };
             let ip = addrs.client.ip();
-            let net_slot = match shared
+            let net_slot = match limits
                 .per_net
-                .try_acquire(shared.grouping.net(ip), shared.grouping.wide(ip))
+                .try_acquire(limits.grouping.net(ip), limits.grouping.wide(ip))
             {
                 Ok(slot) => slot,
                 Err(over) => {
@@ -100,11 +115,11 @@ pub async fn accept_loop(
                             metrics::label::reject_reason::MAX_CONNECTIONS_PER_WIDE_PREFIX
                         }
                     };
-                    refuse(tcp, reason, &shared.refusal_slots);
+                    refuse(tcp, reason, &limits.refusals);
                     return;
                 }
             };
-            conn::serve(tcp, addrs, kind, shared).await;
+            conn::serve(tcp, addrs, kind, services).await;
             drop((permit, net_slot));
         });
     }
@@ -115,10 +130,10 @@ pub async fn accept_loop(
 async fn client_addrs(
     tcp: &mut TcpStream,
     peer: SocketAddr,
-    shared: &Shared,
+    limits: &ConnectionLimits,
 ) -> Option<ClientAddrs> {
     let local = tcp.local_addr().ok()?;
-    let Some(trusted) = &shared.proxy_protocol_from else {
+    let Some(trusted) = &limits.proxy_protocol_from else {
         return Some(ClientAddrs {
             client: peer,
             local,

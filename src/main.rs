@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser};
-use postern::config::{Cli, Command, HashPasswordArgs, LogFormat, ServeArgs};
-use postern::demo::DemoArgs;
-use postern::server::{self, Config};
+use postern::config::{Cli, Command, DemoArgs, HashPasswordArgs, LogFormat, ServeArgs};
+use postern::server::{self, Config, Listeners};
 use postern::users;
 use tracing_subscriber::EnvFilter;
 
@@ -37,7 +36,11 @@ fn main() -> ExitCode {
 fn serve(args: ServeArgs) -> Result<(), String> {
     init_logging(args.log_format, &args.log_level)?;
     let config = Config::from_args(&args)?;
-    runtime()?.block_on(server::run(config))
+    runtime()?.block_on(async {
+        let listeners = Listeners::bind(&config).await?;
+        let stop = postern::shutdown::os_signals()?;
+        server::run(config, listeners, stop, None).await
+    })
 }
 
 fn check(args: ServeArgs) -> Result<(), String> {

@@ -1,6 +1,7 @@
 //! Metric names, their descriptions, and typed helpers. Names exist here only, and
 //! every label value is a `&'static str` from a bounded set: never a user or an address.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{
@@ -156,9 +157,15 @@ pub const SESSION_DURATION_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
-/// Installs the process-wide Prometheus recorder and its upkeep task; the returned
-/// handle renders `/metrics`. Must run inside the runtime.
-pub fn install() -> Result<PrometheusHandle, String> {
+/// The process-wide Prometheus recorder, installed on first use; the handle renders
+/// `/metrics`. Installed by whoever runs a server (`main`, the demo, in-process tests),
+/// never by the server itself: there is one recorder per process, however many servers.
+pub fn recorder() -> Result<PrometheusHandle, String> {
+    static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    RECORDER.get_or_init(install).clone()
+}
+
+fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(SESSION_DURATION_SECONDS.into()),
@@ -169,16 +176,22 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe();
     let upkeep = handle.clone();
     // install_recorder leaves histogram draining to us (the exporter's own task only
-    // exists with its HTTP listener, which postern does not use).
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            ticker.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
+    // exists with its HTTP listener, which postern does not use). A thread, not a task:
+    // it must outlive whichever runtime installed the recorder.
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        })
+        .map_err(|e| format!("starting the metrics upkeep thread: {e}"))?;
     Ok(handle)
 }
+
+/// How often histograms are drained into the rendered summary.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Registers descriptions so `# HELP` lines appear, and creates the series that should
 /// exist (at zero) before the first event.

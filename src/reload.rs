@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
 
+use crate::auth::Authenticator;
 use crate::metrics;
-use crate::server::Shared;
 use crate::tls::{self, Certificates, check};
 use crate::users::UserDb;
 
@@ -46,9 +46,8 @@ impl Fingerprint {
 }
 
 /// Watches for SIGHUP and file changes until the process exits.
-pub async fn watch(shared: Arc<Shared>, users: PathBuf) {
+pub async fn watch(certificates: Arc<Certificates>, auth: Arc<Authenticator>, users: PathBuf) {
     let mut hangup = hangup_signal();
-    let certificates = shared.certificates.clone();
     let pair_print = |pair: &tls::Pair| (Fingerprint::of(&pair.cert), Fingerprint::of(&pair.key));
     let mut pairs_seen: Vec<_> = certificates.pairs().map(pair_print).collect();
     let mut users_seen = Fingerprint::of(&users);
@@ -81,7 +80,7 @@ pub async fn watch(shared: Arc<Shared>, users: PathBuf) {
         let users_now = Fingerprint::of(&users);
         if forced || users_now != users_seen {
             users_seen = users_now;
-            reload_users(&shared, &users);
+            reload_users(&auth, &users);
         }
     }
 }
@@ -126,11 +125,11 @@ fn log_expiring(certificates: &Certificates) {
     }
 }
 
-fn reload_users(shared: &Shared, path: &Path) {
+fn reload_users(auth: &Authenticator, path: &Path) {
     match UserDb::load(path) {
         Ok(users) => {
             let count = users.len();
-            shared.replace_users(users);
+            auth.replace_users(users);
             metrics::reload(true);
             info!(users = count, "users file reloaded");
         }
