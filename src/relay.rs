@@ -33,13 +33,21 @@ use tracker::{Claim, Event, Limit, Notice, Reservation, Settings, Tracker};
 /// How long closing a side may take before the relay gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long a client still sending is read (and its bytes dropped) after postern
-/// closed its side: closing a socket with unread input sends a reset, which can destroy
-/// the last reply before the client reads it (Apache's "lingering close").
+/// How long a client that stopped sending is still waited for after postern closed its
+/// side: closing a socket with unread input sends a reset, which can destroy the last
+/// reply before the client reads it (Apache's "lingering close"). An idle time, not a
+/// total: a client still uploading a large body on a busy machine must get its reply
+/// as surely as one on an idle machine.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// The longest lingering lasts, however steadily the client sends.
+const LINGER_MAX: Duration = Duration::from_secs(30);
+
 /// The most bytes read and dropped while lingering.
-const LINGER_BYTES: u64 = 16 * 1024 * 1024;
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// The read size while lingering.
+const LINGER_CHUNK: usize = 16 * 1024;
 
 /// Bytes written each way, and the messages the backend accepted with their
 /// recipients, for the session log line.
@@ -493,12 +501,21 @@ enum Side {
     Backend,
 }
 
-/// Reads and drops what the client still sends, until it closes, [`LINGER`] passes or
-/// [`LINGER_BYTES`] were read.
+/// Reads and drops what the client still sends, until it closes, sends nothing for
+/// [`LINGER`], [`LINGER_MAX`] passes or [`LINGER_BYTES`] were read.
 async fn linger<C: AsyncRead + Unpin>(client: &mut C) {
-    let mut sink = tokio::io::sink();
-    let mut limited = tokio::io::AsyncReadExt::take(client, LINGER_BYTES);
-    let _ = tokio::time::timeout(LINGER, tokio::io::copy(&mut limited, &mut sink)).await;
+    use tokio::io::AsyncReadExt as _;
+    let end = tokio::time::Instant::now() + LINGER_MAX;
+    // On the heap and only now: a buffer in the future would cost every session.
+    let mut chunk = vec![0u8; LINGER_CHUNK];
+    let mut left = LINGER_BYTES;
+    while left > 0 {
+        let idle = (tokio::time::Instant::now() + LINGER).min(end);
+        match tokio::time::timeout_at(idle, client.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
 }
 
 /// Takes a slot for `user`, with the configured failure mode applied.

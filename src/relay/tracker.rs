@@ -202,10 +202,16 @@ impl Tracker {
     }
 
     /// Whether the session ends while the client may still be sending (postern refused
-    /// it, or the backend hung up mid-stream): its bytes should be read and dropped for
-    /// a moment after the close, so that the last reply is not lost to a reset.
+    /// it, or the backend hung up, perhaps mid-body): its bytes should be read and
+    /// dropped for a moment after the close, so that the last reply is not lost to a
+    /// reset. Whether a write to the closed backend failed yet is a race, so a backend
+    /// hang-up counts whether or not one did.
     pub fn ends_with_client_sending(&self) -> bool {
-        !self.client_eof && (self.closing || self.backend_write_failed || self.backend_abandoned)
+        !self.client_eof
+            && (self.closing
+                || self.backend_eof
+                || self.backend_write_failed
+                || self.backend_abandoned)
     }
 
     /// Whether postern ended the session with a closing reply of its own.
