@@ -2,7 +2,6 @@
 //! actions it asks for (TLS, credential checks, backend dial) and hands the connection
 //! to the [`relay`] once the client is authenticated.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,8 +23,7 @@ use crate::session::{
     Action, ChallengeSource, Limits as SessionLimits, ListenerKind, Rejection, Session,
 };
 use crate::shutdown::Shutdown;
-use crate::smtp::line::LineTooLong;
-use crate::smtp::{Capabilities, LineBuffer, Reply, canned};
+use crate::smtp::{Capabilities, Reply, canned};
 use crate::{metrics, tls};
 
 /// What every connection uses and that outlives it: the settings of the session, the
@@ -166,7 +164,6 @@ pub struct ClientAddrs {
 /// The pre-AUTH state of one connection, kept across the STARTTLS stream change.
 struct Client {
     session: Session,
-    buf: LineBuffer,
     shutdown: Shutdown,
     addrs: ClientAddrs,
     auth_history: AuthHistory,
@@ -197,7 +194,6 @@ async fn run(
     .with_mechanisms(&services.auth.mechanisms());
     let mut client = Client {
         session,
-        buf: LineBuffer::new(),
         shutdown: services.shutdown.clone(),
         addrs,
         auth_history: AuthHistory::default(),
@@ -235,10 +231,9 @@ async fn run(
         }
     };
 
-    // RFC 3207 §4.2, CVE-2011-0411: whatever the client pipelined after STARTTLS was
-    // sent in plaintext and is never acted on. Bytes still in flight when the handshake
-    // starts reach rustls, which rejects them as a malformed ClientHello.
-    client.buf.discard();
+    // The session dropped what was pipelined after STARTTLS (RFC 3207 §4.2). Bytes still
+    // in flight when the handshake starts reach rustls, which rejects them as a
+    // malformed ClientHello.
     let Some(mut stream) = Box::pin(handshake(next, services, summary)).await else {
         return Outcome::TlsFailed;
     };
@@ -308,10 +303,11 @@ where
     }
 }
 
-/// Runs the session over `stream` until it needs TLS, is authenticated, or ends.
-/// `first_wait` bounds the wait for the first line; each later line gets the command
-/// timeout. The timer is not reset by partial lines, so a client trickling bytes
-/// (slowloris) is cut off like a silent one.
+/// Runs the session over `stream` until it needs TLS, is authenticated, or ends: hands
+/// the session what the client sends and performs the actions it returns. `first_wait`
+/// bounds the wait for the first line; each later line gets the command timeout. The
+/// timer is not reset by partial lines, so a client trickling bytes (slowloris) is cut
+/// off like a silent one.
 async fn drive<S>(
     stream: &mut S,
     client: &mut Client,
@@ -323,7 +319,6 @@ where
 {
     let Client {
         session,
-        buf,
         shutdown,
         addrs,
         auth_history,
@@ -331,134 +326,115 @@ where
     } = client;
     let auth_deadline = *auth_deadline;
     let mut deadline = tokio::time::Instant::now() + first_wait;
+    let mut lines_read = session.lines_read();
     let mut out = Vec::new();
-    let mut actions = VecDeque::new();
     let mut backend_conn = None;
-    let mut relay_first = Vec::new();
     let mut chunk = [0u8; READ_CHUNK];
     loop {
         // Answer every complete line already received, in order (RFC 2920 pipelining).
-        loop {
-            if actions.is_empty() {
-                match buf.next_line() {
-                    Ok(Some(line)) => {
-                        deadline = tokio::time::Instant::now() + services.timeouts.command;
-                        actions.extend(session.on_line(&line));
-                    }
-                    Ok(None) => break,
-                    Err(LineTooLong) => actions.extend(session.on_line_too_long()),
-                }
+        while let Some(action) = session.next_action() {
+            if session.lines_read() != lines_read {
+                lines_read = session.lines_read();
+                deadline = tokio::time::Instant::now() + services.timeouts.command;
             }
-            while let Some(action) = actions.pop_front() {
-                match action {
-                    Action::Reply(reply) => reply.encode(&mut out),
-                    Action::StartTls => {
-                        return match flush(stream, &mut out, services).await {
-                            Ok(()) => Next::StartTls,
-                            Err(_) => Next::Closed(Outcome::IoError),
-                        };
+            match action {
+                Action::Reply(reply) => reply.encode(&mut out),
+                Action::StartTls => {
+                    return match flush(stream, &mut out, services).await {
+                        Ok(()) => Next::StartTls,
+                        Err(_) => Next::Closed(Outcome::IoError),
+                    };
+                }
+                Action::Close => {
+                    let _ = flush(stream, &mut out, services).await;
+                    // A TLS client deserves a close_notify, not a truncated stream.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                    if session.auth_failures_exhausted() {
+                        metrics::auth_throttled(metrics::label::throttle_scope::CONNECTION);
                     }
-                    Action::Close => {
-                        let _ = flush(stream, &mut out, services).await;
-                        // A TLS client deserves a close_notify, not a truncated stream.
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-                        if session.auth_failures_exhausted() {
-                            metrics::auth_throttled(metrics::label::throttle_scope::CONNECTION);
-                        }
-                        if let Some(rejection) = session.rejection() {
-                            metrics::connection_rejected(rejection.label());
-                        }
-                        return Next::Closed(if session.quit() {
-                            Outcome::Quit
-                        } else {
-                            Outcome::Refused
-                        });
+                    if let Some(rejection) = session.rejection() {
+                        metrics::connection_rejected(rejection.label());
                     }
-                    Action::Verify {
-                        mechanism,
-                        credentials,
-                    } => {
-                        // The client waits for this answer anyway; send what is queued
-                        // so it is not held up behind a slow hash.
-                        if flush(stream, &mut out, services).await.is_err() {
-                            return Next::Closed(Outcome::IoError);
-                        }
-                        let net = services.grouping.net(addrs.client.ip());
-                        let verdict = services
-                            .auth
-                            .authenticate(auth_history, shutdown, net, mechanism, credentials)
-                            .await;
-                        actions.extend(session.on_verified(verdict));
+                    return Next::Closed(if session.quit() {
+                        Outcome::Quit
+                    } else {
+                        Outcome::Refused
+                    });
+                }
+                Action::Verify {
+                    mechanism,
+                    credentials,
+                } => {
+                    // The client waits for this answer anyway; send what is queued so it
+                    // is not held up behind a slow hash.
+                    if flush(stream, &mut out, services).await.is_err() {
+                        return Next::Closed(Outcome::IoError);
                     }
-                    Action::ConnectBackend {
-                        hello,
-                        login,
-                        first,
-                    } => {
-                        let introduction = backend::Introduction {
-                            proxy: services.backend_proxy_protocol,
-                            xclient: xclient_use(services, login.is_some()),
-                            client: addrs.client,
-                            local: addrs.local,
-                            login: login.as_deref(),
-                        };
-                        let result = backend::connect(
-                            &services.backend,
-                            &hello,
-                            &introduction,
-                            services.timeouts.backend,
-                        )
+                    let net = services.grouping.net(addrs.client.ip());
+                    let verdict = services
+                        .auth
+                        .authenticate(auth_history, shutdown, net, mechanism, credentials)
                         .await;
-                        relay_first = first;
-                        metrics::backend_connection(result.is_ok());
-                        match result {
-                            Ok(conn) => {
-                                backend_conn = Some(conn);
-                                actions.extend(session.on_backend_ready(true));
-                            }
-                            Err(BackendError::Unidentified) => {
-                                tracing::warn!(
-                                    backend = %services.backend,
-                                    "backend does not offer XCLIENT ADDR to postern; anonymous MX session refused at MAIL with 451 4.3.0 instead of relayed as postern's own address"
-                                );
-                                actions.extend(session.on_backend_unidentified());
-                            }
-                            Err(error) => {
-                                tracing::warn!(backend = %services.backend, %error, "backend unavailable");
-                                actions.extend(session.on_backend_ready(false));
-                            }
+                    session.on_verified(verdict);
+                }
+                Action::ConnectBackend { hello, login } => {
+                    let introduction = backend::Introduction {
+                        proxy: services.backend_proxy_protocol,
+                        xclient: xclient_use(services, login.is_some()),
+                        client: addrs.client,
+                        local: addrs.local,
+                        login: login.as_deref(),
+                    };
+                    let result = backend::connect(
+                        &services.backend,
+                        &hello,
+                        &introduction,
+                        services.timeouts.backend,
+                    )
+                    .await;
+                    metrics::backend_connection(result.is_ok());
+                    match result {
+                        Ok(conn) => {
+                            backend_conn = Some(conn);
+                            session.on_backend_ready(true);
+                        }
+                        Err(BackendError::Unidentified) => {
+                            tracing::warn!(
+                                backend = %services.backend,
+                                "backend does not offer XCLIENT ADDR to postern; anonymous MX session refused at MAIL with 451 4.3.0 instead of relayed as postern's own address"
+                            );
+                            session.on_backend_unidentified();
+                        }
+                        Err(error) => {
+                            tracing::warn!(backend = %services.backend, %error, "backend unavailable");
+                            session.on_backend_ready(false);
                         }
                     }
-                    Action::Delay(delay) => {
-                        if flush(stream, &mut out, services).await.is_err() {
-                            return Next::Closed(Outcome::IoError);
-                        }
-                        // A drain does not wait for a brute-force penalty to run out.
-                        tokio::select! {
-                            () = tokio::time::sleep(delay) => {}
-                            () = shutdown.stopping() => {
-                                let _ = send(stream, &canned::SHUTTING_DOWN.into(), services).await;
-                                return Next::Closed(Outcome::ShuttingDown);
-                            }
+                }
+                Action::Delay(delay) => {
+                    if flush(stream, &mut out, services).await.is_err() {
+                        return Next::Closed(Outcome::IoError);
+                    }
+                    // A drain does not wait for a brute-force penalty to run out.
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.stopping() => {
+                            let _ = send(stream, &canned::SHUTTING_DOWN.into(), services).await;
+                            return Next::Closed(Outcome::ShuttingDown);
                         }
                     }
-                    Action::Relay => {
-                        if flush(stream, &mut out, services).await.is_err() {
-                            return Next::Closed(Outcome::IoError);
-                        }
-                        return match backend_conn.take() {
-                            Some(backend) => {
-                                let mut client_pending = std::mem::take(&mut relay_first);
-                                client_pending.extend_from_slice(&buf.take_pending());
-                                Next::Relay {
-                                    backend,
-                                    client_pending,
-                                }
-                            }
-                            None => Next::Closed(Outcome::Refused),
-                        };
+                }
+                Action::Relay { pending } => {
+                    if flush(stream, &mut out, services).await.is_err() {
+                        return Next::Closed(Outcome::IoError);
                     }
+                    return match backend_conn.take() {
+                        Some(backend) => Next::Relay {
+                            backend,
+                            client_pending: pending,
+                        },
+                        None => Next::Closed(Outcome::Refused),
+                    };
                 }
             }
         }
@@ -481,17 +457,17 @@ where
         };
         match read {
             Some(Ok(0)) => return Next::Closed(Outcome::ClientClosed),
-            Some(Ok(n)) => buf.extend(&chunk[..n]),
+            Some(Ok(n)) => session.receive(&chunk[..n]),
             Some(Err(_)) => return Next::Closed(Outcome::IoError),
             None => {
                 if tokio::time::Instant::now() >= auth_deadline {
                     metrics::connection_rejected(Rejection::AuthDeadline.label());
-                    actions.extend(session.on_auth_deadline());
+                    session.on_auth_deadline();
                 } else {
-                    actions.extend(session.on_timeout());
+                    session.on_timeout();
                 }
                 let mut timeout_reply = Vec::new();
-                for action in actions.drain(..) {
+                while let Some(action) = session.next_action() {
                     if let Action::Reply(reply) = action {
                         reply.encode(&mut timeout_reply);
                     }

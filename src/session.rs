@@ -1,16 +1,21 @@
 //! The pre-AUTH SMTP session as a sans-IO state machine (RFC 5321, 3207, 4954, 2920).
 //!
-//! The driver ([`crate::conn`]) feeds it complete command lines and the outcome of the
-//! work it asked for (TLS handshake, credential check, backend connection); the session
-//! answers with [`Action`]s. Nothing here touches a socket, a clock or an RNG, so every
-//! transition is tested below as a transcript.
+//! The driver ([`crate::conn`]) hands it the bytes the client sent ([`Session::receive`])
+//! and the outcome of the work it asked for (TLS handshake, credential check, backend
+//! connection), and performs what [`Session::next_action`] returns. The session owns its
+//! input: it decides when the next pipelined line is read (never while a check or the
+//! backend is pending), drops what was pipelined after STARTTLS, and hands what the
+//! client sent after its AUTH to the relay. Nothing here touches a socket, a clock or an
+//! RNG, so every transition is tested below as a transcript.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::sasl::{Credentials, Exchange, Mechanism, Step};
-use crate::smtp::{Capabilities, Command, CommandError, Reply, canned};
+use crate::smtp::line::LineTooLong;
+use crate::smtp::{Capabilities, Command, CommandError, LineBuffer, Reply, canned};
 
 /// What kind of listener accepted the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +46,8 @@ impl ListenerKind {
 pub enum Action {
     /// Send this reply.
     Reply(Reply),
-    /// Flush replies, drop every byte already received, run the TLS handshake, then call
-    /// [`Session::on_tls_established`].
+    /// Flush replies, run the TLS handshake, then call [`Session::on_tls_established`].
+    /// Every byte received before it has been dropped (RFC 3207 §4.2).
     StartTls,
     /// Check these credentials off the reactor, then call [`Session::on_verified`].
     Verify {
@@ -50,15 +55,12 @@ pub enum Action {
         credentials: Credentials,
     },
     /// Connect to the backend, replay `hello`, then call [`Session::on_backend_ready`].
-    /// `login` is the authenticated user (for XCLIENT); `first` holds bytes the backend
-    /// must receive before anything else the client sent (an MX session's MAIL line).
-    ConnectBackend {
-        hello: Hello,
-        login: Option<String>,
-        first: Vec<u8>,
-    },
-    /// Relay bytes verbatim from now on; the session is finished.
-    Relay,
+    /// `login` is the authenticated user (for XCLIENT).
+    ConnectBackend { hello: Hello, login: Option<String> },
+    /// Relay bytes verbatim from now on, starting with `pending`: what the client sent
+    /// that the session did not read (pipelined after AUTH), after an MX session's MAIL
+    /// line. The session is finished.
+    Relay { pending: Vec<u8> },
     /// Flush, then wait this long before the next action (slows password guessing).
     Delay(Duration),
     /// Flush replies and close the connection.
@@ -186,6 +188,14 @@ pub struct Session {
     /// Commands that neither authenticate nor start mail, so far (see [`is_junk`]).
     junk: u32,
     rejection: Option<Rejection>,
+    /// What the client sent and the session has not read yet.
+    input: LineBuffer,
+    /// Actions decided but not yet taken by the driver.
+    queue: VecDeque<Action>,
+    /// Bytes the backend must receive before `input` (an MX session's MAIL line).
+    first: Vec<u8>,
+    /// Complete lines read so far (the driver's command timer restarts on each).
+    lines: u64,
 }
 
 impl Session {
@@ -211,7 +221,60 @@ impl Session {
             mechanisms: Mechanism::ALL.to_vec(),
             junk: 0,
             rejection: None,
+            input: LineBuffer::new(),
+            queue: VecDeque::new(),
+            first: Vec::new(),
+            lines: 0,
         }
+    }
+
+    /// Bytes received from the client.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        self.input.extend(bytes);
+    }
+
+    /// The next thing the driver must do, or `None` when the session needs more bytes,
+    /// waits for the outcome it asked for, or is finished. Lines are read one at a time
+    /// and only in a state that reads them, so pipelined commands (RFC 2920) are
+    /// answered in order and nothing is read past an AUTH that is being checked.
+    pub fn next_action(&mut self) -> Option<Action> {
+        loop {
+            if let Some(mut action) = self.queue.pop_front() {
+                match &mut action {
+                    // RFC 3207 §4.2, CVE-2011-0411: whatever the client pipelined after
+                    // STARTTLS was sent in plaintext and is never acted on.
+                    Action::StartTls => self.input.discard(),
+                    Action::Relay { pending } => {
+                        *pending = std::mem::take(&mut self.first);
+                        pending.extend_from_slice(&self.input.take_pending());
+                    }
+                    _ => {}
+                }
+                return Some(action);
+            }
+            if !matches!(self.state, State::Command | State::Auth(_)) {
+                return None;
+            }
+            let actions = match self.input.next_line() {
+                Ok(Some(line)) => {
+                    self.lines += 1;
+                    self.on_line(&line)
+                }
+                Ok(None) => return None,
+                Err(LineTooLong) => {
+                    self.lines += 1;
+                    self.on_line_too_long()
+                }
+            };
+            self.queue.extend(actions);
+        }
+    }
+
+    /// Lines read so far (complete ones, and the over-long one that closes): the
+    /// driver restarts its command timer when this grows, so a client trickling a
+    /// partial line (slowloris) is cut off like a silent one.
+    pub fn lines_read(&self) -> u64 {
+        self.lines
     }
 
     /// Offers and accepts only `mechanisms` (all of them by default), e.g. no CRAM-MD5
@@ -228,9 +291,10 @@ impl Session {
 
     /// The driver's deadline for a successful AUTH (an MX session: for its first MAIL)
     /// passed: a client that keeps a slot without ever logging in is let go.
-    pub fn on_auth_deadline(&mut self) -> Vec<Action> {
+    pub fn on_auth_deadline(&mut self) {
         self.rejection = Some(Rejection::AuthDeadline);
-        self.close_with(canned::AUTH_DEADLINE.into())
+        let actions = self.close_with(canned::AUTH_DEADLINE.into());
+        self.queue.extend(actions);
     }
 
     /// The 220 greeting (RFC 5321 §4.2).
@@ -259,8 +323,8 @@ impl Session {
         matches!(self.state, State::Closed { quit: true })
     }
 
-    /// Feeds one line received from the client, CRLF removed.
-    pub fn on_line(&mut self, line: &[u8]) -> Vec<Action> {
+    /// One line received from the client, CRLF removed.
+    fn on_line(&mut self, line: &[u8]) -> Vec<Action> {
         let mut actions = self.dispatch_line(line);
         // Auth failures have their own limit; every other 5xx counts as an error.
         let error = actions
@@ -283,9 +347,9 @@ impl Session {
                 let step = exchange.step(line);
                 self.on_sasl_step(exchange, step)
             }
-            // The driver stops reading while it verifies or connects, and hands the
-            // connection to the relay afterwards: a line here is a driver bug, ignored.
+            // next_action reads no line in any other state.
             other => {
+                debug_assert!(false, "a line read while waiting or finished");
                 self.state = other;
                 Vec::new()
             }
@@ -294,7 +358,7 @@ impl Session {
 
     /// The client sent a line longer than any state allows; it cannot be answered in
     /// sync, so the connection closes (RFC 4954 §4 for SASL lines).
-    pub fn on_line_too_long(&mut self) -> Vec<Action> {
+    fn on_line_too_long(&mut self) -> Vec<Action> {
         let reply = match self.state {
             State::Auth(_) => canned::AUTH_LINE_TOO_LONG,
             _ => canned::LINE_TOO_LONG,
@@ -303,8 +367,9 @@ impl Session {
     }
 
     /// No command arrived in time (RFC 5321 §4.5.3.2).
-    pub fn on_timeout(&mut self) -> Vec<Action> {
-        self.close_with(canned::TIMEOUT.into())
+    pub fn on_timeout(&mut self) {
+        let actions = self.close_with(canned::TIMEOUT.into());
+        self.queue.extend(actions);
     }
 
     /// The TLS handshake after STARTTLS succeeded: RFC 3207 §4.2 says the client must
@@ -316,7 +381,12 @@ impl Session {
     }
 
     /// The outcome of [`Action::Verify`].
-    pub fn on_verified(&mut self, verdict: Verdict) -> Vec<Action> {
+    pub fn on_verified(&mut self, verdict: Verdict) {
+        let actions = self.verified(verdict);
+        self.queue.extend(actions);
+    }
+
+    fn verified(&mut self, verdict: Verdict) -> Vec<Action> {
         match std::mem::replace(&mut self.state, State::Command) {
             State::Verifying {
                 mechanism,
@@ -328,11 +398,7 @@ impl Session {
                         mechanism,
                         username,
                     };
-                    vec![Action::ConnectBackend {
-                        hello,
-                        login,
-                        first: Vec::new(),
-                    }]
+                    vec![Action::ConnectBackend { hello, login }]
                 }
                 None => vec![Action::Reply(canned::HELLO_FIRST.into())],
             },
@@ -341,6 +407,7 @@ impl Session {
             }
             State::Verifying { .. } => self.auth_failed(canned::BAD_CREDENTIALS.into()),
             other => {
+                debug_assert!(false, "an outcome nobody asked for");
                 self.state = other;
                 Vec::new()
             }
@@ -363,7 +430,12 @@ impl Session {
 
     /// The outcome of [`Action::ConnectBackend`]: only a backend that greeted and accepted
     /// the EHLO earns the client a 235, so a 235 is never followed by silence.
-    pub fn on_backend_ready(&mut self, ready: bool) -> Vec<Action> {
+    pub fn on_backend_ready(&mut self, ready: bool) {
+        let actions = self.backend_ready(ready);
+        self.queue.extend(actions);
+    }
+
+    fn backend_ready(&mut self, ready: bool) -> Vec<Action> {
         match std::mem::replace(&mut self.state, State::Command) {
             State::Connecting {
                 mechanism,
@@ -371,15 +443,26 @@ impl Session {
             } if ready => {
                 self.authenticated = Some((username, mechanism));
                 self.state = State::Relaying;
-                vec![Action::Reply(canned::AUTH_SUCCEEDED.into()), Action::Relay]
+                vec![
+                    Action::Reply(canned::AUTH_SUCCEEDED.into()),
+                    Action::Relay {
+                        pending: Vec::new(),
+                    },
+                ]
             }
             State::Connecting { .. } => vec![Action::Reply(canned::TEMPORARY_AUTH_FAILURE.into())],
             State::Handing if ready => {
                 self.state = State::Relaying;
-                vec![Action::Relay]
+                vec![Action::Relay {
+                    pending: Vec::new(),
+                }]
             }
-            State::Handing => vec![Action::Reply(canned::BACKEND_TRY_LATER.into())],
+            State::Handing => {
+                self.first.clear();
+                vec![Action::Reply(canned::BACKEND_TRY_LATER.into())]
+            }
             other => {
+                debug_assert!(false, "an outcome nobody asked for");
                 self.state = other;
                 Vec::new()
             }
@@ -389,10 +472,13 @@ impl Session {
     /// The backend was reached but cannot be told an anonymous MX client's address
     /// (`--xclient` without XCLIENT ADDR): the MAIL gets a 451 of its own and nothing
     /// is relayed. Anywhere else this is an unusable backend like any other.
-    pub fn on_backend_unidentified(&mut self) -> Vec<Action> {
+    pub fn on_backend_unidentified(&mut self) {
         if matches!(self.state, State::Handing) {
             self.state = State::Command;
-            return vec![Action::Reply(canned::BACKEND_CANNOT_IDENTIFY.into())];
+            self.first.clear();
+            self.queue
+                .push_back(Action::Reply(canned::BACKEND_CANNOT_IDENTIFY.into()));
+            return;
         }
         self.on_backend_ready(false)
     }
@@ -473,13 +559,9 @@ impl Session {
             Command::Mail if self.kind == ListenerKind::Mx => match self.hello.clone() {
                 Some(hello) => {
                     self.state = State::Handing;
-                    let mut first = line.to_vec();
-                    first.extend_from_slice(b"\r\n");
-                    vec![Action::ConnectBackend {
-                        hello,
-                        login: None,
-                        first,
-                    }]
+                    self.first = line.to_vec();
+                    self.first.extend_from_slice(b"\r\n");
+                    vec![Action::ConnectBackend { hello, login: None }]
                 }
                 None => reply(canned::HELLO_FIRST.into()),
             },
@@ -622,6 +704,11 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// Every action the session has ready, reading the lines it has received.
+    fn drain(s: &mut Session) -> Vec<Action> {
+        std::iter::from_fn(|| s.next_action()).collect()
+    }
+
     #[track_caller]
     fn assert_reply(actions: &[Action], expected_start: &str) {
         let text = wire(actions);
@@ -750,24 +837,16 @@ mod tests {
             panic!("expected Verify, got {actions:?}");
         };
         assert_eq!(credentials.username(), "tim");
-        let actions = s.on_verified(Verdict::Valid);
-        let [
-            Action::ConnectBackend {
-                hello,
-                login,
-                first,
-            },
-        ] = &actions[..]
-        else {
+        let actions = s.verified(Verdict::Valid);
+        let [Action::ConnectBackend { hello, login }] = &actions[..] else {
             panic!("{actions:?}")
         };
         assert_eq!(hello.command_line(), "EHLO client.test\r\n");
         assert_eq!(login.as_deref(), Some("tim"));
-        assert!(first.is_empty());
         assert!(s.authenticated().is_none());
-        let actions = s.on_backend_ready(true);
+        let actions = s.backend_ready(true);
         assert_reply(&actions, "235 2.7.0");
-        assert!(matches!(actions.last(), Some(Action::Relay)));
+        assert!(matches!(actions.last(), Some(Action::Relay { .. })));
         assert_eq!(s.authenticated(), Some(("tim", Mechanism::Plain)));
     }
 
@@ -775,8 +854,8 @@ mod tests {
     fn backend_failure_gives_454_and_the_client_may_retry() {
         let mut s = greeted_tls();
         s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-        s.on_verified(Verdict::Valid);
-        assert_reply(&s.on_backend_ready(false), "454 4.7.0");
+        s.verified(Verdict::Valid);
+        assert_reply(&s.backend_ready(false), "454 4.7.0");
         assert!(s.authenticated().is_none());
         assert!(matches!(
             s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes())[..],
@@ -788,7 +867,7 @@ mod tests {
     fn wrong_credentials_give_535_and_any_mechanism_may_be_retried() {
         let mut s = greeted_tls();
         s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-        assert_reply(&s.on_verified(Verdict::Invalid), "535 5.7.8");
+        assert_reply(&s.verified(Verdict::Invalid), "535 5.7.8");
         assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "530 5.7.0");
         assert_eq!(wire(&s.on_line(b"AUTH LOGIN")), "334 VXNlcm5hbWU6\r\n");
         assert_eq!(wire(&s.on_line(b"dGlt")), "334 UGFzc3dvcmQ6\r\n");
@@ -839,7 +918,9 @@ mod tests {
 
     #[test]
     fn timeout_answers_421_and_closes() {
-        let actions = session(ListenerKind::Submission).on_timeout();
+        let mut s = session(ListenerKind::Submission);
+        s.on_timeout();
+        let actions = drain(&mut s);
         assert_reply(&actions, "421 4.4.2");
         assert!(matches!(actions.last(), Some(Action::Close)));
     }
@@ -867,14 +948,16 @@ mod tests {
             (3, Verdict::Invalid, "421 4.7.0"),
         ] {
             s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-            let actions = s.on_verified(verdict);
+            let actions = s.verified(verdict);
             assert!(
                 matches!(actions[0], Action::Delay(d) if d == Duration::from_secs(attempt)),
                 "{actions:?}"
             );
             assert_reply(&actions, expected);
         }
-        assert!(matches!(s.on_verified(Verdict::Invalid)[..], []));
+        // Closed: nothing more is read, whatever the client still sends.
+        s.receive(b"AUTH PLAIN\r\n");
+        assert!(s.next_action().is_none());
     }
 
     #[test]
@@ -907,20 +990,18 @@ mod tests {
         assert_reply(&s.on_line(b"VRFY x"), "502 5.5.1");
         assert_reply(&s.on_line(b"AUTH PLAIN"), "538 5.7.11");
         let actions = s.on_line(b"MAIL FROM:<a@peer.example> SIZE=10");
-        let [
-            Action::ConnectBackend {
-                hello,
-                login: None,
-                first,
-            },
-        ] = &actions[..]
-        else {
+        let [Action::ConnectBackend { hello, login: None }] = &actions[..] else {
             panic!("{actions:?}")
         };
         assert_eq!(hello.command_line(), "EHLO peer.example\r\n");
-        assert_eq!(first, b"MAIL FROM:<a@peer.example> SIZE=10\r\n");
-        // No 235 and no reply of postern's own: the backend answers the MAIL.
-        assert!(matches!(s.on_backend_ready(true)[..], [Action::Relay]));
+        // No 235 and no reply of postern's own: the backend answers the MAIL, which the
+        // relay sends first.
+        s.on_backend_ready(true);
+        let actions = drain(&mut s);
+        let [Action::Relay { pending }] = &actions[..] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(pending, b"MAIL FROM:<a@peer.example> SIZE=10\r\n");
         assert!(s.authenticated().is_none());
     }
 
@@ -930,7 +1011,7 @@ mod tests {
         assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "503 5.5.1");
         s.on_line(b"HELO peer");
         s.on_line(b"MAIL FROM:<a@b>");
-        assert_reply(&s.on_backend_ready(false), "451 4.3.0");
+        assert_reply(&s.backend_ready(false), "451 4.3.0");
         let mut s = session(ListenerKind::Mx);
         s.on_line(b"EHLO peer");
         let actions = s.on_line(b"BDAT 10 LAST");
@@ -985,7 +1066,8 @@ mod tests {
     #[test]
     fn the_auth_deadline_closes_with_421() {
         let mut s = greeted_tls();
-        let actions = s.on_auth_deadline();
+        s.on_auth_deadline();
+        let actions = drain(&mut s);
         assert_reply(&actions, "421 4.7.0 Too long without authentication");
         assert!(matches!(actions.last(), Some(Action::Close)));
         assert_eq!(s.rejection().map(Rejection::label), Some("auth_deadline"));
@@ -998,5 +1080,90 @@ mod tests {
         assert!(wire(&s.on_line(b"EHLO c")).ends_with("250 AUTH PLAIN LOGIN\r\n"));
         assert_reply(&s.on_line(b"AUTH CRAM-MD5"), "504 5.5.4");
         assert_reply(&s.on_line(b"AUTH LOGIN"), "334");
+    }
+
+    #[test]
+    fn pipelined_lines_are_answered_in_order_and_partial_lines_wait() {
+        let mut s = session(ListenerKind::Submission);
+        s.receive(b"NOOP\r\nRSET\r\nNO");
+        assert_eq!(wire(&drain(&mut s)), "250 2.0.0 OK\r\n250 2.0.0 OK\r\n");
+        assert_eq!(s.lines_read(), 2);
+        s.receive(b"OP\r");
+        assert!(s.next_action().is_none());
+        s.receive(b"\n");
+        assert_reply(&drain(&mut s), "250 2.0.0");
+        assert_eq!(s.lines_read(), 3);
+    }
+
+    #[test]
+    fn starttls_drops_what_was_pipelined_after_it() {
+        // RFC 3207 §4.2 / CVE-2011-0411: an injected command must never be answered.
+        let mut s = session(ListenerKind::Submission);
+        s.receive(b"EHLO c\r\nSTARTTLS\r\nAUTH PLAIN x\r\nMAIL FROM:<a@b>\r\n");
+        let actions = drain(&mut s);
+        assert!(
+            matches!(actions.last(), Some(Action::StartTls)),
+            "{actions:?}"
+        );
+        s.on_tls_established();
+        assert!(
+            s.next_action().is_none(),
+            "a pipelined line survived STARTTLS"
+        );
+        s.receive(b"EHLO c\r\n");
+        assert!(wire(&drain(&mut s)).contains("AUTH PLAIN"));
+    }
+
+    #[test]
+    fn nothing_is_read_while_credentials_are_checked_and_the_rest_goes_to_the_relay() {
+        let mut s = greeted_tls();
+        let pipelined = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n";
+        s.receive(format!("AUTH PLAIN {PLAIN_TIM}\r\n").as_bytes());
+        s.receive(pipelined);
+        assert!(matches!(s.next_action(), Some(Action::Verify { .. })));
+        assert!(s.next_action().is_none(), "read past an AUTH being checked");
+        s.on_verified(Verdict::Valid);
+        assert!(matches!(
+            s.next_action(),
+            Some(Action::ConnectBackend { .. })
+        ));
+        assert!(
+            s.next_action().is_none(),
+            "read past an AUTH being connected"
+        );
+        s.on_backend_ready(true);
+        let actions = drain(&mut s);
+        assert_reply(&actions, "235 2.7.0");
+        let Some(Action::Relay { pending }) = actions.last() else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(pending, pipelined);
+        s.receive(b"QUIT\r\n");
+        assert!(s.next_action().is_none(), "a relayed session reads nothing");
+    }
+
+    #[test]
+    fn an_overlong_line_closes_through_the_buffer_too() {
+        let mut s = session(ListenerKind::Submission);
+        s.receive(&vec![b'A'; crate::smtp::line::MAX_LINE + 10]);
+        let actions = drain(&mut s);
+        assert_reply(&actions, "500 5.5.2");
+        assert!(matches!(actions.last(), Some(Action::Close)));
+    }
+
+    #[test]
+    fn an_mx_backend_that_cannot_take_the_mail_forgets_the_line() {
+        let mut s = session(ListenerKind::Mx);
+        s.receive(b"EHLO peer\r\nMAIL FROM:<a@b>\r\n");
+        drain(&mut s);
+        s.on_backend_ready(false);
+        assert_reply(&drain(&mut s), "451 4.3.0");
+        s.receive(b"MAIL FROM:<x@y>\r\n");
+        assert!(matches!(drain(&mut s)[..], [Action::ConnectBackend { .. }]));
+        s.on_backend_ready(true);
+        let Some(Action::Relay { pending }) = s.next_action() else {
+            panic!("no relay")
+        };
+        assert_eq!(pending, b"MAIL FROM:<x@y>\r\n");
     }
 }

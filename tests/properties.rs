@@ -838,3 +838,28 @@ proptest! {
         }
     }
 }
+
+/// CVE-2011-0411: commands pipelined after STARTTLS, in the same packet, are never read
+/// (the checking driver panics if the session reads a line the client sent before TLS).
+#[test]
+fn commands_pipelined_after_starttls_are_never_read() {
+    let auth = [&b"AUTH PLAIN "[..], &b64(TIM_PLAIN), b"\r\n"].concat();
+    for kind in [ListenerKind::Submission, ListenerKind::Mx] {
+        let mut driver = Driver::new(
+            kind,
+            default_capabilities(),
+            limits(10, 3),
+            Oracle::new(vec![], vec![]),
+        );
+        driver.feed(
+            &[
+                &b"EHLO c\r\nSTARTTLS\r\n"[..],
+                &auth,
+                b"MAIL FROM:<a@b>\r\n",
+            ]
+            .concat(),
+        );
+        assert_eq!(driver.codes, [220, 250, 220], "{kind:?}");
+        assert_eq!(driver.end, None);
+    }
+}

@@ -1,4 +1,4 @@
-//! The pre-AUTH session driven by arbitrary client bytes, through `LineBuffer`, with the
+//! The pre-AUTH session driven by arbitrary client bytes (it frames its own lines), with the
 //! same checking driver the property tests use (`tests/support/session_driver.rs`): it
 //! panics on any broken invariant (a relay without TLS or valid credentials, a reply to
 //! MAIL other than 4xx/5xx, a malformed reply line, ...).

@@ -1,15 +1,19 @@
-//! A stand-in for `conn.rs` that drives a [`Session`] from raw client bytes and checks the
-//! pre-AUTH invariants after every step, panicking on the first violation.
+//! Drives the real [`Session`] from raw client bytes, the way `conn.rs` does, and checks
+//! the pre-AUTH invariants after every step, panicking on the first violation.
 //!
 //! Shared by `tests/properties.rs` (proptest) and `fuzz/fuzz_targets/session.rs`
 //! (libFuzzer) through `#[path]`, so both check exactly the same rules. It sees only the
 //! public API: what the session does is judged from its [`Action`]s and replies, the way
 //! a client and the driver would see them, never from its private state.
 //!
-//! The driver does what `conn.rs` does, minus the I/O: lines come out of a [`LineBuffer`];
-//! on [`Action::StartTls`] it drops the buffered bytes (RFC 3207 §4.2) and reports the
-//! handshake; [`Action::Verify`] and [`Action::ConnectBackend`] are answered at once from
-//! an [`Oracle`]; [`Action::Close`] and [`Action::Relay`] end the session.
+//! The session owns its input, its line framing and the STARTTLS discard; the driver only
+//! hands it bytes ([`Session::receive`]) and performs what [`Session::next_action`]
+//! returns: [`Action::StartTls`] is reported done at once, [`Action::Verify`] and
+//! [`Action::ConnectBackend`] are answered from an [`Oracle`], [`Action::Close`] and
+//! [`Action::Relay`] end the session. To judge each answer against the line that caused
+//! it, the checker keeps its own copy of the client's lines ([`LineBuffer`] fed the same
+//! bytes): the session must read exactly those lines, one per [`Session::lines_read`]
+//! step, and none of those the client pipelined after STARTTLS.
 
 // Each includer uses a different subset.
 #![allow(dead_code)]
@@ -121,6 +125,8 @@ pub struct Driver {
     last_code: Option<u16>,
     /// The pending backend connection is an anonymous MX hand-off, not an AUTH.
     anonymous: bool,
+    /// An MX session's MAIL line, handed to the backend, that the relay must send first.
+    handed_line: Option<Vec<u8>>,
     /// Every reply code sent, in order; for callers that want to look at coverage.
     pub codes: Vec<u16>,
     pub end: Option<End>,
@@ -150,6 +156,7 @@ impl Driver {
             in_sasl: false,
             last_code: None,
             anonymous: false,
+            handed_line: None,
             codes: Vec::new(),
             end: None,
         };
@@ -164,28 +171,78 @@ impl Driver {
         if self.end.is_some() {
             return;
         }
+        self.session.receive(bytes);
         self.lines.extend(bytes);
-        while self.end.is_none() {
-            match self.lines.next_line() {
-                Ok(Some(line)) => self.on_line(&line),
-                Ok(None) => return,
-                Err(_) => {
-                    let actions = self.session.on_line_too_long();
-                    assert!(
-                        matches!(actions.last(), Some(Action::Close)),
-                        "an over-long line must close: {actions:?}"
-                    );
-                    self.perform(actions, Origin::LineTooLong);
+        self.pump(None);
+    }
+
+    /// Takes every action the session has ready, judging each line's answer as a whole:
+    /// a batch is what one line (or one outcome, `outcome`) produced, up to an action
+    /// that needs the driver to act before the session can go on.
+    fn pump(&mut self, outcome: Option<Origin>) {
+        let mut origin = outcome;
+        let mut batch = Vec::new();
+        let mut line: Option<Vec<u8>> = None;
+        loop {
+            let before = self.session.lines_read();
+            let action = self.session.next_action();
+            let read = self.session.lines_read() - before;
+            assert!(read <= 1, "more than one line read for one action");
+            if action.is_none() || read == 1 {
+                if !batch.is_empty() {
+                    self.judge(line.take(), std::mem::take(&mut batch), origin.take());
                 }
+            }
+            let Some(action) = action else {
+                assert_eq!(read, 0, "a line read without an answer");
+                return;
+            };
+            if read == 1 {
+                assert!(self.end.is_none(), "a line read after the end: {action:?}");
+                // The session read a line: it must be the client's next one.
+                origin = Some(match self.lines.next_line() {
+                    Ok(Some(next)) => {
+                        line = Some(next);
+                        Origin::Line
+                    }
+                    Ok(None) => panic!("the session read a line the client did not send"),
+                    Err(_) => Origin::LineTooLong,
+                });
+            } else if origin.is_none() {
+                panic!("an action nobody asked for: {action:?}");
+            }
+            let waits = matches!(
+                action,
+                Action::Verify { .. } | Action::ConnectBackend { .. } | Action::StartTls
+            );
+            batch.push(action);
+            if waits {
+                self.judge(line.take(), std::mem::take(&mut batch), origin.take());
             }
         }
     }
 
-    fn on_line(&mut self, line: &[u8]) {
+    /// Checks one batch against the line that caused it, then performs it.
+    fn judge(&mut self, line: Option<Vec<u8>>, actions: Vec<Action>, origin: Option<Origin>) {
+        let Some(origin) = origin else {
+            panic!("actions without a cause: {actions:?}")
+        };
+        if origin == Origin::LineTooLong {
+            assert!(
+                matches!(actions.last(), Some(Action::Close)),
+                "an over-long line must close: {actions:?}"
+            );
+        }
+        match line {
+            Some(line) => self.on_line(&line, actions),
+            None => self.perform(actions, origin),
+        }
+    }
+
+    fn on_line(&mut self, line: &[u8], actions: Vec<Action>) {
         let as_command = !self.in_sasl;
         let verb = verb(line);
         let clean = !line.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0));
-        let actions = self.session.on_line(line);
         let first_code = actions.iter().find_map(|action| match action {
             Action::Reply(reply) => Some(reply.code),
             _ => None,
@@ -206,10 +263,10 @@ impl Driver {
                         reply.first_line()
                     ),
                     Action::Close | Action::Delay(_) => {}
-                    Action::ConnectBackend { login, first, .. } if handoff => {
+                    Action::ConnectBackend { login, .. } if handoff => {
                         assert!(self.greeted, "MX hand-off before EHLO/HELO");
                         assert!(login.is_none(), "anonymous hand-off with a login");
-                        assert_eq!(first, &[line, b"\r\n"].concat());
+                        self.handed_line = Some([line, b"\r\n"].concat());
                     }
                     other => panic!("{shown:?} before AUTH caused {other:?}"),
                 }
@@ -249,7 +306,10 @@ impl Driver {
         for (index, action) in actions.into_iter().enumerate() {
             assert!(self.end.is_none(), "action after the end: {action:?}");
             if self.last_code == Some(235) {
-                assert!(matches!(action, Action::Relay), "235 not followed by Relay");
+                assert!(
+                    matches!(action, Action::Relay { .. }),
+                    "235 not followed by Relay"
+                );
             }
             match action {
                 Action::Reply(reply) => {
@@ -263,7 +323,9 @@ impl Driver {
                     assert_eq!(self.last_code, Some(220), "StartTls without 220");
                     assert!(!self.tls, "StartTls under TLS");
                     assert_ne!(self.kind, ListenerKind::ImplicitTls);
-                    // RFC 3207 §4.2: nothing pipelined after STARTTLS is acted on.
+                    // RFC 3207 §4.2: nothing pipelined after STARTTLS is acted on. The
+                    // session drops it itself; the checker's copy forgets it too, so a
+                    // session that read one would read a line the client never sent.
                     self.lines.discard();
                     self.session.on_tls_established();
                     self.tls = true;
@@ -276,14 +338,10 @@ impl Driver {
                     assert!(self.greeted, "Verify before EHLO/HELO");
                     assert!(!credentials.username().is_empty());
                     let verdict = self.oracle.verdict();
-                    let next = self.session.on_verified(verdict);
-                    self.perform(next, Origin::Verified(verdict));
+                    self.session.on_verified(verdict);
+                    self.pump(Some(Origin::Verified(verdict)));
                 }
-                Action::ConnectBackend {
-                    hello,
-                    login,
-                    first,
-                } => {
+                Action::ConnectBackend { hello, login } => {
                     // After valid credentials, as that user; or an MX hand-off at MAIL,
                     // checked in on_line.
                     self.anonymous = login.is_none();
@@ -292,18 +350,26 @@ impl Driver {
                         assert_eq!(origin, Origin::Line, "anonymous ConnectBackend");
                     } else {
                         assert_eq!(origin, Origin::Verified(Verdict::Valid), "ConnectBackend");
-                        assert!(first.is_empty(), "bytes ahead of an AUTH session");
+                        self.handed_line = None;
                     }
                     assert!(hello.command_line().ends_with("\r\n"));
                     assert_eq!(hello.command_line().matches('\n').count(), 1);
                     let ready = self.oracle.ready();
-                    let next = self.session.on_backend_ready(ready);
-                    self.perform(next, Origin::BackendReady(ready));
+                    self.session.on_backend_ready(ready);
+                    if !ready {
+                        self.handed_line = None;
+                    }
+                    self.pump(Some(Origin::BackendReady(ready)));
                 }
-                Action::Relay => {
+                Action::Relay { pending } => {
                     // The one door to the backend: TLS, valid credentials, a ready backend
                     // (or, on MX only, an anonymous hand-off the backend then judges).
                     assert_eq!(origin, Origin::BackendReady(true), "Relay");
+                    // The relay starts with the handed-off MAIL line, then everything the
+                    // client sent that the session did not read, byte for byte.
+                    let mut expected = self.handed_line.take().unwrap_or_default();
+                    expected.extend_from_slice(&self.lines.take_pending());
+                    assert_eq!(pending, expected, "the relay's first bytes");
                     if self.anonymous {
                         assert_eq!(index, 0, "postern replied to a handed-off MAIL");
                         assert!(self.session.authenticated().is_none());
