@@ -188,10 +188,8 @@ impl Driver {
             let action = self.session.next_action();
             let read = self.session.lines_read() - before;
             assert!(read <= 1, "more than one line read for one action");
-            if action.is_none() || read == 1 {
-                if !batch.is_empty() {
-                    self.judge(line.take(), std::mem::take(&mut batch), origin.take());
-                }
+            if (action.is_none() || read == 1) && !batch.is_empty() {
+                self.judge(line.take(), std::mem::take(&mut batch), origin.take());
             }
             let Some(action) = action else {
                 assert_eq!(read, 0, "a line read without an answer");
