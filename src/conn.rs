@@ -19,9 +19,7 @@ use crate::backend::{self, BackendConn, BackendError, MxIdentity, Xclient};
 use crate::limits::{AuthHistory, NetGrouping};
 use crate::relay::{self, RelayEnd, RelayStats};
 use crate::sasl::Mechanism;
-use crate::session::{
-    Action, ChallengeSource, Limits as SessionLimits, ListenerKind, Rejection, Session,
-};
+use crate::session::{Action, ChallengeSource, ListenerKind, Rejection, Session, SessionLimits};
 use crate::shutdown::Shutdown;
 use crate::smtp::{Capabilities, Reply, canned};
 use crate::{metrics, tls};

@@ -19,7 +19,7 @@ use crate::config::{DEFAULT_LISTEN, DEFAULT_LISTEN_TLS, ServeArgs};
 use crate::conn::{Services, Timeouts};
 use crate::limits::{AuthLimits, NetGrouping, PerNetSlots};
 use crate::listener::ConnectionLimits;
-use crate::session::{Limits as SessionLimits, ListenerKind};
+use crate::session::{ListenerKind, SessionLimits};
 use crate::shutdown::{Drain, StopRequests};
 use crate::smtp::Capabilities;
 use crate::users::UserDb;

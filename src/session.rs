@@ -121,7 +121,7 @@ pub enum Verdict {
 
 /// Per-connection limits (Postfix's `smtpd_hard_error_limit` and friends).
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct SessionLimits {
     /// Error replies (5xx) after which the session is closed with `421 4.7.0`.
     pub max_errors: u32,
     /// Failed AUTH attempts after which the session is closed with `421 4.7.0`.
@@ -133,9 +133,9 @@ pub struct Limits {
     pub max_junk_commands: u32,
 }
 
-impl Default for Limits {
+impl Default for SessionLimits {
     fn default() -> Self {
-        Limits {
+        SessionLimits {
             max_errors: 10,
             max_auth_failures: 3,
             auth_failure_delay: Duration::from_secs(1),
@@ -148,7 +148,7 @@ impl Default for Limits {
 /// pre-AUTH budgets ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
-    /// [`Limits::max_junk_commands`].
+    /// [`SessionLimits::max_junk_commands`].
     JunkCommands,
     /// The driver's deadline for AUTH ([`Session::on_auth_deadline`]).
     AuthDeadline,
@@ -180,7 +180,7 @@ pub struct Session {
     state: State,
     /// The authenticated user and mechanism, once the backend accepted the session.
     authenticated: Option<(String, Mechanism)>,
-    limits: Limits,
+    limits: SessionLimits,
     errors: u32,
     auth_failures: u32,
     /// What EHLO offers and AUTH accepts.
@@ -204,7 +204,7 @@ impl Session {
         hostname: Arc<str>,
         capabilities: Arc<Capabilities>,
         challenges: ChallengeSource,
-        limits: Limits,
+        limits: SessionLimits,
     ) -> Self {
         Session {
             kind,
@@ -679,9 +679,9 @@ mod tests {
             ]
             .map(String::from),
         );
-        let limits = Limits {
+        let limits = SessionLimits {
             auth_failure_delay: Duration::ZERO,
-            ..Limits::default()
+            ..SessionLimits::default()
         };
         let challenges = Box::new(|| "<1.2@mx.test>".to_owned());
         Session::new(kind, "mx.test".into(), Arc::new(caps), challenges, limits)
@@ -928,11 +928,11 @@ mod tests {
     #[test]
     fn auth_failures_are_delayed_more_each_time_and_close_at_the_limit() {
         let caps = Arc::new(Capabilities::unknown());
-        let limits = Limits {
+        let limits = SessionLimits {
             max_errors: 10,
             max_auth_failures: 3,
             auth_failure_delay: Duration::from_secs(1),
-            ..Limits::default()
+            ..SessionLimits::default()
         };
         let mut s = Session::new(
             ListenerKind::ImplicitTls,
@@ -1033,10 +1033,10 @@ mod tests {
 
     #[test]
     fn junk_commands_past_the_limit_close_with_421() {
-        let limits = Limits {
+        let limits = SessionLimits {
             max_junk_commands: 4,
             max_errors: 100,
-            ..Limits::default()
+            ..SessionLimits::default()
         };
         let mut s = Session::new(
             ListenerKind::ImplicitTls,

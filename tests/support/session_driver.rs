@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern::session::{Action, Limits, ListenerKind, Session, Verdict};
+use postern::session::{Action, ListenerKind, Session, SessionLimits, Verdict};
 use postern::smtp::line::MAX_COMMAND_LINE;
 use postern::smtp::{Capabilities, LineBuffer, Reply};
 
@@ -99,8 +99,8 @@ pub fn default_capabilities() -> Capabilities {
 }
 
 /// Limits without delays; error limits as given.
-pub fn limits(max_errors: u32, max_auth_failures: u32) -> Limits {
-    Limits {
+pub fn limits(max_errors: u32, max_auth_failures: u32) -> SessionLimits {
+    SessionLimits {
         max_errors,
         max_auth_failures,
         auth_failure_delay: Duration::ZERO,
@@ -136,7 +136,7 @@ impl Driver {
     pub fn new(
         kind: ListenerKind,
         capabilities: Capabilities,
-        limits: Limits,
+        limits: SessionLimits,
         oracle: Oracle,
     ) -> Self {
         let session = Session::new(
