@@ -11,6 +11,7 @@
 //! and when a write to the backend fails, what the backend sent before (a 552 before
 //! it hung up) still reaches the client.
 
+pub mod pump;
 pub mod rules;
 pub mod tracker;
 
@@ -28,6 +29,7 @@ use tracing::{info, warn};
 use crate::metrics::{self as m, Direction, MessageResult, bytes_counter};
 use crate::quota::{self, Quota, StoreFailure};
 use crate::smtp::Capabilities;
+use pump::{Io, Pump, Pumped, Sides};
 use tracker::{Claim, Event, Limit, Notice, Reservation, Settings, Tracker};
 
 /// How long closing a side may take before the relay gives up on it.
@@ -144,9 +146,7 @@ where
         backend_bytes: bytes_counter(Direction::BackendToClient),
         store_call: None,
         unreleased: (0, 0),
-        backend_shut: false,
-        backend_unflushed: false,
-        client_unflushed: false,
+        pump: Pump::default(),
     };
     let end = shell.run(&mut client, &mut backend).await;
     shell.settle_store_call().await;
@@ -183,9 +183,7 @@ struct Shell<'a> {
     store_call: Option<StoreCall<'a>>,
     /// Slots to give back to the store once it is free.
     unreleased: (u32, u32),
-    backend_shut: bool,
-    backend_unflushed: bool,
-    client_unflushed: bool,
+    pump: Pump,
 }
 
 impl<'a> Shell<'a> {
@@ -201,7 +199,7 @@ impl<'a> Shell<'a> {
             self.start_store_call();
             if self.tracker.is_done() && self.tracker.to_client().is_empty() {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.flush()).await;
-                if self.tracker.backend_abandoned() && !self.backend_shut {
+                if self.tracker.backend_abandoned() && !self.pump.backend_shut() {
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, backend.shutdown()).await;
                 }
                 // A TLS client deserves a close_notify, not a truncated stream.
@@ -244,117 +242,36 @@ impl<'a> Shell<'a> {
         }
     }
 
-    /// Moves what can move now on both sides. Registers for wake-ups on everything
-    /// that could not move, so `Pending` means nothing can until one of them does.
+    /// Moves what can move now on both sides (in [`Pump`]'s order). Registers for
+    /// wake-ups on everything that could not move, so `Pending` means nothing can
+    /// until one of them does.
     fn poll_step<C, B>(
         &mut self,
         cx: &mut TaskContext<'_>,
-        mut client: Pin<&mut C>,
-        mut backend: Pin<&mut B>,
+        client: Pin<&mut C>,
+        backend: Pin<&mut B>,
         deadline: Pin<&mut tokio::time::Sleep>,
     ) -> Poll<Step>
     where
         C: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut progress = false;
-
-        // Client bytes to the backend.
-        while !self.tracker.to_backend().is_empty() {
-            match backend.as_mut().poll_write(cx, self.tracker.to_backend()) {
-                Poll::Ready(Ok(n)) if n > 0 => {
-                    self.count(Side::Client, n);
-                    self.tracker.backend_written(n);
-                    self.backend_unflushed = true;
-                    progress = true;
-                }
-                Poll::Ready(_) => {
-                    // The backend is gone for writing; what it said before still
-                    // goes to the client.
-                    self.tracker.backend_write_failed();
-                    progress = true;
-                }
-                Poll::Pending => break,
-            }
-        }
-        if self.backend_unflushed
-            && self.tracker.to_backend().is_empty()
-            && let Poll::Ready(result) = backend.as_mut().poll_flush(cx)
-        {
-            self.backend_unflushed = false;
-            if result.is_err() {
-                self.tracker.backend_write_failed();
-            }
-            progress = true;
-        }
-        if self.tracker.backend_done()
-            && !self.backend_shut
-            && !self.backend_unflushed
-            && let Poll::Ready(_) = backend.as_mut().poll_shutdown(cx)
-        {
-            self.backend_shut = true;
-            progress = true;
-        }
-
-        // Backend bytes and postern's replies to the client.
-        while !self.tracker.to_client().is_empty() {
-            match client.as_mut().poll_write(cx, self.tracker.to_client()) {
-                Poll::Ready(Ok(n)) if n > 0 => {
-                    self.count(Side::Backend, n);
-                    self.tracker.client_written(n);
-                    self.client_unflushed = true;
-                    progress = true;
-                }
-                Poll::Ready(Ok(_)) => return Poll::Ready(Step::End(RelayEnd::Closed)),
-                Poll::Ready(Err(error)) => return Poll::Ready(Step::End(ended_by(error))),
-                Poll::Pending => break,
-            }
-        }
-        if self.client_unflushed
-            && self.tracker.to_client().is_empty()
-            && let Poll::Ready(result) = client.as_mut().poll_flush(cx)
-        {
-            self.client_unflushed = false;
-            if let Err(error) = result {
-                return Poll::Ready(Step::End(ended_by(error)));
-            }
-            progress = true;
-        }
-
-        // Reads, each only while the tracker offers room.
-        if let Some(space) = self.tracker.client_space() {
-            let mut buf = ReadBuf::new(space);
-            match client.as_mut().poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) => {
-                    let n = buf.filled().len();
-                    self.tracker.client_read(n);
-                    progress = true;
-                }
-                // A TLS client that drops TCP without close_notify has still ended.
-                Poll::Ready(Err(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
-                    self.tracker.client_read(0);
-                    progress = true;
-                }
-                Poll::Ready(Err(error)) => return Poll::Ready(Step::End(ended_by(error))),
-                Poll::Pending => {}
-            }
-        }
-        if let Some(space) = self.tracker.backend_space() {
-            let mut buf = ReadBuf::new(space);
-            match backend.as_mut().poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) => {
-                    let n = buf.filled().len();
-                    self.tracker.backend_read(n);
-                    progress = true;
-                }
-                // A reset after the backend's last words: they were read before it.
-                Poll::Ready(Err(_)) => {
-                    self.tracker.backend_read(0);
-                    progress = true;
-                }
-                Poll::Pending => {}
-            }
-        }
+        let mut sides = PollSides {
+            cx,
+            client,
+            backend,
+        };
+        let pumped = self.pump.step(&mut self.tracker, &mut sides);
+        let (to_backend, to_client) = self.pump.take_moved();
+        self.count(Side::Client, to_backend);
+        self.count(Side::Backend, to_client);
+        let progress = match pumped {
+            Pumped::Progress => true,
+            Pumped::Stalled => false,
+            Pumped::ClientGone(None) => return Poll::Ready(Step::End(RelayEnd::Closed)),
+            Pumped::ClientGone(Some(error)) => return Poll::Ready(Step::End(ended_by(error))),
+        };
+        let cx = sides.cx;
 
         if let Some(call) = self.store_call.as_mut()
             && let Poll::Ready(answer) = call.as_mut().poll(cx)
@@ -480,6 +397,9 @@ impl<'a> Shell<'a> {
     }
 
     fn count(&mut self, side: Side, n: usize) {
+        if n == 0 {
+            return;
+        }
         let n = n as u64;
         match side {
             Side::Client => {
@@ -499,6 +419,67 @@ impl<'a> Shell<'a> {
 enum Side {
     Client,
     Backend,
+}
+
+/// The two sockets as [`Sides`]: `WouldBlock` is a `Pending` poll, which registered
+/// the task for a wake-up.
+struct PollSides<'a, 'c, C, B> {
+    cx: &'a mut TaskContext<'c>,
+    client: Pin<&'a mut C>,
+    backend: Pin<&'a mut B>,
+}
+
+fn io_of<T>(poll: Poll<io::Result<T>>, done: impl FnOnce(T) -> usize) -> Io {
+    match poll {
+        Poll::Ready(Ok(value)) => Io::Done(done(value)),
+        Poll::Ready(Err(error)) => Io::Failed(error),
+        Poll::Pending => Io::WouldBlock,
+    }
+}
+
+fn poll_read_into<R: AsyncRead + ?Sized>(
+    reader: Pin<&mut R>,
+    cx: &mut TaskContext<'_>,
+    into: &mut [u8],
+) -> Io {
+    let mut buf = ReadBuf::new(into);
+    let poll = reader.poll_read(cx, &mut buf);
+    let n = buf.filled().len();
+    io_of(poll, |()| n)
+}
+
+impl<C, B> Sides for PollSides<'_, '_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    fn write_backend(&mut self, bytes: &[u8]) -> Io {
+        io_of(self.backend.as_mut().poll_write(self.cx, bytes), |n| n)
+    }
+
+    fn flush_backend(&mut self) -> Io {
+        io_of(self.backend.as_mut().poll_flush(self.cx), |()| 0)
+    }
+
+    fn shutdown_backend(&mut self) -> Io {
+        io_of(self.backend.as_mut().poll_shutdown(self.cx), |()| 0)
+    }
+
+    fn write_client(&mut self, bytes: &[u8]) -> Io {
+        io_of(self.client.as_mut().poll_write(self.cx, bytes), |n| n)
+    }
+
+    fn flush_client(&mut self) -> Io {
+        io_of(self.client.as_mut().poll_flush(self.cx), |()| 0)
+    }
+
+    fn read_client(&mut self, into: &mut [u8]) -> Io {
+        poll_read_into(self.client.as_mut(), self.cx, into)
+    }
+
+    fn read_backend(&mut self, into: &mut [u8]) -> Io {
+        poll_read_into(self.backend.as_mut(), self.cx, into)
+    }
 }
 
 /// Reads and drops what the client still sends, until it closes, sends nothing for

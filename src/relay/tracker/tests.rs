@@ -4,6 +4,7 @@
 //! each side and what is counted must not depend on how the bytes arrived.
 
 use super::*;
+use crate::relay::pump::{Io, Pump, Pumped, Sides};
 use crate::smtp::line::MAX_RELAYED_LINE;
 
 const HOST: &str = "postern.test";
@@ -57,15 +58,62 @@ impl Run {
     }
 }
 
-/// A driver that moves bytes the way the relay does, with peers that always read,
-/// and plays the limits store.
+/// Runs the relay's own schedule ([`Pump`]) over peers that always read, and plays the
+/// limits store.
 struct Sim {
     tracker: Tracker,
+    pump: Pump,
     limits: Limits,
     store: Lookup,
     /// Client bytes the tracker had no room for yet.
     waiting: Vec<u8>,
+    /// Backend bytes the tracker had no room for yet.
+    backend_waiting: Vec<u8>,
     run: Run,
+}
+
+/// The two peers of a [`Sim`]: both always read everything; the client's and the
+/// backend's bytes wait in queues until the pump reads them.
+struct Peers<'a> {
+    waiting: &'a mut Vec<u8>,
+    backend_waiting: &'a mut Vec<u8>,
+    run: &'a mut Run,
+}
+
+fn take_into(queue: &mut Vec<u8>, into: &mut [u8]) -> Io {
+    if queue.is_empty() {
+        return Io::WouldBlock;
+    }
+    let n = into.len().min(queue.len());
+    into[..n].copy_from_slice(&queue[..n]);
+    queue.drain(..n);
+    Io::Done(n)
+}
+
+impl Sides for Peers<'_> {
+    fn write_backend(&mut self, bytes: &[u8]) -> Io {
+        self.run.to_backend.extend_from_slice(bytes);
+        Io::Done(bytes.len())
+    }
+    fn flush_backend(&mut self) -> Io {
+        Io::Done(0)
+    }
+    fn shutdown_backend(&mut self) -> Io {
+        Io::Done(0)
+    }
+    fn write_client(&mut self, bytes: &[u8]) -> Io {
+        self.run.to_client.extend_from_slice(bytes);
+        Io::Done(bytes.len())
+    }
+    fn flush_client(&mut self) -> Io {
+        Io::Done(0)
+    }
+    fn read_client(&mut self, into: &mut [u8]) -> Io {
+        take_into(self.waiting, into)
+    }
+    fn read_backend(&mut self, into: &mut [u8]) -> Io {
+        take_into(self.backend_waiting, into)
+    }
 }
 
 impl Sim {
@@ -73,8 +121,10 @@ impl Sim {
         Sim {
             limits: settings.limits,
             tracker: Tracker::new(settings, b"", b""),
+            pump: Pump::default(),
             store,
             waiting: Vec::new(),
+            backend_waiting: Vec::new(),
             run: Run::default(),
         }
     }
@@ -82,19 +132,7 @@ impl Sim {
     fn feed(&mut self, dir: Dir, bytes: &[u8]) {
         match dir {
             C => self.waiting.extend_from_slice(bytes),
-            B => {
-                let mut rest = bytes;
-                while !rest.is_empty() {
-                    let Some(space) = self.tracker.backend_space() else {
-                        break;
-                    };
-                    let n = space.len().min(rest.len());
-                    space[..n].copy_from_slice(&rest[..n]);
-                    self.tracker.backend_read(n);
-                    rest = &rest[n..];
-                    self.drain();
-                }
-            }
+            B => self.backend_waiting.extend_from_slice(bytes),
         }
         self.drain();
     }
@@ -102,19 +140,17 @@ impl Sim {
     /// Moves everything that can move, until nothing does.
     fn drain(&mut self) {
         loop {
-            let mut progress = false;
-            let out = self.tracker.to_backend().to_vec();
-            if !out.is_empty() {
-                self.run.to_backend.extend_from_slice(&out);
-                self.tracker.backend_written(out.len());
-                progress = true;
-            }
-            let out = self.tracker.to_client().to_vec();
-            if !out.is_empty() {
-                self.run.to_client.extend_from_slice(&out);
-                self.tracker.client_written(out.len());
-                progress = true;
-            }
+            let mut peers = Peers {
+                waiting: &mut self.waiting,
+                backend_waiting: &mut self.backend_waiting,
+                run: &mut self.run,
+            };
+            let pumped = self.pump.step(&mut self.tracker, &mut peers);
+            assert!(
+                !matches!(pumped, Pumped::ClientGone(_)),
+                "the client always reads"
+            );
+            let mut progress = matches!(pumped, Pumped::Progress);
             while let Some(notice) = self.tracker.next_notice() {
                 self.on_notice(notice);
                 progress = true;
@@ -123,15 +159,6 @@ impl Sim {
                 let answer = self.reserve(claim);
                 self.run.lookups += 1;
                 self.tracker.on_reservation(answer);
-                progress = true;
-            }
-            if !self.waiting.is_empty()
-                && let Some(space) = self.tracker.client_space()
-            {
-                let n = space.len().min(self.waiting.len());
-                space[..n].copy_from_slice(&self.waiting[..n]);
-                self.waiting.drain(..n);
-                self.tracker.client_read(n);
                 progress = true;
             }
             self.run.backend_closed = self.tracker.backend_abandoned();
