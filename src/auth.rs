@@ -8,6 +8,8 @@
 //! makes every failure take as long as the costliest hash ([`FailurePace`]). Sessions
 //! only ask [`Authenticator::authenticate`]; the connection code knows none of this.
 
+pub mod dovecot;
+
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock};
