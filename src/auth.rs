@@ -8,6 +8,7 @@
 //! makes every failure take as long as the costliest hash ([`FailurePace`]). Sessions
 //! only ask [`Authenticator::authenticate`]; the connection code knows none of this.
 
+pub mod dovecot;
 pub mod http;
 
 use std::fmt;
