@@ -9,6 +9,7 @@
 //! only ask [`Authenticator::authenticate`]; the connection code knows none of this.
 
 pub mod http;
+pub mod ldap;
 
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
