@@ -344,6 +344,14 @@ access to * by dn.exact="{SERVICE_DN}" read by * none
             .collect()
     }
 
+    /// How many connections slapd has accepted.
+    fn accepted(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains(" ACCEPT from "))
+            .count()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("slapd.log")).unwrap_or_default()
     }
@@ -673,6 +681,39 @@ async fn the_service_account_and_search_base_must_work() {
     assert_down(&verify(&source, ALICE).await, Stage::Search);
     let down = within("check", source.check()).await.unwrap_err();
     assert!(down.detail.contains("noSuchObject"), "{down}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_verifications_share_a_bounded_pool() {
+    let Some(slapd) = Slapd::start() else { return };
+    let source = std::sync::Arc::new(Source::new(slapd.search_settings()).unwrap());
+    // The start-up probes (one per port) are connections too.
+    let before = wait_until(STEP, "probes logged", || {
+        let accepted = slapd.accepted();
+        (accepted >= 2).then_some(accepted)
+    });
+    let mut tasks = Vec::new();
+    for round in 0..10 {
+        for (credentials, expected) in [
+            (ALICE, Verdict::Valid),
+            (("alice", "wrong"), Verdict::Invalid(Refusal::WrongPassword)),
+            (BOB, Verdict::Valid),
+            (("nobody", "x"), Verdict::Invalid(Refusal::NoSuchUser)),
+        ] {
+            let source = source.clone();
+            tasks.push(tokio::spawn(async move {
+                let verdict = verify(&source, credentials).await;
+                assert_eq!(verdict, expected, "round {round}: {credentials:?}");
+            }));
+        }
+    }
+    for task in tasks {
+        within("verification task", task).await.expect("task");
+    }
+    // pool_size 2: at most two service connections and two bind connections, opened
+    // once and reused by all 40 verifications.
+    let accepted = slapd.accepted() - before;
+    assert!((2..=4).contains(&accepted), "{accepted} connections");
 }
 
 #[tokio::test]

@@ -79,7 +79,9 @@ const DECOY_RDN: &str = "cn=postern-no-such-user";
 #[derive(Clone, PartialEq, Eq)]
 pub enum Mode {
     /// `--ldap-user-dn`: bind as this DN, [`escape::PLACEHOLDER`] replaced by the
-    /// RFC 4514-escaped user name.
+    /// RFC 4514-escaped user name. Active Directory also takes a user principal name
+    /// here (`%u@corp.example`); a user name with a DN-special character then fails to
+    /// bind, which is safe.
     DirectBind { user_dn_template: String },
     /// `--ldap-search-base` and `--ldap-search-filter`: the service account
     /// (`--ldap-bind-dn`, the password from `--ldap-bind-password-file`) searches the
