@@ -10,6 +10,7 @@
 
 pub mod dovecot;
 pub mod http;
+pub mod ldap;
 
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
