@@ -4,26 +4,33 @@
 //! With `--xclient`, an anonymous session that Postfix would only see as postern's own
 //! address (postern not in `smtpd_authorized_xclient_hosts`) is refused at MAIL instead.
 
-mod support_issue5;
+mod common;
 
-use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
 
-use support_issue5::postfix::{self, PostfixOptions};
-use support_issue5::{
-    CLIENT_V4, PASSWORD, Postern, PosternOptions, Postfix, Smtplib, USER, V4, V6, connect, field,
-    free_addr, read_reply, send,
-};
+use common::postern::{Postern, USER, log_field as field};
+use common::postfix::{self, Postfix, PostfixOptions};
+use common::tools::SmtplibSession;
+use common::{CLIENT_V4, PASSWORD, STEP, SmtpClient, V4, V6, have, run};
 
 fn tools() -> bool {
-    support_issue5::have("python3") && postfix::available()
+    have("python3") && postfix::available()
 }
 
-fn mx_postern(backend: std::net::SocketAddr, ip: std::net::IpAddr, extra: &[&str]) -> Postern {
-    let mut options = PosternOptions::new(backend).listen("--listen-mx", free_addr(ip));
-    for a in extra {
-        options = options.arg(a);
+/// postern in front of `backend` with `--listen-mx` on `ip` and the `extra` flags.
+fn mx_postern(
+    backend: std::net::SocketAddr,
+    ip: std::net::IpAddr,
+    extra: &[(&str, &str)],
+) -> Postern {
+    let mut builder = postfix::postern(backend)
+        .listen("--listen-mx", ip)
+        .wait_for_backend();
+    for (name, value) in extra {
+        builder = builder.flag(name, *value);
     }
-    Postern::start(options)
+    builder.start()
 }
 
 #[test]
@@ -32,8 +39,8 @@ fn anonymous_session_is_handed_to_postfix_which_decides_the_recipients() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let mut postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
-    let run = Smtplib::new(postern.addr("--listen-mx"))
+    let mut postern = mx_postern(postfix.addr(V4), V4, &[("--xclient", "true")]);
+    let run = SmtplibSession::new(postern.addr("--listen-mx"))
         .from(CLIENT_V4)
         .rcpt("someone@local.test")
         .rcpt("someone@outside.example")
@@ -72,8 +79,8 @@ fn starttls_without_auth_is_accepted_and_auth_is_offered_after_tls() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let mut postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
-    let run = Smtplib::new(postern.addr("--listen-mx"))
+    let mut postern = mx_postern(postfix.addr(V4), V4, &[("--xclient", "true")]);
+    let run = SmtplibSession::new(postern.addr("--listen-mx"))
         .from(CLIENT_V4)
         .starttls()
         .rcpt("someone@local.test")
@@ -94,8 +101,8 @@ fn authenticated_session_relays_to_an_outside_domain_with_xclient_login() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
-    let run = Smtplib::new(postern.addr("--listen-mx"))
+    let postern = mx_postern(postfix.addr(V4), V4, &[("--xclient", "true")]);
+    let run = SmtplibSession::new(postern.addr("--listen-mx"))
         .from(CLIENT_V4)
         .starttls()
         .login(USER, PASSWORD)
@@ -125,9 +132,9 @@ fn ipv6_anonymous_session_with_backend_proxy_protocol() {
     let postern = mx_postern(
         postfix.proxy_addr(V6),
         V6,
-        &["--backend-proxy-protocol", "v2"],
+        &[("--backend-proxy-protocol", "v2")],
     );
-    let run = Smtplib::new(postern.addr("--listen-mx"))
+    let run = SmtplibSession::new(postern.addr("--listen-mx"))
         .from(V6)
         .rcpt("someone@local.test")
         .run();
@@ -143,51 +150,40 @@ fn ipv6_anonymous_session_with_backend_proxy_protocol() {
 
 /// The MAIL line and everything pipelined after it reach Postfix verbatim, and the
 /// replies are Postfix's.
-#[test]
-fn mail_line_and_pipelined_commands_reach_postfix_verbatim() {
+#[tokio::test]
+async fn mail_line_and_pipelined_commands_reach_postfix_verbatim() {
     if !postfix::available() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let postern = mx_postern(postfix.addr(V4), V4, &[("--xclient", "true")]);
     let addr = postern.addr("--listen-mx");
 
     // AUTH is neither offered nor accepted before TLS.
-    let mut s = connect(addr);
-    assert!(read_reply(&mut s).starts_with("220 postern.test"));
-    send(&mut s, "EHLO raw.example");
-    let ehlo = read_reply(&mut s);
-    assert!(ehlo.contains("PIPELINING"), "{ehlo}");
-    send(&mut s, "AUTH PLAIN AGFsaWNlAHNlY3JldA==");
-    let auth = read_reply(&mut s);
-    assert!(auth.starts_with("538 5.7.11"), "{auth}");
+    let mut s = SmtpClient::connect(addr).await;
+    s.expect("220 postern.test").await;
+    let ehlo = s.cmd("EHLO raw.example", "250").await;
+    assert!(ehlo.raw.contains("PIPELINING"), "{}", ehlo.raw);
+    s.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==", "538 5.7.11").await;
     // RCPT before MAIL is postern's to refuse: there is no backend session yet.
-    send(&mut s, "RCPT TO:<someone@local.test>");
-    let rcpt = read_reply(&mut s);
-    assert!(rcpt.starts_with("503"), "{rcpt}");
+    s.cmd("RCPT TO:<someone@local.test>", "503").await;
 
     // A SIZE over Postfix's limit: only Postfix knows it, so the line went through.
-    send(&mut s, "MAIL FROM:<big@client.example> SIZE=999999999");
-    let mail = read_reply(&mut s);
-    assert!(mail.starts_with("552 5.3.4"), "{mail}");
+    s.cmd("MAIL FROM:<big@client.example> SIZE=999999999", "552 5.3.4")
+        .await;
     // Postfix keeps that SIZE for the next MAIL until RSET.
-    send(&mut s, "RSET");
-    assert!(read_reply(&mut s).starts_with("250"));
+    s.cmd("RSET", "250").await;
 
     // MAIL, RCPT, DATA in one write (RFC 2920): Postfix answers each.
-    s.write_all(
-        b"MAIL FROM:<a@client.example> BODY=8BITMIME\r\nRCPT TO:<b@local.test>\r\nDATA\r\n",
-    )
-    .expect("write");
-    let replies = [read_reply(&mut s), read_reply(&mut s), read_reply(&mut s)];
-    assert!(replies[0].starts_with("250 2.1.0 Ok"), "{replies:?}");
-    assert!(replies[1].starts_with("250 2.1.5 Ok"), "{replies:?}");
-    assert!(replies[2].starts_with("354 End data"), "{replies:?}");
-    s.write_all(b"Subject: pipelined\r\n\r\nhi\r\n.\r\nQUIT\r\n")
-        .expect("write");
-    let queued = read_reply(&mut s);
-    assert!(queued.starts_with("250 2.0.0 Ok: queued as"), "{queued}");
-    assert!(read_reply(&mut s).starts_with("221 2.0.0"));
+    s.send(b"MAIL FROM:<a@client.example> BODY=8BITMIME\r\nRCPT TO:<b@local.test>\r\nDATA\r\n")
+        .await;
+    s.expect("250 2.1.0 Ok").await;
+    s.expect("250 2.1.5 Ok").await;
+    s.expect("354 End data").await;
+    s.send(b"Subject: pipelined\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        .await;
+    s.expect("250 2.0.0 Ok: queued as").await;
+    s.expect("221 2.0.0").await;
     postfix.wait_line(&["to=<b@local.test>", "status=sent"]);
     let line = postfix.wait_line(&["from=<big@client.example>", "552"]);
     assert!(line.contains("SIZE") || line.contains("size"), "{line}");
@@ -196,26 +192,35 @@ fn mail_line_and_pipelined_commands_reach_postfix_verbatim() {
 /// swaks, as a sending MTA would: plain, no AUTH, to a local domain.
 #[test]
 fn swaks_delivers_anonymously_through_the_mx_listener() {
-    if !support_issue5::have("swaks") || !postfix::available() {
+    if !have("swaks") || !postfix::available() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let postern = mx_postern(postfix.addr(V4), V4, &[("--xclient", "true")]);
     let server = postern.addr("--listen-mx").to_string();
-    let (code, transcript) = support_issue5::swaks(&[
-        "--server",
-        &server,
-        "--from",
-        "sender@client.example",
-        "--to",
-        "someone@local.test",
-        "--helo",
-        "mta.client.example",
-        "--local-interface",
-        "127.0.0.2",
-    ]);
-    assert_eq!(code, 0, "{transcript}");
-    assert!(transcript.contains("queued as"), "{transcript}");
+    let out = run(
+        Command::new("swaks").args([
+            "--server",
+            &server,
+            "--from",
+            "sender@client.example",
+            "--to",
+            "someone@local.test",
+            "--helo",
+            "mta.client.example",
+            "--local-interface",
+            "127.0.0.2",
+            "--timeout",
+            "20",
+        ]),
+        b"",
+        STEP + Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(0), "{out}");
+    assert!(
+        out.stdout.contains("queued as") || out.stderr.contains("queued as"),
+        "{out}"
+    );
     let line = postfix.wait_line(&["client=unknown[127.0.0.2]"]);
     assert!(!line.contains("sasl_username"), "{line}");
 }
@@ -228,8 +233,8 @@ fn helo_client_is_introduced_with_xclient_too() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
-    let run = Smtplib::new(postern.addr("--listen-mx"))
+    let postern = mx_postern(postfix.addr(V4), V4, &[("--xclient", "true")]);
+    let run = SmtplibSession::new(postern.addr("--listen-mx"))
         .from(CLIENT_V4)
         .helo()
         .ehlo("old-mta.example")
@@ -256,13 +261,13 @@ fn xclient_not_authorized_anonymous_mail_gets_451_and_postfix_sees_no_message() 
     let postfix = Postfix::start(PostfixOptions {
         xclient_hosts: "192.0.2.1".into(),
     });
-    let mut postern = mx_postern(postfix.addr(V4), V4, &["--xclient"]);
+    let mut postern = mx_postern(postfix.addr(V4), V4, &[("--xclient", "true")]);
     postern.wait_log("the start-up XCLIENT warning", |text| {
         text.contains("--xclient is set but the backend does not offer XCLIENT to postern")
             .then_some(())
     });
 
-    let run = Smtplib::new(postern.addr("--listen-mx"))
+    let run = SmtplibSession::new(postern.addr("--listen-mx"))
         .from(CLIENT_V4)
         .rcpt("someone@local.test")
         .run();
@@ -277,10 +282,10 @@ fn xclient_not_authorized_anonymous_mail_gets_451_and_postfix_sees_no_message() 
     let closed = postern.wait_session_closed(run.local());
     assert_ne!(field(&closed, "result"), "relayed", "{closed}");
     let refusals = postern
-        .log_text()
+        .log()
         .matches("anonymous MX session refused at MAIL")
         .count();
-    assert_eq!(refusals, 1, "{}", postern.log_text());
+    assert_eq!(refusals, 1, "{}", postern.log());
 
     // Postfix saw postern connect, EHLO and QUIT (like a probe), and no mail at all.
     let text = postfix.log_text();
@@ -290,7 +295,7 @@ fn xclient_not_authorized_anonymous_mail_gets_451_and_postfix_sees_no_message() 
 
     // Authenticated on the same listener: relayed without XCLIENT, as Postfix's client
     // postern (the login is postern's to check, and Postfix is not told it).
-    let run = Smtplib::new(postern.addr("--listen-mx"))
+    let run = SmtplibSession::new(postern.addr("--listen-mx"))
         .from(CLIENT_V4)
         .starttls()
         .login(USER, PASSWORD)

@@ -3,24 +3,21 @@
 //! `smtpd_upstream_proxy_protocol = haproxy`. The client connects from 127.0.0.2 (or
 //! [::1] with its own port), so its address is told apart from every hop's own.
 
-mod support_issue5;
+mod common;
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use support_issue5::postfix::{self, PostfixOptions};
-use support_issue5::{
-    CLIENT_V4, Haproxy, PASSWORD, Postern, PosternOptions, Postfix, Smtplib, USER, V4, V6, connect,
-    field, free_addr, read_reply, read_until_close, send,
-};
+use common::haproxy::{Haproxy, Route};
+use common::postern::{Postern, USER, json_lines, log_field as field, log_message, span_field};
+use common::postfix::{self, Postfix, PostfixOptions};
+use common::tools::SmtplibSession;
+use common::{CLIENT_V4, PASSWORD, SmtpClient, V4, V6, free_addr, have, within_for};
 
 const TRUSTED: &str = "127.0.0.1/32,::1/128";
 
 fn tools(postfix: bool) -> bool {
-    support_issue5::have("python3")
-        && support_issue5::have("haproxy")
-        && (!postfix || postfix::available())
+    have("python3") && have("haproxy") && (!postfix || postfix::available())
 }
 
 /// PROXY v2 header for a TCP4 connection from `src` to `dst`.
@@ -42,22 +39,27 @@ fn haproxy_v1_and_v2_client_address_reaches_postern_logs_and_postfix_xclient() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let mut postern = Postern::start(
-        PosternOptions::new(postfix.addr(V4))
-            .listen("--listen", free_addr(V4))
-            .arg("--xclient")
-            .arg("--proxy-protocol")
-            .arg("--proxy-protocol-from")
-            .arg(TRUSTED),
-    );
-    let (fe_v1, fe_v2) = (free_addr(V4), free_addr(V4));
+    let mut postern = postfix::postern(postfix.addr(V4))
+        .flag("--xclient", "true")
+        .flag("--proxy-protocol", "true")
+        .flag("--proxy-protocol-from", TRUSTED)
+        .wait_for_backend()
+        .start();
     let listen = postern.addr("--listen");
-    let _haproxy = Haproxy::start(&[
-        (fe_v1, listen, "send-proxy"),
-        (fe_v2, listen, "send-proxy-v2"),
+    let haproxy = Haproxy::start(&[
+        Route {
+            ip: V4,
+            server: listen,
+            option: "send-proxy",
+        },
+        Route {
+            ip: V4,
+            server: listen,
+            option: "send-proxy-v2",
+        },
     ]);
-    for frontend in [fe_v1, fe_v2] {
-        let run = Smtplib::new(frontend)
+    for frontend in haproxy.frontends.clone() {
+        let run = SmtplibSession::new(frontend)
             .from(CLIENT_V4)
             .starttls()
             .login(USER, PASSWORD)
@@ -91,17 +93,19 @@ fn haproxy_over_ipv6_client_address_reaches_postern_logs() {
         return;
     }
     let postfix = Postfix::start(PostfixOptions::default());
-    let mut postern = Postern::start(
-        PosternOptions::new(postfix.addr(V6))
-            .listen("--listen", free_addr(V6))
-            .arg("--xclient")
-            .arg("--proxy-protocol")
-            .arg("--proxy-protocol-from")
-            .arg(TRUSTED),
-    );
-    let fe = free_addr(V6);
-    let _haproxy = Haproxy::start(&[(fe, postern.addr("--listen"), "send-proxy-v2")]);
-    let run = Smtplib::new(fe)
+    let mut postern = postfix::postern(postfix.addr(V6))
+        .on_ipv6_loopback()
+        .flag("--xclient", "true")
+        .flag("--proxy-protocol", "true")
+        .flag("--proxy-protocol-from", TRUSTED)
+        .wait_for_backend()
+        .start();
+    let haproxy = Haproxy::start(&[Route {
+        ip: V6,
+        server: postern.addr("--listen"),
+        option: "send-proxy-v2",
+    }]);
+    let run = SmtplibSession::new(haproxy.frontends[0])
         .from(V6)
         .starttls()
         .login(USER, PASSWORD)
@@ -138,13 +142,14 @@ fn backend_proxy_protocol_v1_and_v2_into_postfix() {
         ("v1", V4, V6, CLIENT_V4, "127.0.0.2"),
         ("v2", V4, V6, CLIENT_V4, "127.0.0.2"),
     ] {
-        let postern = Postern::start(
-            PosternOptions::new(postfix.proxy_addr(backend))
-                .listen("--listen", free_addr(ip))
-                .arg("--backend-proxy-protocol")
-                .arg(version),
-        );
-        let run = Smtplib::new(postern.addr("--listen"))
+        let mut builder = postfix::postern(postfix.proxy_addr(backend))
+            .flag("--backend-proxy-protocol", version)
+            .wait_for_backend();
+        if ip == V6 {
+            builder = builder.on_ipv6_loopback();
+        }
+        let postern = builder.start();
+        let run = SmtplibSession::new(postern.addr("--listen"))
             .from(source)
             .starttls()
             .login(USER, PASSWORD)
@@ -177,19 +182,19 @@ fn haproxy_postern_postfix_chain_with_proxy_both_ways_and_xclient() {
     let postfix = Postfix::start(PostfixOptions {
         xclient_hosts: "127.0.0.0/8 [::1]".into(),
     });
-    let postern = Postern::start(
-        PosternOptions::new(postfix.proxy_addr(V4))
-            .listen("--listen", free_addr(V4))
-            .arg("--xclient")
-            .arg("--backend-proxy-protocol")
-            .arg("v2")
-            .arg("--proxy-protocol")
-            .arg("--proxy-protocol-from")
-            .arg(TRUSTED),
-    );
-    let fe = free_addr(V4);
-    let _haproxy = Haproxy::start(&[(fe, postern.addr("--listen"), "send-proxy")]);
-    let run = Smtplib::new(fe)
+    let postern = postfix::postern(postfix.proxy_addr(V4))
+        .flag("--xclient", "true")
+        .flag("--backend-proxy-protocol", "v2")
+        .flag("--proxy-protocol", "true")
+        .flag("--proxy-protocol-from", TRUSTED)
+        .wait_for_backend()
+        .start();
+    let haproxy = Haproxy::start(&[Route {
+        ip: V4,
+        server: postern.addr("--listen"),
+        option: "send-proxy",
+    }]);
+    let run = SmtplibSession::new(haproxy.frontends[0])
         .from(CLIENT_V4)
         .starttls()
         .login(USER, PASSWORD)
@@ -215,42 +220,40 @@ fn haproxy_postern_postfix_chain_with_proxy_both_ways_and_xclient() {
     );
 }
 
-fn postern_expecting_proxy(from: &str, extra: &[&str]) -> Postern {
-    let mut options = PosternOptions::new(free_addr(V4))
-        .listen("--listen", free_addr(V4))
-        .arg("--proxy-protocol")
-        .arg("--proxy-protocol-from")
-        .arg(from);
-    options.wait_backend = false;
-    for a in extra {
-        options = options.arg(a);
+/// postern expecting a PROXY header from `from`, in front of a backend that is not
+/// there (nothing here gets as far as the backend).
+fn postern_expecting_proxy(from: &str, extra: &[(&str, &str)]) -> Postern {
+    let mut builder = postfix::postern(free_addr())
+        .flag("--proxy-protocol", "true")
+        .flag("--proxy-protocol-from", from);
+    for (name, value) in extra {
+        builder = builder.flag(name, *value);
     }
-    Postern::start(options)
+    builder.start()
 }
 
 /// Asserts the connection is closed without a byte of greeting within `limit`.
-fn closed_silently(stream: &mut std::net::TcpStream, limit: Duration, what: &str) {
-    let (got, closed) = read_until_close(stream, limit);
-    assert!(closed, "{what}: still open after {limit:?}");
-    assert!(
-        got.is_empty(),
-        "{what}: got {:?}",
-        String::from_utf8_lossy(&got)
-    );
+async fn closed_silently(client: &mut SmtpClient, limit: Duration, what: &str) {
+    within_for(
+        limit,
+        &format!("{what}: the connection to close"),
+        client.expect_closed(),
+    )
+    .await;
 }
 
-#[test]
-fn proxy_header_from_an_unlisted_source_is_refused() {
+#[tokio::test]
+async fn proxy_header_from_an_unlisted_source_is_refused() {
     let postern = postern_expecting_proxy("192.0.2.0/24", &[]);
-    let mut stream = connect(postern.addr("--listen"));
-    stream
-        .write_all(b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 25\r\n")
-        .expect("write");
-    closed_silently(&mut stream, Duration::from_secs(3), "unlisted source");
+    let mut client = postern.plain().await;
+    client
+        .send(b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 25\r\n")
+        .await;
+    closed_silently(&mut client, Duration::from_secs(3), "unlisted source").await;
 }
 
-#[test]
-fn malformed_oversized_or_missing_headers_close_without_a_greeting() {
+#[tokio::test]
+async fn malformed_oversized_or_missing_headers_close_without_a_greeting() {
     let postern = postern_expecting_proxy(TRUSTED, &[]);
     let addr = postern.addr("--listen");
     let mut oversized_v1 = b"PROXY TCP4 ".to_vec();
@@ -270,15 +273,15 @@ fn malformed_oversized_or_missing_headers_close_without_a_greeting() {
         ("QUIT instead of PROXY", b"QUIT\r\n"),
     ];
     for (what, bytes) in cases {
-        let mut stream = connect(addr);
-        let _ = stream.write_all(bytes);
-        closed_silently(&mut stream, Duration::from_secs(3), what);
+        let mut client = SmtpClient::connect(addr).await;
+        client.send(bytes).await;
+        closed_silently(&mut client, Duration::from_secs(3), what).await;
     }
 
     // Nothing at all: closed after the header timeout (a few seconds), still silent.
     let started = Instant::now();
-    let mut stream = connect(addr);
-    closed_silently(&mut stream, Duration::from_secs(15), "no header");
+    let mut client = SmtpClient::connect(addr).await;
+    closed_silently(&mut client, Duration::from_secs(15), "no header").await;
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_secs(3) && waited <= Duration::from_secs(10),
@@ -287,54 +290,48 @@ fn malformed_oversized_or_missing_headers_close_without_a_greeting() {
 }
 
 /// v2 LOCAL (a load balancer's health check) and v1 UNKNOWN keep the TCP peer address.
-#[test]
-fn v2_local_and_v1_unknown_keep_the_peer_address() {
+#[tokio::test]
+async fn v2_local_and_v1_unknown_keep_the_peer_address() {
     let mut postern = postern_expecting_proxy(TRUSTED, &[]);
-    let addr = postern.addr("--listen");
     let mut local_v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     local_v2.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
     for header in [local_v2, b"PROXY UNKNOWN\r\n".to_vec()] {
-        let mut stream = connect(addr);
-        let me = stream.local_addr().expect("local addr");
-        stream.write_all(&header).expect("write");
-        let greeting = read_reply(&mut stream);
-        assert!(greeting.starts_with("220 postern.test"), "{greeting}");
-        send(&mut stream, "EHLO health.example");
-        assert!(read_reply(&mut stream).starts_with("250"));
-        send(&mut stream, "QUIT");
-        assert!(read_reply(&mut stream).starts_with("221"));
+        let mut client = postern.plain().await;
+        let me = client.local_addr();
+        client.send(&header).await;
+        client.expect("220 postern.test").await;
+        client.cmd("EHLO health.example", "250").await;
+        client.cmd("QUIT", "221").await;
         let closed = postern.wait_session_closed(me);
         assert_eq!(field(&closed, "result"), "quit", "{closed}");
     }
 }
 
 /// The header's source is the client address for the per-IP connection limit.
-#[test]
-fn per_ip_limit_counts_the_address_from_the_header() {
-    let mut postern = postern_expecting_proxy(TRUSTED, &["--max-connections-per-ip", "1"]);
+#[tokio::test]
+async fn per_ip_limit_counts_the_address_from_the_header() {
+    let mut postern = postern_expecting_proxy(TRUSTED, &[("--max-connections-per-ip", "1")]);
     let addr = postern.addr("--listen");
     let dst = (Ipv4Addr::LOCALHOST, addr.port());
     let a = Ipv4Addr::new(192, 0, 2, 10);
     let b = Ipv4Addr::new(192, 0, 2, 11);
 
-    let mut first = connect(addr);
-    first.write_all(&v2_tcp4((a, 40001), dst)).expect("write");
-    assert!(read_reply(&mut first).starts_with("220 "));
+    let mut first = SmtpClient::connect(addr).await;
+    first.send(&v2_tcp4((a, 40001), dst)).await;
+    first.expect("220 ").await;
 
     // Same header source, different TCP source port: over the limit.
-    let mut second = connect(addr);
-    second.write_all(&v2_tcp4((a, 40002), dst)).expect("write");
-    let refused = read_reply(&mut second);
-    assert!(refused.starts_with("421 4.7.0"), "{refused}");
+    let mut second = SmtpClient::connect(addr).await;
+    second.send(&v2_tcp4((a, 40002), dst)).await;
+    second.expect("421 4.7.0").await;
 
     // Another header source from the same TCP peer: its own budget.
-    let mut third = connect(addr);
+    let mut third = SmtpClient::connect(addr).await;
     third
-        .write_all(b"PROXY TCP4 192.0.2.11 127.0.0.1 40003 25\r\n")
-        .expect("write");
-    assert!(read_reply(&mut third).starts_with("220 "));
-    send(&mut third, "QUIT");
-    assert!(read_reply(&mut third).starts_with("221"));
+        .send(b"PROXY TCP4 192.0.2.11 127.0.0.1 40003 25\r\n")
+        .await;
+    third.expect("220 ").await;
+    third.cmd("QUIT", "221").await;
     let closed = postern.wait_session_closed(SocketAddr::new(IpAddr::V4(b), 40003));
     assert_eq!(field(&closed, "result"), "quit", "{closed}");
     drop(first);
@@ -348,25 +345,20 @@ fn haproxy_v2_health_checks_are_served_with_the_peer_address() {
         return;
     }
     let mut postern = postern_expecting_proxy(TRUSTED, &[]);
-    let fe = free_addr(V4);
-    let haproxy = Haproxy::start(&[(
-        fe,
-        postern.addr("--listen"),
-        "send-proxy-v2 check check-send-proxy inter 300ms\n    option smtpchk EHLO haproxy.test",
-    )]);
+    let haproxy = Haproxy::start(&[Route {
+        ip: V4,
+        server: postern.addr("--listen"),
+        option: "send-proxy-v2 check check-send-proxy inter 300ms\n    option smtpchk EHLO haproxy.test",
+    }]);
     let checks = postern.wait_log("three HAProxy health checks", |text| {
-        let quits: Vec<serde_json::Value> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| support_issue5::message(v) == "session closed")
+        let quits: Vec<serde_json::Value> = json_lines(text)
+            .filter(|v| log_message(v) == "session closed")
             .filter(|v| field(v, "result") == "quit")
             .collect();
         (quits.len() >= 3).then_some(quits)
     });
     for check in checks {
-        let peer: SocketAddr = support_issue5::span_field(&check, "peer")
-            .parse()
-            .expect("peer");
+        let peer: SocketAddr = span_field(&check, "peer").parse().expect("peer");
         assert_eq!(peer.ip(), V4, "{check}");
     }
     assert!(

@@ -3,28 +3,35 @@
 //! authenticated client any other way — relays to an outside domain only when XCLIENT
 //! LOGIN reached it.
 
-mod support_issue5;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use support_issue5::postfix::{self, PostfixOptions};
-use support_issue5::{
-    CLIENT_V4, PASSWORD, Postern, PosternOptions, Postfix, Smtplib, USER, V4, V6, XTEXT_USER,
-    free_addr, long_user,
-};
+use common::postern::{Postern, USER};
+use common::postfix::{self, Postfix, PostfixOptions, XTEXT_USER, long_user};
+use common::tools::{SmtplibReport, SmtplibSession};
+use common::{CLIENT_V4, PASSWORD, V4, V6, have};
 
 fn postfix_running(options: PostfixOptions) -> Option<Postfix> {
-    if !postfix::available() || !support_issue5::have("python3") {
+    if !postfix::available() || !have("python3") {
         return None;
     }
     Some(Postfix::start(options))
 }
 
+/// postern with `--xclient` in front of `backend`, on `--listen`.
+fn xclient_postern(backend: SocketAddr) -> Postern {
+    postfix::postern(backend)
+        .flag("--xclient", "true")
+        .wait_for_backend()
+        .start()
+}
+
 /// Submission with STARTTLS and AUTH PLAIN through postern to an outside recipient.
-fn submit(postern: SocketAddr, source: std::net::IpAddr) -> support_issue5::ClientRun {
-    Smtplib::new(postern)
+fn submit(postern: SocketAddr, source: std::net::IpAddr) -> SmtplibReport {
+    SmtplibSession::new(postern)
         .from(source)
         .starttls()
         .login(USER, PASSWORD)
@@ -37,11 +44,7 @@ fn xclient_login_reaches_postfix_which_relays_and_logs_the_real_client() {
     let Some(postfix) = postfix_running(PostfixOptions::default()) else {
         return;
     };
-    let postern = Postern::start(
-        PosternOptions::new(postfix.addr(V4))
-            .listen("--listen", free_addr(V4))
-            .arg("--xclient"),
-    );
+    let postern = xclient_postern(postfix.addr(V4));
     let run = submit(postern.addr("--listen"), CLIENT_V4);
     assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
     assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
@@ -71,8 +74,9 @@ fn without_xclient_postfix_sees_postern_and_refuses_to_relay() {
     let Some(postfix) = postfix_running(PostfixOptions::default()) else {
         return;
     };
-    let postern =
-        Postern::start(PosternOptions::new(postfix.addr(V4)).listen("--listen", free_addr(V4)));
+    let postern = postfix::postern(postfix.addr(V4))
+        .wait_for_backend()
+        .start();
     let run = submit(postern.addr("--listen"), CLIENT_V4);
     assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
     assert_eq!(run.rcpt_codes(), [554], "{}", run.raw);
@@ -91,11 +95,7 @@ fn xclient_is_not_sent_when_postfix_does_not_advertise_it() {
     }) else {
         return;
     };
-    let postern = Postern::start(
-        PosternOptions::new(postfix.addr(V4))
-            .listen("--listen", free_addr(V4))
-            .arg("--xclient"),
-    );
+    let postern = xclient_postern(postfix.addr(V4));
     let run = submit(postern.addr("--listen"), CLIENT_V4);
     assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
     assert_eq!(run.rcpt_codes(), [554], "{}", run.raw);
@@ -109,11 +109,11 @@ fn xclient_over_ipv6_tags_the_address_and_postfix_logs_it() {
     let Some(postfix) = postfix_running(PostfixOptions::default()) else {
         return;
     };
-    let postern = Postern::start(
-        PosternOptions::new(postfix.addr(V6))
-            .listen("--listen", free_addr(V6))
-            .arg("--xclient"),
-    );
+    let postern = postfix::postern(postfix.addr(V6))
+        .on_ipv6_loopback()
+        .flag("--xclient", "true")
+        .wait_for_backend()
+        .start();
     let run = submit(postern.addr("--listen"), V6);
     assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
     assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
@@ -134,16 +134,12 @@ fn long_helo_and_login_split_xclient_and_postfix_still_gets_the_login() {
     let Some(postfix) = postfix_running(PostfixOptions::default()) else {
         return;
     };
-    let postern = Postern::start(
-        PosternOptions::new(postfix.addr(V4))
-            .listen("--listen", free_addr(V4))
-            .arg("--xclient"),
-    );
+    let postern = xclient_postern(postfix.addr(V4));
     // 4 labels of 60: 243 octets, a valid host name; with the 220-octet login the
     // attributes need more than one 512-octet XCLIENT line.
     let helo = vec!["h".repeat(60); 4].join(".") + ".test";
     let user = long_user();
-    let run = Smtplib::new(postern.addr("--listen"))
+    let run = SmtplibSession::new(postern.addr("--listen"))
         .from(CLIENT_V4)
         .ehlo(&helo)
         .starttls()
@@ -166,12 +162,8 @@ fn login_with_plus_and_equals_reaches_postfix_decoded() {
     let Some(postfix) = postfix_running(PostfixOptions::default()) else {
         return;
     };
-    let postern = Postern::start(
-        PosternOptions::new(postfix.addr(V4))
-            .listen("--listen", free_addr(V4))
-            .arg("--xclient"),
-    );
-    let run = Smtplib::new(postern.addr("--listen"))
+    let postern = xclient_postern(postfix.addr(V4));
+    let run = SmtplibSession::new(postern.addr("--listen"))
         .from(CLIENT_V4)
         .starttls()
         .login(XTEXT_USER, PASSWORD)
@@ -193,7 +185,7 @@ fn login_with_plus_and_equals_reaches_postfix_decoded() {
 /// this one backend is scripted.)
 #[test]
 fn a_refused_xclient_fails_auth_with_4xx_not_235() {
-    if !support_issue5::have("python3") {
+    if !have("python3") {
         return;
     }
     let backend = TcpListener::bind((V4, 0)).expect("bind");
@@ -234,11 +226,7 @@ fn a_refused_xclient_fails_auth_with_4xx_not_235() {
             });
         }
     });
-    let postern = Postern::start(
-        PosternOptions::new(backend_addr)
-            .listen("--listen", free_addr(V4))
-            .arg("--xclient"),
-    );
+    let postern = xclient_postern(backend_addr);
     let run = submit(postern.addr("--listen"), V4);
     let code = run.code("auth").unwrap_or(0);
     assert!(

@@ -152,6 +152,16 @@ impl SmtpClient {
         matches!(self.stream, Stream::Tls(_))
     }
 
+    /// The client's own address, as postern (or whatever it connected to) sees it.
+    pub fn local_addr(&self) -> SocketAddr {
+        let tcp = match &self.stream {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+            Stream::Gone => panic!("local_addr of a closed client"),
+        };
+        tcp.local_addr().expect("local address")
+    }
+
     /// Writes raw bytes in one write (a test of pipelining sends several lines at once).
     pub async fn send(&mut self, bytes: &[u8]) {
         for line in String::from_utf8_lossy(bytes).split_inclusive('\n') {

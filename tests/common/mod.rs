@@ -12,6 +12,9 @@
 //!   receives and can refuse, greet 421 or stall.
 //! - [`mta`]: [`mta::Mta`], a private Postfix, Exim or OpenSMTPD behind a recording
 //!   forwarder, and the messages its log says it accepted.
+//! - [`postfix`]: [`postfix::Postfix`], a private Postfix that learns of authenticated
+//!   clients only through XCLIENT, with a second service behind a PROXY header.
+//! - [`haproxy`]: [`haproxy::Haproxy`], a real HAProxy in TCP mode in front of postern.
 //! - [`sink`]: [`SmtpSink`], the real Postfix `smtp-sink`, dumping each message to a file.
 //! - [`client`]: [`SmtpClient`], a raw line client (plain, STARTTLS or implicit TLS) with
 //!   `expect("235")` style helpers.
@@ -26,8 +29,10 @@
 
 pub mod certs;
 pub mod client;
+pub mod haproxy;
 pub mod mta;
 pub mod postern;
+pub mod postfix;
 pub mod raw_backend;
 pub mod sink;
 pub mod tools;
@@ -35,7 +40,8 @@ pub mod tools;
 use std::collections::HashSet;
 use std::future::Future;
 use std::io::{Read, Seek, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -51,6 +57,14 @@ pub const STEP: Duration = Duration::from_secs(20);
 
 /// The password every test user has, whatever the scheme.
 pub const PASSWORD: &str = "secret";
+
+/// The IPv4 loopback address, where postern and the servers behind it listen.
+pub const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// The IPv6 loopback address.
+pub const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+/// A second loopback address for clients, so the real client (127.0.0.2) and postern
+/// (127.0.0.1) are told apart in every log. Linux routes all of 127/8 to `lo`.
+pub const CLIENT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 /// Awaits `fut`, failing the test with `what` if it takes longer than [`STEP`].
 pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
@@ -90,6 +104,12 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// A fresh port (see [`free_port`]) on the loopback address `ip`; for `::1` it was only
+/// probed on 127.0.0.1, so the caller must retry when the bind fails.
+pub fn free_addr_on(ip: IpAddr) -> SocketAddr {
+    SocketAddr::new(ip, free_port())
+}
+
 /// Whether something accepts TCP connections on `addr` right now.
 pub fn accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
@@ -101,6 +121,26 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
+}
+
+/// Whether `program` (a name looked up in `PATH`, or a path) can be run. Without it a test
+/// skips with a message, unless `CI` is set: CI installs everything (`.ci/run`).
+pub fn have(program: &str) -> bool {
+    let found = if program.contains('/') {
+        Path::new(program).exists()
+    } else {
+        std::env::var_os("PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
+        })
+    };
+    if !found {
+        eprintln!("SKIP: {program} is not installed");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} must be installed in CI (.ci/run)"
+        );
+    }
+    found
 }
 
 /// What a finished child process left behind.

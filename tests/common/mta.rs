@@ -246,12 +246,14 @@ impl Drop for Mta {
     }
 }
 
-fn set_mode(path: &Path, mode: u32) {
+/// chmod `path` to `mode`.
+pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-fn chown(path: &Path, owner: &str) {
+/// `chown -R owner path`.
+pub fn chown(path: &Path, owner: &str) {
     run(
         Command::new("chown").arg("-R").arg(owner).arg(path),
         b"",
@@ -260,7 +262,9 @@ fn chown(path: &Path, owner: &str) {
     .assert_success("chown");
 }
 
-fn wait_pid_file_gone(pid_file: &Path) {
+/// Waits (at most 10 s) until the process whose pid `pid_file` holds is gone: a daemon's
+/// stop command returns before that, and its files must outlive it.
+pub fn wait_pid_file_gone(pid_file: &Path) {
     if let Some(pid) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())

@@ -1,16 +1,17 @@
 //! The `postern` binary under test, run as a child process.
 
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use tempfile::TempDir;
 
 use super::certs::{CertPaths, TestCerts};
 use super::client::{Reply, SmtpClient};
-use super::{Output, STEP, accepts, free_addr, run};
+use super::{Output, STEP, accepts, free_addr, free_addr_on, run};
 
 /// The `{PLAIN}` user: the only kind that can pass CRAM-MD5.
 pub const USER: &str = "alice";
@@ -63,6 +64,10 @@ pub struct PosternBuilder {
     removed: Vec<String>,
     /// Listen on `::1` instead of `127.0.0.1` ([`Self::on_ipv6_loopback`]).
     ipv6: bool,
+    /// Further listener flags and the address each listens on ([`Self::listen`]).
+    listeners: Vec<(String, IpAddr)>,
+    /// Wait for the first successful backend probe ([`Self::wait_for_backend`]).
+    wait_backend: bool,
 }
 
 /// Abuse limits the harness relaxes by default, so that protocol tests can fail AUTH
@@ -84,6 +89,21 @@ impl PosternBuilder {
     /// other only by chance, which `start` retries).
     pub fn on_ipv6_loopback(mut self) -> Self {
         self.ipv6 = true;
+        self
+    }
+
+    /// Adds a listener flag (`--listen-mx`, `--metrics-listen`) on a port of `ip` that
+    /// the harness picks afresh at every start attempt, so a lost port race is retried
+    /// like that of `--listen`; [`Postern::addr`] tells where it went.
+    pub fn listen(mut self, flag: &str, ip: IpAddr) -> Self {
+        self.listeners.push((flag.to_string(), ip));
+        self
+    }
+
+    /// Makes [`Self::start`] also wait until postern has logged a successful backend
+    /// probe, for tests whose first client must meet a backend postern knows is up.
+    pub fn wait_for_backend(mut self) -> Self {
+        self.wait_backend = true;
         self
     }
 
@@ -136,12 +156,8 @@ impl PosternBuilder {
 
     /// Writes the users file and certificates into `dir` and builds the `subcommand`
     /// (`serve` or `check`) command line. `--listen`/`--listen-tls` get fresh ports
-    /// unless set with [`Self::flag`].
-    fn prepare(
-        &self,
-        dir: &Path,
-        subcommand: &str,
-    ) -> (Command, CertPaths, Option<SocketAddr>, Option<SocketAddr>) {
+    /// unless set with [`Self::flag`], and so does every [`Self::listen`] flag.
+    fn prepare(&self, dir: &Path, subcommand: &str) -> Prepared {
         let paths = self.certs.write_to(dir);
         let users = dir.join("users");
         let mut content = self.users.join("\n");
@@ -187,6 +203,12 @@ impl PosternBuilder {
             smtps = Some(a);
             flags.push(("--listen-tls".into(), a.to_string()));
         }
+        let mut listeners = Vec::new();
+        for (name, ip) in &self.listeners {
+            let a = free_addr_on(*ip);
+            listeners.push((name.clone(), a));
+            flags.push((name.clone(), a.to_string()));
+        }
         for (name, value) in &self.flags {
             match flags.iter_mut().find(|(n, _)| n == name) {
                 Some(slot) => slot.1 = value.clone(),
@@ -202,31 +224,43 @@ impl PosternBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        (cmd, paths, smtp, smtps)
+        Prepared {
+            cmd,
+            paths,
+            smtp,
+            smtps,
+            listeners,
+        }
     }
 
     /// Runs postern with this configuration expecting it to exit by itself (a startup
     /// error); fails the test if it is still running after [`STEP`].
     pub fn run_to_exit(self) -> Output {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut cmd, ..) = self.prepare(dir.path(), "serve");
-        run(&mut cmd, b"", STEP)
+        let mut prepared = self.prepare(dir.path(), "serve");
+        run(&mut prepared.cmd, b"", STEP)
     }
 
     /// Runs `postern check` with this configuration instead of `serve`.
     pub fn check(self) -> Output {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut cmd, ..) = self.prepare(dir.path(), "check");
-        run(&mut cmd, b"", STEP)
+        let mut prepared = self.prepare(dir.path(), "check");
+        run(&mut prepared.cmd, b"", STEP)
     }
 
-    /// Starts postern and waits until both listeners accept connections.
+    /// Starts postern and waits until every listener accepts connections.
     pub fn start(self) -> Postern {
         // A port picked by free_addr() can be taken by another process before postern
         // binds it; try again with new ports in that case.
         for _attempt in 0..3 {
             let dir = tempfile::tempdir().expect("tempdir");
-            let (mut cmd, paths, smtp, smtps) = self.prepare(dir.path(), "serve");
+            let Prepared {
+                mut cmd,
+                paths,
+                smtp,
+                smtps,
+                listeners,
+            } = self.prepare(dir.path(), "serve");
             let log_path = dir.path().join("postern.log");
             let log = File::create(&log_path).expect("create log");
             cmd.stdin(Stdio::null())
@@ -237,6 +271,7 @@ impl PosternBuilder {
                 child,
                 smtp: smtp.expect("harness-chosen --listen"),
                 smtps: smtps.expect("harness-chosen --listen-tls"),
+                listeners,
                 certs: self.certs.clone(),
                 paths,
                 log_path,
@@ -251,14 +286,23 @@ impl PosternBuilder {
                     }
                     panic!("postern exited during startup with {status}\n--- log ---\n{log}");
                 }
-                if accepts(postern.smtp) && accepts(postern.smtps) {
+                if accepts(postern.smtp)
+                    && accepts(postern.smtps)
+                    && postern.listeners.iter().all(|(_, a)| accepts(*a))
+                {
+                    if self.wait_backend {
+                        postern.wait_log("a successful backend probe", |log| {
+                            log.contains("backend probe succeeded").then_some(())
+                        });
+                    }
                     return postern;
                 }
                 if start.elapsed() > STEP {
                     panic!(
-                        "postern did not accept on {} and {} within {STEP:?}\n--- log ---\n{}",
+                        "postern did not accept on {}, {} and {:?} within {STEP:?}\n--- log ---\n{}",
                         postern.smtp,
                         postern.smtps,
+                        postern.listeners,
                         postern.log()
                     );
                 }
@@ -269,6 +313,15 @@ impl PosternBuilder {
     }
 }
 
+/// What [`PosternBuilder::prepare`] made: the command line and where it listens.
+struct Prepared {
+    cmd: Command,
+    paths: CertPaths,
+    smtp: Option<SocketAddr>,
+    smtps: Option<SocketAddr>,
+    listeners: Vec<(String, SocketAddr)>,
+}
+
 /// A running `postern serve`, killed on drop.
 pub struct Postern {
     child: Child,
@@ -276,6 +329,8 @@ pub struct Postern {
     pub smtp: SocketAddr,
     /// The `--listen-tls` (implicit TLS) address.
     pub smtps: SocketAddr,
+    /// The [`PosternBuilder::listen`] flags and their addresses.
+    listeners: Vec<(String, SocketAddr)>,
     pub certs: TestCerts,
     pub paths: CertPaths,
     log_path: PathBuf,
@@ -297,6 +352,8 @@ impl Postern {
             relaxed_limits: true,
             removed: Vec::new(),
             ipv6: false,
+            listeners: Vec::new(),
+            wait_backend: false,
         }
     }
 
@@ -308,6 +365,53 @@ impl Postern {
     /// Everything postern has logged so far (stdout and stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The address of the listener given with `flag`: `--listen`, `--listen-tls` or one
+    /// added with [`PosternBuilder::listen`].
+    pub fn addr(&self, flag: &str) -> SocketAddr {
+        match flag {
+            "--listen" => self.smtp,
+            "--listen-tls" => self.smtps,
+            _ => self
+                .listeners
+                .iter()
+                .find(|(f, _)| f == flag)
+                .map(|(_, a)| *a)
+                .unwrap_or_else(|| panic!("no {flag} listener")),
+        }
+    }
+
+    /// Waits until `check`, given the whole log so far, returns `Some`; fails the test if
+    /// postern exits first or [`STEP`] passes.
+    #[track_caller]
+    pub fn wait_log<T>(&mut self, what: &str, mut check: impl FnMut(&str) -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if let Some(v) = check(&log) {
+                return v;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("postern exited ({status}) before {what}\n--- log ---\n{log}");
+            }
+            assert!(
+                start.elapsed() < STEP,
+                "timed out after {STEP:?} waiting for {what}\n--- log ---\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// With `--log-format json`: waits for the `session closed` line of the session whose
+    /// client address is `peer`, and returns it.
+    #[track_caller]
+    pub fn wait_session_closed(&mut self, peer: SocketAddr) -> Value {
+        let peer = peer.to_string();
+        self.wait_log(&format!("the session of {peer} to close"), |log| {
+            json_lines(log)
+                .find(|v| log_message(v) == "session closed" && span_field(v, "peer") == peer)
+        })
     }
 
     /// The tempdir holding the users file, certificates and log.
@@ -395,5 +499,30 @@ impl Drop for Postern {
         if std::thread::panicking() {
             eprintln!("--- postern log ({}) ---\n{}", self.smtp, self.log());
         }
+    }
+}
+
+/// The lines of a `--log-format json` log that parse as JSON.
+pub fn json_lines(log: &str) -> impl Iterator<Item = Value> + '_ {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+}
+
+/// A JSON log line's message.
+pub fn log_message(line: &Value) -> &str {
+    line["fields"]["message"].as_str().unwrap_or("")
+}
+
+/// A field of a JSON log line's own event.
+pub fn log_field<'a>(line: &'a Value, name: &str) -> &'a Value {
+    &line["fields"][name]
+}
+
+/// A field of the innermost span of a JSON log line (e.g. the session span's `peer`).
+pub fn span_field(line: &Value, name: &str) -> String {
+    match &line["span"][name] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
     }
 }

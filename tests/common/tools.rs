@@ -1,15 +1,17 @@
-//! Real SMTP clients driven against postern: swaks, Python's smtplib, `openssl s_client`
-//! and lettre.
+//! Real SMTP clients driven against postern: swaks, Python's smtplib (sending a message
+//! file, or a whole session reported as JSON), `openssl s_client` and lettre.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::response::Response;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use serde_json::Value;
 
 use super::postern::Postern;
 use super::{Output, STEP, run, within};
@@ -200,4 +202,139 @@ pub fn htpasswd_bcrypt(password: &str) -> String {
         .unwrap_or_else(|| panic!("htpasswd output: {out}"))
         .to_string();
     format!("{{BLF-CRYPT}}{hash}")
+}
+
+/// One SMTP session by Python's smtplib from `tests/scripts/smtplib_session.py`: from a
+/// chosen source address, optionally STARTTLS (certificate not checked) and AUTH PLAIN,
+/// then one message; it reports every reply and its own address as JSON.
+#[derive(Debug, Clone)]
+pub struct SmtplibSession {
+    pub to: SocketAddr,
+    pub source: Option<IpAddr>,
+    pub ehlo: String,
+    pub starttls: bool,
+    /// Greet with HELO instead of EHLO.
+    pub helo: bool,
+    pub login: Option<(String, String)>,
+    pub rcpt: Vec<String>,
+}
+
+impl SmtplibSession {
+    pub fn new(to: SocketAddr) -> Self {
+        SmtplibSession {
+            to,
+            source: None,
+            ehlo: "client.example".into(),
+            starttls: false,
+            helo: false,
+            login: None,
+            rcpt: Vec::new(),
+        }
+    }
+
+    pub fn from(mut self, source: IpAddr) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    pub fn starttls(mut self) -> Self {
+        self.starttls = true;
+        self
+    }
+
+    pub fn helo(mut self) -> Self {
+        self.helo = true;
+        self
+    }
+
+    pub fn login(mut self, user: &str, password: &str) -> Self {
+        self.login = Some((user.into(), password.into()));
+        self
+    }
+
+    pub fn ehlo(mut self, name: &str) -> Self {
+        self.ehlo = name.into();
+        self
+    }
+
+    pub fn rcpt(mut self, rcpt: &str) -> Self {
+        self.rcpt.push(rcpt.into());
+        self
+    }
+
+    pub fn run(&self) -> SmtplibReport {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/smtplib_session.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script)
+            .arg("--host")
+            .arg(self.to.ip().to_string())
+            .arg("--port")
+            .arg(self.to.port().to_string())
+            .arg("--ehlo")
+            .arg(&self.ehlo);
+        if let Some(source) = self.source {
+            cmd.arg("--source").arg(source.to_string());
+        }
+        if self.helo {
+            cmd.arg("--helo");
+        }
+        if self.starttls {
+            cmd.arg("--starttls");
+        }
+        if let Some((user, password)) = &self.login {
+            cmd.arg("--user").arg(user).arg("--password").arg(password);
+        }
+        for r in &self.rcpt {
+            cmd.arg("--rcpt").arg(r);
+        }
+        let out = run(&mut cmd, b"", STEP + Duration::from_secs(10));
+        let json = serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+            panic!("smtplib client printed no JSON ({e}): {out}");
+        });
+        SmtplibReport {
+            json,
+            raw: out.stdout,
+        }
+    }
+}
+
+/// What [`SmtplibSession::run`] reported.
+#[derive(Debug)]
+pub struct SmtplibReport {
+    pub json: Value,
+    pub raw: String,
+}
+
+impl SmtplibReport {
+    /// The reply code of a step (`greeting`, `ehlo`, `starttls`, `ehlo_tls`, `auth`,
+    /// `mail`, `data`).
+    pub fn code(&self, step: &str) -> Option<u64> {
+        self.json["steps"][step][0].as_u64()
+    }
+
+    /// The reply text of a step.
+    pub fn text(&self, step: &str) -> String {
+        self.json["steps"][step][1]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Reply codes of the RCPT commands, in order.
+    pub fn rcpt_codes(&self) -> Vec<u64> {
+        self.json["steps"]["rcpt"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r[0].as_u64()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The client's own address, as postern and the backend saw it.
+    pub fn local(&self) -> SocketAddr {
+        let ip: IpAddr = self.json["local"]["ip"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no local address in {}", self.raw));
+        let port = self.json["local"]["port"].as_u64().expect("local port") as u16;
+        SocketAddr::new(ip, port)
+    }
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A real SMTP client (Python's smtplib) for the XCLIENT, PROXY and MX tests.
+"""A real SMTP client (Python's smtplib) for the XCLIENT, PROXY and MX tests
+(`tests/common/tools.rs`, `SmtplibSession`).
 
 Connects from a chosen source address, optionally STARTTLS and AUTH, sends one message,
 and prints one JSON object: the client's own address and port (to find it again in
@@ -75,7 +76,7 @@ def main():
                 if ok:
                     body = (
                         f"From: <{a.mail_from}>\r\nTo: <{a.rcpt[0]}>\r\n"
-                        "Subject: postern issue5 test\r\n\r\nHello.\r\n"
+                        "Subject: postern test session\r\n\r\nHello.\r\n"
                     )
                     code, msg = s.data(body.encode())
                     out["steps"]["data"] = [code, msg.decode(errors="replace")]

@@ -1,34 +1,59 @@
-//! A private Postfix instance: its own `main.cf`/`master.cf`, queue, data directory and
-//! log file in a tempdir, started with `postfix -c DIR start` and stopped on drop. The
-//! system's Postfix (if any) is neither read nor touched.
+//! A private Postfix instance for the XCLIENT, PROXY protocol and MX tests: its own
+//! `main.cf`/`master.cf`, queue, data directory and log file in a tempdir, started with
+//! `postfix -c DIR start` and stopped on drop. The system's Postfix (if any) is neither
+//! read nor touched.
 //!
-//! Mail is accepted for `local.test` and, from an authenticated client only, relayed to
-//! any other domain (`smtpd_relay_restrictions = permit_sasl_authenticated,
-//! reject_unauth_destination`); every message ends in the `discard` transport, whose log
-//! line (`status=sent`) shows it was accepted. Postfix's only way to learn of an
-//! authenticated client here is XCLIENT LOGIN from postern: no SASL backend is set up.
+//! Unlike the lenient [`super::mta::Mta`] Postfix, this one decides like a submission
+//! server behind a proxy: mail is accepted for `local.test` and, from an authenticated
+//! client only, relayed to any other domain (`smtpd_relay_restrictions =
+//! permit_sasl_authenticated, reject_unauth_destination`); every message ends in the
+//! `discard` transport, whose log line (`status=sent`) shows it was accepted. Postfix's
+//! only way to learn of an authenticated client here is XCLIENT LOGIN from postern: no
+//! SASL backend is set up. It listens on 127.0.0.1 and [::1], plainly and behind a
+//! PROXY header (`smtpd_upstream_proxy_protocol = haproxy`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{STEP, V4, V6, run, wait_accepting};
+use super::mta::{self, Kind, chown, set_mode, wait_pid_file_gone};
+use super::postern::{Postern, PosternBuilder, USER};
+use super::{PASSWORD, STEP, V4, V6, accepts, free_port, run, wait_until};
 
 const POSTFIX: &str = "/usr/sbin/postfix";
 
-/// Whether a private Postfix can run here: the binary exists and we are root (the
-/// master process must start as root to drop to the `postfix` user).
+/// A user name with the characters xtext must encode (`+`, `=`).
+pub const XTEXT_USER: &str = "bob+tag=x@example.com";
+
+/// A 220-byte user name: with a long EHLO name it pushes XCLIENT past one line.
+pub fn long_user() -> String {
+    format!("{}@example.com", "u".repeat(208))
+}
+
+/// postern as the tests against this Postfix (and HAProxy) run it: a JSON log, read by
+/// [`Postern::wait_session_closed`]; postern's own abuse limits but no failure delay;
+/// only `{PLAIN}` users ([`USER`], [`XTEXT_USER`], [`long_user`]), so postern's default
+/// mechanisms apply; a probe every second. Add listeners with
+/// [`PosternBuilder::listen`] or use its `--listen`.
+pub fn postern(backend: impl ToString) -> PosternBuilder {
+    let users = [USER.to_string(), XTEXT_USER.to_string(), long_user()]
+        .map(|user| format!("{user}:{{PLAIN}}{PASSWORD}"));
+    Postern::builder(backend)
+        .users_file(&users.each_ref().map(String::as_str))
+        .default_limits()
+        .without_flag("--auth-mechanisms")
+        .flag("--auth-failure-delay", "0s")
+        .flag("--log-format", "json")
+        .flag("--probe-interval", "1s")
+}
+
+/// Whether a private Postfix can run here: what [`mta::available`] asks of any private
+/// Postfix, and a SASL mechanism plugin.
 pub fn available() -> bool {
-    if !super::have(POSTFIX) {
-        return false;
-    }
-    let uid = run(Command::new("id").arg("-u"), STEP);
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        eprintln!("SKIP: a private Postfix instance needs root");
-        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+    if !mta::available(Kind::Postfix) {
         return false;
     }
     // XCLIENT LOGIN only counts with smtpd_sasl_auth_enable, and with that on smtpd
@@ -75,6 +100,17 @@ pub struct Postfix {
 
 impl Postfix {
     pub fn start(options: PostfixOptions) -> Postfix {
+        // Ports picked now can be taken before Postfix binds them: retry.
+        for _attempt in 0..3 {
+            if let Some(postfix) = Self::try_start(&options) {
+                return postfix;
+            }
+        }
+        panic!("Postfix lost the race for free ports three times");
+    }
+
+    /// One start on fresh ports; `None` when a port was taken meanwhile.
+    fn try_start(options: &PostfixOptions) -> Option<Postfix> {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
         // Postfix's daemons run as the `postfix` user and must reach data_directory.
@@ -85,8 +121,7 @@ impl Postfix {
         for d in [&conf, &queue, &data] {
             std::fs::create_dir(d).expect("mkdir");
         }
-        let chown = run(Command::new("chown").arg("postfix").arg(&data), STEP);
-        assert!(chown.status.success(), "chown postfix {}", data.display());
+        chown(&data, "postfix");
         let log = root.join("maillog");
         let port = dual_stack_port();
         let proxy_port = dual_stack_port();
@@ -154,7 +189,15 @@ postlog   unix-dgram n - n - 1 postlogd
         std::fs::write(conf.join("main.cf"), main_cf).expect("main.cf");
         std::fs::write(conf.join("master.cf"), master_cf).expect("master.cf");
 
-        let started = run(&mut postfix_cmd(&conf, "start"), STEP);
+        let started = run(&mut postfix_cmd(&conf, "start"), b"", STEP);
+        let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+        if !started.status.success() {
+            // master binds its inet ports before it daemonizes: a lost race shows here.
+            if log_text().contains("in use") {
+                return None;
+            }
+            panic!("postfix start failed: {started}\nmaillog:\n{}", log_text());
+        }
         let postfix = Postfix {
             dir,
             conf,
@@ -162,27 +205,24 @@ postlog   unix-dgram n - n - 1 postlogd
             port,
             proxy_port,
         };
-        assert!(
-            started.status.success(),
-            "postfix start failed: {}{}\nmaillog:\n{}",
-            String::from_utf8_lossy(&started.stdout),
-            String::from_utf8_lossy(&started.stderr),
-            postfix.log_text()
-        );
         for ip in [V4, V6] {
-            wait_accepting(SocketAddr::new(ip, port), "postfix smtpd");
-            wait_accepting(SocketAddr::new(ip, proxy_port), "postfix proxied smtpd");
+            for (p, what) in [(port, "smtpd"), (proxy_port, "proxied smtpd")] {
+                let addr = SocketAddr::new(ip, p);
+                wait_until(STEP, &format!("Postfix {what} to accept on {addr}"), || {
+                    accepts(addr).then_some(())
+                });
+            }
         }
-        postfix
+        Some(postfix)
     }
 
     /// The plain smtpd service on `ip` (`127.0.0.1` or `::1`).
-    pub fn addr(&self, ip: std::net::IpAddr) -> SocketAddr {
+    pub fn addr(&self, ip: IpAddr) -> SocketAddr {
         SocketAddr::new(ip, self.port)
     }
 
     /// The smtpd service that expects a PROXY header, on `ip`.
-    pub fn proxy_addr(&self, ip: std::net::IpAddr) -> SocketAddr {
+    pub fn proxy_addr(&self, ip: IpAddr) -> SocketAddr {
         SocketAddr::new(ip, self.proxy_port)
     }
 
@@ -250,20 +290,10 @@ impl Drop for Postfix {
         if std::thread::panicking() {
             eprintln!("----- Postfix maillog -----\n{}", self.log_text());
         }
-        let _ = run(&mut postfix_cmd(&self.conf, "stop"), STEP);
+        let _ = run(&mut postfix_cmd(&self.conf, "stop"), b"", STEP);
         // `postfix stop` signals the master and returns: wait for it to be gone before
         // the tempdir holding its queue is removed.
-        let pid_file = self.dir.path().join("queue/pid/master.pid");
-        if let Some(pid) = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        {
-            let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while proc_dir.exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        wait_pid_file_gone(&self.dir.path().join("queue/pid/master.pid"));
     }
 }
 
@@ -273,16 +303,10 @@ fn postfix_cmd(conf: &Path, verb: &str) -> Command {
     cmd
 }
 
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-/// A port free on both 127.0.0.1 and ::1.
+/// A port from [`free_port`] that is free on ::1 too.
 fn dual_stack_port() -> u16 {
     for _ in 0..50 {
-        let v4 = std::net::TcpListener::bind((V4, 0)).expect("bind");
-        let port = v4.local_addr().expect("addr").port();
+        let port = free_port();
         if std::net::TcpListener::bind((V6, port)).is_ok() {
             return port;
         }
