@@ -36,8 +36,6 @@ mod common;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +43,7 @@ use tokio::sync::Barrier;
 
 use common::client::CLIENT_NAME;
 use common::postern::USER;
+use common::redis::Redis;
 use common::*;
 
 /// How many sessions of the one user run at once, in turn.
@@ -64,64 +63,6 @@ enum Store {
     Redis,
 }
 
-/// A `redis-server` on a free loopback port, saving nothing; killed on drop.
-struct Redis {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Redis {
-    /// `None` (after saying so) when redis-server is not installed and `CI` is unset.
-    fn start() -> Option<Redis> {
-        let Some(binary) = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-        else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is not installed and CI is set (apt-get install redis-server)"
-            );
-            eprintln!(
-                "SKIPPED: redis-server is not installed (apt-get install redis-server); \
-                 the Redis cases of parallel_limits did not run"
-            );
-            return None;
-        };
-        for _attempt in 0..3 {
-            let addr = free_addr();
-            let mut child = Command::new(binary)
-                .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
-            let up = wait_until(STEP, "redis-server to accept", || {
-                if child.try_wait().expect("try_wait").is_some() {
-                    return Some(false); // lost the port race
-                }
-                accepts(addr).then_some(true)
-            });
-            if up {
-                return Some(Redis { child, addr });
-            }
-        }
-        panic!("redis-server failed to start three times");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://{}/0", self.addr)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// smtp-sink, and postern in front of it with the given limit flags.
 struct Setup {
     sink: SmtpSink,
@@ -135,7 +76,7 @@ impl Setup {
     fn start(store: Store, limits: &[(&str, &str)]) -> Option<Setup> {
         let redis = match store {
             Store::Memory => None,
-            Store::Redis => Some(Redis::start()?),
+            Store::Redis => Some(Redis::start("the Redis cases of parallel_limits")?),
         };
         let sink = SmtpSink::start();
         let metrics = free_addr();

@@ -12,8 +12,10 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
+
+use common::redis::Redis;
 
 const WAIT: Duration = Duration::from_secs(10);
 /// AUTH PLAIN initial responses for alice/secret and bob/secret.
@@ -454,45 +458,9 @@ async fn smuggling_is_refused_by_default_and_with_strict_data() {
     assert!(contains(&backend.all_bytes(), body));
 }
 
-/// A `redis-server` on a free loopback port, with nothing saved to disk.
-struct Redis {
-    port: u16,
-    child: Option<Running>,
-}
-
-impl Redis {
-    async fn start() -> Option<Redis> {
-        let binary = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())?;
-        let port = free_port();
-        let child = Command::new(binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let child = Running(child);
-        wait_for_port(format!("127.0.0.1:{port}").parse().unwrap()).await;
-        Some(Redis {
-            port,
-            child: Some(child),
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn stop(&mut self) {
-        self.child = None;
-    }
-}
-
 #[tokio::test]
 async fn two_replicas_share_one_limit_in_redis_and_follow_the_failure_mode() {
-    let Some(mut redis) = Redis::start().await else {
-        eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+    let Some(mut redis) = Redis::start("the Redis case of relay_tracking") else {
         return;
     };
     let files = Files::new();

@@ -20,6 +20,7 @@
 //!   `expect("235")` style helpers.
 //! - [`tools`]: swaks, Python smtplib, `openssl s_client` and lettre, driven the way a
 //!   person would drive them.
+//! - [`redis`]: [`redis::Redis`], a private `redis-server` for the shared limits store.
 //!
 //! Every await is bounded by [`within`] and every child process by [`run`], so a hang
 //! fails the test after [`STEP`] instead of stalling CI.
@@ -34,6 +35,7 @@ pub mod mta;
 pub mod postern;
 pub mod postfix;
 pub mod raw_backend;
+pub mod redis;
 pub mod sink;
 pub mod tools;
 
