@@ -17,16 +17,13 @@ use common::*;
 /// postern with its default limits, `/metrics`, and PROXY headers believed from loopback.
 fn behind_proxy(configure: impl FnOnce(PosternBuilder) -> PosternBuilder) -> (Postern, SocketAddr) {
     let backend = RawBackend::start();
-    let admin = free_addr();
     let builder = Postern::builder(backend.addr)
         .default_limits()
-        .flag("--metrics-listen", admin.to_string())
+        .listen("--metrics-listen", V4)
         .flag("--proxy-protocol", "true")
         .flag("--proxy-protocol-from", "127.0.0.1/32");
     let postern = configure(builder).start();
-    wait_until(STEP, "admin endpoint to accept", || {
-        accepts(admin).then_some(())
-    });
+    let admin = postern.addr("--metrics-listen");
     // The backend must outlive the test: leak it with the postern that uses it.
     std::mem::forget(backend);
     (postern, admin)
@@ -321,16 +318,17 @@ async fn rejected(admin: SocketAddr, reason: &str) -> f64 {
 #[tokio::test]
 async fn the_auth_deadline_closes_a_session_that_never_logs_in() {
     let backend = RawBackend::start();
-    let admin = free_addr();
-    let mx = free_addr();
     let postern = Postern::builder(backend.addr)
         .default_limits()
-        .flag("--metrics-listen", admin.to_string())
+        .listen("--metrics-listen", V4)
         .flag("--auth-deadline", "1500ms")
-        .flag("--listen-mx", mx.to_string())
+        .listen("--listen-mx", V4)
         .flag("--xclient", "true")
         .start();
-    wait_until(STEP, "admin endpoint", || accepts(admin).then_some(()));
+    let (admin, mx) = (
+        postern.addr("--metrics-listen"),
+        postern.addr("--listen-mx"),
+    );
     let start = Instant::now();
     let (mut c, _) = postern.implicit().await;
     loop {
@@ -368,12 +366,11 @@ async fn the_auth_deadline_closes_a_session_that_never_logs_in() {
 #[tokio::test]
 async fn junk_commands_before_auth_are_limited() {
     let backend = RawBackend::start();
-    let admin = free_addr();
     let postern = Postern::builder(backend.addr)
         .default_limits()
-        .flag("--metrics-listen", admin.to_string())
+        .listen("--metrics-listen", V4)
         .start();
-    wait_until(STEP, "admin endpoint", || accepts(admin).then_some(()));
+    let admin = postern.addr("--metrics-listen");
     let (mut c, _) = postern.implicit().await; // its EHLO is the first
     // VRFY, HELP and unknown verbs are errors too (530, 500): a few, under --max-errors.
     for i in 1..100 {
@@ -562,19 +559,16 @@ async fn from_v6(postern: &Postern, client: &str, expect: &str) -> SmtpClient {
 #[tokio::test]
 async fn ipv6_connections_are_capped_per_64_and_per_48() {
     let backend = RawBackend::start();
-    let admin = free_addr();
     let postern = Postern::builder(backend.addr)
         .default_limits()
         .on_ipv6_loopback()
-        .flag("--metrics-listen", admin.to_string())
+        .listen("--metrics-listen", V4)
         .flag("--proxy-protocol", "true")
         .flag("--proxy-protocol-from", "::1/128")
         .flag("--max-connections-per-ip", "2")
         .flag("--max-connections-per-wide-prefix", "3")
         .start();
-    wait_until(STEP, "admin endpoint to accept", || {
-        accepts(admin).then_some(())
-    });
+    let admin = postern.addr("--metrics-listen");
     // Two addresses of one /64 fill its cap; a third address in it is refused.
     let _a1 = from_v6(&postern, "2001:db8:1:1::1", "220").await;
     let _a2 = from_v6(&postern, "2001:db8:1:1::2", "220").await;

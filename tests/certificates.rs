@@ -74,7 +74,6 @@ fn list(paths: &[&Path]) -> String {
 
 /// postern serving `pairs` (chain, key) in order, with /metrics.
 fn serve(backend: &RawBackend, pairs: &[(&Path, &Path)]) -> (Postern, SocketAddr) {
-    let admin = free_addr();
     let certs: Vec<&Path> = pairs.iter().map(|p| p.0).collect();
     let keys: Vec<&Path> = pairs.iter().map(|p| p.1).collect();
     let postern = Postern::builder(backend.addr)
@@ -82,9 +81,9 @@ fn serve(backend: &RawBackend, pairs: &[(&Path, &Path)]) -> (Postern, SocketAddr
         .flag("--cert", list(&certs))
         .flag("--key", list(&keys))
         .flag("--hostname", "mx.example.test")
-        .flag("--metrics-listen", admin.to_string())
+        .listen("--metrics-listen", V4)
         .start();
-    wait_until(STEP, "admin endpoint", || accepts(admin).then_some(()));
+    let admin = postern.addr("--metrics-listen");
     (postern, admin)
 }
 

@@ -4,8 +4,9 @@
 
 #![cfg(unix)]
 
+mod common;
+
 use std::io::{BufRead as _, BufReader};
-use std::net::TcpListener;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -20,13 +21,10 @@ impl Drop for Running {
     }
 }
 
-/// Free loopback ports. Another process could take one before the demo binds it; the
-/// demo then fails with "binding ...", which the test reports.
+/// Free loopback ports ([`common::free_port`]). Another process could take one before
+/// the demo binds it; the demo then fails with "binding ...", which the test reports.
 fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+    std::array::from_fn(|_| common::free_port())
 }
 
 /// Stdout lines, read on a thread so every wait can have a deadline.

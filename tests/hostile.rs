@@ -33,13 +33,9 @@ impl Env {
         configure: impl FnOnce(common::postern::PosternBuilder) -> common::postern::PosternBuilder,
     ) -> Env {
         let backend = RawBackend::start();
-        let admin = free_addr();
         let postern =
-            configure(Postern::builder(backend.addr).flag("--metrics-listen", admin.to_string()))
-                .start();
-        wait_until(STEP, "admin endpoint to accept", || {
-            accepts(admin).then_some(())
-        });
+            configure(Postern::builder(backend.addr).listen("--metrics-listen", V4)).start();
+        let admin = postern.addr("--metrics-listen");
         Env {
             backend,
             postern,

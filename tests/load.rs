@@ -33,16 +33,13 @@ fn as_dumped(stuffed: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_tls_sessions_each_deliver_one_message() {
     let sink = SmtpSink::start_with_backlog(&[], 2048);
-    let admin = free_addr();
     let postern = Postern::builder(sink.addr)
-        .flag("--metrics-listen", admin.to_string())
+        .listen("--metrics-listen", V4)
         .flag("--max-connections-per-ip", "2000")
         // Debug-level logging of 1000 handshakes costs more CPU than the handshakes.
         .flag("--log-level", "info")
         .start();
-    wait_until(STEP, "admin endpoint to accept", || {
-        accepts(admin).then_some(())
-    });
+    let admin = postern.addr("--metrics-listen");
 
     // Baseline: one full session first, so lazily built state (TLS config, backend
     // probe, allocator arenas) is part of it.

@@ -14,13 +14,12 @@ fn with_mx(backend: &RawBackend) -> (Postern, std::net::SocketAddr) {
 }
 
 fn with_mx_flags(backend: &RawBackend, flags: &[(&str, &str)]) -> (Postern, std::net::SocketAddr) {
-    let mx = free_addr();
-    let mut builder = Postern::builder(backend.addr).flag("--listen-mx", mx.to_string());
+    let mut builder = Postern::builder(backend.addr).listen("--listen-mx", V4);
     for (name, value) in flags {
         builder = builder.flag(name, *value);
     }
     let postern = builder.start();
-    wait_until(STEP, "MX listener to accept", || accepts(mx).then_some(()));
+    let mx = postern.addr("--listen-mx");
     (postern, mx)
 }
 
@@ -146,13 +145,14 @@ fn allow_mx_open_relay_starts_and_warns_once_at_start_up() {
 #[tokio::test]
 async fn xclient_without_addr_gets_451_at_mail_and_nothing_is_relayed() {
     let backend = RawBackend::with_capabilities(&["PIPELINING", "XCLIENT NAME HELO LOGIN"]);
-    let admin = free_addr();
-    let (postern, mx) = with_mx_flags(
-        &backend,
-        &[
-            ("--xclient", "true"),
-            ("--metrics-listen", &admin.to_string()),
-        ],
+    let postern = Postern::builder(backend.addr)
+        .listen("--listen-mx", V4)
+        .listen("--metrics-listen", V4)
+        .flag("--xclient", "true")
+        .start();
+    let (mx, admin) = (
+        postern.addr("--listen-mx"),
+        postern.addr("--metrics-listen"),
     );
     wait_until(STEP, "the start-up XCLIENT warning", || {
         postern

@@ -9,14 +9,11 @@ use common::postern::USER;
 use common::*;
 
 fn with_admin(backend: &RawBackend) -> (Postern, std::net::SocketAddr) {
-    let admin = free_addr();
     let postern = Postern::builder(backend.addr)
-        .flag("--metrics-listen", admin.to_string())
+        .listen("--metrics-listen", V4)
         .flag("--probe-interval", "200ms")
         .start();
-    wait_until(STEP, "admin endpoint to accept", || {
-        accepts(admin).then_some(())
-    });
+    let admin = postern.addr("--metrics-listen");
     (postern, admin)
 }
 

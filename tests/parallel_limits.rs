@@ -79,9 +79,8 @@ impl Setup {
             Store::Redis => Some(Redis::start("the Redis cases of parallel_limits")?),
         };
         let sink = SmtpSink::start();
-        let metrics = free_addr();
         let mut builder = Postern::builder(sink.addr)
-            .flag("--metrics-listen", metrics.to_string())
+            .listen("--metrics-listen", V4)
             .flag("--log-level", "info");
         builder = match &redis {
             Some(redis) => builder
@@ -99,8 +98,8 @@ impl Setup {
         let postern = builder.start();
         Some(Setup {
             sink,
+            metrics: postern.addr("--metrics-listen"),
             postern,
-            metrics,
             _redis: redis,
         })
     }

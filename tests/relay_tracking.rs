@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -27,20 +27,13 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
+use common::free_port;
 use common::redis::Redis;
 
 const WAIT: Duration = Duration::from_secs(10);
 /// AUTH PLAIN initial responses for alice/secret and bob/secret.
 const ALICE: &str = "AGFsaWNlAHNlY3JldA==";
 const BOB: &str = "AGJvYgBzZWNyZXQ=";
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Kills the child when the test ends, pass or fail.
 struct Running(Child);
@@ -177,6 +170,17 @@ struct Postern {
 
 impl Postern {
     async fn start(files: &Files, backend: SocketAddr, extra: &[&str]) -> Postern {
+        // A port picked now can be taken before postern binds it; postern then exits at
+        // start-up (its error is on stderr) and new ports are tried.
+        for _attempt in 0..3 {
+            if let Some(postern) = Self::try_start(files, backend, extra).await {
+                return postern;
+            }
+        }
+        panic!("postern exited at start-up three times");
+    }
+
+    async fn try_start(files: &Files, backend: SocketAddr, extra: &[&str]) -> Option<Postern> {
         let port = free_port();
         let metrics_port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_postern"))
@@ -196,14 +200,21 @@ impl Postern {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let child = Running(child);
+        let mut child = Running(child);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        wait_for_port(addr).await;
-        Postern {
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(addr).await.is_err() {
+            if child.0.try_wait().unwrap().is_some() {
+                return None;
+            }
+            assert!(Instant::now() < deadline, "nothing listens on {addr}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(Postern {
             addr,
             metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
             _child: child,
-        }
+        })
     }
 
     /// A TLS client that has greeted and authenticated as `auth`.
@@ -229,14 +240,6 @@ impl Postern {
             .unwrap()
             .unwrap();
         body
-    }
-}
-
-async fn wait_for_port(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

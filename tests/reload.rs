@@ -53,14 +53,13 @@ impl SecretDir {
 }
 
 fn start(secret: &SecretDir, backend: &RawBackend) -> (Postern, std::net::SocketAddr) {
-    let admin = free_addr();
     let postern = Postern::builder(backend.addr)
         .flag("--cert", secret.path("tls.crt").display().to_string())
         .flag("--key", secret.path("tls.key").display().to_string())
         .flag("--users", secret.path("users").display().to_string())
-        .flag("--metrics-listen", admin.to_string())
+        .listen("--metrics-listen", V4)
         .start();
-    wait_until(STEP, "admin endpoint", || accepts(admin).then_some(()));
+    let admin = postern.addr("--metrics-listen");
     (postern, admin)
 }
 
