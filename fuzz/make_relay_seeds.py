@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes fuzz/seeds/relay/: inputs for the `relay` target in the encoding of
-tests/support/relay_harness.rs (two setup bytes, then op/argument pairs)."""
+tests/common/relay_harness.rs (two setup bytes, then op/argument pairs)."""
 
 import os
 

@@ -2,8 +2,8 @@
 //! client chunks, backend answers, store answers, partial writes and half-closes,
 //! against a model backend that reads what postern forwards the way a strict server
 //! does and checks that lenient servers would read it the same way. The driver and
-//! every invariant live in `tests/support/relay_harness.rs` (shared with
-//! `tests/relay_properties.rs` and the seed smoke test `tests/relay_fuzz_seeds.rs`).
+//! every invariant live in `tests/common/relay_harness.rs` (shared with
+//! `tests/it/relay_properties.rs` and the seed smoke test `tests/it/relay_fuzz_seeds.rs`).
 //!
 //! Input layout (see `Setup::from_bytes` and `Op::decode`):
 //! - byte 0: bit 0 `--strict-data`, 1 CHUNKING, 2 authenticated, 3 TLS, 4 a message
@@ -17,7 +17,7 @@
 
 #![no_main]
 
-#[path = "../../tests/support/relay_harness.rs"]
+#[path = "../../tests/common/relay_harness.rs"]
 mod relay_harness;
 
 use libfuzzer_sys::fuzz_target;

@@ -1,5 +1,5 @@
 //! The pre-AUTH session driven by arbitrary client bytes (it frames its own lines), with the
-//! same checking driver the property tests use (`tests/support/session_driver.rs`): it
+//! same checking driver the property tests use (`tests/common/session_driver.rs`): it
 //! panics on any broken invariant (a relay without TLS or valid credentials, a reply to
 //! MAIL other than 4xx/5xx, a malformed reply line, ...).
 //!
@@ -13,7 +13,7 @@
 
 #![no_main]
 
-#[path = "../../tests/support/session_driver.rs"]
+#[path = "../../tests/common/session_driver.rs"]
 mod session_driver;
 
 use libfuzzer_sys::fuzz_target;

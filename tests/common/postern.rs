@@ -71,7 +71,7 @@ pub struct PosternBuilder {
 }
 
 /// Abuse limits the harness relaxes by default, so that protocol tests can fail AUTH
-/// repeatedly, from one IP, without waiting out the failure delay. `tests/limits.rs`
+/// repeatedly, from one IP, without waiting out the failure delay. `tests/it/limits.rs`
 /// runs with postern's real defaults ([`PosternBuilder::default_limits`]).
 pub const RELAXED_LIMITS: &[(&str, &str)] = &[
     ("--max-auth-failures", "1000"),
@@ -172,7 +172,7 @@ impl PosternBuilder {
             ("--hostname".into(), HOSTNAME.into()),
             ("--log-level".into(), "debug".into()),
             // The suite's users mix {PLAIN} and hashes, which by default hides CRAM-MD5;
-            // the protocol tests exercise all three (tests/abuse.rs tests the default).
+            // the protocol tests exercise all three (tests/it/abuse.rs tests the default).
             ("--auth-mechanisms".into(), "PLAIN,LOGIN,CRAM-MD5".into()),
         ];
         if self.relaxed_limits {
