@@ -291,8 +291,8 @@ pub struct ServeArgs {
 
     /// When the limits store does not answer: `open` lets mail through uncounted,
     /// `closed` answers MAIL with 451 4.3.0 until it is back.
-    #[arg(long, env = "POSTERN_LIMITS_STORE_FAILURE", value_enum, default_value_t = crate::quota::StoreFailure::Open)]
-    pub limits_store_failure: crate::quota::StoreFailure,
+    #[arg(long, env = "POSTERN_LIMITS_STORE_FAILURE", value_enum, default_value_t = crate::store::StoreFailure::Open)]
+    pub limits_store_failure: crate::store::StoreFailure,
 
     /// How long one limits store call may take before it counts as a failure.
     #[arg(long, env = "POSTERN_LIMITS_STORE_TIMEOUT", value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]

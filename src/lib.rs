@@ -34,6 +34,8 @@
 //! - [`backend`]: dials the backend, introduces the client, probes its capabilities.
 //! - [`quota`]: per-user sending limits, in memory or in Redis shared by replicas.
 //! - [`limits`]: per-network connection and AUTH-failure tables.
+//! - [`store`]: the limits store (`--limits-store`): the Redis connection replicas share
+//!   their counters through, its timeout and its failure mode.
 //! - [`shutdown`]: stop requests and the drain every task hears.
 //! - [`session`]: the pre-AUTH state machine (sans-IO).
 //! - [`sasl`]: PLAIN, LOGIN and CRAM-MD5 exchanges (sans-IO).
@@ -63,6 +65,7 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod smtp;
+pub mod store;
 pub mod tls;
 pub mod users;
 
