@@ -28,12 +28,14 @@
 //! - [`listener`]: accept loops, the connection limits, the PROXY header.
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`auth`]: the [`auth::Authenticator`]: credential checks behind the AUTH failure
-//!   windows, the verifier share per network and constant-time failures.
+//!   windows (this process's, or shared by replicas through the limits store), the
+//!   verifier share per network and constant-time failures.
 //! - [`relay`]: the post-AUTH relay: verbatim bytes, followed by a sans-IO SMTP tracker
 //!   ([`relay::tracker`], owning the buffers) applying [`relay::rules`].
 //! - [`backend`]: dials the backend, introduces the client, probes its capabilities.
 //! - [`quota`]: per-user sending limits, in memory or in Redis shared by replicas.
-//! - [`limits`]: per-network connection and AUTH-failure tables.
+//! - [`limits`]: per-network connection and AUTH-failure tables, in the process or in
+//!   the limits store (`limits::shared`).
 //! - [`store`]: the limits store (`--limits-store`): the Redis connection replicas share
 //!   their counters through, its timeout and its failure mode.
 //! - [`shutdown`]: stop requests and the drain every task hears.

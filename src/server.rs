@@ -165,6 +165,7 @@ impl Config {
                     window: args.auth_failure_window,
                     user_delay: args.auth_failure_delay,
                 },
+                store: store.clone(),
                 verifications_per_network: args.max_verifications_per_network,
                 mechanisms: (!args.auth_mechanisms.is_empty())
                     .then(|| args.auth_mechanisms.clone()),

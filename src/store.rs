@@ -5,8 +5,9 @@
 //! `memory` keeps every counter in the process. A `redis://` (or `valkey://`) URL puts
 //! them in Redis, where each check-and-reserve is one Lua script run atomically on the
 //! server's clock, so replicas with skewed clocks agree. The users of the store (the
-//! sending limits in `quota`) bring their own scripts; this module owns the connection
-//! they share, its timeouts and its errors.
+//! sending limits in `quota`, the AUTH failure windows in `limits::shared`) bring their
+//! own scripts; this module owns the one connection they share, its timeouts and its
+//! errors.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,9 +21,9 @@ use tokio::sync::OnceCell;
 /// What to do when the limits store cannot answer in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreFailure {
-    /// Let mail through uncounted.
+    /// Let mail through uncounted; AUTH falls back to this replica's own failure windows.
     Open,
-    /// Refuse MAIL with 451 4.3.0 until the store answers again.
+    /// Refuse MAIL with 451 4.3.0 and AUTH with 454 4.7.0 until the store answers again.
     Closed,
 }
 
