@@ -12,6 +12,8 @@
 //!   receives and can refuse, greet 421 or stall.
 //! - [`mta`]: [`mta::Mta`], a private Postfix, Exim or OpenSMTPD behind a recording
 //!   forwarder, and the messages its log says it accepted.
+//! - [`redis_server`]: [`redis_server::RedisServer`], a private `redis-server`: the
+//!   limits store replicas share.
 //! - [`sink`]: [`SmtpSink`], the real Postfix `smtp-sink`, dumping each message to a file.
 //! - [`client`]: [`SmtpClient`], a raw line client (plain, STARTTLS or implicit TLS) with
 //!   `expect("235")` style helpers.
@@ -29,6 +31,7 @@ pub mod client;
 pub mod mta;
 pub mod postern;
 pub mod raw_backend;
+pub mod redis_server;
 pub mod sink;
 pub mod tools;
 

@@ -522,6 +522,9 @@ pub fn send(stream: &mut TcpStream, line: &str) {
 // ---------------------------------------------------------------------------------------
 // HAProxy
 
+const HAPROXY_DEFAULTS: &str = "global\n    maxconn 200\n\
+     defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n";
+
 /// A HAProxy in TCP mode (`haproxy -f CFG -db`, foreground), killed on drop.
 pub struct Haproxy {
     child: Child,
@@ -533,17 +536,33 @@ impl Haproxy {
     /// One frontend per `(bind, server, option)`: connections to `bind` go to `server`
     /// with `option` (`send-proxy` or `send-proxy-v2`).
     pub fn start(routes: &[(SocketAddr, SocketAddr, &str)]) -> Haproxy {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = String::from(
-            "global\n    maxconn 200\n\
-             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n",
-        );
+        let mut cfg = String::from(HAPROXY_DEFAULTS);
         for (i, (bind, server, option)) in routes.iter().enumerate() {
             cfg.push_str(&format!(
                 "frontend fe{i}\n    bind {bind}\n    default_backend be{i}\n\
                  backend be{i}\n    server postern {server} {option}\n"
             ));
         }
+        let binds: Vec<SocketAddr> = routes.iter().map(|(bind, _, _)| *bind).collect();
+        Haproxy::run(cfg, &binds)
+    }
+
+    /// One frontend on `bind` spreading connections over `servers` in turn (`balance
+    /// roundrobin`), each with `option`: replicas behind a load balancer.
+    pub fn balance(bind: SocketAddr, servers: &[SocketAddr], option: &str) -> Haproxy {
+        let mut cfg = String::from(HAPROXY_DEFAULTS);
+        cfg.push_str(&format!(
+            "frontend fe\n    bind {bind}\n    default_backend replicas\n\
+             backend replicas\n    balance roundrobin\n"
+        ));
+        for (i, server) in servers.iter().enumerate() {
+            cfg.push_str(&format!("    server replica{i} {server} {option}\n"));
+        }
+        Haproxy::run(cfg, &[bind])
+    }
+
+    fn run(cfg: String, binds: &[SocketAddr]) -> Haproxy {
+        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, &cfg).expect("write haproxy.cfg");
         let log = dir.path().join("haproxy.log");
@@ -562,7 +581,7 @@ impl Haproxy {
             _dir: dir,
             log,
         };
-        for (bind, _, _) in routes {
+        for bind in binds {
             let deadline = Instant::now() + STEP;
             while TcpStream::connect_timeout(bind, Duration::from_millis(200)).is_err() {
                 if let Ok(Some(status)) = haproxy.child.try_wait() {
