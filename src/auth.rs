@@ -4,16 +4,17 @@
 //! In order, an attempt meets: the failure windows per client network and per user
 //! name ([`gate`]: this process's, or those every replica shares through the limits
 //! store; reserved before any hash runs), the share of verifications one network may
-//! hold ([`PerNetSlots`]), the verifier pool (a KDF takes about 100 ms of CPU and argon2
-//! 64 MiB), the credential source itself, and on failure the pacing that makes every
-//! failure take as long as the costliest hash ([`FailurePace`]). Sessions only ask
-//! [`Authenticator::authenticate`]; the connection code knows none of this.
+//! hold ([`PerNetSlots`]), the verifier pool ([`pool`]: a KDF takes about 100 ms of CPU
+//! and argon2 64 MiB, so the verifiers are few, and waiting attempts are served by
+//! their network's share), the credential source itself, and on failure the pacing
+//! that makes every failure take as long as the costliest hash ([`FailurePace`]).
+//! Sessions only ask [`Authenticator::authenticate`]; the connection code knows none of
+//! this.
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::limits::{
@@ -28,8 +29,10 @@ use crate::store::LimitsStore;
 use crate::users::{Check, UserDb};
 
 pub mod gate;
+pub mod pool;
 
 use gate::FailureGate;
+use pool::{Busy, QUEUE_PER_VERIFIER, VerifierPool};
 
 /// How long an AUTH may wait for a free verifier before it gets `454 4.7.0`.
 const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,8 +58,9 @@ pub struct Authenticator {
     /// The users file; a reload swaps it for new attempts while running ones keep their
     /// `Arc`.
     users: RwLock<Arc<UserDb>>,
-    /// Bounds concurrent password hash verifications (argon2 uses 64 MiB each).
-    verify_slots: Semaphore,
+    /// Bounds concurrent password hash verifications (argon2 uses 64 MiB each), and
+    /// orders the attempts waiting for one.
+    verifiers: Arc<VerifierPool>,
     /// Verifications running or queued per client network.
     verifications_per_net: Arc<PerNetSlots>,
     /// AUTH failures per client network and per user name.
@@ -78,12 +82,13 @@ impl Authenticator {
         if let Ok(took) = tokio::task::spawn_blocking(move || decoy.time_decoy()).await {
             failure_pace.seed(took);
         }
+        let verifiers = verify_concurrency();
         Arc::new(Authenticator {
             verifications_per_net: PerNetSlots::new(settings.verifications_per_network, u32::MAX),
             gate: FailureGate::new(settings.failures, &settings.store),
             settings,
             users: RwLock::new(users),
-            verify_slots: Semaphore::new(verify_concurrency()),
+            verifiers: VerifierPool::new(verifiers, verifiers * QUEUE_PER_VERIFIER),
             failure_pace,
             throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
         })
@@ -157,13 +162,20 @@ impl Authenticator {
         let Ok(verifying) = self.verifications_per_net.try_acquire(client, None) else {
             return throttled(metrics::label::throttle_scope::NETWORK_VERIFICATIONS);
         };
-        let verified = self.verify(credentials).await;
+        let verified = self.verify(client, credentials).await;
         // Given back with the verifier, not after the failure pacing below: the cap is on
         // hashing, and a paced failure holds no CPU.
         drop(verifying);
-        let Some((check, took)) = verified else {
-            metrics::auth_throttled(metrics::label::throttle_scope::VERIFIER);
-            return Verdict::Throttled;
+        let (check, took) = match verified {
+            Ok(checked) => checked,
+            // Refused by share: logged like any refusal (a flood repeats fast).
+            Err(Busy::QueueFull | Busy::Displaced) => {
+                return throttled(metrics::label::throttle_scope::VERIFIER_QUEUE);
+            }
+            Err(Busy::TimedOut) => {
+                metrics::auth_throttled(metrics::label::throttle_scope::VERIFIER);
+                return Verdict::Throttled;
+            }
         };
         let valid = check.valid;
         metrics::auth_attempt(mechanism.label(), valid);
@@ -196,14 +208,15 @@ impl Authenticator {
     }
 
     /// Checks credentials on the blocking pool: a KDF takes ~100 ms of CPU and must not
-    /// stall the reactor. The semaphore bounds how many run at once; `None` if none was
-    /// free in time. Also returns how long the check itself took (not the queue).
-    async fn verify(&self, credentials: Credentials) -> Option<(Check, Duration)> {
+    /// stall the reactor. The verifier pool bounds how many run at once and who waits
+    /// for one first. Also returns how long the check itself took (not the queue).
+    async fn verify(
+        &self,
+        client: ClientNet,
+        credentials: Credentials,
+    ) -> Result<(Check, Duration), Busy> {
         let users = self.users();
-        let permit = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, self.verify_slots.acquire()).await;
-        let Ok(Ok(_permit)) = permit else {
-            return None;
-        };
+        let _verifier = self.verifiers.acquire(client, VERIFY_QUEUE_TIMEOUT).await?;
         let check = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let check = match &credentials {
@@ -228,7 +241,7 @@ impl Authenticator {
             },
             Duration::ZERO,
         );
-        Some(check.await.unwrap_or(failed))
+        Ok(check.await.unwrap_or(failed))
     }
 
     /// Logs the throttle events held back per network once their network's interval is

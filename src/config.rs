@@ -325,7 +325,9 @@ pub struct ServeArgs {
 
     /// Password verifications one client network (IP or IPv6 --ipv6-prefix) may have
     /// running or queued at once; further attempts get 454 4.7.0 without a check, so a
-    /// flood from one network leaves the rest of the verifier pool to everyone else.
+    /// flood from one network leaves the rest of the verifier pool to everyone else (one
+    /// network never runs on every verifier at once). When every verifier is busy,
+    /// waiting attempts are served quietest network first.
     #[arg(long, env = "POSTERN_MAX_VERIFICATIONS_PER_NETWORK", value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_verifications_per_network: u32,
 

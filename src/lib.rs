@@ -29,7 +29,7 @@
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`auth`]: the [`auth::Authenticator`]: credential checks behind the AUTH failure
 //!   windows (this process's, or shared by replicas through the limits store), the
-//!   verifier share per network and constant-time failures.
+//!   verifier pool served by network share, and constant-time failures.
 //! - [`relay`]: the post-AUTH relay: verbatim bytes, followed by a sans-IO SMTP tracker
 //!   ([`relay::tracker`], owning the buffers) applying [`relay::rules`].
 //! - [`backend`]: dials the backend, introduces the client, probes its capabilities.

@@ -85,6 +85,9 @@ pub mod label {
         pub const CONNECTION: &str = "connection";
         /// No verifier was free in time.
         pub const VERIFIER: &str = "verifier";
+        /// Every verifier busy and the queue full: refused, or displaced from the queue,
+        /// as the attempt from the network with the largest share.
+        pub const VERIFIER_QUEUE: &str = "verifier_queue";
         /// The network already has --max-verifications-per-network running or queued.
         pub const NETWORK_VERIFICATIONS: &str = "network_verifications";
         /// The limits store holding the failure windows did not answer, and
@@ -95,6 +98,7 @@ pub mod label {
             USER,
             CONNECTION,
             VERIFIER,
+            VERIFIER_QUEUE,
             NETWORK_VERIFICATIONS,
             STORE_UNAVAILABLE,
         ];
@@ -264,7 +268,7 @@ fn describe() {
     );
     describe_counter!(
         AUTH_THROTTLED_TOTAL,
-        "AUTH attempts refused without a password check, by scope: ip (network over its failure limit), user (name over its limit from this network), connection (--max-auth-failures used up), verifier (no verifier free in time), network_verifications (--max-verifications-per-network running or queued), store_unavailable (the limits store holding the failure windows did not answer and --limits-store-failure is closed)."
+        "AUTH attempts refused without a password check, by scope: ip (network over its failure limit), user (name over its limit from this network), connection (--max-auth-failures used up), verifier (no verifier free in time), verifier_queue (every verifier busy and the queue full: the attempts of the networks with the largest share are refused first), network_verifications (--max-verifications-per-network running or queued), store_unavailable (the limits store holding the failure windows did not answer and --limits-store-failure is closed)."
     );
     describe_counter!(
         CONNECTIONS_REJECTED_TOTAL,
