@@ -2,33 +2,41 @@
 //! abuse defence in front of the credential source.
 //!
 //! In order, an attempt meets: the failure windows per client network and per user
-//! name ([`AuthGate`], reserved before any hash runs), the share of verifications one
-//! network may hold ([`PerNetSlots`]), the verifier pool (a KDF takes about 100 ms of
-//! CPU and argon2 64 MiB), the credential source itself, and on failure the pacing that
-//! makes every failure take as long as the costliest hash ([`FailurePace`]). Sessions
-//! only ask [`Authenticator::authenticate`]; the connection code knows none of this.
+//! name ([`gate`]: this process's, or those every replica shares through the limits
+//! store; reserved before any hash runs), the share of verifications one network may
+//! hold ([`PerNetSlots`]), the verifier pool ([`pool`]: a KDF takes about 100 ms of CPU
+//! and argon2 64 MiB, so the verifiers are few, and waiting attempts are served by
+//! their network's share), the credential source itself, and on failure the pacing
+//! that makes every failure take as long as the costliest hash ([`FailurePace`]).
+//! Sessions only ask [`Authenticator::authenticate`]; the connection code knows none of
+//! this.
 
 pub mod dovecot;
 pub mod http;
 pub mod ldap;
 
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::limits::{
-    Admission, AuthGate, AuthHistory, AuthLimits, ClientNet, FailurePace, PerNetSlots,
-    THROTTLE_LOG_INTERVAL, ThrottleLog,
+    AuthHistory, AuthLimits, ClientNet, FailurePace, PerNetSlots, THROTTLE_LOG_INTERVAL,
+    ThrottleLog,
 };
 use crate::metrics;
 use crate::sasl::{Credentials, Mechanism};
 use crate::session::Verdict;
 use crate::shutdown::Shutdown;
+use crate::store::LimitsStore;
 use crate::users::{Check, UserDb};
+
+pub mod gate;
+pub mod pool;
+
+use gate::FailureGate;
+use pool::{Busy, QUEUE_PER_VERIFIER, VerifierPool};
 
 /// How long an AUTH may wait for a free verifier before it gets `454 4.7.0`.
 const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,6 +46,9 @@ const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Settings {
     /// Failure windows per network and per user name.
     pub failures: AuthLimits,
+    /// Where the failure windows live (`--limits-store`), and what happens when it
+    /// cannot answer.
+    pub store: LimitsStore,
     /// Verifications one client network may have running or queued
     /// (`--max-verifications-per-network`).
     pub verifications_per_network: u32,
@@ -51,19 +62,17 @@ pub struct Authenticator {
     /// The users file; a reload swaps it for new attempts while running ones keep their
     /// `Arc`.
     users: RwLock<Arc<UserDb>>,
-    /// Bounds concurrent password hash verifications (argon2 uses 64 MiB each).
-    verify_slots: Semaphore,
+    /// Bounds concurrent password hash verifications (argon2 uses 64 MiB each), and
+    /// orders the attempts waiting for one.
+    verifiers: Arc<VerifierPool>,
     /// Verifications running or queued per client network.
     verifications_per_net: Arc<PerNetSlots>,
     /// AUTH failures per client network and per user name.
-    gate: Arc<AuthGate>,
+    gate: FailureGate,
     /// How long a failed AUTH takes at least (the costliest hash's time).
     failure_pace: Arc<FailurePace>,
     /// Throttle log lines held back per network.
     throttle_log: ThrottleLog,
-    /// Keys user names in the failure tables: a keyed hash, so a flood of long names
-    /// cannot grow their memory, nor be aimed at one bucket.
-    user_hasher: RandomState,
 }
 
 impl Authenticator {
@@ -77,15 +86,15 @@ impl Authenticator {
         if let Ok(took) = tokio::task::spawn_blocking(move || decoy.time_decoy()).await {
             failure_pace.seed(took);
         }
+        let verifiers = verify_concurrency();
         Arc::new(Authenticator {
             verifications_per_net: PerNetSlots::new(settings.verifications_per_network, u32::MAX),
-            gate: AuthGate::new(settings.failures),
+            gate: FailureGate::new(settings.failures, &settings.store),
             settings,
             users: RwLock::new(users),
-            verify_slots: Semaphore::new(verify_concurrency()),
+            verifiers: VerifierPool::new(verifiers, verifiers * QUEUE_PER_VERIFIER),
             failure_pace,
             throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
-            user_hasher: RandomState::new(),
         })
     }
 
@@ -131,18 +140,18 @@ impl Authenticator {
         credentials: Credentials,
     ) -> Verdict {
         let username = credentials.username().to_owned();
-        let user_key = self.user_hasher.hash_one(&username);
-        let (ticket, delay) = match self.gate.admit(client, user_key, Instant::now()) {
-            Admission::Verify { ticket, delay } => (ticket, delay),
-            Admission::Refused(refusal) => {
-                let scope = refusal.label();
-                metrics::auth_throttled(scope);
-                // A refused run repeats fast: one line per network and interval, counted.
-                if let Some(events) = self.throttle_log.note(client, Instant::now()) {
-                    info!(net = %client, events, user = ?LoggedName(&username), mechanism = mechanism.label(), scope, "authentication throttled");
-                }
-                return Verdict::Throttled;
+        let user_key = self.gate.key(&username);
+        let throttled = |scope: &'static str| {
+            metrics::auth_throttled(scope);
+            // A refused run repeats fast: one line per network and interval, counted.
+            if let Some(events) = self.throttle_log.note(client, Instant::now()) {
+                info!(net = %client, events, user = ?LoggedName(&username), mechanism = mechanism.label(), scope, "authentication throttled");
             }
+            Verdict::Throttled
+        };
+        let (ticket, delay) = match self.gate.admit(client, &user_key).await {
+            gate::Decision::Verify { ticket, delay } => (ticket, delay),
+            gate::Decision::Refused(scope) => return throttled(scope),
         };
         if !delay.is_zero() {
             // The name is over its failure limit: slowed down from networks that have not
@@ -155,29 +164,30 @@ impl Authenticator {
         // A flood from one network queues at most this many for the verifier pool: the
         // rest is refused here, before it can crowd out other networks' logins.
         let Ok(verifying) = self.verifications_per_net.try_acquire(client, None) else {
-            let scope = metrics::label::throttle_scope::NETWORK_VERIFICATIONS;
-            metrics::auth_throttled(scope);
-            if let Some(events) = self.throttle_log.note(client, Instant::now()) {
-                info!(net = %client, events, user = ?LoggedName(&username), mechanism = mechanism.label(), scope, "authentication throttled");
-            }
-            return Verdict::Throttled;
+            return throttled(metrics::label::throttle_scope::NETWORK_VERIFICATIONS);
         };
-        let verified = self.verify(credentials).await;
+        let verified = self.verify(client, credentials).await;
         // Given back with the verifier, not after the failure pacing below: the cap is on
         // hashing, and a paced failure holds no CPU.
         drop(verifying);
-        let Some((check, took)) = verified else {
-            metrics::auth_throttled(metrics::label::throttle_scope::VERIFIER);
-            return Verdict::Throttled;
+        let (check, took) = match verified {
+            Ok(checked) => checked,
+            // Refused by share: logged like any refusal (a flood repeats fast).
+            Err(Busy::QueueFull | Busy::Displaced) => {
+                return throttled(metrics::label::throttle_scope::VERIFIER_QUEUE);
+            }
+            Err(Busy::TimedOut) => {
+                metrics::auth_throttled(metrics::label::throttle_scope::VERIFIER);
+                return Verdict::Throttled;
+            }
         };
         let valid = check.valid;
         metrics::auth_attempt(mechanism.label(), valid);
-        let now = Instant::now();
         if valid {
-            ticket.succeeded(now);
-            let forgiven = history.succeeded(user_key, mechanism);
+            ticket.succeeded().await;
+            let forgiven = history.succeeded(user_key.local, mechanism);
             if forgiven > 0 {
-                self.gate.forgive(client, user_key, forgiven, now);
+                self.gate.forgive(client, &user_key, forgiven).await;
                 tracing::debug!(
                     forgiven,
                     mechanism = mechanism.label(),
@@ -186,8 +196,8 @@ impl Authenticator {
             }
             return Verdict::Valid;
         }
-        ticket.failed(now);
-        history.failed(user_key, mechanism);
+        ticket.failed();
+        history.failed(user_key.local, mechanism);
         // Every failure answers after the costliest hash's time, so response times tell
         // neither which names exist nor how each is stored (the verifier slot is free
         // again: this waits without holding CPU).
@@ -202,14 +212,15 @@ impl Authenticator {
     }
 
     /// Checks credentials on the blocking pool: a KDF takes ~100 ms of CPU and must not
-    /// stall the reactor. The semaphore bounds how many run at once; `None` if none was
-    /// free in time. Also returns how long the check itself took (not the queue).
-    async fn verify(&self, credentials: Credentials) -> Option<(Check, Duration)> {
+    /// stall the reactor. The verifier pool bounds how many run at once and who waits
+    /// for one first. Also returns how long the check itself took (not the queue).
+    async fn verify(
+        &self,
+        client: ClientNet,
+        credentials: Credentials,
+    ) -> Result<(Check, Duration), Busy> {
         let users = self.users();
-        let permit = tokio::time::timeout(VERIFY_QUEUE_TIMEOUT, self.verify_slots.acquire()).await;
-        let Ok(Ok(_permit)) = permit else {
-            return None;
-        };
+        let _verifier = self.verifiers.acquire(client, VERIFY_QUEUE_TIMEOUT).await?;
         let check = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let check = match &credentials {
@@ -234,7 +245,7 @@ impl Authenticator {
             },
             Duration::ZERO,
         );
-        Some(check.await.unwrap_or(failed))
+        Ok(check.await.unwrap_or(failed))
     }
 
     /// Logs the throttle events held back per network once their network's interval is

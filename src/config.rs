@@ -279,8 +279,9 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_MAX_RECIPIENTS_PER_MESSAGE", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_recipients_per_message: Option<u32>,
 
-    /// Where the per-user counters live: `memory` (this process), or a `redis://` URL
-    /// (Redis or Valkey) so that several replicas share one limit.
+    /// Where the per-user sending counters and the AUTH failure windows live: `memory`
+    /// (this process), or a `redis://` URL (Redis or Valkey) so that several replicas share
+    /// one limit and one failure budget.
     #[arg(
         long,
         env = "POSTERN_LIMITS_STORE",
@@ -289,10 +290,11 @@ pub struct ServeArgs {
     )]
     pub limits_store: String,
 
-    /// When the limits store does not answer: `open` lets mail through uncounted,
-    /// `closed` answers MAIL with 451 4.3.0 until it is back.
-    #[arg(long, env = "POSTERN_LIMITS_STORE_FAILURE", value_enum, default_value_t = crate::quota::StoreFailure::Open)]
-    pub limits_store_failure: crate::quota::StoreFailure,
+    /// When the limits store does not answer: `open` lets mail through uncounted and
+    /// applies each replica's own AUTH failure windows, `closed` answers MAIL with 451
+    /// 4.3.0 and AUTH with 454 4.7.0 until it is back.
+    #[arg(long, env = "POSTERN_LIMITS_STORE_FAILURE", value_enum, default_value_t = crate::store::StoreFailure::Open)]
+    pub limits_store_failure: crate::store::StoreFailure,
 
     /// How long one limits store call may take before it counts as a failure.
     #[arg(long, env = "POSTERN_LIMITS_STORE_TIMEOUT", value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]
@@ -323,7 +325,9 @@ pub struct ServeArgs {
 
     /// Password verifications one client network (IP or IPv6 --ipv6-prefix) may have
     /// running or queued at once; further attempts get 454 4.7.0 without a check, so a
-    /// flood from one network leaves the rest of the verifier pool to everyone else.
+    /// flood from one network leaves the rest of the verifier pool to everyone else (one
+    /// network never runs on every verifier at once). When every verifier is busy,
+    /// waiting attempts are served quietest network first.
     #[arg(long, env = "POSTERN_MAX_VERIFICATIONS_PER_NETWORK", value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_verifications_per_network: u32,
 

@@ -28,12 +28,16 @@
 //! - [`listener`]: accept loops, the connection limits, the PROXY header.
 //! - [`conn`]: drives a session over a socket: TLS, verification, backend hand-off.
 //! - [`auth`]: the [`auth::Authenticator`]: credential checks behind the AUTH failure
-//!   windows, the verifier share per network and constant-time failures.
+//!   windows (this process's, or shared by replicas through the limits store), the
+//!   verifier pool served by network share, and constant-time failures.
 //! - [`relay`]: the post-AUTH relay: verbatim bytes, followed by a sans-IO SMTP tracker
 //!   ([`relay::tracker`], owning the buffers) applying [`relay::rules`].
 //! - [`backend`]: dials the backend, introduces the client, probes its capabilities.
 //! - [`quota`]: per-user sending limits, in memory or in Redis shared by replicas.
-//! - [`limits`]: per-network connection and AUTH-failure tables.
+//! - [`limits`]: per-network connection and AUTH-failure tables, in the process or in
+//!   the limits store (`limits::shared`).
+//! - [`store`]: the limits store (`--limits-store`): the Redis connection replicas share
+//!   their counters through, its timeout and its failure mode.
 //! - [`shutdown`]: stop requests and the drain every task hears.
 //! - [`session`]: the pre-AUTH state machine (sans-IO).
 //! - [`sasl`]: PLAIN, LOGIN and CRAM-MD5 exchanges (sans-IO).
@@ -63,6 +67,7 @@ pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod smtp;
+pub mod store;
 pub mod tls;
 pub mod users;
 

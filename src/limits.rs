@@ -1,7 +1,8 @@
 //! Abuse limits shared by all connections: open connections and running password
 //! verifications per client network, and
 //! authentication failures per client network and per user name in a sliding window
-//! ([`AuthGate`]).
+//! ([`AuthGate`]; the same windows kept in the limits store, shared by replicas, are
+//! [`shared`]).
 //!
 //! The tables are bounded: the connection table by the connection limit itself, the
 //! failure table by [`MAX_TRACKED`] entries, so a flood from many addresses costs a
@@ -14,6 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::sasl::Mechanism;
+
+pub mod shared;
 
 /// Most keys the failure table tracks at once (~50 bytes each).
 pub const MAX_TRACKED: usize = 100_000;
@@ -474,20 +477,37 @@ impl AuthGate {
                 if failed_here {
                     return Admission::Refused(Refusal::User);
                 }
-                delay = user_delay(limits, user_count);
+                delay = limits.user_delay(user_count);
             }
         }
+        Admission::Verify {
+            ticket: self.take_place(&mut state, net, user),
+            delay,
+        }
+    }
+
+    /// Takes an attempt's place without checking the limits: the windows shared through
+    /// the limits store decided, and this gate only keeps the replica's own count, to
+    /// fall back on when the store cannot answer.
+    pub fn reserve(self: &Arc<Self>, net: ClientNet, user: UserKey) -> AuthTicket {
+        let mut state = lock(&self.state);
+        self.take_place(&mut state, net, user)
+    }
+
+    fn take_place(
+        self: &Arc<Self>,
+        state: &mut GateState,
+        net: ClientNet,
+        user: UserKey,
+    ) -> AuthTicket {
         increment(&mut state.running_nets, net);
         increment(&mut state.running_users, user);
-        increment(&mut state.running_user_nets, pair);
-        Admission::Verify {
-            ticket: AuthTicket {
-                gate: self.clone(),
-                net,
-                user,
-                settled: false,
-            },
-            delay,
+        increment(&mut state.running_user_nets, (user, net));
+        AuthTicket {
+            gate: self.clone(),
+            net,
+            user,
+            settled: false,
         }
     }
 
@@ -537,14 +557,16 @@ enum Settled {
     GivenBack,
 }
 
-/// The slowdown of an attempt for a name with `count` failures (or running attempts):
-/// `user_delay` at the limit, doubling with each one past it, capped.
-fn user_delay(limits: AuthLimits, count: f64) -> Duration {
-    let over = (count - f64::from(limits.per_user)).clamp(0.0, 16.0) as u32;
-    limits
-        .user_delay
-        .saturating_mul(1 << over)
-        .min(MAX_USER_DELAY)
+impl AuthLimits {
+    /// The slowdown of an attempt for a name with `count` failures (or running
+    /// attempts) at or past `per_user`: `user_delay` at the limit, doubling with each one
+    /// past it, capped.
+    pub fn user_delay(&self, count: f64) -> Duration {
+        let over = (count - f64::from(self.per_user)).clamp(0.0, 16.0) as u32;
+        self.user_delay
+            .saturating_mul(1 << over)
+            .min(MAX_USER_DELAY)
+    }
 }
 
 /// One attempt's place in the [`AuthGate`]'s windows. Dropped without an outcome (no

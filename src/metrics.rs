@@ -85,9 +85,23 @@ pub mod label {
         pub const CONNECTION: &str = "connection";
         /// No verifier was free in time.
         pub const VERIFIER: &str = "verifier";
+        /// Every verifier busy and the queue full: refused, or displaced from the queue,
+        /// as the attempt from the network with the largest share.
+        pub const VERIFIER_QUEUE: &str = "verifier_queue";
         /// The network already has --max-verifications-per-network running or queued.
         pub const NETWORK_VERIFICATIONS: &str = "network_verifications";
-        pub const ALL: &[&str] = &[IP, USER, CONNECTION, VERIFIER, NETWORK_VERIFICATIONS];
+        /// The limits store holding the failure windows did not answer, and
+        /// --limits-store-failure is closed.
+        pub const STORE_UNAVAILABLE: &str = "store_unavailable";
+        pub const ALL: &[&str] = &[
+            IP,
+            USER,
+            CONNECTION,
+            VERIFIER,
+            VERIFIER_QUEUE,
+            NETWORK_VERIFICATIONS,
+            STORE_UNAVAILABLE,
+        ];
     }
     /// `reason` of [`CONNECTIONS_REJECTED_TOTAL`](super::CONNECTIONS_REJECTED_TOTAL).
     pub mod reject_reason {
@@ -138,9 +152,15 @@ pub mod label {
     }
     /// `operation` of [`LIMITS_STORE_ERRORS_TOTAL`](super::LIMITS_STORE_ERRORS_TOTAL).
     pub mod store_operation {
+        /// A sending-limit reservation.
         pub const RESERVE: &str = "reserve";
+        /// A sending-limit release.
         pub const RELEASE: &str = "release";
-        pub const ALL: &[&str] = &[RESERVE, RELEASE];
+        /// An AUTH attempt's check and reservation in the shared failure windows.
+        pub const AUTH_RESERVE: &str = "auth_reserve";
+        /// An AUTH attempt's place given back (success, no verdict) or forgiven.
+        pub const AUTH_RELEASE: &str = "auth_release";
+        pub const ALL: &[&str] = &[RESERVE, RELEASE, AUTH_RESERVE, AUTH_RELEASE];
     }
 }
 
@@ -240,7 +260,7 @@ fn describe() {
     );
     describe_counter!(
         LIMITS_STORE_ERRORS_TOTAL,
-        "Limits store calls that failed or timed out, by operation."
+        "Limits store calls that failed or timed out, by operation: reserve and release (sending limits), auth_reserve and auth_release (the AUTH failure windows shared by replicas)."
     );
     describe_gauge!(
         CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
@@ -248,7 +268,7 @@ fn describe() {
     );
     describe_counter!(
         AUTH_THROTTLED_TOTAL,
-        "AUTH attempts refused without a password check, by scope: ip (network over its failure limit), user (name over its limit from this network), connection (--max-auth-failures used up), verifier (no verifier free in time), network_verifications (--max-verifications-per-network running or queued)."
+        "AUTH attempts refused without a password check, by scope: ip (network over its failure limit), user (name over its limit from this network), connection (--max-auth-failures used up), verifier (no verifier free in time), verifier_queue (every verifier busy and the queue full: the attempts of the networks with the largest share are refused first), network_verifications (--max-verifications-per-network running or queued), store_unavailable (the limits store holding the failure windows did not answer and --limits-store-failure is closed)."
     );
     describe_counter!(
         CONNECTIONS_REJECTED_TOTAL,

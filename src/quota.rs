@@ -12,24 +12,21 @@
 //! previous one weighted by how much of it still overlaps (the same estimate as the
 //! AUTH-failure table in [`crate::limits`]), so each user costs two counters per limit.
 //!
-//! In memory one lock covers each check-and-add. In Redis one Lua script per call
-//! checks and adds atomically, on the server's clock, so replicas with skewed clocks
-//! agree. Every call has a short timeout; when the store
-//! cannot answer, `--limits-store-failure open` lets mail through uncounted (the
+//! In memory one lock covers each check-and-add. In Redis (the [`crate::store`]
+//! connection) one Lua script per call checks and adds atomically, on the server's
+//! clock, so replicas with skewed clocks agree. Every call has a short timeout; when the
+//! store cannot answer, `--limits-store-failure open` lets mail through uncounted (the
 //! default: limits are abuse control, and the backend keeps working without Redis),
 //! `closed` answers MAIL with `451 4.3.0` until the store is back.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use clap::ValueEnum;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::OnceCell;
-
 use crate::limits::MAX_TRACKED;
+use crate::store::{self, LimitsStore, StoreError, StoreFailure, millis};
 
 /// What a session is allowed to send. The relay's rules enforce the per-message one
 /// and ask this store for the per-user ones.
@@ -97,48 +94,18 @@ impl Rate {
     }
 }
 
-/// What to do when the limits store cannot answer in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StoreFailure {
-    /// Let mail through uncounted.
-    Open,
-    /// Refuse MAIL with 451 4.3.0 until the store answers again.
-    Closed,
-}
-
 /// The window used for a limit that is not set: its counter is still kept, cheaply,
 /// so turning the limit on later starts from real numbers.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
 
-/// The `--max-*-per-*` and `--limits-store*` settings.
+/// The `--max-*-per-*` settings and the `--limits-store*` ones.
 #[derive(Debug, Clone)]
 pub struct QuotaConfig {
     pub messages_per_user: Option<Rate>,
     pub recipients_per_user: Option<Rate>,
     pub recipients_per_message: Option<u32>,
-    /// `memory`, or a `redis://` / `rediss://` / `redis+unix://` / `valkey://` URL.
-    pub store: String,
-    pub failure: StoreFailure,
-    pub timeout: Duration,
+    pub store: LimitsStore,
 }
-
-/// Why the store did not answer.
-#[derive(Debug)]
-pub enum StoreError {
-    Timeout,
-    Redis(redis::RedisError),
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreError::Timeout => f.write_str("timed out"),
-            StoreError::Redis(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
 
 /// The per-user limits and where their counters live.
 pub struct Quota {
@@ -146,7 +113,6 @@ pub struct Quota {
     message_window: Duration,
     recipient_window: Duration,
     failure: StoreFailure,
-    timeout: Duration,
     store: Store,
 }
 
@@ -165,7 +131,7 @@ const PER_USER: [Limit; 2] = [Limit::MessagesPerUser, Limit::RecipientsPerUser];
 enum Store {
     /// Per process.
     Memory(MemoryTable),
-    /// Boxed: three scripts and a client make it several times the memory table's size.
+    /// Boxed: three scripts make it several times the memory table's size.
     Redis(Box<RedisStore>),
 }
 
@@ -186,10 +152,8 @@ impl fmt::Debug for Quota {
 }
 
 impl Quota {
-    /// Validates the configuration. Nothing connects yet: Redis is dialled at first use
-    /// (inside the runtime), and a store that is down at start-up is a failure like any
-    /// other, handled by the failure mode.
-    pub fn new(config: &QuotaConfig) -> Result<Quota, String> {
+    /// The limits of `config`, counted in its store (which dials Redis at first use).
+    pub fn new(config: &QuotaConfig) -> Quota {
         let limits = Limits {
             messages_per_user: config.messages_per_user.map(|r| r.count),
             recipients_per_user: config.recipients_per_user.map(|r| r.count),
@@ -201,19 +165,17 @@ impl Quota {
         let recipient_window = config
             .recipients_per_user
             .map_or(DEFAULT_WINDOW, |r| r.window);
-        let store = if config.store == "memory" {
-            Store::Memory(MemoryTable::new([message_window, recipient_window]))
-        } else {
-            Store::Redis(Box::new(RedisStore::new(&config.store, config.timeout)?))
+        let store = match &config.store.redis {
+            None => Store::Memory(MemoryTable::new([message_window, recipient_window])),
+            Some(redis) => Store::Redis(Box::new(RedisStore::new(redis.clone()))),
         };
-        Ok(Quota {
+        Quota {
             limits,
             message_window,
             recipient_window,
-            failure: config.failure,
-            timeout: config.timeout,
+            failure: config.store.failure,
             store,
-        })
+        }
     }
 
     /// No limits: nothing is stored or looked up.
@@ -223,7 +185,6 @@ impl Quota {
             message_window: DEFAULT_WINDOW,
             recipient_window: DEFAULT_WINDOW,
             failure: StoreFailure::Open,
-            timeout: Duration::from_millis(250),
             store: Store::Memory(MemoryTable::new([DEFAULT_WINDOW; 2])),
         }
     }
@@ -286,12 +247,7 @@ impl Quota {
         ];
         match &self.store {
             Store::Memory(table) => Ok(table.reserve(user, asked, limits, Instant::now())),
-            Store::Redis(redis) => {
-                let call = redis.reserve(user, self.windows(), asked, limits);
-                tokio::time::timeout(self.timeout, call)
-                    .await
-                    .map_err(|_| StoreError::Timeout)?
-            }
+            Store::Redis(redis) => redis.reserve(user, self.windows(), asked, limits).await,
         }
     }
 
@@ -314,12 +270,7 @@ impl Quota {
                 table.release(user, amounts, Instant::now());
                 Ok(())
             }
-            Store::Redis(redis) => {
-                let call = redis.release(user, self.windows(), amounts);
-                tokio::time::timeout(self.timeout, call)
-                    .await
-                    .map_err(|_| StoreError::Timeout)?
-            }
+            Store::Redis(redis) => redis.release(user, self.windows(), amounts).await,
         }
     }
 
@@ -343,10 +294,9 @@ impl Quota {
                 })
             }
             Store::Redis(redis) => {
-                let call = redis.update(user, self.windows(), [messages, recipients]);
-                tokio::time::timeout(self.timeout, call)
+                redis
+                    .update(user, self.windows(), [messages, recipients])
                     .await
-                    .map_err(|_| StoreError::Timeout)?
             }
         }
     }
@@ -621,48 +571,20 @@ return 0
 ";
 
 struct RedisStore {
-    client: redis::Client,
-    connection: OnceCell<ConnectionManager>,
+    redis: Arc<store::Redis>,
     update_script: redis::Script,
     reserve_script: redis::Script,
     release_script: redis::Script,
-    timeout: Duration,
 }
 
 impl RedisStore {
-    fn new(url: &str, timeout: Duration) -> Result<RedisStore, String> {
-        // Valkey speaks the same protocol; accept its scheme as an alias.
-        let url = match url.strip_prefix("valkey://") {
-            Some(rest) => format!("redis://{rest}"),
-            None => url.to_owned(),
-        };
-        let client =
-            redis::Client::open(url.as_str()).map_err(|e| format!("--limits-store: {e}"))?;
-        Ok(RedisStore {
-            client,
-            connection: OnceCell::new(),
+    fn new(redis: Arc<store::Redis>) -> RedisStore {
+        RedisStore {
+            redis,
             update_script: redis::Script::new(UPDATE_SCRIPT),
             reserve_script: redis::Script::new(RESERVE_SCRIPT),
             release_script: redis::Script::new(RELEASE_SCRIPT),
-            timeout,
-        })
-    }
-
-    /// The shared connection. The manager reconnects by itself after Redis restarts;
-    /// each attempt is bounded by the store timeout, so no session waits longer.
-    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
-        self.connection
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            })
-            .await
-            .cloned()
-            .map_err(StoreError::Redis)
+        }
     }
 
     async fn update(
@@ -671,19 +593,19 @@ impl RedisStore {
         windows: [Duration; 2],
         add: [u32; 2],
     ) -> Result<Usage, StoreError> {
-        let mut connection = self.connection().await?;
         let [message_key, recipient_key] = keys(user);
         let (messages, recipients): (u64, u64) = self
-            .update_script
-            .key(message_key)
-            .key(recipient_key)
-            .arg(millis(windows[0]))
-            .arg(millis(windows[1]))
-            .arg(add[0])
-            .arg(add[1])
-            .invoke_async(&mut connection)
-            .await
-            .map_err(StoreError::Redis)?;
+            .redis
+            .invoke(
+                self.update_script
+                    .key(message_key)
+                    .key(recipient_key)
+                    .arg(millis(windows[0]))
+                    .arg(millis(windows[1]))
+                    .arg(add[0])
+                    .arg(add[1]),
+            )
+            .await?;
         Ok(Usage {
             messages,
             recipients,
@@ -697,21 +619,21 @@ impl RedisStore {
         asked: [u32; 2],
         limits: [Option<u64>; 2],
     ) -> Result<Reservation, StoreError> {
-        let mut connection = self.connection().await?;
         let [message_key, recipient_key] = keys(user);
         let refused: u8 = self
-            .reserve_script
-            .key(message_key)
-            .key(recipient_key)
-            .arg(millis(windows[0]))
-            .arg(millis(windows[1]))
-            .arg(asked[0])
-            .arg(asked[1])
-            .arg(limits[0].unwrap_or(0))
-            .arg(limits[1].unwrap_or(0))
-            .invoke_async(&mut connection)
-            .await
-            .map_err(StoreError::Redis)?;
+            .redis
+            .invoke(
+                self.reserve_script
+                    .key(message_key)
+                    .key(recipient_key)
+                    .arg(millis(windows[0]))
+                    .arg(millis(windows[1]))
+                    .arg(asked[0])
+                    .arg(asked[1])
+                    .arg(limits[0].unwrap_or(0))
+                    .arg(limits[1].unwrap_or(0)),
+            )
+            .await?;
         match refused {
             0 => Ok(Reservation::Granted),
             1 | 2 => Ok(Reservation::Refused(PER_USER[usize::from(refused - 1)])),
@@ -730,19 +652,19 @@ impl RedisStore {
         windows: [Duration; 2],
         amounts: [u32; 2],
     ) -> Result<(), StoreError> {
-        let mut connection = self.connection().await?;
         let [message_key, recipient_key] = keys(user);
         let _: u8 = self
-            .release_script
-            .key(message_key)
-            .key(recipient_key)
-            .arg(millis(windows[0]))
-            .arg(millis(windows[1]))
-            .arg(amounts[0])
-            .arg(amounts[1])
-            .invoke_async(&mut connection)
-            .await
-            .map_err(StoreError::Redis)?;
+            .redis
+            .invoke(
+                self.release_script
+                    .key(message_key)
+                    .key(recipient_key)
+                    .arg(millis(windows[0]))
+                    .arg(millis(windows[1]))
+                    .arg(amounts[0])
+                    .arg(amounts[1]),
+            )
+            .await?;
         Ok(())
     }
 }
@@ -756,16 +678,10 @@ fn keys(user: &str) -> [String; 2] {
     ]
 }
 
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::store::test_server::RedisServer;
 
     #[test]
     fn rates_parse_with_humantime_windows() {
@@ -793,7 +709,12 @@ mod tests {
         }
     }
 
-    fn config(store: &str) -> QuotaConfig {
+    /// `spec` (`memory` or a URL) as the limits store.
+    fn store(spec: &str, failure: StoreFailure) -> LimitsStore {
+        LimitsStore::open(spec, failure, Duration::from_secs(2)).unwrap()
+    }
+
+    fn config(spec: &str) -> QuotaConfig {
         QuotaConfig {
             messages_per_user: Some(Rate {
                 count: 2,
@@ -801,15 +722,13 @@ mod tests {
             }),
             recipients_per_user: None,
             recipients_per_message: Some(3),
-            store: store.into(),
-            failure: StoreFailure::Open,
-            timeout: Duration::from_millis(200),
+            store: store(spec, StoreFailure::Open),
         }
     }
 
     #[tokio::test]
     async fn the_memory_store_counts_per_user() {
-        let quota = Quota::new(&config("memory")).unwrap();
+        let quota = Quota::new(&config("memory"));
         assert!(quota.per_user());
         assert_eq!(quota.limits().messages_per_user, Some(2));
         assert_eq!(quota.limits().recipients_per_message, Some(3));
@@ -825,26 +744,18 @@ mod tests {
         assert_eq!(quota.usage("bob").await.unwrap(), Usage::default());
     }
 
-    #[test]
-    fn store_urls_are_checked_up_front() {
-        assert!(Quota::new(&config("redis://127.0.0.1:1/0")).is_ok());
-        assert!(Quota::new(&config("valkey://127.0.0.1:1")).is_ok());
-        assert!(Quota::new(&config("http://127.0.0.1")).is_err());
-    }
-
     #[tokio::test]
-    async fn an_unreachable_redis_fails_within_the_timeout() {
-        // Port 1 on loopback refuses at once; the timeout bounds any other failure.
-        let quota = Quota::new(&config("redis://127.0.0.1:1/0")).unwrap();
-        let started = Instant::now();
+    async fn an_unreachable_redis_is_an_error_not_a_grant() {
+        // Port 1 on loopback refuses at once.
+        let quota = Quota::new(&config("redis://127.0.0.1:1/0"));
         assert!(quota.usage("alice").await.is_err());
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(quota.reserve("alice", 1, 0).await.is_err());
     }
 
     /// A quota with per-user limits of `messages` and `recipients` (`None`: not set)
     /// per `window`, on `store`.
     fn limited(
-        store: &str,
+        spec: &str,
         messages: Option<u64>,
         recipients: Option<u64>,
         window: Duration,
@@ -854,11 +765,8 @@ mod tests {
             messages_per_user: messages.map(rate),
             recipients_per_user: recipients.map(rate),
             recipients_per_message: None,
-            store: store.into(),
-            failure: StoreFailure::Closed,
-            timeout: Duration::from_secs(2),
+            store: store(spec, StoreFailure::Closed),
         })
-        .unwrap()
     }
 
     const MINUTE: Duration = Duration::from_secs(60);
@@ -1024,61 +932,6 @@ mod tests {
         race_for_slots(Arc::new(limited("memory", Some(10), Some(10), MINUTE))).await;
     }
 
-    /// A private `redis-server` on a free loopback port, saving nothing, killed on drop.
-    struct RedisServer {
-        port: u16,
-        child: std::process::Child,
-    }
-
-    impl RedisServer {
-        /// `None` (after a loud message) when redis-server is not installed, unless the
-        /// `CI` variable is set: there a missing server is a failure, not a skip.
-        async fn start() -> Option<RedisServer> {
-            let Some(binary) = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
-                .into_iter()
-                .find(|p| std::path::Path::new(p).exists())
-            else {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "redis-server is not installed, and CI is set"
-                );
-                eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
-                return None;
-            };
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .unwrap()
-                .port();
-            let child = std::process::Command::new(binary)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let server = RedisServer { port, child };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                assert!(Instant::now() < deadline, "redis-server did not start");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Some(server)
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}/0", self.port)
-        }
-    }
-
-    impl Drop for RedisServer {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
     /// Redis windows are aligned on the epoch; at 30 days the chance that one turns
     /// during a test (and the previous window's weight drops below 1) is negligible.
     const MONTH: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -1106,11 +959,7 @@ mod tests {
         quota.release("erin", 1, 1).await.unwrap();
         // A release of a user with no keys creates none.
         quota.release("frank", 1, 1).await.unwrap();
-        let mut connection = redis::Client::open(redis.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut connection = redis.inspect().await;
         let mut keys: Vec<String> = redis::cmd("KEYS")
             .arg("postern:limits:*")
             .query_async(&mut connection)
@@ -1161,11 +1010,7 @@ mod tests {
         next_second().await;
         assert_eq!(quota.reserve("gina", 1, 0).await.unwrap(), GRANTED);
         quota.release("gina", 2, 0).await.unwrap();
-        let mut connection = redis::Client::open(redis.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut connection = redis.inspect().await;
         let mut keys: Vec<String> = redis::cmd("KEYS")
             .arg("postern:limits:{gina}:messages:*")
             .query_async(&mut connection)

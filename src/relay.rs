@@ -27,8 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::{info, warn};
 
 use crate::metrics::{self as m, Direction, MessageResult, bytes_counter};
-use crate::quota::{self, Quota, StoreFailure};
+use crate::quota::{self, Quota};
 use crate::smtp::Capabilities;
+use crate::store::StoreFailure;
 use pump::{Io, Pump, Pumped, Sides};
 use tracker::{Claim, Event, Limit, Notice, Reservation, Settings, Tracker};
 
@@ -752,11 +753,8 @@ mod tests {
                 }),
                 recipients_per_user: None,
                 recipients_per_message: None,
-                store: "memory".into(),
-                failure: StoreFailure::Open,
-                timeout: Duration::from_millis(100),
-            })
-            .unwrap(),
+                store: crate::store::LimitsStore::memory(),
+            }),
         };
         let (client_peer, backend_peer, task) = start(Some("tim"), policy, b"");
         let mut client = BufReader::new(client_peer);

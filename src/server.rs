@@ -22,6 +22,7 @@ use crate::listener::ConnectionLimits;
 use crate::session::{ListenerKind, SessionLimits};
 use crate::shutdown::{Drain, StopRequests};
 use crate::smtp::Capabilities;
+use crate::store::LimitsStore;
 use crate::users::UserDb;
 
 use crate::{admin, backend, listener, metrics, proxy_proto, reload, tls};
@@ -108,6 +109,11 @@ impl Config {
             v6_prefix: args.ipv6_prefix,
             v6_wide_prefix: args.ipv6_prefix_wide,
         };
+        let store = LimitsStore::open(
+            &args.limits_store,
+            args.limits_store_failure,
+            args.limits_store_timeout,
+        )?;
         let mx_identity = if args.listen_mx.is_empty() {
             None
         } else {
@@ -159,11 +165,12 @@ impl Config {
                     window: args.auth_failure_window,
                     user_delay: args.auth_failure_delay,
                 },
+                store: store.clone(),
                 verifications_per_network: args.max_verifications_per_network,
                 mechanisms: (!args.auth_mechanisms.is_empty())
                     .then(|| args.auth_mechanisms.clone()),
             },
-            relay: Arc::new(relay_policy(args)?),
+            relay: Arc::new(relay_policy(args, store)),
         })
     }
 
@@ -212,20 +219,18 @@ fn pairs(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Vec<tls::Pair>, String> 
 }
 
 /// The relay's policy from the command line: the relay itself never reads flags.
-fn relay_policy(args: &ServeArgs) -> Result<crate::relay::Policy, String> {
+fn relay_policy(args: &ServeArgs, store: LimitsStore) -> crate::relay::Policy {
     let quota = crate::quota::Quota::new(&crate::quota::QuotaConfig {
         messages_per_user: args.max_messages_per_user,
         recipients_per_user: args.max_recipients_per_user,
         recipients_per_message: args.max_recipients_per_message,
-        store: args.limits_store.clone(),
-        failure: args.limits_store_failure,
-        timeout: args.limits_store_timeout,
-    })?;
-    Ok(crate::relay::Policy {
+        store,
+    });
+    crate::relay::Policy {
         strict_data: args.strict_data,
         hide_chunking: args.hide_chunking,
         quota,
-    })
+    }
 }
 
 /// How long the start-up probe and `postern check` wait for the backend.

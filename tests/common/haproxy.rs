@@ -18,6 +18,9 @@ pub struct Route<'a> {
     pub option: &'a str,
 }
 
+const HAPROXY_DEFAULTS: &str = "global\n    maxconn 200\n\
+     defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n";
+
 pub struct Haproxy {
     child: Child,
     _dir: TempDir,
@@ -38,13 +41,28 @@ impl Haproxy {
         panic!("HAProxy lost the race for free ports three times");
     }
 
+    /// One frontend on a free port of `ip` spreading connections over `servers` in turn
+    /// (`balance roundrobin`), each with `option`: replicas behind a load balancer.
+    pub fn balance(ip: IpAddr, servers: &[SocketAddr], option: &str) -> Haproxy {
+        for _attempt in 0..3 {
+            let front = free_addr_on(ip);
+            let mut cfg = format!(
+                "{HAPROXY_DEFAULTS}frontend fe\n    bind {front}\n    default_backend replicas\n\
+                 backend replicas\n    balance roundrobin\n"
+            );
+            for (i, server) in servers.iter().enumerate() {
+                cfg.push_str(&format!("    server replica{i} {server} {option}\n"));
+            }
+            if let Some(haproxy) = Self::run(cfg, vec![front]) {
+                return haproxy;
+            }
+        }
+        panic!("HAProxy lost the race for a free port three times");
+    }
+
     fn try_start(routes: &[Route]) -> Option<Haproxy> {
-        let dir = tempfile::tempdir().expect("tempdir");
         let frontends: Vec<SocketAddr> = routes.iter().map(|r| free_addr_on(r.ip)).collect();
-        let mut cfg = String::from(
-            "global\n    maxconn 200\n\
-             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n",
-        );
+        let mut cfg = String::from(HAPROXY_DEFAULTS);
         for (i, (route, bind)) in routes.iter().zip(&frontends).enumerate() {
             cfg.push_str(&format!(
                 "frontend fe{i}\n    bind {bind}\n    default_backend be{i}\n\
@@ -52,6 +70,12 @@ impl Haproxy {
                 route.server, route.option
             ));
         }
+        Self::run(cfg, frontends)
+    }
+
+    /// Runs HAProxy with `cfg`; `None` if one of `frontends` was taken meanwhile.
+    fn run(cfg: String, frontends: Vec<SocketAddr>) -> Option<Haproxy> {
+        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, &cfg).expect("write haproxy.cfg");
         let log = dir.path().join("haproxy.log");

@@ -7,6 +7,9 @@ use std::process::{Child, Command, Stdio};
 
 use super::{STEP, accepts, free_addr, wait_until};
 
+/// Where Debian installs it.
+const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
 pub struct Redis {
     child: Option<Child>,
     pub addr: SocketAddr,
@@ -16,7 +19,7 @@ impl Redis {
     /// Starts redis-server and waits until it accepts; `None` (after saying so) when it
     /// is not installed and `CI` is unset. `what` names the cases that then do not run.
     pub fn start(what: &str) -> Option<Redis> {
-        let Some(binary) = ["/usr/bin/redis-server", "/usr/sbin/redis-server"]
+        let Some(binary) = [REDIS_SERVER, "/usr/sbin/redis-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
         else {
@@ -54,6 +57,33 @@ impl Redis {
             }
         }
         panic!("redis-server failed to start three times");
+    }
+
+    /// A new, empty server on the same port: Redis back after an outage.
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut child = Command::new(REDIS_SERVER)
+            .args([
+                "--port",
+                &self.addr.port().to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn redis-server: {e}"));
+        let addr = self.addr;
+        let up = wait_until(STEP, "redis-server to accept again", || {
+            if child.try_wait().expect("try_wait").is_some() {
+                return Some(false);
+            }
+            accepts(addr).then_some(true)
+        });
+        assert!(up, "redis-server could not take its port back");
+        self.child = Some(child);
     }
 
     /// The `--limits-store` URL.

@@ -497,6 +497,9 @@ async fn two_replicas_share_one_limit_in_redis_and_follow_the_failure_mode() {
     on_a.expect("451 4.7.1").await;
     let mut bob = b.login(BOB).await;
     bob.send_message("bob@example.test").await;
+    // Logged in before the outage: failing closed refuses AUTH too (its failure windows
+    // live in the store), which tests/auth_replicas.rs covers.
+    let mut bob_on_a = a.login(BOB).await;
 
     // Redis goes away: replica A fails closed, replica B (the default) fails open.
     redis.stop();
@@ -504,7 +507,6 @@ async fn two_replicas_share_one_limit_in_redis_and_follow_the_failure_mode() {
     let started = Instant::now();
     on_a.send("RSET").await;
     on_a.expect("250").await;
-    let mut bob_on_a = a.login(BOB).await;
     bob_on_a.send("MAIL FROM:<bob@example.test>").await;
     bob_on_a.expect("451 4.3.0").await;
     bob.send_message("bob@example.test").await;
