@@ -35,6 +35,7 @@
 
 use std::collections::VecDeque;
 
+use postern::relay::pump::{Io, Pump, Pumped, Sides};
 use postern::relay::tracker::{
     Claim, Event, Limit, Limits, MAX_BUFFER, MAX_CHUNK, Notice, Reservation, Settings, Tracker,
 };
@@ -561,6 +562,85 @@ impl Backend {
 }
 
 /// The first-word verb of a line, uppercased, words split by `blank`.
+/// The model client and backend as the relay's [`Pump`] sees them: both always read;
+/// what they send waits in queues; an end of stream is read once.
+struct Peers<'a> {
+    backend: &'a mut Backend,
+    client_waiting: &'a mut VecDeque<u8>,
+    client_read: &'a mut Vec<u8>,
+    matched: &'a mut usize,
+    to_client: &'a mut Vec<u8>,
+    client_eof: bool,
+    client_eof_read: &'a mut bool,
+    backend_eof: bool,
+    backend_eof_read: &'a mut bool,
+}
+
+impl Sides for Peers<'_> {
+    fn write_backend(&mut self, bytes: &[u8]) -> Io {
+        check_subsequence(self.client_read, self.matched, bytes);
+        self.backend.receive(bytes);
+        Io::Done(bytes.len())
+    }
+    fn flush_backend(&mut self) -> Io {
+        Io::Done(0)
+    }
+    fn shutdown_backend(&mut self) -> Io {
+        Io::Done(0)
+    }
+    fn write_client(&mut self, bytes: &[u8]) -> Io {
+        self.to_client.extend_from_slice(bytes);
+        Io::Done(bytes.len())
+    }
+    fn flush_client(&mut self) -> Io {
+        Io::Done(0)
+    }
+    fn read_client(&mut self, into: &mut [u8]) -> Io {
+        if self.client_waiting.is_empty() {
+            if self.client_eof && !*self.client_eof_read {
+                *self.client_eof_read = true;
+                return Io::Done(0);
+            }
+            return Io::WouldBlock;
+        }
+        let n = into.len().min(self.client_waiting.len());
+        for (slot, byte) in into[..n].iter_mut().zip(self.client_waiting.drain(..n)) {
+            *slot = byte;
+            self.client_read.push(byte);
+        }
+        Io::Done(n)
+    }
+    fn read_backend(&mut self, into: &mut [u8]) -> Io {
+        if self.backend.outbox.is_empty() {
+            if self.backend_eof && !*self.backend_eof_read {
+                *self.backend_eof_read = true;
+                return Io::Done(0);
+            }
+            return Io::WouldBlock;
+        }
+        let n = into.len().min(self.backend.outbox.len());
+        into[..n].copy_from_slice(&self.backend.outbox[..n]);
+        self.backend.outbox.drain(..n);
+        Io::Done(n)
+    }
+}
+
+/// Panics unless `bytes` is a subsequence of what the client sent after `matched`.
+fn check_subsequence(client_read: &[u8], matched: &mut usize, bytes: &[u8]) {
+    for &b in bytes {
+        let found = client_read[*matched..]
+            .iter()
+            .position(|&c| c == b)
+            .unwrap_or_else(|| {
+                panic!(
+                    "the backend got {:?}, which the client did not send",
+                    String::from_utf8_lossy(bytes)
+                )
+            });
+        *matched += found + 1;
+    }
+}
+
 fn verb(line: &[u8], blank: impl Fn(u8) -> bool) -> Vec<u8> {
     let start = line.iter().position(|&b| !blank(b)).unwrap_or(line.len());
     let rest = &line[start..];
@@ -649,6 +729,8 @@ pub struct Harness {
     searched: usize,
     pub chaos: bool,
     finished: bool,
+    /// The relay's schedule, as production runs it.
+    relay_pump: Pump,
 }
 
 impl Harness {
@@ -673,6 +755,7 @@ impl Harness {
             searched: 0,
             chaos: false,
             finished: false,
+            relay_pump: Pump::default(),
         };
         harness.after_step();
         harness
@@ -731,28 +814,40 @@ impl Harness {
         self.after_step();
     }
 
-    /// Moves everything that can move, the backend answering every command the way a
-    /// lenient server that accepts everything would, until nothing moves.
+    /// Moves everything that can move in the relay's own order ([`Pump`]), the backend
+    /// answering every command the way a lenient server that accepts everything would,
+    /// until nothing moves.
     pub fn pump(&mut self) {
         for _ in 0..100_000 {
             if self.over() {
                 return;
             }
             let mut progress = false;
-            progress |= self.write_backend(0);
             while !self.backend.cut && !self.backend.unanswered.is_empty() {
                 self.chaos |= self.backend.answer(Answer::Positive);
                 progress = true;
             }
-            progress |= self.read_backend(usize::MAX);
-            progress |= self.write_client(0);
-            if let Some(claim) = self.store_call {
+            if self.store_call.is_some() {
                 // A store that grants and holds, up to the user's limits.
-                let _ = claim;
                 self.store(0);
                 progress = true;
             }
-            progress |= self.read_client(usize::MAX);
+            let mut peers = Peers {
+                backend: &mut self.backend,
+                client_waiting: &mut self.client_waiting,
+                client_read: &mut self.client_read,
+                matched: &mut self.matched,
+                to_client: &mut self.to_client,
+                client_eof: self.client_eof,
+                client_eof_read: &mut self.client_eof_read,
+                backend_eof: self.backend_eof,
+                backend_eof_read: &mut self.backend_eof_read,
+            };
+            match self.relay_pump.step(&mut self.tracker, &mut peers) {
+                Pumped::Progress => progress = true,
+                Pumped::Stalled => {}
+                Pumped::ClientGone(error) => panic!("the model client always reads: {error:?}"),
+            }
             self.after_step();
             if !progress {
                 return;
@@ -827,18 +922,7 @@ impl Harness {
         };
         let bytes = pending[..n].to_vec();
         // A subsequence of what the client sent.
-        for &b in &bytes {
-            let found = self.client_read[self.matched..]
-                .iter()
-                .position(|&c| c == b)
-                .unwrap_or_else(|| {
-                    panic!(
-                        "the backend got {:?}, which the client did not send",
-                        String::from_utf8_lossy(&bytes)
-                    )
-                });
-            self.matched += found + 1;
-        }
+        check_subsequence(&self.client_read, &mut self.matched, &bytes);
         self.backend.receive(&bytes);
         self.tracker.backend_written(n);
         true
