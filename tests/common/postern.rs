@@ -1,5 +1,6 @@
 //! The `postern` binary under test, run as a child process.
 
+use clap::Parser as _;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -310,6 +311,95 @@ impl PosternBuilder {
             }
         }
         panic!("postern lost the race for free ports three times");
+    }
+}
+
+impl PosternBuilder {
+    /// Runs the server inside the test process instead of the binary, on listeners
+    /// bound to port 0 by the server's own `Listeners::bind` (no port can be lost to
+    /// another process), and returns once it accepts clients. Nothing is logged: use
+    /// [`Self::start`] for tests that read postern's log.
+    pub async fn start_in_process(self) -> InProcess {
+        assert!(
+            self.env.is_empty(),
+            "environment variables are process-wide"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = self.certs.clone();
+        let prepared = self
+            .flag("--listen", "127.0.0.1:0")
+            .flag("--listen-tls", "127.0.0.1:0")
+            .prepare(dir.path(), "serve");
+        let argv: Vec<std::ffi::OsString> = std::iter::once("postern".into())
+            .chain(prepared.cmd.get_args().map(Into::into))
+            .collect();
+        let cli = postern::config::Cli::try_parse_from(argv).expect("serve flags");
+        let postern::config::Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        let config = postern::server::Config::from_args(&args).expect("configuration");
+        let listeners = postern::server::Listeners::bind(&config)
+            .await
+            .expect("bind");
+        let bound: Vec<SocketAddr> = listeners
+            .smtp
+            .iter()
+            .map(|(listener, _)| listener.local_addr().expect("local_addr"))
+            .collect();
+        let (stop, requests) = postern::shutdown::channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(postern::server::run(
+            config,
+            listeners,
+            requests,
+            Some(ready_tx),
+        ));
+        let ready = super::within("the in-process server to be ready", ready_rx)
+            .await
+            .expect("the server ended before it was ready");
+        InProcess {
+            // Config::listeners orders submission, then implicit TLS.
+            smtp: bound[0],
+            smtps: bound[1],
+            backend_up: ready.backend_up,
+            certs,
+            stop,
+            server,
+            _dir: dir,
+        }
+    }
+}
+
+/// A server run by [`PosternBuilder::start_in_process`]; stopped (abruptly) on drop.
+pub struct InProcess {
+    pub smtp: SocketAddr,
+    pub smtps: SocketAddr,
+    /// Whether the first backend probe succeeded.
+    pub backend_up: bool,
+    certs: TestCerts,
+    stop: postern::shutdown::StopHandle,
+    server: tokio::task::JoinHandle<Result<(), String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    pub fn tls_config(&self) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+        self.certs.client_config()
+    }
+
+    /// Asks the server to stop as SIGTERM would, and waits for its drain to end.
+    pub async fn stop(mut self) -> Result<(), String> {
+        self.stop.stop();
+        let server = &mut self.server;
+        super::within("the in-process server to stop", server)
+            .await
+            .expect("server task")
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.server.abort();
     }
 }
 

@@ -30,6 +30,7 @@ mod framing_mta;
 mod harness;
 mod hostile;
 mod implicit_tls;
+mod in_process;
 mod ldap_auth;
 mod limits;
 mod load;
