@@ -298,46 +298,6 @@ impl<K: Hash + Eq + Clone> Table<K> {
     }
 }
 
-/// Failures per key over a sliding window (see [`Table`]), behind its own lock.
-#[derive(Debug)]
-pub struct FailureWindow<K> {
-    limit: u32,
-    table: Mutex<Table<K>>,
-}
-
-impl<K: Hash + Eq + Clone> FailureWindow<K> {
-    pub fn new(limit: u32, window: Duration) -> Self {
-        FailureWindow {
-            limit,
-            table: Mutex::new(Table::new(window)),
-        }
-    }
-
-    /// Whether `key` reached the limit.
-    pub fn is_blocked(&self, key: &K, now: Instant) -> bool {
-        lock(&self.table).estimate(key, now) >= f64::from(self.limit)
-    }
-
-    /// Records one failure for `key`.
-    pub fn record_failure(&self, key: K, now: Instant) {
-        self.add(key, 1, now);
-    }
-
-    /// The sliding-window estimate of events for `key`, rounded down.
-    pub fn count(&self, key: &K, now: Instant) -> u64 {
-        lock(&self.table).estimate(key, now) as u64
-    }
-
-    /// Records `n` events for `key`.
-    pub fn add(&self, key: K, n: u32, now: Instant) {
-        lock(&self.table).add(key, n, now);
-    }
-
-    pub fn tracked(&self) -> usize {
-        lock(&self.table).len()
-    }
-}
-
 // === AuthGate ===
 
 /// The failure-table key of a user name: a keyed hash (see `auth::Authenticator`), so
@@ -913,28 +873,29 @@ mod tests {
     #[test]
     fn failures_block_within_the_window_and_decay_after_it() {
         let window = Duration::from_secs(60);
-        let limit = FailureWindow::new(3, window);
+        let mut table = Table::new(window);
+        let blocked = |table: &mut Table<&str>, key, at| table.estimate(&key, at) >= 3.0;
         let t0 = Instant::now();
         for i in 0..3 {
-            assert!(!limit.is_blocked(&"ip", t0), "after {i} failures");
-            limit.record_failure("ip", t0);
+            assert!(!blocked(&mut table, "ip", t0), "after {i} failures");
+            table.add("ip", 1, t0);
         }
-        assert!(limit.is_blocked(&"ip", t0));
-        assert!(!limit.is_blocked(&"other", t0));
-        assert!(limit.is_blocked(&"ip", t0 + window - Duration::from_secs(1)));
+        assert!(blocked(&mut table, "ip", t0));
+        assert!(!blocked(&mut table, "other", t0));
+        assert!(blocked(&mut table, "ip", t0 + window - Duration::from_secs(1)));
         // Half a window later the previous window only weighs 3 * 0.5.
-        assert!(!limit.is_blocked(&"ip", t0 + window + window / 2));
-        assert!(!limit.is_blocked(&"ip", t0 + window * 3));
+        assert!(!blocked(&mut table, "ip", t0 + window + window / 2));
+        assert!(!blocked(&mut table, "ip", t0 + window * 3));
     }
 
     #[test]
     fn the_table_never_grows_past_its_bound() {
-        let limit = FailureWindow::new(1, Duration::from_secs(60));
+        let mut table = Table::new(Duration::from_secs(60));
         let now = Instant::now();
         for i in 0..(MAX_TRACKED as u32 + 50) {
-            limit.record_failure(i, now);
+            table.add(i, 1, now);
         }
-        assert!(limit.tracked() <= MAX_TRACKED);
+        assert!(table.len() <= MAX_TRACKED);
     }
 
     fn gate(per_net: u32, per_user: u32) -> Arc<AuthGate> {
