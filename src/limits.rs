@@ -293,6 +293,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.entries.len()
     }
