@@ -883,7 +883,11 @@ mod tests {
         }
         assert!(blocked(&mut table, "ip", t0));
         assert!(!blocked(&mut table, "other", t0));
-        assert!(blocked(&mut table, "ip", t0 + window - Duration::from_secs(1)));
+        assert!(blocked(
+            &mut table,
+            "ip",
+            t0 + window - Duration::from_secs(1)
+        ));
         // Half a window later the previous window only weighs 3 * 0.5.
         assert!(!blocked(&mut table, "ip", t0 + window + window / 2));
         assert!(!blocked(&mut table, "ip", t0 + window * 3));
