@@ -115,6 +115,13 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Marks `port`, bound by this process some other way, as never to be offered by
+/// [`free_port`]: for a listener that closes and binds the same port again.
+pub fn keep_port(port: u16) {
+    let mut guard = HANDED_OUT.lock().unwrap();
+    guard.get_or_insert_with(HashSet::new).insert(port);
+}
+
 /// A fresh loopback address (see [`free_port`]).
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))

@@ -76,6 +76,9 @@ impl RawBackend {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind backend");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local_addr");
+        // Fault::Refuse closes the port and binds it again later: meanwhile no child
+        // process may be handed it.
+        super::keep_port(addr.port());
         let sessions: Sessions = Arc::default();
         let (fault_tx, fault_rx) = watch::channel((0, Fault::None));
         let applied = Arc::new(AtomicU64::new(0));
