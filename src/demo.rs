@@ -444,7 +444,7 @@ mod tests {
     }
 
     /// The demo's flags survive `serve`'s own validation. (That `POSTERN_*` variables do
-    /// not leak in is checked by `tests/demo.rs`, which can set a child's environment.)
+    /// not leak in is checked by `tests/it/demo.rs`, which can set a child's environment.)
     #[test]
     fn serve_config_uses_serve_defaults() {
         let dir = tempfile::tempdir().unwrap();

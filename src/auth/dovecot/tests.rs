@@ -1,6 +1,6 @@
 //! The async [`Client`] against a scripted stand-in for Dovecot on a UNIX socket: what
 //! it writes, how it multiplexes, and how each way of failing surfaces. The real
-//! Dovecot is in `tests/dovecot_auth.rs`.
+//! Dovecot is in `tests/it/dovecot_auth.rs`.
 
 use std::time::Duration;
 
