@@ -15,6 +15,10 @@
 //! - either way, at a NUL: RFC 5322 text and RFC 6152 8-bit lines never hold one, and a
 //!   backend that drops NULs would read `<CRLF>NUL.<CRLF>` as the end.
 //!
+//! A server that keeps the mail itself instead of passing it on (the demo's stand-in
+//! backend, the benchmark sink) has no one behind it to mislead: [`BodyRule::Exact`]
+//! ends its bodies at the real terminator only and refuses nothing.
+//!
 //! A body is searched with `memchr::memmem` for `<LF>.` and `<CR>.`, which are rare in
 //! real mail (a client dot-stuffs every line that starts with a dot), so scanning
 //! costs little next to the TLS work. The scanner keeps the two octets before its
@@ -55,6 +59,11 @@ pub enum BodyRule {
     /// real terminator, or a lookalike with nothing after it yet (a client that ends
     /// its messages with `<LF>.<LF>` is waiting for a reply there).
     Discard,
+    /// Only the real terminator ends the body, and nothing is refused: lookalikes, bare
+    /// CRs and LFs and NULs are body like any other octet, as RFC 5321 §4.1.1.4 reads.
+    /// For a server that keeps the mail itself (the demo's stand-in backend, the
+    /// benchmark sink); never for one passing it on to a backend that may be lenient.
+    Exact,
 }
 
 /// Scans one DATA body.
@@ -140,7 +149,7 @@ impl BodyScanner {
     /// Scans the next bytes of the body.
     pub fn scan(&mut self, input: &[u8]) -> BodyStep {
         let step = match self.rule {
-            BodyRule::Discard => self.scan_dot_lines(input),
+            BodyRule::Discard | BodyRule::Exact => self.scan_dot_lines(input),
             BodyRule::Strict | BodyRule::Guarded => {
                 let nul = memchr::memchr(0, input);
                 let upto = &input[..nul.unwrap_or(input.len())];
@@ -226,8 +235,8 @@ impl BodyScanner {
                 BodyRule::Discard if at + len - shift == input.len() => {
                     Some(BodyStep::End(input.len()))
                 }
-                BodyRule::Discard => None,
-                _ => Some(BodyStep::Ambiguous(at)),
+                BodyRule::Discard | BodyRule::Exact => None,
+                BodyRule::Guarded | BodyRule::Strict => Some(BodyStep::Ambiguous(at)),
             },
         }
     }
@@ -409,6 +418,36 @@ mod tests {
         assert_eq!(scanner.scan(body), BodyStep::Ambiguous(4));
         let mut discard = scanner.discard_from(body, 4);
         assert_eq!(discard.scan(&body[4..]), BodyStep::End(body.len() - 4));
+    }
+
+    #[test]
+    fn exact_ends_at_the_real_terminator_and_refuses_nothing() {
+        // Reference: the first <CRLF>.<CRLF>, counting the CRLF of the DATA line.
+        fn reference(body: &[u8]) -> Option<BodyStep> {
+            let ctx = [b"\r\n".as_slice(), body].concat();
+            memmem::find(&ctx, END_OF_DATA).map(|at| BodyStep::End(at + END_OF_DATA.len() - 2))
+        }
+        for lookalike in LOOKALIKES {
+            let body = [b"x".as_slice(), lookalike, b"MAIL FROM:<e>\r\n\0\r\n.\r\n"].concat();
+            assert_eq!(
+                every_chunking(BodyRule::Exact, &body),
+                Some(BodyStep::End(body.len())),
+                "{lookalike:?}"
+            );
+        }
+        let alphabet = [b'\r', b'\n', b'.', b'a', 0];
+        for len in 1..=6u32 {
+            for n in 0..5usize.pow(len) {
+                let body: Vec<u8> = (0..len)
+                    .map(|k| alphabet[(n / 5usize.pow(k)) % 5])
+                    .collect();
+                assert_eq!(
+                    every_chunking(BodyRule::Exact, &body),
+                    reference(&body),
+                    "{body:?}"
+                );
+            }
+        }
     }
 
     #[test]
