@@ -5,7 +5,8 @@
 //! challenge to send after `334 `, the collected [`Credentials`], or a verdict the session
 //! turns into one SMTP reply. Nothing here touches a socket, a clock or an RNG: the
 //! CRAM-MD5 challenge string is passed in, and verifying credentials is the caller's job
-//! (see `users`).
+//! (see `users`). [`client`] is the client's half of each mechanism, for the load
+//! generator and tests; its CRAM-MD5 digest comes from `users`, the crate's one HMAC-MD5.
 //!
 //! - RFC 4954: SMTP AUTH framing (`334` continuations, `=` for an empty initial response,
 //!   `*` to cancel).
@@ -13,6 +14,8 @@
 //! - LOGIN: no RFC; the de facto `Username:` / `Password:` prompts
 //!   (draft-murchison-sasl-login).
 //! - RFC 2195: CRAM-MD5 (`username SP hex(HMAC-MD5(secret, challenge))`).
+
+pub mod client;
 
 use std::fmt;
 

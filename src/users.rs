@@ -288,7 +288,7 @@ impl UserDb {
             Some(Secret::Plain(secret)) => (secret.as_bytes(), true),
             _ => (CRAM_MD5_DUMMY_KEY, false),
         };
-        let Some(expected) = hmac_md5_hex(key, challenge.as_bytes()) else {
+        let Some(expected) = cram_md5_digest(key, challenge.as_bytes()) else {
             return false;
         };
         let supplied = digest_hex.to_ascii_lowercase();
@@ -518,9 +518,10 @@ fn check_argon2id(data: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// HMAC-MD5 as lowercase hex (RFC 2195 §2). `None` only if the MAC refused the key, which
-/// HMAC never does.
-fn hmac_md5_hex(key: &[u8], message: &[u8]) -> Option<[u8; 32]> {
+/// RFC 2195 §2: `HMAC-MD5(secret, challenge)` as lowercase hex, the digest a CRAM-MD5
+/// client sends and [`UserDb::verify_cram_md5`] recomputes; `sasl::client` computes a
+/// client's with it. `None` only if the MAC refused the key, which HMAC never does.
+pub fn cram_md5_digest(key: &[u8], message: &[u8]) -> Option<[u8; 32]> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut mac = Hmac::<md5::Md5>::new_from_slice(key).ok()?;
     mac.update(message);
@@ -820,7 +821,7 @@ mod tests {
         assert!(!db.verify_cram_md5("tim", "<other@host>", digest));
         assert!(!db.verify_cram_md5("tim", challenge, ""));
         // Hashed users can never pass, even with the right digest for their password.
-        let secret_digest = hmac_md5_hex(b"secret", challenge.as_bytes());
+        let secret_digest = cram_md5_digest(b"secret", challenge.as_bytes());
         let secret_digest = secret_digest
             .as_ref()
             .and_then(|hex| std::str::from_utf8(hex).ok())
