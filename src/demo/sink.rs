@@ -6,9 +6,11 @@
 //! and size of each one on stdout, every line labelled so nobody mistakes it for the
 //! real backend.
 //!
-//! [`Session`] is sans-IO like the proxy's own core (lines in, [`Output`]s out); [`serve`]
-//! is the thin socket loop around it. Framing reuses [`LineBuffer`], so the sink has the
-//! same bounded line length as the proxy.
+//! [`Session`] is sans-IO like the proxy's own core (bytes in, [`Output`]s out); [`serve`]
+//! is the thin socket loop around it. Commands are framed by [`LineBuffer`], so the sink
+//! has the same bounded line length as the proxy, and message bodies end where the
+//! relay's own [`BodyScanner`] says, under [`BodyRule::Exact`]: the sink keeps what it
+//! receives, so only the real `<CRLF>.<CRLF>` ends a message.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::smtp::LineBuffer;
+use crate::smtp::data::{BodyRule, BodyScanner, BodyStep};
 
 /// The prefix of every line the sink prints.
 pub const LABEL: &str = "[legacy-sink]";
@@ -32,6 +35,11 @@ const MAX_RECIPIENTS: usize = 100;
 const MAX_HEADER_LINES: usize = 50;
 /// Characters printed per header line.
 const MAX_PRINTED_HEADER: usize = 200;
+/// Octets of a header line kept for printing (RFC 5322 §2.1.1's line limit); the rest of
+/// a longer line is counted, not kept.
+const MAX_KEPT_LINE: usize = 1000;
+/// The `.` and CRLF that end a body after its last line's CRLF (RFC 5321 §4.1.1.4).
+const DOT_LINE: usize = 3;
 /// Idle time after which a connection is closed (RFC 5321 §4.5.3.2 asks for minutes).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -57,7 +65,7 @@ impl Message {
 }
 
 /// What the driver must do after a line.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// Send this reply line (without CRLF).
     Reply(String),
@@ -71,15 +79,26 @@ pub enum Output {
 enum State {
     /// Between transactions, or collecting MAIL and RCPT.
     Envelope,
-    /// Inside DATA, until the lone `.`.
-    Data(Content),
+    /// Inside DATA, until the end of data.
+    Data {
+        scanner: BodyScanner,
+        content: Content,
+    },
 }
 
+/// A message body as it arrives, in pieces cut anywhere.
 #[derive(Debug, Default)]
 struct Content {
+    /// Octets after dot-unstuffing, CRLFs included.
     size: usize,
     headers: Vec<String>,
     in_body: bool,
+    /// The header line being received, at most [`MAX_KEPT_LINE`] octets of it.
+    line: Vec<u8>,
+    /// The next octet continues a line rather than starting one.
+    mid_line: bool,
+    /// The last octet was a CR, whose LF may come in the next piece.
+    after_cr: bool,
 }
 
 /// One SMTP connection's state.
@@ -89,6 +108,9 @@ pub struct Session {
     state: State,
     from: Option<String>,
     to: Vec<String>,
+    /// Received bytes not yet handled: pipelined commands (RFC 2920), or the last
+    /// octets of a body that could start its end.
+    input: LineBuffer,
 }
 
 impl Session {
@@ -99,6 +121,7 @@ impl Session {
             state: State::Envelope,
             from: None,
             to: Vec::new(),
+            input: LineBuffer::new(),
         }
     }
 
@@ -110,21 +133,48 @@ impl Session {
         )
     }
 
-    /// Handles one line received from the peer, CRLF removed.
-    pub fn on_line(&mut self, line: &[u8]) -> Vec<Output> {
-        match &mut self.state {
-            State::Data(content) => {
-                if line == b"." {
-                    let content = std::mem::take(content);
-                    self.state = State::Envelope;
-                    return self.finish(content);
+    /// Handles bytes received from the peer, cut anywhere; returns what to do, in order.
+    /// Nothing after a [`Output::Close`] is handled.
+    pub fn receive(&mut self, bytes: &[u8]) -> Vec<Output> {
+        self.input.extend(bytes);
+        let mut outputs = Vec::new();
+        loop {
+            let step = match &mut self.state {
+                State::Envelope => match self.input.next_line() {
+                    Ok(Some(line)) => self.command(&line),
+                    Ok(None) => return outputs,
+                    Err(_) => vec![
+                        Output::Reply("500 5.5.2 Line too long".into()),
+                        Output::Close,
+                    ],
+                },
+                State::Data { scanner, content } => {
+                    let pending = self.input.take_pending();
+                    match scanner.scan(&pending) {
+                        BodyStep::More(n) => {
+                            content.add(&pending[..n]);
+                            self.input.extend(&pending[n..]);
+                            return outputs;
+                        }
+                        BodyStep::End(n) => {
+                            content.add(&pending[..n.saturating_sub(DOT_LINE)]);
+                            let content = std::mem::take(content);
+                            self.state = State::Envelope;
+                            self.input.extend(&pending[n..]);
+                            self.finish(content)
+                        }
+                        BodyStep::Ambiguous(_) => {
+                            debug_assert!(false, "BodyRule::Exact refuses nothing");
+                            vec![Output::Close]
+                        }
+                    }
                 }
-                // RFC 5321 §4.5.2: a leading dot was doubled by the client.
-                let line = line.strip_prefix(b".").unwrap_or(line);
-                content.add(line);
-                Vec::new()
+            };
+            let close = step.contains(&Output::Close);
+            outputs.extend(step);
+            if close {
+                return outputs;
             }
-            State::Envelope => self.command(line),
         }
     }
 
@@ -170,7 +220,10 @@ impl Session {
             },
             "DATA" if self.to.is_empty() => reply("503 5.5.1 RCPT first".into()),
             "DATA" => {
-                self.state = State::Data(Content::default());
+                self.state = State::Data {
+                    scanner: BodyScanner::new(BodyRule::Exact),
+                    content: Content::default(),
+                };
                 reply("354 End data with <CR><LF>.<CR><LF>".into())
             }
             "RSET" => {
@@ -209,11 +262,37 @@ impl Session {
 }
 
 impl Content {
-    fn add(&mut self, line: &[u8]) {
-        self.size = self.size.saturating_add(line.len() + 2);
-        if self.in_body {
-            return;
+    /// Takes the next octets of the body (before its end-of-data line).
+    fn add(&mut self, bytes: &[u8]) {
+        // Lines end at CRLF, as the command lines do: a bare LF stays inside its line.
+        for piece in bytes.split_inclusive(|&b| b == b'\n') {
+            // RFC 5321 §4.5.2: a leading dot was doubled by the client.
+            let text = match piece {
+                [b'.', rest @ ..] if !self.mid_line => rest,
+                _ => piece,
+            };
+            self.size = self.size.saturating_add(text.len());
+            let ends_line = match piece {
+                [.., b'\r', b'\n'] => true,
+                [b'\n'] => self.after_cr,
+                _ => false,
+            };
+            if !self.in_body {
+                let room = MAX_KEPT_LINE.saturating_sub(self.line.len());
+                self.line
+                    .extend_from_slice(text.get(..room).unwrap_or(text));
+                if ends_line {
+                    let line = std::mem::take(&mut self.line);
+                    self.header_line(line.strip_suffix(b"\r\n").unwrap_or(&line));
+                }
+            }
+            self.after_cr = piece.last() == Some(&b'\r');
+            self.mid_line = !ends_line;
         }
+    }
+
+    /// One whole line of the header section, CRLF removed.
+    fn header_line(&mut self, line: &[u8]) {
         if line.is_empty() {
             self.in_body = true;
             return;
@@ -306,7 +385,6 @@ async fn connection(
     count: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut session = Session::new(hostname);
-    let mut lines = LineBuffer::new();
     let mut out = Vec::new();
     send(&mut stream, &mut out, &session.greeting()).await?;
     let mut buf = vec![0u8; 16 * 1024];
@@ -320,27 +398,19 @@ async fn connection(
         if n == 0 {
             return Ok(());
         }
-        lines.extend(&buf[..n]);
-        loop {
-            let line = match lines.next_line() {
-                Ok(Some(line)) => line,
-                Ok(None) => break,
-                Err(_) => return send(&mut stream, &mut out, "500 5.5.2 Line too long").await,
-            };
-            for output in session.on_line(&line) {
-                match output {
-                    Output::Reply(reply) => {
-                        out.extend_from_slice(reply.as_bytes());
-                        out.extend_from_slice(b"\r\n");
-                    }
-                    Output::Delivered(message) => {
-                        let number = count.fetch_add(1, Ordering::Relaxed) + 1;
-                        print_report(&report(number, &message));
-                    }
-                    Output::Close => {
-                        stream.write_all(&out).await?;
-                        return Ok(());
-                    }
+        for output in session.receive(&buf[..n]) {
+            match output {
+                Output::Reply(reply) => {
+                    out.extend_from_slice(reply.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                Output::Delivered(message) => {
+                    let number = count.fetch_add(1, Ordering::Relaxed) + 1;
+                    print_report(&report(number, &message));
+                }
+                Output::Close => {
+                    stream.write_all(&out).await?;
+                    return Ok(());
                 }
             }
         }
@@ -372,17 +442,21 @@ fn print_report(text: &str) {
 mod tests {
     use super::*;
 
-    /// Feeds `lines` and returns every reply, plus the delivered messages.
+    /// Feeds `lines`, each with its CRLF, all at once, and returns every reply, plus the
+    /// delivered messages.
     fn run(session: &mut Session, lines: &[&str]) -> (Vec<String>, Vec<Message>) {
+        let wire: String = lines.iter().map(|line| format!("{line}\r\n")).collect();
+        outputs(session.receive(wire.as_bytes()))
+    }
+
+    fn outputs(outputs: Vec<Output>) -> (Vec<String>, Vec<Message>) {
         let mut replies = Vec::new();
         let mut messages = Vec::new();
-        for line in lines {
-            for output in session.on_line(line.as_bytes()) {
-                match output {
-                    Output::Reply(r) => replies.push(r),
-                    Output::Delivered(m) => messages.push(m),
-                    Output::Close => replies.push("<close>".into()),
-                }
+        for output in outputs {
+            match output {
+                Output::Reply(r) => replies.push(r),
+                Output::Delivered(m) => messages.push(m),
+                Output::Close => replies.push("<close>".into()),
             }
         }
         (replies, messages)
@@ -467,6 +541,63 @@ mod tests {
             ]
         );
         assert!(messages.is_empty());
+    }
+
+    #[test]
+    fn reads_cut_anywhere_give_the_same_transcript() {
+        let wire: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n\
+            Subject: cut\r\n anywhere\r\n\r\n..dot\r\nbare\nLF\r\n\r\n.\r\nNOOP\r\nQUIT\r\nNOOP\r\n";
+        let whole = Session::new("sink.test").receive(wire);
+        let (replies, messages) = outputs(whole.clone());
+        assert_eq!(
+            codes(&replies),
+            [
+                "250", "250", "250", "250", "250", "250", "354", "250", "250", "221", "<cl"
+            ]
+        );
+        assert_eq!(messages[0].headers, ["Subject: cut anywhere"]);
+        // Every octet before the end-of-data line, less the doubled dot.
+        let body = b"Subject: cut\r\n anywhere\r\n\r\n..dot\r\nbare\nLF\r\n\r\n";
+        assert_eq!(messages[0].size, body.len() - 1);
+        // As the driver does: nothing is fed once the session said Close.
+        let feed = |pieces: &mut dyn Iterator<Item = &[u8]>| {
+            let mut session = Session::new("sink.test");
+            let mut got = Vec::new();
+            for piece in pieces {
+                got.extend(session.receive(piece));
+                if got.last() == Some(&Output::Close) {
+                    break;
+                }
+            }
+            got
+        };
+        for cut in 1..wire.len() {
+            let got = feed(&mut [&wire[..cut], &wire[cut..]].into_iter());
+            assert_eq!(got, whole, "cut at {cut}");
+        }
+        assert_eq!(feed(&mut wire.chunks(1)), whole, "byte by byte");
+    }
+
+    #[test]
+    fn only_the_real_end_of_data_ends_a_message() {
+        let mut s = Session::new("sink.test");
+        let (replies, messages) = outputs(s.receive(
+            b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n\
+              x\n.\nMAIL FROM:<e@x.test>\r\n\r\n.\r\n",
+        ));
+        assert_eq!(codes(&replies), ["250", "250", "354", "250"]);
+        assert_eq!(messages.len(), 1);
+        assert_eq!(
+            messages[0].size,
+            b"x\n.\nMAIL FROM:<e@x.test>\r\n\r\n".len()
+        );
+    }
+
+    #[test]
+    fn an_overlong_command_line_closes_the_connection() {
+        let mut s = Session::new("sink.test");
+        let (replies, _) = outputs(s.receive(&[b'A'; 20_000]));
+        assert_eq!(replies, ["500 5.5.2 Line too long", "<close>"]);
     }
 
     #[test]
