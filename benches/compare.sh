@@ -54,7 +54,7 @@ repo=$(cd "$here/.." && pwd)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 postern=$target_dir/release/postern
 proxy_bin=${POSTERN_BIN:-$postern}
-sink=$target_dir/release/examples/bench_sink
+sink=$target_dir/release/postern-bench-sink
 hz=$(getconf CLK_TCK)
 
 work=$(mktemp -d -t postern-compare.XXXXXX)
@@ -99,8 +99,8 @@ ensure_nginx() {
 }
 
 build() {
-    log "building postern and bench_sink (release)"
-    (cd "$repo" && cargo build --release --quiet --bin postern --example bench_sink)
+    log "building postern and postern-bench-sink (release)"
+    (cd "$repo" && cargo build --release --quiet --bin postern --bin postern-bench-sink)
 }
 
 make_certs() {

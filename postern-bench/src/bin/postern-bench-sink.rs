@@ -1,20 +1,21 @@
-//! A fast SMTP sink for benchmarks: accepts mail on plain SMTP and throws it away.
+//! `postern-bench-sink`: a fast SMTP sink for benchmarks, which accepts mail on plain
+//! SMTP and throws it away.
 //!
 //! `benches/compare.sh` puts it behind both proxies under test. It has to be much cheaper
 //! than a proxy, because it shares a core with the load generator: Postfix's `smtp-sink`
-//! tops out near 400 MB/s, below what a proxy can relay. So it reads in large chunks and
-//! finds the end of the data (`CRLF.CRLF`, RFC 5321 §4.1.1.4) with a SIMD substring search,
-//! never looking at lines inside a message, and answers every command without checking it.
+//! tops out near 400 MB/s, below what a proxy can relay. So it reads in large chunks,
+//! finds the end of the data (`CRLF.CRLF`, RFC 5321 §4.1.1.4) with postern's own body
+//! scanner (SIMD searches for the dot lines, [`BodyRule::Exact`]: it keeps the mail, so
+//! only the real terminator counts), never looks at lines inside a message, and answers
+//! every command without checking it.
 //!
 //! With `--record DIR` it also writes, per connection, everything it received
 //! (`conn-N.raw`) and each message exactly as it arrived after the 354, end marker included
-//! (`conn-N-msg-K.data`): compare.sh checks those against what `postern bench` sent.
-//!
-//! This is an example rather than a `postern` subcommand so the production binary does
-//! not carry a fake mail server.
+//! (`conn-N-msg-K.data`): compare.sh and the tests check those against what
+//! `postern-bench` sent.
 //!
 //! ```text
-//! cargo run --release --example bench_sink -- --listen 127.0.0.1:2525 [--record DIR]
+//! cargo run --release -p postern-bench --bin postern-bench-sink -- --listen 127.0.0.1:2525 [--record DIR]
 //! ```
 
 use std::io::Write as _;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::Parser;
+use postern::smtp::data::{BodyRule, BodyScanner, BodyStep};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -32,9 +34,6 @@ const READ_BUF: usize = 256 * 1024;
 
 /// Longest command line accepted (RFC 5321 §4.5.3.1.4 says 512; leave room for extensions).
 const MAX_LINE: usize = 4096;
-
-/// End of the data: the CRLF that ends the last line, a dot, CRLF.
-use postern::smtp::data::END_OF_DATA;
 
 #[derive(Debug, Parser)]
 #[command(about = "SMTP sink for benchmarks: accepts and discards mail")]
@@ -60,7 +59,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::fs::create_dir_all(dir)?;
     }
     let listener = TcpListener::bind(args.listen).await?;
-    println!("bench_sink listening on {}", listener.local_addr()?);
+    // Tests and scripts read the address from this line (with --listen 127.0.0.1:0).
+    println!("postern-bench-sink listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;
     let args = Arc::new(args);
     let ids = AtomicU64::new(0);
@@ -69,7 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: say so, wait, and keep serving the connections we have.
-                eprintln!("bench_sink: accept: {e}");
+                eprintln!("postern-bench-sink: accept: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
@@ -78,7 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let args = args.clone();
         tokio::spawn(async move {
             if let Err(e) = serve(stream, id, &args).await {
-                eprintln!("bench_sink: connection {id}: {e}");
+                eprintln!("postern-bench-sink: connection {id}: {e}");
             }
         });
     }
@@ -87,10 +87,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// What the next input bytes are.
 enum State {
     Command,
-    /// Inside DATA; `matched` octets of [`END_OF_DATA`] were at the end of earlier input.
-    Data {
-        matched: usize,
-    },
+    /// Inside DATA, until the scanner finds its end.
+    Data(BodyScanner),
 }
 
 /// Serves one SMTP connection until QUIT or EOF.
@@ -102,7 +100,7 @@ async fn serve(mut stream: TcpStream, id: u64, args: &Args) -> std::io::Result<(
     };
     let host = &args.hostname;
     let ehlo = format!("250-{host}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE\r\n");
-    let mut out = format!("220 {host} ESMTP bench_sink\r\n").into_bytes();
+    let mut out = format!("220 {host} ESMTP postern-bench-sink\r\n").into_bytes();
     let mut buf = vec![0u8; READ_BUF];
     let (mut start, mut end) = (0, 0);
     // DATA starts right after the CRLF of the DATA command: an empty message is ".\r\n".
@@ -129,7 +127,7 @@ async fn serve(mut stream: TcpStream, id: u64, args: &Args) -> std::io::Result<(
                         }
                         Some(b"DATA") => {
                             out.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
-                            state = State::Data { matched: 2 };
+                            state = State::Data(BodyScanner::new(BodyRule::Exact));
                             if let Some(r) = &mut record {
                                 r.begin_message();
                             }
@@ -150,10 +148,10 @@ async fn serve(mut stream: TcpStream, id: u64, args: &Args) -> std::io::Result<(
                         _ => out.extend_from_slice(b"502 5.5.2 Command not implemented\r\n"),
                     }
                 }
-                State::Data { matched } => {
+                State::Data(ref mut scanner) => {
                     let chunk = &buf[start..end];
-                    match find_end(matched, chunk) {
-                        Scan::End(n) => {
+                    match scanner.scan(chunk) {
+                        BodyStep::End(n) => {
                             if let Some(r) = &mut record {
                                 r.message(&chunk[..n], true)?;
                             }
@@ -161,13 +159,19 @@ async fn serve(mut stream: TcpStream, id: u64, args: &Args) -> std::io::Result<(
                             out.extend_from_slice(b"250 2.0.0 Ok: discarded\r\n");
                             state = State::Command;
                         }
-                        Scan::More(m) => {
+                        // The octets not taken (at most three that could start the end
+                        // line) stay in the buffer and are offered again with more.
+                        BodyStep::More(n) => {
                             if let Some(r) = &mut record {
-                                r.message(chunk, false)?;
+                                r.message(&chunk[..n], false)?;
                             }
-                            start = end;
-                            state = State::Data { matched: m };
+                            start += n;
                             break;
+                        }
+                        BodyStep::Ambiguous(_) => {
+                            return Err(std::io::Error::other(
+                                "the body scanner refused a body under BodyRule::Exact",
+                            ));
                         }
                     }
                 }
@@ -194,46 +198,6 @@ async fn serve(mut stream: TcpStream, id: u64, args: &Args) -> std::io::Result<(
         }
         end += n;
     }
-}
-
-/// Result of scanning message data for the end marker.
-#[derive(Debug, PartialEq, Eq)]
-enum Scan {
-    /// The marker ends after this many octets of the chunk.
-    End(usize),
-    /// No end in this chunk; this many octets of the marker end the chunk.
-    More(usize),
-}
-
-/// Finds the end of the data in `chunk`, given that the input before it ended with the
-/// first `matched` octets of [`END_OF_DATA`].
-///
-/// A match that straddles chunks either continues the partial one or starts inside the
-/// chunk: the marker's only self-overlap is its leading CR, and a partial "\r\n.\r" that
-/// fails on the next octet cannot restart at its own last CR, because both paths need a
-/// LF next. So one continuation check plus one search is exact (tested against a naive
-/// search at every split below).
-fn find_end(matched: usize, chunk: &[u8]) -> Scan {
-    if matched > 0 {
-        let need = END_OF_DATA.len() - matched;
-        let n = need.min(chunk.len());
-        if chunk[..n] == END_OF_DATA[matched..matched + n] {
-            return if n == need {
-                Scan::End(n)
-            } else {
-                Scan::More(matched + n)
-            };
-        }
-    }
-    if let Some(i) = memchr::memmem::find(chunk, END_OF_DATA) {
-        return Scan::End(i + END_OF_DATA.len());
-    }
-    // Longest suffix of the chunk that is a prefix of the marker.
-    let tail = (1..END_OF_DATA.len())
-        .rev()
-        .find(|&k| chunk.len() >= k && chunk[chunk.len() - k..] == END_OF_DATA[..k])
-        .unwrap_or(0);
-    Scan::More(tail)
 }
 
 /// Writes what a connection received into files, for the byte-exact check.
@@ -274,73 +238,5 @@ impl Recorder {
             self.current.clear();
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Feeds `data` (which follows a "DATA\r\n" line) in the given pieces and returns
-    /// where the end marker was found, as an offset into `data`.
-    fn scan_in_pieces(data: &[u8], cuts: &[usize]) -> Option<usize> {
-        let mut matched = 2;
-        let mut offset = 0;
-        let mut bounds = cuts.to_vec();
-        bounds.push(data.len());
-        for &cut in &bounds {
-            let chunk = &data[offset..cut];
-            match find_end(matched, chunk) {
-                Scan::End(n) => return Some(offset + n),
-                Scan::More(m) => matched = m,
-            }
-            offset = cut;
-        }
-        None
-    }
-
-    fn naive(data: &[u8]) -> Option<usize> {
-        let mut with_prefix = b"\r\n".to_vec();
-        with_prefix.extend_from_slice(data);
-        with_prefix
-            .windows(END_OF_DATA.len())
-            .position(|w| w == END_OF_DATA)
-            .map(|i| i + END_OF_DATA.len() - 2)
-    }
-
-    #[test]
-    fn every_split_agrees_with_naive_search() {
-        let cases: [&[u8]; 9] = [
-            b".\r\n",
-            b"a\r\n.\r\n",
-            b"a\r\n..\r\n.\r\nQUIT\r\n",
-            b"x\r\n.\r\r\n.\r\n",
-            b"\r\n.\r\n",
-            b"a\r\n.x\r\n.\r\n",
-            b"a\r\r\n\r\n.\r\n",
-            b"a\n.\n\r\n.\r\n",
-            b"no end here\r\n.",
-        ];
-        for data in cases {
-            let expected = naive(data);
-            assert_eq!(scan_in_pieces(data, &[]), expected, "{data:?} whole");
-            for a in 0..=data.len() {
-                for b in a..=data.len() {
-                    assert_eq!(
-                        scan_in_pieces(data, &[a, b]),
-                        expected,
-                        "{data:?} cut at {a},{b}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn byte_at_a_time() {
-        let data = b"Subject: x\r\n\r\n..\r\n...x\r\n.\r\nMAIL";
-        let cuts: Vec<usize> = (1..data.len()).collect();
-        assert_eq!(scan_in_pieces(data, &cuts), naive(data));
-        assert_eq!(naive(data), Some(data.len() - 4));
     }
 }
