@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compare postern with nginx's mail proxy on this machine: the same sink behind both, the
-# same load from `postern bench`, the same certificate, the proxy under test pinned to one
+# same load from `postern-bench`, the same certificate, the proxy under test pinned to one
 # core and the load generator plus sink to another. See benches/README.md.
 #
 # Knobs (environment):
@@ -17,7 +17,7 @@
 #   SPIN=1                 keep both cores awake with SCHED_IDLE busy loops (see below)
 #   KEEP=1                 keep the work directory (configs, logs, JSON, recorded mail)
 #   POSTERN_EXTRA="..."    extra flags for `postern serve`
-#   BENCH_EXTRA="..."      extra flags for every `postern bench` run
+#   BENCH_EXTRA="..."      extra flags for every `postern-bench` run
 #   POSTERN_BIN=path       measure this postern build as the proxy (A/B a change); the
 #                          load generator is still this tree's build
 #
@@ -54,6 +54,7 @@ repo=$(cd "$here/.." && pwd)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 postern=$target_dir/release/postern
 proxy_bin=${POSTERN_BIN:-$postern}
+bench_bin=$target_dir/release/postern-bench
 sink=$target_dir/release/postern-bench-sink
 hz=$(getconf CLK_TCK)
 
@@ -99,8 +100,8 @@ ensure_nginx() {
 }
 
 build() {
-    log "building postern and postern-bench-sink (release)"
-    (cd "$repo" && cargo build --release --quiet --bin postern --bin postern-bench-sink)
+    log "building postern, postern-bench and postern-bench-sink (release)"
+    (cd "$repo" && cargo build --release --quiet --bin postern --bin postern-bench --bin postern-bench-sink)
 }
 
 make_certs() {
@@ -215,11 +216,11 @@ rss_kib() {
 now() { date +%s.%N; }
 calc() { awk "BEGIN { printf \"%.${2:-1}f\", $1 }"; }
 
-# --- postern bench and its JSON ------------------------------------------------------
+# --- postern-bench and its JSON ------------------------------------------------------
 
 bench() {
     # shellcheck disable=SC2086 # BENCH_EXTRA is a list of flags
-    taskset -c "$LOAD_CPU" "$postern" bench --ca "$work/cert.pem" --quiet --json $BENCH_EXTRA "$@"
+    taskset -c "$LOAD_CPU" "$bench_bin" --ca "$work/cert.pem" --quiet --json $BENCH_EXTRA "$@"
 }
 
 # jnum FILE KEY [OBJECT]: a number from the summary JSON, top level or inside OBJECT.

@@ -55,8 +55,6 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
-    /// Load-test an SMTP submission server.
-    Bench(Box<crate::bench::BenchArgs>),
 }
 
 /// Ports used when neither `--listen` nor `--listen-tls` is given.

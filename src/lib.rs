@@ -22,7 +22,6 @@
 //! - [`server`]: `postern serve`: turns the configuration into each layer's settings,
 //!   wires them, serves listeners its caller bound until asked to stop.
 //! - [`config`]: command line and environment (`POSTERN_*`).
-//! - [`bench`](mod@bench): `postern bench`, a load generator for SMTP submission servers.
 //! - [`admin`]: `/metrics`, `/healthz` and `/readyz` over HTTP (hyper).
 //! - [`reload`]: certificate and users reload on SIGHUP and file change.
 //! - [`listener`]: accept loops, the connection limits, the PROXY header.
@@ -51,7 +50,6 @@
 pub mod admin;
 pub mod auth;
 pub mod backend;
-pub mod bench;
 pub mod config;
 pub mod conn;
 pub mod demo;

@@ -19,7 +19,6 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo(args),
         Command::Completions { shell } => completions(shell),
         Command::Man { out_dir } => man(out_dir),
-        Command::Bench(args) => bench(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,12 +73,6 @@ fn man(out_dir: Option<PathBuf>) -> Result<(), String> {
                 .map_err(|e| format!("writing the man page: {e}"))
         }
     }
-}
-
-fn bench(args: postern::bench::BenchArgs) -> Result<(), String> {
-    runtime()?
-        .block_on(postern::bench::run(args))
-        .map_err(|e| e.to_string())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

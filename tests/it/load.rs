@@ -2,14 +2,16 @@
 //! postern into the real smtp-sink. Every message must arrive intact, no session may
 //! fail, and connections and memory must return to baseline afterwards.
 //!
-//! The clients are `postern bench` (a separate process, so its handshakes do not compete
+//! The clients are `postern-bench` (a separate process, so its handshakes do not compete
 //! with the test's runtime for the same threads).
 
 use crate::common;
 
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::postern::{USER, command};
+use common::postern::USER;
 use common::*;
 
 const SESSIONS: usize = 1000;
@@ -17,6 +19,20 @@ const SESSIONS: usize = 1000;
 const BENCH_LIMIT: Duration = Duration::from_secs(120);
 /// How far postern's RSS may stay above its pre-load baseline once the load is gone.
 const RSS_SLACK_KIB: u64 = 64 * 1024;
+
+/// `postern-bench`, the load generator of the workspace's other crate: cargo builds it
+/// next to postern when the tests run from the workspace root (`cargo test`).
+fn bench_command() -> Command {
+    let path = Path::new(env!("CARGO_BIN_EXE_postern"))
+        .with_file_name(format!("postern-bench{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests from the workspace root (`cargo test`), or \
+         `cargo build -p postern-bench` first",
+        path.display()
+    );
+    Command::new(path)
+}
 
 /// The message as smtp-sink dumps it: CRLF turned into LF and dot-stuffing undone.
 fn as_dumped(stuffed: &[u8]) -> String {
@@ -54,9 +70,8 @@ async fn a_thousand_concurrent_tls_sessions_each_deliver_one_message() {
     let sent_path = dir.path().join("sent");
     let target = postern.smtp.to_string();
     let sessions = SESSIONS.to_string();
-    let mut cmd = command();
-    cmd.arg("bench")
-        .args(["--target", &target, "--mode", "starttls", "--ca"])
+    let mut cmd = bench_command();
+    cmd.args(["--target", &target, "--mode", "starttls", "--ca"])
         .arg(&postern.paths.ca)
         .args(["-c", &sessions, "--sessions", &sessions])
         .args(["--messages-per-conn", "1", "--size", "2048", "-d", "110"])
@@ -71,10 +86,10 @@ async fn a_thousand_concurrent_tls_sessions_each_deliver_one_message() {
         .expect("bench thread");
     let took = started.elapsed();
     eprintln!(
-        "postern bench: {SESSIONS} sessions in {took:?}\n{}",
+        "postern-bench: {SESSIONS} sessions in {took:?}\n{}",
         out.stdout
     );
-    out.assert_success("postern bench");
+    out.assert_success("postern-bench");
     for field in [
         format!("\"sessions\":{SESSIONS},"),
         format!("\"messages\":{SESSIONS},"),

@@ -15,17 +15,18 @@
 use crate::common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use postern::bench::tls;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
 use common::free_port;
 use common::redis::Redis;
@@ -165,6 +166,8 @@ async fn serve_backend(stream: TcpStream, received: Arc<Mutex<Received>>) -> std
 struct Postern {
     addr: SocketAddr,
     metrics: SocketAddr,
+    /// postern's self-signed certificate, which the test client trusts.
+    cert: PathBuf,
     _child: Running,
 }
 
@@ -213,13 +216,14 @@ impl Postern {
         Some(Postern {
             addr,
             metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
+            cert: files.path("cert.pem"),
             _child: child,
         })
     }
 
     /// A TLS client that has greeted and authenticated as `auth`.
     async fn login(&self, auth: &str) -> Client {
-        let mut client = Client::connect(self.addr).await;
+        let mut client = Client::connect(self.addr, &self.cert).await;
         client.expect("220").await;
         client.send("EHLO client.test").await;
         client.expect("250").await;
@@ -249,11 +253,20 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        // The same "accept any certificate" client configuration `postern bench --insecure` uses.
-        let config = tls::client_config(tls::Trust::Insecure, false).unwrap();
+    async fn connect(addr: SocketAddr, cert: &Path) -> Client {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(cert).unwrap())
+            .unwrap();
+        // aws-lc-rs, the provider of the whole build (two in one build make rustls panic).
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let tls = TlsConnector::from(config)
+        let tls = TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .unwrap();

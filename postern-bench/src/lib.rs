@@ -1,4 +1,4 @@
-//! `postern bench`: a load generator for SMTP submission servers, postern or any other.
+//! `postern-bench`: a load generator for SMTP submission servers, postern or any other.
 //!
 //! Each connection does the whole client side of a submission session: greeting, EHLO,
 //! STARTTLS (RFC 3207) or implicit TLS (RFC 8314), EHLO again, AUTH (RFC 4954), then
@@ -8,15 +8,25 @@
 //! `--idle N` instead opens N authenticated sessions and holds them, to measure a
 //! server's memory per session.
 //!
+//! It lives in its own crate so that the proxy's binary carries no load generator, and
+//! it speaks SMTP through the proxy's library rather than copies: replies are read by
+//! `postern::smtp::reply`, EHLO keywords matched by `postern::smtp::Capabilities`, and
+//! the AUTH messages written by `postern::sasl::client`.
+//!
+//! # Layout
+//!
 //! - `client`: one session, stage by stage, with the stage of any failure.
 //! - `message`: the test message, built and dot-stuffed once.
 //! - `tls`: the rustls client configuration (`--ca` or `--insecure`).
 //! - `report`: tallies, progress counters, the human and JSON summaries.
+//! - the `postern-bench` binary (`main.rs`) parses [`BenchArgs`] and calls [`run`]; the
+//!   `postern-bench-sink` binary is the discard backend `benches/compare.sh` puts behind
+//!   the proxies.
 
 mod client;
 mod message;
 mod report;
-pub mod tls;
+mod tls;
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -25,13 +35,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use postern::sasl::Mechanism;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-use client::{Credentials, Script, Session};
+use client::{Account, Script, Session};
 use report::{Live, Percentiles, Summary, Tally, micros};
 
 /// Errors at the edges of the command (arguments, files, the target address).
@@ -69,17 +80,24 @@ impl Mode {
     }
 }
 
-/// SASL mechanism used for AUTH.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum AuthMechanism {
-    Plain,
-    Login,
-    #[value(name = "cram-md5")]
-    CramMd5,
+/// The `--mechanism` values: postern's own mechanisms, by their lower-case names (clap
+/// lists them in `--help`, so they are spelled out; a test checks them against
+/// [`Mechanism::ALL`]).
+const MECHANISMS: [&str; 3] = ["plain", "login", "cram-md5"];
+
+fn mechanism_parser() -> impl clap::builder::TypedValueParser<Value = Mechanism> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(MECHANISMS)
+        .try_map(|name| Mechanism::parse(&name).ok_or("unknown SASL mechanism"))
 }
 
-/// Arguments of `postern bench`.
-#[derive(Debug, Clone, clap::Args)]
+/// The command line of `postern-bench`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "postern-bench",
+    version,
+    about = "Load-test an SMTP submission server (postern or any other)"
+)]
 pub struct BenchArgs {
     /// Server to load, HOST:PORT. Only test servers you run or are allowed to test.
     #[arg(long, value_name = "HOST:PORT")]
@@ -100,8 +118,8 @@ pub struct BenchArgs {
     pub auth: Option<String>,
 
     /// SASL mechanism for AUTH.
-    #[arg(long, value_enum, default_value_t = AuthMechanism::Plain)]
-    pub mechanism: AuthMechanism,
+    #[arg(long, default_value = "plain", value_parser = mechanism_parser())]
+    pub mechanism: Mechanism,
 
     /// Connections running at once (with --idle: handshakes in flight at once).
     #[arg(short = 'c', long, default_value_t = 1, value_name = "N")]
@@ -174,7 +192,7 @@ pub struct BenchArgs {
     pub dump_message: Option<PathBuf>,
 }
 
-/// Runs `postern bench`: prints a progress line while running and the summary at the end.
+/// Runs the load: prints a progress line while running and the summary at the end.
 ///
 /// Fails (after printing the summary) when every attempt failed.
 pub async fn run(args: BenchArgs) -> Result<(), Error> {
@@ -211,7 +229,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Error> {
     };
     let errors: u64 = t.errors.iter().sum();
     if nothing && errors > 0 {
-        return Err(format!("bench: nothing succeeded ({errors} errors)").into());
+        return Err(format!("nothing succeeded ({errors} errors)").into());
     }
     Ok(())
 }
@@ -250,11 +268,11 @@ fn script(args: &BenchArgs) -> Result<Script, Error> {
     let auth = match &args.auth {
         None => None,
         Some(pair) => {
-            let (user, pass) = pair.split_once(':').ok_or("--auth must be USER:PASS")?;
-            Some(Credentials {
+            let (user, password) = pair.split_once(':').ok_or("--auth must be USER:PASS")?;
+            Some(Account {
                 mechanism: args.mechanism,
                 user: user.to_owned(),
-                pass: pass.to_owned(),
+                password: password.to_owned(),
             })
         }
     };
@@ -605,6 +623,42 @@ fn clear_progress() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mechanism_values_are_posterns_mechanisms() {
+        let parsed: Vec<_> = MECHANISMS
+            .iter()
+            .filter_map(|m| Mechanism::parse(m))
+            .collect();
+        assert_eq!(parsed, Mechanism::ALL);
+        for (name, mechanism) in [
+            ("plain", Mechanism::Plain),
+            ("cram-md5", Mechanism::CramMd5),
+        ] {
+            let args = <BenchArgs as clap::Parser>::try_parse_from([
+                "postern-bench",
+                "--target",
+                "x:1",
+                "--mechanism",
+                name,
+            ])
+            .unwrap();
+            assert_eq!(args.mechanism, mechanism);
+        }
+        let args =
+            <BenchArgs as clap::Parser>::try_parse_from(["postern-bench", "--target", "x:1"]);
+        assert_eq!(args.unwrap().mechanism, Mechanism::Plain);
+        assert!(
+            <BenchArgs as clap::Parser>::try_parse_from([
+                "postern-bench",
+                "--target",
+                "x:1",
+                "--mechanism",
+                "gssapi"
+            ])
+            .is_err()
+        );
+    }
 
     #[test]
     fn host_of_target() {

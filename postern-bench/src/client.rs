@@ -4,28 +4,30 @@
 //! deviation is a [`Failure`] tagged with the [`Stage`] it happened in, so the report can
 //! say *where* a server breaks under load. Commands are sent in lockstep (no PIPELINING),
 //! which is what most submission clients do and what makes per-message latency meaningful.
+//! Replies are read with postern's reply parser, EHLO keywords matched with its
+//! [`Capabilities`], and AUTH messages written by its `sasl::client`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use hmac::{Hmac, KeyInit, Mac};
+use postern::sasl::{self, Mechanism};
+use postern::smtp::{BackendReply, Capabilities, Reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-use super::{AuthMechanism, Mode};
+use super::Mode;
 
-/// Longest reply accepted (all lines together). EHLO replies are the longest seen in
-/// practice, a few hundred octets; 64 KiB means "the server is broken".
-const MAX_REPLY: usize = 64 * 1024;
-
-/// Initial read buffer; grows up to [`MAX_REPLY`] only for absurd replies.
+/// Initial read buffer. It grows only for replies longer than that; the reply parser
+/// bounds them (`postern::smtp::reply::MAX_REPLY_LINE`, `MAX_REPLY_LINES`).
 const READ_BUF: usize = 4096;
+
+/// How much of a malformed reply a failure quotes.
+const QUOTED: usize = 200;
 
 /// Where in the session something failed. Order is the order of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,11 +94,11 @@ impl fmt::Display for Failure {
     }
 }
 
-/// SMTP AUTH credentials and the mechanism to present them with.
-pub struct Credentials {
-    pub mechanism: AuthMechanism,
+/// The account to log in with (`--auth`), and the mechanism to present it with.
+pub struct Account {
+    pub mechanism: Mechanism,
     pub user: String,
-    pub pass: String,
+    pub password: String,
 }
 
 /// Everything a session needs, prepared once per run and shared by every connection.
@@ -105,7 +107,7 @@ pub struct Script {
     pub mode: Mode,
     /// Present for `starttls` and `tls` modes.
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
-    pub auth: Option<Credentials>,
+    pub auth: Option<Account>,
     /// `EHLO name\r\n`
     pub ehlo: Vec<u8>,
     /// `MAIL FROM:<...>\r\n`
@@ -161,7 +163,7 @@ impl Session {
                 let mut plain = Conn::new(tcp);
                 plain.greeting(t).await?;
                 let ehlo = plain.command(Stage::Ehlo, t, &script.ehlo, &[250]).await?;
-                if !has_keyword(&ehlo, "STARTTLS") {
+                if !Capabilities::from_ehlo_reply(&ehlo.lines).has("STARTTLS") {
                     return Err(fail(Stage::Ehlo, "STARTTLS not offered"));
                 }
                 plain
@@ -182,8 +184,8 @@ impl Session {
             }
         };
         conn.command(Stage::Ehlo, t, &script.ehlo, &[250]).await?;
-        if let Some(creds) = &script.auth {
-            conn.authenticate(creds, t).await?;
+        if let Some(account) = &script.auth {
+            conn.authenticate(account, t).await?;
         }
         Ok(Session { conn })
     }
@@ -234,13 +236,6 @@ fn note_negotiated(script: &Script, tls: &tokio_rustls::client::TlsStream<TcpStr
     ));
 }
 
-/// A reply: its code and the full text (all lines, CRLF-separated), for error details
-/// and EHLO keyword checks.
-struct Reply {
-    code: u16,
-    text: String,
-}
-
 /// A stream plus a read buffer that keeps bytes received past the current reply.
 struct Conn<S> {
     io: S,
@@ -279,7 +274,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         t: Duration,
         line: &[u8],
         ok: &[u16],
-    ) -> Result<String, Failure> {
+    ) -> Result<BackendReply, Failure> {
         within(stage, t, async {
             self.io.write_all(line).await?;
             self.io.flush().await
@@ -289,74 +284,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         expect(stage, reply, ok)
     }
 
-    async fn authenticate(&mut self, creds: &Credentials, t: Duration) -> Result<(), Failure> {
+    async fn authenticate(&mut self, account: &Account, t: Duration) -> Result<(), Failure> {
         let stage = Stage::Auth;
-        match creds.mechanism {
-            AuthMechanism::Plain => {
-                // RFC 4616: authzid NUL authcid NUL passwd, sent as the initial response
-                // (RFC 4954 §4) to save a round trip, as real clients do.
-                let mut raw = Vec::with_capacity(creds.user.len() + creds.pass.len() + 2);
-                raw.push(0);
-                raw.extend_from_slice(creds.user.as_bytes());
-                raw.push(0);
-                raw.extend_from_slice(creds.pass.as_bytes());
-                let line = format!("AUTH PLAIN {}\r\n", BASE64.encode(raw));
+        let (user, password) = (account.user.as_str(), account.password.as_bytes());
+        match account.mechanism {
+            Mechanism::Plain => {
+                // Sent as the initial response (RFC 4954 §4) to save a round trip, as real
+                // clients do.
+                let line = format!("AUTH PLAIN {}\r\n", sasl::client::plain(user, password));
                 self.command(stage, t, line.as_bytes(), &[235]).await?;
             }
-            AuthMechanism::Login => {
+            Mechanism::Login => {
                 self.command(stage, t, b"AUTH LOGIN\r\n", &[334]).await?;
-                let user = format!("{}\r\n", BASE64.encode(&creds.user));
-                self.command(stage, t, user.as_bytes(), &[334]).await?;
-                let pass = format!("{}\r\n", BASE64.encode(&creds.pass));
-                self.command(stage, t, pass.as_bytes(), &[235]).await?;
+                let [user, password] = sasl::client::login(user, password);
+                self.command(stage, t, format!("{user}\r\n").as_bytes(), &[334])
+                    .await?;
+                self.command(stage, t, format!("{password}\r\n").as_bytes(), &[235])
+                    .await?;
             }
-            AuthMechanism::CramMd5 => {
-                let challenge = self.command(stage, t, b"AUTH CRAM-MD5\r\n", &[334]).await?;
-                let line = cram_md5_response(&challenge, &creds.user, &creds.pass)
-                    .map_err(|e| fail(stage, e))?;
-                self.command(stage, t, line.as_bytes(), &[235]).await?;
+            Mechanism::CramMd5 => {
+                let reply = self.command(stage, t, b"AUTH CRAM-MD5\r\n", &[334]).await?;
+                let challenge = reply.lines.first().map_or("", String::as_str);
+                let answer = sasl::client::cram_md5(user, password, challenge)
+                    .ok_or_else(|| fail(stage, "CRAM-MD5 challenge is not base64"))?;
+                self.command(stage, t, format!("{answer}\r\n").as_bytes(), &[235])
+                    .await?;
             }
         }
         Ok(())
     }
 
     /// Reads one complete (possibly multi-line) reply, RFC 5321 §4.2.1.
-    async fn read_reply(&mut self) -> std::io::Result<Reply> {
-        let mut scan = self.start;
+    async fn read_reply(&mut self) -> std::io::Result<BackendReply> {
         loop {
-            while let Some(lf) = self.buf[scan..self.end].iter().position(|&b| b == b'\n') {
-                let line = &self.buf[scan..scan + lf + 1];
-                scan += lf + 1;
-                // "250-more", "250 last" or a bare "250".
-                let last = match line.get(3) {
-                    Some(b'-') => false,
-                    Some(b' ' | b'\r' | b'\n') => true,
-                    _ => return Err(invalid(line)),
-                };
-                if !last {
-                    continue;
+            let pending = &self.buf[self.start..self.end];
+            match BackendReply::parse(pending) {
+                Ok(Some((reply, used))) => {
+                    self.start += used;
+                    return Ok(reply);
                 }
-                let reply = &self.buf[self.start..scan];
-                let code = parse_code(reply).ok_or_else(|| invalid(reply))?;
-                let text = String::from_utf8_lossy(reply).trim_end().to_owned();
-                self.start = scan;
-                return Ok(Reply { code, text });
-            }
-            if self.end - self.start >= MAX_REPLY {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "reply too long",
-                ));
+                Ok(None) => {}
+                Err(e) => {
+                    let quoted = String::from_utf8_lossy(&pending[..pending.len().min(QUOTED)]);
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{e}: {quoted:?}"),
+                    ));
+                }
             }
             // Make room: move the partial reply to the front, grow only if it is that big.
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
-                scan -= self.start;
                 self.end -= self.start;
                 self.start = 0;
             }
             if self.end == self.buf.len() {
-                self.buf.resize((self.buf.len() * 2).min(MAX_REPLY), 0);
+                self.buf.resize(self.buf.len() * 2, 0);
             }
             let n = self.io.read(&mut self.buf[self.end..]).await?;
             if n == 0 {
@@ -367,55 +350,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-/// The three-digit code shared by every line of `reply`, or `None` if malformed.
-fn parse_code(reply: &[u8]) -> Option<u16> {
-    let mut code = None;
-    for line in reply.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let c = crate::smtp::reply::reply_code(line.get(..3)?)?;
-        if code.is_some_and(|prev| prev != c) {
-            return None;
-        }
-        code = Some(c);
+/// The reply as the server sent it, lines joined by CRLF, for failure details.
+fn wire_text(reply: &BackendReply) -> String {
+    let lines = reply.lines.iter().cloned().map(Cow::Owned).collect();
+    let mut wire = Vec::new();
+    Reply {
+        code: reply.code,
+        lines,
     }
-    code
+    .encode(&mut wire);
+    String::from_utf8_lossy(&wire).trim_end().to_owned()
 }
 
-/// Whether an EHLO reply advertises `keyword` (RFC 5321 §4.1.1.1: keyword then params).
-fn has_keyword(ehlo: &str, keyword: &str) -> bool {
-    ehlo.lines().skip(1).any(|line| {
-        line.get(4..)
-            .and_then(|ext| ext.split_whitespace().next())
-            .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
-    })
-}
-
-/// RFC 2195: `user SP hex(HMAC-MD5(password, challenge))`, base64-encoded.
-fn cram_md5_response(reply: &str, user: &str, pass: &str) -> Result<String, String> {
-    let encoded = reply.get(4..).unwrap_or("").trim();
-    let challenge = BASE64
-        .decode(encoded)
-        .map_err(|e| format!("CRAM-MD5 challenge is not base64: {e}"))?;
-    let mut mac = Hmac::<md5::Md5>::new_from_slice(pass.as_bytes())
-        .map_err(|e| format!("CRAM-MD5 key: {e}"))?;
-    mac.update(&challenge);
-    let digest = mac.finalize().into_bytes();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("{}\r\n", BASE64.encode(format!("{user} {hex}"))))
-}
-
-fn expect(stage: Stage, reply: Reply, ok: &[u16]) -> Result<String, Failure> {
+fn expect(stage: Stage, reply: BackendReply, ok: &[u16]) -> Result<BackendReply, Failure> {
     if ok.contains(&reply.code) {
-        Ok(reply.text)
+        Ok(reply)
     } else {
-        Err(fail(stage, reply.text))
+        Err(fail(stage, wire_text(&reply)))
     }
-}
-
-fn invalid(bytes: &[u8]) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        format!("malformed reply {:?}", String::from_utf8_lossy(bytes)),
-    )
 }
 
 fn fail(stage: Stage, detail: impl ToString) -> Failure {
@@ -457,7 +409,7 @@ mod tests {
         let mut out = Vec::new();
         loop {
             match conn.read_reply().await {
-                Ok(r) => out.push(Ok((r.code, r.text))),
+                Ok(r) => out.push(Ok((r.code, wire_text(&r)))),
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
                 Err(e) => {
                     out.push(Err(e.to_string()));
@@ -465,6 +417,8 @@ mod tests {
                 }
             }
         }
+        // The writer may be blocked on a full pipe after an error: closing our end ends it.
+        drop(conn);
         let _ = writer.await;
         out
     }
@@ -484,26 +438,16 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_replies_are_errors() {
-        for bad in [&b"25 x\r\n"[..], b"abc ok\r\n", b"250-a\r\n251 b\r\n"] {
+        // The last one: a line longer than the reply parser takes, never ended.
+        let endless = [b'2'; 5000];
+        for bad in [
+            &b"25 x\r\n"[..],
+            b"abc ok\r\n",
+            b"250-a\r\n251 b\r\n",
+            &endless,
+        ] {
             let got = replies(&[bad]).await;
             assert!(matches!(got.last(), Some(Err(_))), "{got:?}");
         }
-    }
-
-    #[test]
-    fn ehlo_keywords() {
-        let ehlo = "250-mx.example\r\n250-PIPELINING\r\n250-starttls\r\n250 AUTH PLAIN";
-        assert!(has_keyword(ehlo, "STARTTLS"));
-        assert!(has_keyword(ehlo, "AUTH"));
-        assert!(!has_keyword(ehlo, "mx.example"));
-        assert!(!has_keyword("250 STARTTLS", "STARTTLS"));
-    }
-
-    #[test]
-    fn cram_md5_rfc2195_example() {
-        // RFC 2195 §2: tim / tanstaaftanstaaf.
-        let challenge = "334 PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+";
-        let line = cram_md5_response(challenge, "tim", "tanstaaftanstaaf").unwrap();
-        assert_eq!(line, "dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw\r\n");
     }
 }
