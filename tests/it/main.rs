@@ -8,8 +8,7 @@
 //! relay::five_mib_message_arrives_exactly` one test. `tests/README.md` says what each
 //! module covers.
 
-// The harness is tests/common.rs and tests/common/, beside this directory, where
-// tests/bench.rs finds it with a plain `mod common;` too.
+// The harness is tests/common.rs and tests/common/, beside this directory.
 #[path = ".."]
 mod tests_dir {
     pub mod common;
