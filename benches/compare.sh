@@ -169,10 +169,12 @@ start_proxy() {
         ;;
     postern)
         # All load comes from 127.0.0.1, and postern's per-IP limit (default 50) would
-        # refuse most of the idle sessions; nginx has no such limit. Set through the
-        # environment so that POSTERN_BIN builds without the flag still start.
+        # refuse most of the idle sessions, its verifier share per network (default 2)
+        # would answer 454 to most concurrent AUTHs; nginx has neither. Set through the
+        # environment so that POSTERN_BIN builds without the flags still start.
         # shellcheck disable=SC2086 # POSTERN_EXTRA is a list of flags
-        POSTERN_MAX_CONNECTIONS_PER_IP=1000000 taskset -c "$PROXY_CPU" "$proxy_bin" serve \
+        POSTERN_MAX_CONNECTIONS_PER_IP=1000000 POSTERN_MAX_VERIFICATIONS_PER_NETWORK=1000000 \
+            taskset -c "$PROXY_CPU" "$proxy_bin" serve \
             --listen "127.0.0.1:$POSTERN_SMTP" --listen-tls "127.0.0.1:$POSTERN_SMTPS" \
             --backend "127.0.0.1:$SINK_PORT" --cert "$work/cert.pem" --key "$work/key.pem" \
             --users "$work/users" --hostname bench.invalid --log-level warn \
