@@ -96,8 +96,11 @@ impl fmt::Display for Failure {
 
 /// The account to log in with (`--auth`), and the mechanism to present it with.
 pub struct Account {
+    /// `--mechanism`.
     pub mechanism: Mechanism,
+    /// The authentication identity, before the first `:` of `--auth`.
     pub user: String,
+    /// The rest of `--auth`.
     pub password: String,
 }
 
