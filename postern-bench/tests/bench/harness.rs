@@ -1,14 +1,16 @@
 //! What the tests drive: `postern-bench`, `postern-bench-sink` recording into a tempdir,
-//! and a `postern serve` with fresh certificates and a `{PLAIN}` user. Every process
-//! listens on a port the kernel picks and says which one, so tests never race for ports.
+//! and postern's server, in process, with fresh certificates and a `{PLAIN}` user.
+//! Everything listens on a port the kernel picks and says which one, so tests never race
+//! for ports.
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Parser as _;
+use postern::session::ListenerKind;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -18,7 +20,7 @@ use rcgen::{
 pub const USER: &str = "bench@example.test";
 pub const PASSWORD: &str = "bench-secret";
 
-/// How long postern may take to listen.
+/// How long postern may take to be ready.
 const STARTUP: Duration = Duration::from_secs(20);
 
 /// A child process killed on drop, pass or fail.
@@ -36,20 +38,6 @@ pub fn bench_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern-bench"));
     cmd.env("POSTERN_BENCH_AUTH", format!("{USER}:{PASSWORD}"));
     cmd
-}
-
-/// The `postern` binary of this workspace: cargo puts it next to `postern-bench`, but
-/// builds it only when the `postern` package is built too (`cargo test` at the top).
-fn postern_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_postern-bench"))
-        .with_file_name(format!("postern{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests from the workspace root (`cargo test`), or \
-         `cargo build -p postern` first",
-        path.display()
-    );
-    path
 }
 
 /// What a finished process printed.
@@ -208,7 +196,8 @@ impl Certs {
     }
 }
 
-/// A running `postern serve` in front of a backend, killed on drop.
+/// `postern serve` in front of a backend, run in this process on its own runtime (the
+/// library's `server::run` on listeners bound here), stopped on drop.
 pub struct Postern {
     /// The `--listen` (STARTTLS) address.
     pub smtp: SocketAddr,
@@ -216,8 +205,8 @@ pub struct Postern {
     pub smtps: SocketAddr,
     /// The CA that signed postern's certificate, for `--ca`.
     pub ca: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
-    _child: Running,
+    runtime: Option<tokio::runtime::Runtime>,
+    _stop: postern::shutdown::StopHandle,
     _dir: tempfile::TempDir,
 }
 
@@ -225,7 +214,7 @@ impl Postern {
     pub fn start(backend: SocketAddr) -> Postern {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = Certs::generate();
-        let path = |name: &str| dir.path().join(name);
+        let path = |name: &str| dir.path().join(name).display().to_string();
         for (name, content) in [
             ("ca.pem", certs.ca),
             ("cert.pem", certs.cert),
@@ -234,83 +223,85 @@ impl Postern {
         ] {
             std::fs::write(path(name), content).expect("write postern's files");
         }
-        let mut child = Command::new(postern_binary())
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0"])
-            .args([
-                "--backend",
-                &backend.to_string(),
-                "--hostname",
-                "postern.test",
-            ])
-            .arg("--cert")
-            .arg(path("cert.pem"))
-            .arg("--key")
-            .arg(path("key.pem"))
-            .arg("--users")
-            .arg(path("users"))
-            .args(["--auth-mechanisms", "PLAIN,LOGIN,CRAM-MD5"])
+        let (cert, key, users, backend) = (
+            path("cert.pem"),
+            path("key.pem"),
+            path("users"),
+            backend.to_string(),
+        );
+        let argv = [
+            "postern",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen-tls",
+            "127.0.0.1:0",
+            "--backend",
+            &backend,
+            "--hostname",
+            "postern.test",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--users",
+            &users,
+            "--auth-mechanisms",
+            "PLAIN,LOGIN,CRAM-MD5",
             // The wrong-password test must not wait out the failure pacing.
-            .args(["--auth-failure-delay", "0s"])
-            .args(["--log-format", "json", "--log-level", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn postern");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let child = Running(child);
-        // Kept reading to the end, so postern never blocks on a full pipe, and kept for
-        // failure messages.
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(listening) = listening(&line) {
-                    let _ = tx.send(listening);
-                }
-                lines.lock().expect("log lock").push(line);
-            }
+            "--auth-failure-delay",
+            "0s",
+        ];
+        let cli = postern::config::Cli::try_parse_from(argv).expect("serve flags");
+        let postern::config::Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        let config = postern::server::Config::from_args(&args).expect("configuration");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("postern's runtime");
+        let (smtp, smtps, stop) = runtime.block_on(async {
+            let listeners = postern::server::Listeners::bind(&config)
+                .await
+                .expect("bind");
+            let bound = |kind: ListenerKind| {
+                let (listener, _) = listeners.smtp.iter().find(|(_, k)| *k == kind)?;
+                listener.local_addr().ok()
+            };
+            let smtp = bound(ListenerKind::Submission).expect("--listen");
+            let smtps = bound(ListenerKind::ImplicitTls).expect("--listen-tls");
+            let (stop, requests) = postern::shutdown::channel();
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(postern::server::run(
+                config,
+                listeners,
+                requests,
+                Some(ready_tx),
+            ));
+            tokio::time::timeout(STARTUP, ready_rx)
+                .await
+                .expect("postern ready in time")
+                .expect("postern ended before it was ready");
+            (smtp, smtps, stop)
         });
-        let (mut smtp, mut smtps) = (None, None);
-        let deadline = Instant::now() + STARTUP;
-        while smtp.is_none() || smtps.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((kind, addr)) if kind == "starttls" => smtp = Some(addr),
-                Ok((kind, addr)) if kind == "tls" => smtps = Some(addr),
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "postern did not listen within {STARTUP:?}:\n{}",
-                    log.lock().expect("log lock").join("\n")
-                ),
-            }
-        }
         Postern {
-            smtp: smtp.expect("starttls listener"),
-            smtps: smtps.expect("tls listener"),
-            ca: path("ca.pem"),
-            log,
-            _child: child,
+            smtp,
+            smtps,
+            ca: dir.path().join("ca.pem"),
+            runtime: Some(runtime),
+            _stop: stop,
             _dir: dir,
         }
     }
-
-    /// Everything postern logged so far.
-    pub fn log(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
 }
 
-/// `(listener, addr)` from postern's JSON `listening` log line.
-fn listening(line: &str) -> Option<(String, SocketAddr)> {
-    let event: serde_json::Value = serde_json::from_str(line).ok()?;
-    let fields = event.get("fields")?;
-    if fields.get("message")?.as_str()? != "listening" {
-        return None;
+impl Drop for Postern {
+    fn drop(&mut self) {
+        // Without waiting for sessions or password checks still in flight.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
-    let kind = fields.get("listener")?.as_str()?.to_owned();
-    let addr = fields.get("addr")?.as_str()?.parse().ok()?;
-    Some((kind, addr))
 }
