@@ -1,5 +1,5 @@
 //! The test harness for postern (STYLE.md §12): the one support tree of the integration
-//! tests (`tests/it/`, and `tests/bench.rs`).
+//! tests (`tests/it/`).
 //!
 //! Every black-box test runs the real `postern` binary as a child process in front of a
 //! backend it can inspect:
@@ -35,7 +35,7 @@
 //! Every await is bounded by [`within`] and every child process by [`run`], so a hang
 //! fails the test after [`STEP`] instead of stalling CI.
 
-// Each test module (and tests/bench.rs) uses a different part of the harness.
+// Each test module uses a different part of the harness.
 #![allow(dead_code, unused_imports)]
 
 pub mod certs;
