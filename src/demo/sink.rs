@@ -6,7 +6,7 @@
 //! and size of each one on stdout, every line labelled so nobody mistakes it for the
 //! real backend.
 //!
-//! [`Session`] is sans-IO like the proxy's own core (bytes in, [`Output`]s out); [`serve`]
+//! [`SinkSession`] is sans-IO like the proxy's own core (bytes in, [`Output`]s out); [`serve`]
 //! is the thin socket loop around it. Commands are framed by [`LineBuffer`], so the sink
 //! has the same bounded line length as the proxy, and message bodies end where the
 //! relay's own [`BodyScanner`] says, under [`BodyRule::Exact`]: the sink keeps what it
@@ -103,7 +103,7 @@ struct Content {
 
 /// One SMTP connection's state.
 #[derive(Debug)]
-pub struct Session {
+pub struct SinkSession {
     hostname: String,
     state: State,
     from: Option<String>,
@@ -113,10 +113,10 @@ pub struct Session {
     input: LineBuffer,
 }
 
-impl Session {
+impl SinkSession {
     /// A session for a new connection; `hostname` appears in the greeting and EHLO.
     pub fn new(hostname: &str) -> Self {
-        Session {
+        SinkSession {
             hostname: hostname.to_owned(),
             state: State::Envelope,
             from: None,
@@ -384,7 +384,7 @@ async fn connection(
     hostname: &str,
     count: &AtomicU64,
 ) -> std::io::Result<()> {
-    let mut session = Session::new(hostname);
+    let mut session = SinkSession::new(hostname);
     let mut out = Vec::new();
     send(&mut stream, &mut out, &session.greeting()).await?;
     let mut buf = vec![0u8; 16 * 1024];
@@ -444,7 +444,7 @@ mod tests {
 
     /// Feeds `lines`, each with its CRLF, all at once, and returns every reply, plus the
     /// delivered messages.
-    fn run(session: &mut Session, lines: &[&str]) -> (Vec<String>, Vec<Message>) {
+    fn run(session: &mut SinkSession, lines: &[&str]) -> (Vec<String>, Vec<Message>) {
         let wire: String = lines.iter().map(|line| format!("{line}\r\n")).collect();
         outputs(session.receive(wire.as_bytes()))
     }
@@ -468,7 +468,7 @@ mod tests {
 
     #[test]
     fn a_whole_transaction() {
-        let mut s = Session::new("sink.test");
+        let mut s = SinkSession::new("sink.test");
         assert!(s.greeting().starts_with("220 sink.test "));
         let (replies, messages) = run(
             &mut s,
@@ -518,7 +518,7 @@ mod tests {
 
     #[test]
     fn out_of_order_commands_are_refused() {
-        let mut s = Session::new("sink.test");
+        let mut s = SinkSession::new("sink.test");
         let (replies, messages) = run(
             &mut s,
             &[
@@ -547,7 +547,7 @@ mod tests {
     fn reads_cut_anywhere_give_the_same_transcript() {
         let wire: &[u8] = b"EHLO c.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n\
             Subject: cut\r\n anywhere\r\n\r\n..dot\r\nbare\nLF\r\n\r\n.\r\nNOOP\r\nQUIT\r\nNOOP\r\n";
-        let whole = Session::new("sink.test").receive(wire);
+        let whole = SinkSession::new("sink.test").receive(wire);
         let (replies, messages) = outputs(whole.clone());
         assert_eq!(
             codes(&replies),
@@ -561,7 +561,7 @@ mod tests {
         assert_eq!(messages[0].size, body.len() - 1);
         // As the driver does: nothing is fed once the session said Close.
         let feed = |pieces: &mut dyn Iterator<Item = &[u8]>| {
-            let mut session = Session::new("sink.test");
+            let mut session = SinkSession::new("sink.test");
             let mut got = Vec::new();
             for piece in pieces {
                 got.extend(session.receive(piece));
@@ -580,7 +580,7 @@ mod tests {
 
     #[test]
     fn only_the_real_end_of_data_ends_a_message() {
-        let mut s = Session::new("sink.test");
+        let mut s = SinkSession::new("sink.test");
         let (replies, messages) = outputs(s.receive(
             b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n\
               x\n.\nMAIL FROM:<e@x.test>\r\n\r\n.\r\n",
@@ -595,14 +595,14 @@ mod tests {
 
     #[test]
     fn an_overlong_command_line_closes_the_connection() {
-        let mut s = Session::new("sink.test");
+        let mut s = SinkSession::new("sink.test");
         let (replies, _) = outputs(s.receive(&[b'A'; 20_000]));
         assert_eq!(replies, ["500 5.5.2 Line too long", "<close>"]);
     }
 
     #[test]
     fn a_second_transaction_starts_clean() {
-        let mut s = Session::new("sink.test");
+        let mut s = SinkSession::new("sink.test");
         let transaction = [
             "MAIL FROM:<a@x.test>",
             "RCPT TO:<b@x.test>",

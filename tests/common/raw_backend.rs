@@ -44,7 +44,7 @@ pub enum Fault {
 
 /// One accepted connection: everything the peer sent, in order.
 #[derive(Clone, Debug, Default)]
-pub struct Session {
+pub struct RecordedSession {
     pub received: Vec<u8>,
     /// Whether the connection has ended.
     pub closed: bool,
@@ -53,7 +53,7 @@ pub struct Session {
     pub messages: Vec<Vec<u8>>,
 }
 
-type Sessions = Arc<Mutex<Vec<Session>>>;
+type Sessions = Arc<Mutex<Vec<RecordedSession>>>;
 
 /// A running backend; stopped on drop.
 pub struct RawBackend {
@@ -129,12 +129,12 @@ impl RawBackend {
     }
 
     /// Every connection so far, in accept order.
-    pub fn sessions(&self) -> Vec<Session> {
+    pub fn sessions(&self) -> Vec<RecordedSession> {
         self.sessions.lock().unwrap().clone()
     }
 
     /// Waits for a connection whose received bytes contain `needle` and returns it.
-    pub fn session_containing(&self, needle: &[u8]) -> Session {
+    pub fn session_containing(&self, needle: &[u8]) -> RecordedSession {
         wait_until(
             STEP,
             &format!(
@@ -150,7 +150,7 @@ impl RawBackend {
     }
 
     /// Waits until some connection has received `n` complete messages and returns it.
-    pub fn session_with_messages(&self, n: usize) -> Session {
+    pub fn session_with_messages(&self, n: usize) -> RecordedSession {
         wait_until(
             STEP,
             &format!("a backend session with {n} message(s)"),
@@ -224,7 +224,7 @@ async fn accept_loop(
         if let Some((stream, _)) = accepted {
             let index = {
                 let mut s = sessions.lock().unwrap();
-                s.push(Session::default());
+                s.push(RecordedSession::default());
                 s.len() - 1
             };
             let sessions = sessions.clone();
