@@ -25,10 +25,10 @@
 //! are [`Error::is_source_down`]: answer `454 4.7.0` and count the source as down.
 //!
 //! ```no_run
-//! # async fn example() -> Result<(), postern::auth::dovecot::Error> {
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use postern::auth::dovecot::{Client, ClientInfo, Options, Step};
 //!
-//! let target = "unix:/run/dovecot/auth-client".parse().expect("a valid target");
+//! let target = "unix:/run/dovecot/auth-client".parse()?;
 //! let client = Client::new(target, Options::default());
 //! let handshake = client.probe().await?;
 //! let offered: Vec<&str> = handshake.usable_mechanisms().map(|m| m.name()).collect();
