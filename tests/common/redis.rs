@@ -34,26 +34,12 @@ impl Redis {
             return None;
         };
         for _attempt in 0..3 {
-            let addr = free_addr();
-            let mut child = Command::new(binary)
-                .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
-            let up = wait_until(STEP, "redis-server to accept", || {
-                if child.try_wait().expect("try_wait").is_some() {
-                    return Some(false); // lost the port race
-                }
-                accepts(addr).then_some(true)
-            });
-            if up {
-                return Some(Redis {
-                    child: Some(child),
-                    addr,
-                });
+            let mut redis = Redis {
+                child: None,
+                addr: free_addr(),
+            };
+            if redis.run(binary) {
+                return Some(redis);
             }
         }
         panic!("redis-server failed to start three times");
@@ -62,7 +48,16 @@ impl Redis {
     /// A new, empty server on the same port: Redis back after an outage.
     pub fn restart(&mut self) {
         self.stop();
-        let mut child = Command::new(REDIS_SERVER)
+        assert!(
+            self.run(REDIS_SERVER),
+            "redis-server could not take its port back"
+        );
+    }
+
+    /// Starts `binary` on `self.addr` and waits until it accepts; false if it exited
+    /// first (the port was taken).
+    fn run(&mut self, binary: &str) -> bool {
+        let mut child = Command::new(binary)
             .args([
                 "--port",
                 &self.addr.port().to_string(),
@@ -74,16 +69,18 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn redis-server: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
         let addr = self.addr;
-        let up = wait_until(STEP, "redis-server to accept again", || {
+        let up = wait_until(STEP, "redis-server to accept", || {
             if child.try_wait().expect("try_wait").is_some() {
-                return Some(false);
+                return Some(false); // lost the port race
             }
             accepts(addr).then_some(true)
         });
-        assert!(up, "redis-server could not take its port back");
-        self.child = Some(child);
+        if up {
+            self.child = Some(child);
+        }
+        up
     }
 
     /// The `--limits-store` URL.
