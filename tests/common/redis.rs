@@ -13,6 +13,8 @@ const REDIS_SERVER: &str = "/usr/bin/redis-server";
 pub struct Redis {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The redis-server found at start, for restarts.
+    binary: &'static str,
 }
 
 impl Redis {
@@ -37,8 +39,9 @@ impl Redis {
             let mut redis = Redis {
                 child: None,
                 addr: free_addr(),
+                binary,
             };
-            if redis.run(binary) {
+            if redis.run() {
                 return Some(redis);
             }
         }
@@ -48,15 +51,13 @@ impl Redis {
     /// A new, empty server on the same port: Redis back after an outage.
     pub fn restart(&mut self) {
         self.stop();
-        assert!(
-            self.run(REDIS_SERVER),
-            "redis-server could not take its port back"
-        );
+        assert!(self.run(), "redis-server could not take its port back");
     }
 
-    /// Starts `binary` on `self.addr` and waits until it accepts; false if it exited
+    /// Starts redis-server on `self.addr` and waits until it accepts; false if it exited
     /// first (the port was taken).
-    fn run(&mut self, binary: &str) -> bool {
+    fn run(&mut self) -> bool {
+        let binary = self.binary;
         let mut child = Command::new(binary)
             .args([
                 "--port",
