@@ -21,6 +21,7 @@
 //!   `expect("235")` style helpers.
 //! - [`tools`]: swaks, Python smtplib, `openssl s_client` and lettre, driven the way a
 //!   person would drive them.
+//! - [`dovecot`]: [`dovecot::Dovecot`], a private Dovecot auth service (passwd-file users).
 //! - [`redis`]: [`redis::Redis`], a private `redis-server` for the shared limits store.
 //! - [`openssl_ca`]: certificates made with the openssl command line, chain mistakes
 //!   included.
@@ -40,6 +41,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod dovecot;
 pub mod haproxy;
 pub mod mta;
 pub mod openssl_ca;
