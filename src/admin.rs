@@ -24,6 +24,8 @@ use crate::shutdown::Shutdown;
 #[derive(Clone)]
 pub struct Readiness {
     pub backend_up: watch::Receiver<bool>,
+    /// Whether the credential source answers: without it no client can log in.
+    pub source_up: watch::Receiver<bool>,
     pub draining: Shutdown,
 }
 
@@ -34,6 +36,8 @@ impl Readiness {
             Err("draining: shutting down")
         } else if !*self.backend_up.borrow() {
             Err("backend probe failing")
+        } else if !*self.source_up.borrow() {
+            Err("credential source unavailable")
         } else {
             Ok(())
         }

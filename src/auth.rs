@@ -11,35 +11,49 @@
 //! Sessions only ask [`Authenticator::authenticate`]; the connection code knows none of
 //! this.
 
+pub mod cache;
 pub mod dovecot;
 pub mod http;
 pub mod ldap;
+pub mod relayed;
+pub mod source;
 
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::limits::{
-    AuthHistory, AuthLimits, ClientNet, FailurePace, PerNetSlots, THROTTLE_LOG_INTERVAL,
+    AuthHistory, AuthLimits, ClientNet, FailurePace, NetSlot, PerNetSlots, THROTTLE_LOG_INTERVAL,
     ThrottleLog,
 };
 use crate::metrics;
 use crate::sasl::{Credentials, Mechanism};
-use crate::session::Verdict;
+use crate::session::{SourceReply, Verdict};
 use crate::shutdown::Shutdown;
 use crate::store::LimitsStore;
-use crate::users::{Check, UserDb};
+use crate::users::UserDb;
 
 pub mod gate;
 pub mod pool;
 
-use gate::FailureGate;
+use cache::Cache;
+use gate::{FailureGate, NameKey, Ticket};
 use pool::{Busy, QUEUE_PER_VERIFIER, VerifierPool};
+use source::{Answer, Attempt, Source, Unavailable};
 
 /// How long an AUTH may wait for a free verifier before it gets `454 4.7.0`.
 const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Checks a remote source may have running at once: they cost postern no CPU, so the
+/// pool only orders who goes first under a flood and bounds what the source gets.
+const REMOTE_VERIFIERS: usize = 32;
+
+/// How often a source that is down is asked again, and one that is up re-checked.
+const SOURCE_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the [`Authenticator`] enforces, from the command line.
 #[derive(Debug, Clone)]
@@ -54,65 +68,150 @@ pub struct Settings {
     pub verifications_per_network: u32,
     /// `--auth-mechanisms`, if given; see [`Authenticator::mechanisms`].
     pub mechanisms: Option<Vec<Mechanism>>,
+    /// `--auth-cache-ttl`: successes reused this long (off when `None`).
+    pub cache_ttl: Option<Duration>,
+    /// `--backend-allow`: where a source may send a session (auth_http's `Auth-Server`).
+    pub backend_allow: Vec<ipnet::IpNet>,
 }
 
-/// Checks credentials against the users file behind the abuse defences.
+/// Who is trying, as the source and the windows need it.
+#[derive(Debug, Clone, Copy)]
+pub struct Client<'a> {
+    pub addr: SocketAddr,
+    pub local: SocketAddr,
+    /// The network the windows and shares count `addr` in.
+    pub net: ClientNet,
+    pub helo: Option<&'a str>,
+    /// 1 for the connection's first AUTH, then 2, 3, ...
+    pub attempt: u32,
+}
+
+/// What an AUTH ends in: the verdict, and for a valid one where the session goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// A backend the source chose for this user (`None`: the configured one).
+    pub route: Option<SocketAddr>,
+}
+
+impl From<Verdict> for Decision {
+    fn from(verdict: Verdict) -> Decision {
+        Decision {
+            verdict,
+            route: None,
+        }
+    }
+}
+
+/// Checks credentials against the source behind the abuse defences.
 pub struct Authenticator {
     settings: Settings,
-    /// The users file; a reload swaps it for new attempts while running ones keep their
-    /// `Arc`.
-    users: RwLock<Arc<UserDb>>,
-    /// Bounds concurrent password hash verifications (argon2 uses 64 MiB each), and
-    /// orders the attempts waiting for one.
+    source: Source,
+    /// Bounds concurrent verifications (argon2 uses 64 MiB each; a remote source gets a
+    /// bounded load), and orders the attempts waiting for one.
     verifiers: Arc<VerifierPool>,
     /// Verifications running or queued per client network.
     verifications_per_net: Arc<PerNetSlots>,
     /// AUTH failures per client network and per user name.
     gate: FailureGate,
-    /// How long a failed AUTH takes at least (the costliest hash's time).
+    /// How long a failed AUTH takes at least (the costliest check's time).
     failure_pace: Arc<FailurePace>,
     /// Throttle log lines held back per network.
     throttle_log: ThrottleLog,
+    cache: Option<Cache>,
+    /// Whether the source answered the last time it was asked.
+    up: watch::Sender<bool>,
 }
 
 impl Authenticator {
-    /// An authenticator over `users`, its failure pacing measured on `users`' costliest
-    /// hash before the first client can fail.
-    pub async fn start(settings: Settings, users: UserDb) -> Arc<Authenticator> {
-        let users = Arc::new(users);
-        log_mechanisms(settings.mechanisms.as_deref(), &users);
+    /// An authenticator over `source`. A file source's failure pacing is measured on
+    /// its costliest hash before the first client can fail; a remote source is asked
+    /// once, so that EHLO offers what it can verify from the first session.
+    pub async fn start(settings: Settings, source: Source) -> Arc<Authenticator> {
         let failure_pace = Arc::new(FailurePace::default());
-        let decoy = users.clone();
-        if let Ok(took) = tokio::task::spawn_blocking(move || decoy.time_decoy()).await {
-            failure_pace.seed(took);
+        let verifiers = match &source {
+            Source::File(_) => verify_concurrency(),
+            _ => REMOTE_VERIFIERS,
+        };
+        if let Some(users) = source.users() {
+            log_mechanisms(settings.mechanisms.as_deref(), &users);
+            if let Ok(took) = tokio::task::spawn_blocking(move || users.time_decoy()).await {
+                failure_pace.seed(took);
+            }
         }
-        let verifiers = verify_concurrency();
+        let up = match source.probe().await {
+            Ok(found) => {
+                info!(source = source.kind().label(), "credential source: {found}");
+                true
+            }
+            Err(error) => {
+                warn!(source = source.kind().label(), %error, "credential source unavailable; AUTH gets 454 4.7.0 until it answers");
+                false
+            }
+        };
+        metrics::auth_source_up(source.kind().label(), up);
+        let cache = settings.cache_ttl.map(|ttl| {
+            let mut salt = [0u8; 32];
+            // Without randomness the salt is fixed: the entries are still never the
+            // password, only easier to test against if the process memory leaked.
+            let _ = crate::tls::provider().secure_random.fill(&mut salt);
+            Cache::new(ttl, salt)
+        });
         Arc::new(Authenticator {
             verifications_per_net: PerNetSlots::new(settings.verifications_per_network, u32::MAX),
             gate: FailureGate::new(settings.failures, &settings.store),
             settings,
-            users: RwLock::new(users),
+            source,
             verifiers: VerifierPool::new(verifiers, verifiers * QUEUE_PER_VERIFIER),
             failure_pace,
             throttle_log: ThrottleLog::new(THROTTLE_LOG_INTERVAL),
+            cache,
+            up: watch::channel(up).0,
         })
     }
 
-    /// The SASL mechanisms a new session offers: `--auth-mechanisms`, or PLAIN and LOGIN,
-    /// with CRAM-MD5 only while every user of the current file can pass it.
+    /// The SASL mechanisms a new session offers: those the source can verify, narrowed
+    /// by `--auth-mechanisms`.
     pub fn mechanisms(&self) -> Vec<Mechanism> {
+        let verifiable = self
+            .source
+            .mechanisms()
+            .unwrap_or_else(|| vec![Mechanism::Plain, Mechanism::Login]);
         match &self.settings.mechanisms {
-            Some(chosen) => chosen.clone(),
-            None => default_mechanisms(&self.users()),
+            Some(chosen) => chosen
+                .iter()
+                .copied()
+                .filter(|m| match &self.source {
+                    // CRAM-MD5 over auth_http: the server needs cleartext passwords,
+                    // which only the administrator knows it has.
+                    Source::Http(_) => self.source.can_verify(*m),
+                    _ => verifiable.contains(m),
+                })
+                .collect(),
+            None => verifiable,
         }
     }
 
-    /// The users file in use.
-    pub fn users(&self) -> Arc<UserDb> {
-        match self.users.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    /// Whether the source runs `mechanism`'s exchange itself, so the session relays it
+    /// step by step ([`Authenticator::relay_start`]) instead of collecting credentials.
+    pub fn relays(&self, mechanism: Mechanism) -> bool {
+        matches!(self.source, Source::Dovecot(_))
+            && !matches!(mechanism, Mechanism::Plain | Mechanism::Login)
+    }
+
+    /// Which kind of source checks credentials.
+    pub fn source_kind(&self) -> source::Kind {
+        self.source.kind()
+    }
+
+    /// Whether the source answered the last time it was asked (`/readyz`).
+    pub fn source_up(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
+    /// The users file in use, for a file source.
+    pub fn users(&self) -> Option<Arc<UserDb>> {
+        self.source.users()
     }
 
     /// New verifications use `users`; a verification already running keeps its copy.
@@ -123,10 +222,57 @@ impl Authenticator {
             let (pace, users) = (self.failure_pace.clone(), users.clone());
             runtime.spawn_blocking(move || pace.seed(users.time_decoy()));
         }
-        match self.users.write() {
-            Ok(mut guard) => *guard = users,
-            Err(poisoned) => *poisoned.into_inner() = users,
+        self.source.replace_users(users);
+        self.forget();
+    }
+
+    /// Drops every cached success (a reload: the source may have changed its mind).
+    pub fn forget(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
         }
+    }
+
+    fn throttled(
+        &self,
+        client: &Client<'_>,
+        username: &str,
+        mechanism: Mechanism,
+        scope: &'static str,
+    ) -> Verdict {
+        metrics::auth_throttled(scope);
+        // A refused run repeats fast: one line per network and interval, counted.
+        if let Some(events) = self.throttle_log.note(client.net, Instant::now()) {
+            info!(net = %client.net, events, user = ?LoggedName(username), mechanism = mechanism.label(), scope, "authentication throttled");
+        }
+        Verdict::Throttled
+    }
+
+    /// Meets the failure windows for `username`: `Ok(ticket)` once the attempt may be
+    /// checked, after the slow-down its name has earned.
+    async fn admit(
+        &self,
+        client: &Client<'_>,
+        shutdown: &mut Shutdown,
+        username: &str,
+        mechanism: Mechanism,
+    ) -> Result<(Ticket, NameKey), Verdict> {
+        let user_key = self.gate.key(username);
+        let (ticket, delay) = match self.gate.admit(client.net, &user_key).await {
+            gate::Decision::Verify { ticket, delay } => (ticket, delay),
+            gate::Decision::Refused(scope) => {
+                return Err(self.throttled(client, username, mechanism, scope));
+            }
+        };
+        if !delay.is_zero() {
+            // The name is over its failure limit: slowed down from networks that have not
+            // failed it, so its owner can still log in. A drain does not wait for it.
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.stopping() => return Err(Verdict::Throttled),
+            }
+        }
+        Ok((ticket, user_key))
     }
 
     /// Applies the failure limits, checks the credentials, and records the outcome.
@@ -135,59 +281,120 @@ impl Authenticator {
         &self,
         history: &mut AuthHistory,
         shutdown: &mut Shutdown,
-        client: ClientNet,
+        client: Client<'_>,
         mechanism: Mechanism,
         credentials: Credentials,
-    ) -> Verdict {
+    ) -> Decision {
         let username = credentials.username().to_owned();
-        let user_key = self.gate.key(&username);
-        let throttled = |scope: &'static str| {
-            metrics::auth_throttled(scope);
-            // A refused run repeats fast: one line per network and interval, counted.
-            if let Some(events) = self.throttle_log.note(client, Instant::now()) {
-                info!(net = %client, events, user = ?LoggedName(&username), mechanism = mechanism.label(), scope, "authentication throttled");
-            }
-            Verdict::Throttled
+        let (ticket, user_key) = match self.admit(&client, shutdown, &username, mechanism).await {
+            Ok(admitted) => admitted,
+            Err(verdict) => return verdict.into(),
         };
-        let (ticket, delay) = match self.gate.admit(client, &user_key).await {
-            gate::Decision::Verify { ticket, delay } => (ticket, delay),
-            gate::Decision::Refused(scope) => return throttled(scope),
-        };
-        if !delay.is_zero() {
-            // The name is over its failure limit: slowed down from networks that have not
-            // failed it, so its owner can still log in. A drain does not wait for it.
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown.stopping() => return Verdict::Throttled,
-            }
-        }
         // A flood from one network queues at most this many for the verifier pool: the
         // rest is refused here, before it can crowd out other networks' logins.
-        let Ok(verifying) = self.verifications_per_net.try_acquire(client, None) else {
-            return throttled(metrics::label::throttle_scope::NETWORK_VERIFICATIONS);
+        let Ok(verifying) = self.verifications_per_net.try_acquire(client.net, None) else {
+            return self
+                .throttled(
+                    &client,
+                    &username,
+                    mechanism,
+                    metrics::label::throttle_scope::NETWORK_VERIFICATIONS,
+                )
+                .into();
         };
-        let verified = self.verify(client, credentials).await;
+        let verified = self.verify(&client, &credentials).await;
         // Given back with the verifier, not after the failure pacing below: the cap is on
         // hashing, and a paced failure holds no CPU.
         drop(verifying);
-        let (check, took) = match verified {
-            Ok(checked) => checked,
+        let (answer, took) = match verified {
+            Ok((Ok(answer), took)) => (answer, took),
+            Ok((Err(Unavailable(reason)), _)) => {
+                warn!(source = self.source.kind().label(), %reason, user = ?LoggedName(&username), "credential source unavailable; 454 4.7.0");
+                return Verdict::Unavailable.into();
+            }
             // Refused by share: logged like any refusal (a flood repeats fast).
             Err(Busy::QueueFull | Busy::Displaced) => {
-                return throttled(metrics::label::throttle_scope::VERIFIER_QUEUE);
+                return self
+                    .throttled(
+                        &client,
+                        &username,
+                        mechanism,
+                        metrics::label::throttle_scope::VERIFIER_QUEUE,
+                    )
+                    .into();
             }
             Err(Busy::TimedOut) => {
                 metrics::auth_throttled(metrics::label::throttle_scope::VERIFIER);
-                return Verdict::Throttled;
+                return Verdict::Throttled.into();
             }
         };
-        let valid = check.valid;
+        let route = match answer.route {
+            Some(route) if !self.may_route_to(route) => {
+                warn!(user = ?LoggedName(&username), %route, "the credential source sent the session to a backend outside --backend-allow; 454 4.7.0");
+                ticket.failed();
+                return Verdict::Unavailable.into();
+            }
+            route => route,
+        };
+        if answer.valid
+            && let (Some(cache), Credentials::Password { password, .. }) =
+                (&self.cache, &credentials)
+        {
+            cache.store(&username, password, route, Instant::now());
+        }
+        let verdict = self
+            .settle(
+                history,
+                shutdown,
+                &client,
+                Settled {
+                    ticket,
+                    user_key,
+                    username: &username,
+                    mechanism,
+                    valid: answer.valid,
+                    took,
+                    decoy_work: answer.decoy_work,
+                    wait: answer.wait,
+                },
+            )
+            .await;
+        Decision { verdict, route }
+    }
+
+    /// Whether a source may send a session to `backend` (`--backend-allow`).
+    fn may_route_to(&self, backend: SocketAddr) -> bool {
+        self.settings
+            .backend_allow
+            .iter()
+            .any(|net| net.contains(&backend.ip()))
+    }
+
+    /// Records a checked attempt's outcome: the windows, the connection's history, the
+    /// metric, and for a failure the pacing and the log line.
+    async fn settle(
+        &self,
+        history: &mut AuthHistory,
+        shutdown: &mut Shutdown,
+        client: &Client<'_>,
+        settled: Settled<'_>,
+    ) -> Verdict {
+        let Settled {
+            ticket,
+            user_key,
+            username,
+            mechanism,
+            valid,
+            took,
+            decoy_work,
+            wait,
+        } = settled;
         metrics::auth_attempt(mechanism.label(), valid);
         if valid {
             ticket.succeeded().await;
             let forgiven = history.succeeded(user_key.local, mechanism);
             if forgiven > 0 {
-                self.gate.forgive(client, &user_key, forgiven).await;
+                self.gate.forgive(client.net, &user_key, forgiven).await;
                 tracing::debug!(
                     forgiven,
                     mechanism = mechanism.label(),
@@ -198,54 +405,296 @@ impl Authenticator {
         }
         ticket.failed();
         history.failed(user_key.local, mechanism);
-        // Every failure answers after the costliest hash's time, so response times tell
+        // Every failure answers after the costliest check's time, so response times tell
         // neither which names exist nor how each is stored (the verifier slot is free
-        // again: this waits without holding CPU).
-        self.failure_pace.observe(took, check.decoy_work);
+        // again: this waits without holding CPU). An auth_http server's Auth-Wait can
+        // only make it longer.
+        self.failure_pace.observe(took, decoy_work);
+        let pause = self.failure_pace.pad(took).max(wait.unwrap_or_default());
         tokio::select! {
-            () = tokio::time::sleep(self.failure_pace.pad(took)) => {}
+            () = tokio::time::sleep(pause) => {}
             () = shutdown.stopping() => {}
         }
         // One line per failure, with the name tried, for fail2ban-style tooling.
-        info!(user = ?LoggedName(&username), mechanism = mechanism.label(), result = "failure", "authentication failed");
+        info!(user = ?LoggedName(username), mechanism = mechanism.label(), result = "failure", "authentication failed");
         Verdict::Invalid
     }
 
-    /// Checks credentials on the blocking pool: a KDF takes ~100 ms of CPU and must not
-    /// stall the reactor. The verifier pool bounds how many run at once and who waits
-    /// for one first. Also returns how long the check itself took (not the queue).
+    /// Checks credentials with the source, under the verifier pool (which bounds how
+    /// many run at once and who waits for one first), or from the cache. Also returns
+    /// how long the check itself took (not the queue).
     async fn verify(
         &self,
-        client: ClientNet,
-        credentials: Credentials,
-    ) -> Result<(Check, Duration), Busy> {
-        let users = self.users();
-        let _verifier = self.verifiers.acquire(client, VERIFY_QUEUE_TIMEOUT).await?;
-        let check = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let check = match &credentials {
-                Credentials::Password { username, password } => {
-                    users.check_password(username, password)
-                }
-                Credentials::CramMd5 {
-                    username,
-                    challenge,
-                    digest,
-                } => Check {
-                    valid: users.verify_cram_md5(username, challenge, digest),
-                    decoy_work: false,
-                },
-            };
-            (check, started.elapsed())
-        });
-        let failed = (
-            Check {
-                valid: false,
+        client: &Client<'_>,
+        credentials: &Credentials,
+    ) -> Result<(Result<Answer, Unavailable>, Duration), Busy> {
+        if let (Some(cache), Credentials::Password { username, password }) =
+            (&self.cache, credentials)
+            && let Some(route) = cache.hit(username, password, Instant::now())
+        {
+            let answer = Answer {
+                valid: true,
                 decoy_work: false,
+                route,
+                wait: None,
+            };
+            return Ok((Ok(answer), Duration::ZERO));
+        }
+        let _verifier = self
+            .verifiers
+            .acquire(client.net, VERIFY_QUEUE_TIMEOUT)
+            .await?;
+        let started = Instant::now();
+        let answer = self
+            .source
+            .check(Attempt {
+                credentials,
+                client: client.addr,
+                local: client.local,
+                helo: client.helo,
+                number: client.attempt,
+            })
+            .await;
+        let took = started.elapsed();
+        self.record(&answer, took);
+        Ok((answer, took))
+    }
+
+    /// Counts a source's answer and keeps its up state.
+    fn record(&self, answer: &Result<Answer, Unavailable>, took: Duration) {
+        use metrics::label::auth_source_result as result;
+        let (label, up) = match answer {
+            Ok(answer) if answer.valid => (result::VALID, true),
+            Ok(_) => (result::INVALID, true),
+            Err(_) => (result::UNAVAILABLE, false),
+        };
+        let source = self.source.kind().label();
+        metrics::auth_source_request(source, label, took);
+        self.set_up(up);
+    }
+
+    fn set_up(&self, up: bool) {
+        let was = self.up.send_replace(up);
+        if was != up {
+            metrics::auth_source_up(self.source.kind().label(), up);
+            if up {
+                info!(
+                    source = self.source.kind().label(),
+                    "credential source answers again"
+                );
+            }
+        }
+    }
+
+    /// Asks a remote source whether it answers, every few seconds, until the process
+    /// exits: `/readyz` and the `up` gauge follow, and a Dovecot that comes back is
+    /// known (with its mechanisms) before the next client tries.
+    pub async fn watch_source(self: Arc<Self>) {
+        if matches!(self.source, Source::File(_)) {
+            return;
+        }
+        let mut tick = tokio::time::interval(SOURCE_PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.source.probe().await {
+                Ok(_) => self.set_up(true),
+                Err(error) => {
+                    if *self.up.borrow() {
+                        warn!(source = self.source.kind().label(), %error, "credential source unavailable");
+                    }
+                    self.set_up(false);
+                }
+            }
+        }
+    }
+
+    /// Starts a SASL exchange the source runs itself (Dovecot: CRAM-MD5, SCRAM). The
+    /// windows meet the attempt as soon as a message names the user: here for SCRAM,
+    /// at the response for CRAM-MD5 ([`Authenticator::relay_step`]).
+    pub async fn relay_start(
+        &self,
+        history: &mut AuthHistory,
+        shutdown: &mut Shutdown,
+        client: Client<'_>,
+        mechanism: Mechanism,
+        initial: Option<Vec<u8>>,
+    ) -> (Option<Relayed>, SourceReply) {
+        let Source::Dovecot(dovecot) = &self.source else {
+            debug_assert!(false, "only a Dovecot source relays");
+            return (None, SourceReply::Done(Verdict::Unavailable, None));
+        };
+        let Ok(slot) = self.verifications_per_net.try_acquire(client.net, None) else {
+            let verdict = self.throttled(
+                &client,
+                "",
+                mechanism,
+                metrics::label::throttle_scope::NETWORK_VERIFICATIONS,
+            );
+            return (None, SourceReply::Done(verdict, None));
+        };
+        let mut relayed = Relayed {
+            mechanism,
+            exchange: None,
+            admitted: None,
+            _slot: slot,
+        };
+        if let Some(message) = &initial
+            && let Err(verdict) = self
+                .admit_named(&mut relayed, &client, shutdown, message)
+                .await
+        {
+            return (None, SourceReply::Done(verdict, None));
+        }
+        let info = source::client_info(&Attempt {
+            credentials: &Credentials::Password {
+                username: String::new(),
+                password: Vec::new(),
             },
-            Duration::ZERO,
+            client: client.addr,
+            local: client.local,
+            helo: client.helo,
+            number: client.attempt,
+        });
+        let started = Instant::now();
+        let result = dovecot
+            .start(mechanism.name(), initial.as_deref(), &info)
+            .await;
+        match result {
+            Ok((exchange, step)) => {
+                relayed.exchange = Some(exchange);
+                self.relay_answer(relayed, history, shutdown, &client, step, started)
+                    .await
+            }
+            Err(error) => {
+                self.relay_down(&error.to_string(), started);
+                (None, SourceReply::Done(Verdict::Unavailable, None))
+            }
+        }
+    }
+
+    /// The client's answer to a relayed challenge.
+    pub async fn relay_step(
+        &self,
+        mut relayed: Relayed,
+        history: &mut AuthHistory,
+        shutdown: &mut Shutdown,
+        client: Client<'_>,
+        response: Vec<u8>,
+    ) -> (Option<Relayed>, SourceReply) {
+        if relayed.admitted.is_none()
+            && let Err(verdict) = self
+                .admit_named(&mut relayed, &client, shutdown, &response)
+                .await
+        {
+            return (None, SourceReply::Done(verdict, None));
+        }
+        let Some(exchange) = relayed.exchange.as_mut() else {
+            return (None, SourceReply::Done(Verdict::Unavailable, None));
+        };
+        let started = Instant::now();
+        match exchange.step(&response).await {
+            Ok(step) => {
+                self.relay_answer(relayed, history, shutdown, &client, step, started)
+                    .await
+            }
+            Err(error) => {
+                self.relay_down(&error.to_string(), started);
+                (None, SourceReply::Done(Verdict::Unavailable, None))
+            }
+        }
+    }
+
+    /// Meets the windows with the name `message` claims, if it claims one.
+    async fn admit_named(
+        &self,
+        relayed: &mut Relayed,
+        client: &Client<'_>,
+        shutdown: &mut Shutdown,
+        message: &[u8],
+    ) -> Result<(), Verdict> {
+        let Some(name) = relayed::claimed_name(relayed.mechanism, message) else {
+            return Ok(());
+        };
+        let (ticket, key) = self
+            .admit(client, shutdown, &name, relayed.mechanism)
+            .await?;
+        relayed.admitted = Some((ticket, key, name));
+        Ok(())
+    }
+
+    fn relay_down(&self, reason: &str, started: Instant) {
+        warn!(source = self.source.kind().label(), %reason, "credential source unavailable; 454 4.7.0");
+        self.record(&Err(Unavailable(reason.to_owned())), started.elapsed());
+    }
+
+    /// What Dovecot said about a relayed exchange.
+    async fn relay_answer(
+        &self,
+        mut relayed: Relayed,
+        history: &mut AuthHistory,
+        shutdown: &mut Shutdown,
+        client: &Client<'_>,
+        step: dovecot::Step,
+        started: Instant,
+    ) -> (Option<Relayed>, SourceReply) {
+        let took = started.elapsed();
+        let (valid, dovecot_user) = match step {
+            dovecot::Step::Challenge(challenge) => {
+                return (Some(relayed), SourceReply::Challenge(challenge));
+            }
+            dovecot::Step::Success { user } => (true, Some(user)),
+            dovecot::Step::Failure {
+                temporary: true,
+                reason,
+                ..
+            } => {
+                self.relay_down(reason.as_deref().unwrap_or("temporary failure"), started);
+                return (None, SourceReply::Done(Verdict::Unavailable, None));
+            }
+            dovecot::Step::Failure { user, .. } => (false, user),
+        };
+        self.record(
+            &Ok(Answer {
+                valid,
+                decoy_work: false,
+                route: None,
+                wait: None,
+            }),
+            took,
         );
-        Ok(check.await.unwrap_or(failed))
+        let mechanism = relayed.mechanism;
+        // A message that named nobody postern could read (a malformed SCRAM message)
+        // still counts, under the name Dovecot saw or under no name.
+        let (ticket, key, name) = match relayed.admitted.take() {
+            Some(admitted) => admitted,
+            None => {
+                let name = dovecot_user.clone().unwrap_or_default();
+                match self.admit(client, shutdown, &name, mechanism).await {
+                    Ok((ticket, key)) => (ticket, key, name),
+                    Err(verdict) => return (None, SourceReply::Done(verdict, None)),
+                }
+            }
+        };
+        let verdict = self
+            .settle(
+                history,
+                shutdown,
+                client,
+                Settled {
+                    ticket,
+                    user_key: key,
+                    username: &name,
+                    mechanism,
+                    valid,
+                    took,
+                    decoy_work: false,
+                    wait: None,
+                },
+            )
+            .await;
+        let user = (verdict == Verdict::Valid).then(|| dovecot_user.unwrap_or(name));
+        (None, SourceReply::Done(verdict, user))
     }
 
     /// Logs the throttle events held back per network once their network's interval is
@@ -261,6 +710,36 @@ impl Authenticator {
     }
 }
 
+/// A checked attempt, for [`Authenticator::settle`].
+struct Settled<'a> {
+    ticket: Ticket,
+    user_key: NameKey,
+    username: &'a str,
+    mechanism: Mechanism,
+    valid: bool,
+    took: Duration,
+    decoy_work: bool,
+    wait: Option<Duration>,
+}
+
+/// A SASL exchange the source runs, between two client messages. Dropping it cancels
+/// the exchange at the source and gives back the attempt's place in the windows.
+pub struct Relayed {
+    mechanism: Mechanism,
+    exchange: Option<dovecot::Exchange>,
+    /// The attempt's place in the windows, once a message named the user.
+    admitted: Option<(Ticket, NameKey, String)>,
+    _slot: NetSlot,
+}
+
+impl fmt::Debug for Relayed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relayed")
+            .field("mechanism", &self.mechanism)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Hash verifications at once: one per core keeps argon2's memory bounded while using
 /// the machine.
 fn verify_concurrency() -> usize {
@@ -268,16 +747,6 @@ fn verify_concurrency() -> usize {
         .map(|n| n.get())
         .unwrap_or(2)
         .max(2)
-}
-
-/// PLAIN and LOGIN, and CRAM-MD5 when every user has a `{PLAIN}` secret: offering it to
-/// a hashed user only earns that client a 535 (and smtplib tries it first).
-fn default_mechanisms(users: &UserDb) -> Vec<Mechanism> {
-    let mut mechanisms = vec![Mechanism::Plain, Mechanism::Login];
-    if users.all_plain() {
-        mechanisms.push(Mechanism::CramMd5);
-    }
-    mechanisms
 }
 
 /// Says at start-up which mechanisms are offered and why.

@@ -122,15 +122,89 @@ pub struct ServeArgs {
     )]
     pub key: Vec<PathBuf>,
 
-    /// Credentials file, Dovecot passwd-file style: `user:{SCHEME}data[:ignored...]`.
+    // --- The credential source: exactly one (src/auth/source.rs) ---
+    /// Credentials file, Dovecot passwd-file style: `user:{SCHEME}data[:ignored...]`
+    /// [default: /etc/postern/users when no other source is given].
+    #[arg(long, env = "POSTERN_USERS", value_name = "PATH")]
+    pub users: Option<PathBuf>,
+
+    /// Check credentials with Dovecot's auth service, as Postfix does with
+    /// smtpd_sasl_type = dovecot: `unix:PATH` or `inet:HOST:PORT`. EHLO offers the
+    /// mechanisms Dovecot lists as usable over TLS, SCRAM included.
     #[arg(
         long,
-        env = "POSTERN_USERS",
-        value_name = "PATH",
-        default_value = "/etc/postern/users"
+        env = "POSTERN_DOVECOT_AUTH",
+        value_name = "unix:PATH|inet:HOST:PORT"
     )]
-    pub users: PathBuf,
+    pub dovecot_auth: Option<crate::auth::dovecot::Target>,
 
+    /// Check credentials with a bind to this LDAP or Active Directory server:
+    /// `ldap://HOST[:PORT]` or `ldaps://HOST[:PORT]`. Needs --ldap-user-dn, or
+    /// --ldap-search-base with --ldap-bind-dn and --ldap-bind-password-file.
+    #[arg(long, env = "POSTERN_LDAP_URL", value_name = "URL")]
+    pub ldap_url: Option<String>,
+
+    /// Direct bind: the user's DN, `%u` standing for the escaped user name (RFC 4514),
+    /// e.g. `uid=%u,ou=people,dc=example,dc=com`.
+    #[arg(long, env = "POSTERN_LDAP_USER_DN", value_name = "TEMPLATE")]
+    pub ldap_user_dn: Option<String>,
+
+    /// Search, then bind: where to look for the user's entry.
+    #[arg(long, env = "POSTERN_LDAP_SEARCH_BASE", value_name = "DN")]
+    pub ldap_search_base: Option<String>,
+
+    /// The search filter, `%u` standing for the escaped user name (RFC 4515) [default:
+    /// (uid=%u); Active Directory: (sAMAccountName=%u)].
+    #[arg(long, env = "POSTERN_LDAP_SEARCH_FILTER", value_name = "FILTER")]
+    pub ldap_search_filter: Option<String>,
+
+    /// The service account the search binds as.
+    #[arg(long, env = "POSTERN_LDAP_BIND_DN", value_name = "DN")]
+    pub ldap_bind_dn: Option<String>,
+
+    /// A file holding the service account's password (one line).
+    #[arg(long, env = "POSTERN_LDAP_BIND_PASSWORD_FILE", value_name = "PATH")]
+    pub ldap_bind_password_file: Option<PathBuf>,
+
+    /// Upgrade an `ldap://` connection with StartTLS before anything is sent.
+    #[arg(long, env = "POSTERN_LDAP_STARTTLS", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub ldap_starttls: bool,
+
+    /// PEM CA certificates to verify the directory with, instead of the system's.
+    #[arg(long, env = "POSTERN_LDAP_CA", value_name = "PATH")]
+    pub ldap_ca: Option<PathBuf>,
+
+    /// The most one LDAP verification may take, from waiting for a connection to the
+    /// bind's answer; past it the client gets 454 4.7.0.
+    #[arg(long, env = "POSTERN_LDAP_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub ldap_timeout: Duration,
+
+    /// LDAP verifications talking to the directory at once.
+    #[arg(long, env = "POSTERN_LDAP_POOL_SIZE", value_name = "N", default_value_t = crate::auth::ldap::DEFAULT_POOL_SIZE)]
+    pub ldap_pool_size: usize,
+
+    /// Ask this nginx mail `auth_http` server, unchanged: the same request headers as
+    /// nginx sends for SMTP, and its `Auth-Status`, `Auth-Wait`, `Auth-Server`/`Auth-Port`
+    /// answers (a backend it names must be in --backend-allow).
+    #[arg(long, env = "POSTERN_AUTH_HTTP", value_name = "URL")]
+    pub auth_http: Option<String>,
+
+    /// The most a request to Dovecot or the auth_http server may take; past it the
+    /// client gets 454 4.7.0.
+    #[arg(long, env = "POSTERN_AUTH_SOURCE_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub auth_source_timeout: Duration,
+
+    /// Reuse a successful login for this long without asking the source again (keyed by
+    /// the user and a salted hash of the password; dropped on reload) [default: off].
+    #[arg(long, env = "POSTERN_AUTH_CACHE_TTL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub auth_cache_ttl: Option<Duration>,
+
+    /// Backends a credential source may send a session to (auth_http's Auth-Server and
+    /// Auth-Port): addresses or networks, repeatable or comma-separated. A session sent
+    /// anywhere else gets 454 4.7.0.
+    #[arg(long, env = "POSTERN_BACKEND_ALLOW", value_delimiter = ',', value_name = "ADDR|CIDR", value_parser = parse_net)]
+    pub backend_allow: Vec<ipnet::IpNet>,
+    // --- end credential source ---
     /// Name used in the greeting and the EHLO reply; a certificate should cover it
     /// (`postern check` warns if none does) [default: the machine's host name].
     #[arg(long, env = "POSTERN_HOSTNAME", value_name = "NAME")]
@@ -362,10 +436,20 @@ pub struct HashPasswordArgs {
     pub scheme: crate::users::HashScheme,
 }
 
-/// A `--auth-mechanisms` entry: a mechanism postern implements, in any case.
+/// A `--backend-allow` entry: a network, or one address.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?}: expected an IP address or a network (CIDR)"))
+}
+
+/// A `--auth-mechanisms` entry: a mechanism postern knows, in any case (whether the
+/// credential source can verify it is checked with the source).
 fn parse_mechanism(name: &str) -> Result<crate::sasl::Mechanism, String> {
-    crate::sasl::Mechanism::parse(name.trim())
-        .ok_or_else(|| format!("{name:?}: expected PLAIN, LOGIN or CRAM-MD5"))
+    crate::sasl::Mechanism::parse(name.trim()).ok_or_else(|| {
+        format!("{name:?}: expected PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1 or SCRAM-SHA-256")
+    })
 }
 
 /// Flags of `postern demo`. Unlike `serve`, none is read from the environment: a

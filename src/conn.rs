@@ -14,12 +14,15 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tracing::{Instrument, info, info_span};
 
-use crate::auth::{Authenticator, LoggedName};
+use crate::auth::{self, Authenticator, LoggedName};
 use crate::backend::{self, BackendConn, BackendError, MxIdentity, Xclient};
 use crate::limits::{AuthHistory, NetGrouping};
 use crate::relay::{self, RelayEnd, RelayStats};
 use crate::sasl::Mechanism;
-use crate::session::{Action, ChallengeSource, ListenerKind, Rejection, Session, SessionLimits};
+use crate::session::{
+    Action, ChallengeSource, ListenerKind, Rejection, Session, SessionLimits, SourceReply,
+    SourceSasl, Verdict,
+};
 use crate::shutdown::Shutdown;
 use crate::smtp::{Capabilities, Reply, canned};
 use crate::{metrics, tls};
@@ -165,6 +168,8 @@ struct Client {
     shutdown: Shutdown,
     addrs: ClientAddrs,
     auth_history: AuthHistory,
+    /// AUTH attempts so far (auth_http's `Auth-Login-Attempt`).
+    auth_attempts: u32,
     /// When the session must have authenticated (or, on MX, sent MAIL) by.
     auth_deadline: tokio::time::Instant,
 }
@@ -182,6 +187,12 @@ async fn run(
     // Every reply is small and answers a request: NODELAY keeps TLS handshakes and
     // pipelined replies from waiting on delayed ACKs.
     let _ = tcp.set_nodelay(true);
+    let mechanisms = services.auth.mechanisms();
+    let relayed: Vec<Mechanism> = mechanisms
+        .iter()
+        .copied()
+        .filter(|m| services.auth.relays(*m))
+        .collect();
     let session = Session::new(
         kind,
         services.hostname.clone(),
@@ -189,12 +200,14 @@ async fn run(
         challenge_source(services),
         services.session_limits,
     )
-    .with_mechanisms(&services.auth.mechanisms());
+    .with_mechanisms(&mechanisms)
+    .with_relayed(&relayed);
     let mut client = Client {
         session,
         shutdown: services.shutdown.clone(),
         addrs,
         auth_history: AuthHistory::default(),
+        auth_attempts: 0,
         auth_deadline: tokio::time::Instant::now() + services.timeouts.auth_deadline,
     };
     let first_wait = services.timeouts.first_command;
@@ -320,6 +333,7 @@ where
         shutdown,
         addrs,
         auth_history,
+        auth_attempts,
         auth_deadline,
     } = client;
     let auth_deadline = *auth_deadline;
@@ -327,6 +341,10 @@ where
     let mut lines_read = session.lines_read();
     let mut out = Vec::new();
     let mut backend_conn = None;
+    // Where the credential source sent this user, if it chose a backend.
+    let mut route: Option<SocketAddr> = None;
+    // An exchange the credential source runs, between two client lines.
+    let mut relayed: Option<auth::Relayed> = None;
     let mut chunk = [0u8; READ_CHUNK];
     loop {
         // Answer every complete line already received, in order (RFC 2920 pipelining).
@@ -368,12 +386,63 @@ where
                     if flush(stream, &mut out, services).await.is_err() {
                         return Next::Closed(Outcome::IoError);
                     }
-                    let net = services.grouping.net(addrs.client.ip());
-                    let verdict = services
+                    *auth_attempts += 1;
+                    let who = auth::Client {
+                        addr: addrs.client,
+                        local: addrs.local,
+                        net: services.grouping.net(addrs.client.ip()),
+                        helo: session.hello_name(),
+                        attempt: *auth_attempts,
+                    };
+                    let decision = services
                         .auth
-                        .authenticate(auth_history, shutdown, net, mechanism, credentials)
+                        .authenticate(auth_history, shutdown, who, mechanism, credentials)
                         .await;
-                    session.on_verified(verdict);
+                    route = decision.route;
+                    session.on_verified(decision.verdict);
+                }
+                Action::SourceSasl(step) => {
+                    if !matches!(step, SourceSasl::Cancel)
+                        && flush(stream, &mut out, services).await.is_err()
+                    {
+                        return Next::Closed(Outcome::IoError);
+                    }
+                    let who = auth::Client {
+                        addr: addrs.client,
+                        local: addrs.local,
+                        net: services.grouping.net(addrs.client.ip()),
+                        helo: session.hello_name(),
+                        attempt: *auth_attempts,
+                    };
+                    let (next, reply) = match step {
+                        SourceSasl::Start { mechanism, initial } => {
+                            *auth_attempts += 1;
+                            let who = auth::Client {
+                                attempt: *auth_attempts,
+                                ..who
+                            };
+                            services
+                                .auth
+                                .relay_start(auth_history, shutdown, who, mechanism, initial)
+                                .await
+                        }
+                        SourceSasl::Step(response) => match relayed.take() {
+                            Some(exchange) => {
+                                services
+                                    .auth
+                                    .relay_step(exchange, auth_history, shutdown, who, response)
+                                    .await
+                            }
+                            None => (None, SourceReply::Done(Verdict::Unavailable, None)),
+                        },
+                        SourceSasl::Cancel => {
+                            // Dropping the exchange cancels it at the source.
+                            relayed = None;
+                            continue;
+                        }
+                    };
+                    relayed = next;
+                    session.on_source_reply(reply);
                 }
                 Action::ConnectBackend { hello, login } => {
                     let introduction = backend::Introduction {
@@ -383,13 +452,11 @@ where
                         local: addrs.local,
                         login: login.as_deref(),
                     };
-                    let result = backend::connect(
-                        &services.backend,
-                        &hello,
-                        &introduction,
-                        services.timeouts.backend,
-                    )
-                    .await;
+                    let target = route.map(|r| r.to_string());
+                    let target = target.as_deref().unwrap_or(&services.backend);
+                    let result =
+                        backend::connect(target, &hello, &introduction, services.timeouts.backend)
+                            .await;
                     metrics::backend_connection(result.is_ok());
                     match result {
                         Ok(conn) => {
@@ -404,7 +471,7 @@ where
                             session.on_backend_unidentified();
                         }
                         Err(error) => {
-                            tracing::warn!(backend = %services.backend, %error, "backend unavailable");
+                            tracing::warn!(backend = %target, %error, "backend unavailable");
                             session.on_backend_ready(false);
                         }
                     }

@@ -26,6 +26,9 @@ pub const LIMIT_REJECTIONS_TOTAL: &str = "postern_limit_rejections_total";
 pub const LIMITS_STORE_ERRORS_TOTAL: &str = "postern_limits_store_errors_total";
 pub const CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
     "postern_certificate_expiry_timestamp_seconds";
+pub const AUTH_SOURCE_REQUESTS_TOTAL: &str = "postern_auth_source_requests_total";
+pub const AUTH_SOURCE_DURATION_SECONDS: &str = "postern_auth_source_duration_seconds";
+pub const AUTH_SOURCE_UP: &str = "postern_auth_source_up";
 
 /// The label values of each family, one module per label: what the code emits is
 /// taken from here, and [`install`] creates every combination at 0 so that `rate()` and
@@ -61,7 +64,25 @@ pub mod label {
         pub const PLAIN: &str = "plain";
         pub const LOGIN: &str = "login";
         pub const CRAM_MD5: &str = "cram-md5";
-        pub const ALL: &[&str] = &[PLAIN, LOGIN, CRAM_MD5];
+        pub const SCRAM_SHA_1: &str = "scram-sha-1";
+        pub const SCRAM_SHA_256: &str = "scram-sha-256";
+        pub const ALL: &[&str] = &[PLAIN, LOGIN, CRAM_MD5, SCRAM_SHA_1, SCRAM_SHA_256];
+    }
+    /// `source` of the `postern_auth_source_*` families.
+    pub mod auth_source {
+        pub const FILE: &str = "file";
+        pub const DOVECOT: &str = "dovecot";
+        pub const LDAP: &str = "ldap";
+        pub const HTTP: &str = "http";
+        pub const ALL: &[&str] = &[FILE, DOVECOT, LDAP, HTTP];
+    }
+    /// `result` of [`AUTH_SOURCE_REQUESTS_TOTAL`](super::AUTH_SOURCE_REQUESTS_TOTAL):
+    /// the source accepted the credentials, refused them, or could not say.
+    pub mod auth_source_result {
+        pub const VALID: &str = "valid";
+        pub const INVALID: &str = "invalid";
+        pub const UNAVAILABLE: &str = "unavailable";
+        pub const ALL: &[&str] = &[VALID, INVALID, UNAVAILABLE];
     }
     /// `result` of [`AUTH_ATTEMPTS_TOTAL`](super::AUTH_ATTEMPTS_TOTAL).
     pub mod auth_result {
@@ -177,6 +198,12 @@ pub const SESSION_DURATION_BUCKETS: &[f64] = &[
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
+/// A credential source answers in about a millisecond (a file, a local Dovecot) to the
+/// request timeout (a directory far away, or down).
+pub const AUTH_SOURCE_DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use; the handle renders
 /// `/metrics`. Installed by whoever runs a server (`main`, the demo, in-process tests),
 /// never by the server itself: there is one recorder per process, however many servers.
@@ -191,6 +218,12 @@ fn install() -> Result<PrometheusHandle, String> {
             Matcher::Full(SESSION_DURATION_SECONDS.into()),
             SESSION_DURATION_BUCKETS,
         )
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(AUTH_SOURCE_DURATION_SECONDS.into()),
+                AUTH_SOURCE_DURATION_BUCKETS,
+            )
+        })
         .and_then(|builder| builder.install_recorder())
         .map_err(|e| format!("installing the metrics recorder: {e}"))?;
     describe();
@@ -269,6 +302,18 @@ fn describe() {
     describe_counter!(
         AUTH_THROTTLED_TOTAL,
         "AUTH attempts refused without a password check, by scope: ip (network over its failure limit), user (name over its limit from this network), connection (--max-auth-failures used up), verifier (no verifier free in time), verifier_queue (every verifier busy and the queue full: the attempts of the networks with the largest share are refused first), network_verifications (--max-verifications-per-network running or queued), store_unavailable (the limits store holding the failure windows did not answer and --limits-store-failure is closed)."
+    );
+    describe_counter!(
+        AUTH_SOURCE_REQUESTS_TOTAL,
+        "Requests to the credential source, by source (file, dovecot, ldap, http) and result (valid, invalid, unavailable: down, slow or answering nonsense, which clients get as 454 4.7.0)."
+    );
+    describe_histogram!(
+        AUTH_SOURCE_DURATION_SECONDS,
+        "How long the credential source took to answer one request, by source."
+    );
+    describe_gauge!(
+        AUTH_SOURCE_UP,
+        "1 if the credential source answered the last request or probe, else 0, by source."
     );
     describe_counter!(
         CONNECTIONS_REJECTED_TOTAL,
@@ -390,6 +435,20 @@ pub fn auth_attempt(mechanism: &'static str, success: bool) {
     counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism, "result" => result).increment(1);
 }
 
+/// One answer (or failure to answer) of the credential source.
+pub fn auth_source_request(source: &'static str, result: &'static str, took: Duration) {
+    listed(label::auth_source::ALL, source);
+    listed(label::auth_source_result::ALL, result);
+    counter!(AUTH_SOURCE_REQUESTS_TOTAL, "source" => source, "result" => result).increment(1);
+    histogram!(AUTH_SOURCE_DURATION_SECONDS, "source" => source).record(took.as_secs_f64());
+}
+
+/// Whether the credential source answers. Only the configured source has a series.
+pub fn auth_source_up(source: &'static str, up: bool) {
+    listed(label::auth_source::ALL, source);
+    gauge!(AUTH_SOURCE_UP, "source" => source).set(if up { 1.0 } else { 0.0 });
+}
+
 pub fn backend_connection(ok: bool) {
     let result = if ok {
         label::ok_error::OK
@@ -480,7 +539,7 @@ mod tests {
     /// The enums that name label values outside this module name listed ones.
     #[test]
     fn every_emitted_label_is_listed() {
-        for m in Mechanism::ALL {
+        for m in Mechanism::KNOWN {
             assert!(label::mechanism::ALL.contains(&m.label()), "{m:?}");
         }
         for l in [

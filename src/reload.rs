@@ -46,11 +46,17 @@ impl Fingerprint {
 }
 
 /// Watches for SIGHUP and file changes until the process exits.
-pub async fn watch(certificates: Arc<Certificates>, auth: Arc<Authenticator>, users: PathBuf) {
+/// `users` is the users file of a file source; with another source a SIGHUP drops the
+/// cached logins (`--auth-cache-ttl`) instead.
+pub async fn watch(
+    certificates: Arc<Certificates>,
+    auth: Arc<Authenticator>,
+    users: Option<PathBuf>,
+) {
     let mut hangup = hangup_signal();
     let pair_print = |pair: &tls::Pair| (Fingerprint::of(&pair.cert), Fingerprint::of(&pair.key));
     let mut pairs_seen: Vec<_> = certificates.pairs().map(pair_print).collect();
-    let mut users_seen = Fingerprint::of(&users);
+    let mut users_seen = users.as_deref().map(Fingerprint::of);
     // Start-up already logged what expires soon; the next look is a day later.
     let mut daily = tokio::time::interval_at(
         tokio::time::Instant::now() + EXPIRY_LOG_INTERVAL,
@@ -77,10 +83,16 @@ pub async fn watch(certificates: Arc<Certificates>, auth: Arc<Authenticator>, us
                 reload_pair(&certificates, index, pair);
             }
         }
-        let users_now = Fingerprint::of(&users);
-        if forced || users_now != users_seen {
-            users_seen = users_now;
-            reload_users(&auth, &users);
+        match &users {
+            Some(path) => {
+                let users_now = Some(Fingerprint::of(path));
+                if forced || users_now != users_seen {
+                    users_seen = users_now;
+                    reload_users(&auth, path);
+                }
+            }
+            None if forced => auth.forget(),
+            None => {}
         }
     }
 }

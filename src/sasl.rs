@@ -38,17 +38,38 @@ pub enum Mechanism {
     Login,
     /// RFC 2195 CRAM-MD5; only users with a `{PLAIN}` secret can pass it.
     CramMd5,
+    /// RFC 5802 SCRAM-SHA-1, never run by postern itself: only relayed to a credential
+    /// source that runs it (Dovecot).
+    ScramSha1,
+    /// RFC 7677 SCRAM-SHA-256, relayed like [`Mechanism::ScramSha1`].
+    ScramSha256,
 }
 
 impl Mechanism {
-    /// Every mechanism postern implements, in the order EHLO lists them.
+    /// Every mechanism postern runs itself ([`Exchange`]), in the order EHLO lists them.
     pub const ALL: [Mechanism; 3] = [Mechanism::Plain, Mechanism::Login, Mechanism::CramMd5];
+
+    /// Every mechanism postern knows, including those only a credential source runs.
+    /// Channel-binding variants (`-PLUS`) are absent: the TLS channel ends at postern,
+    /// so the source could never check the binding.
+    pub const KNOWN: [Mechanism; 5] = [
+        Mechanism::Plain,
+        Mechanism::Login,
+        Mechanism::CramMd5,
+        Mechanism::ScramSha1,
+        Mechanism::ScramSha256,
+    ];
 
     /// Parses a mechanism name from an `AUTH` command, ignoring ASCII case (RFC 4422 §3.1).
     pub fn parse(name: &str) -> Option<Mechanism> {
-        [Mechanism::Plain, Mechanism::Login, Mechanism::CramMd5]
+        Mechanism::KNOWN
             .into_iter()
             .find(|mechanism| mechanism.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Whether postern can run the exchange itself (else only a source can).
+    pub fn runs_locally(self) -> bool {
+        Mechanism::ALL.contains(&self)
     }
 
     /// The registered name, as advertised in the EHLO `AUTH` line.
@@ -57,6 +78,8 @@ impl Mechanism {
             Mechanism::Plain => "PLAIN",
             Mechanism::Login => "LOGIN",
             Mechanism::CramMd5 => "CRAM-MD5",
+            Mechanism::ScramSha1 => "SCRAM-SHA-1",
+            Mechanism::ScramSha256 => "SCRAM-SHA-256",
         }
     }
 
@@ -66,6 +89,8 @@ impl Mechanism {
             Mechanism::Plain => crate::metrics::label::mechanism::PLAIN,
             Mechanism::Login => crate::metrics::label::mechanism::LOGIN,
             Mechanism::CramMd5 => crate::metrics::label::mechanism::CRAM_MD5,
+            Mechanism::ScramSha1 => crate::metrics::label::mechanism::SCRAM_SHA_1,
+            Mechanism::ScramSha256 => crate::metrics::label::mechanism::SCRAM_SHA_256,
         }
     }
 }
@@ -224,6 +249,10 @@ impl Exchange {
                 Some(Response::Cancel) => Step::Cancelled,
                 _ => Step::Malformed,
             },
+            (Mechanism::ScramSha1 | Mechanism::ScramSha256, _) => {
+                debug_assert!(false, "{mechanism} is only relayed to a source");
+                Step::Malformed
+            }
         };
         (exchange, step)
     }

@@ -23,7 +23,6 @@ use crate::session::{ListenerKind, SessionLimits};
 use crate::shutdown::{Drain, StopRequests};
 use crate::smtp::Capabilities;
 use crate::store::LimitsStore;
-use crate::users::UserDb;
 
 use crate::{admin, backend, listener, metrics, proxy_proto, reload, tls};
 
@@ -40,7 +39,8 @@ pub struct Config {
     pub backend: String,
     /// `--cert`/`--key` pairs in order; the first is served when no SNI name matches.
     pub certs: Vec<tls::Pair>,
-    pub users: PathBuf,
+    /// Where credentials are checked.
+    pub source: auth::source::Config,
     pub hostname: String,
     pub timeouts: Timeouts,
     pub probe_interval: Duration,
@@ -133,7 +133,7 @@ impl Config {
             proxy_protocol_from,
             backend: args.backend.clone(),
             certs: pairs(&args.cert, &args.key)?,
-            users: args.users.clone(),
+            source: source_config(args)?,
             hostname,
             timeouts: Timeouts {
                 tls_handshake: args.tls_handshake_timeout,
@@ -169,6 +169,8 @@ impl Config {
                 verifications_per_network: args.max_verifications_per_network,
                 mechanisms: (!args.auth_mechanisms.is_empty())
                     .then(|| args.auth_mechanisms.clone()),
+                cache_ttl: args.auth_cache_ttl.filter(|ttl| !ttl.is_zero()),
+                backend_allow: args.backend_allow.clone(),
             },
             relay: Arc::new(relay_policy(args, store)),
         })
@@ -183,6 +185,90 @@ impl Config {
         let mx = self.listen_mx.iter().map(|a| (*a, ListenerKind::Mx));
         plain.chain(tls).chain(mx)
     }
+}
+
+/// The users file when no source is named.
+const DEFAULT_USERS: &str = "/etc/postern/users";
+
+/// The one credential source the flags name, or the default users file.
+fn source_config(args: &ServeArgs) -> Result<auth::source::Config, String> {
+    let given: Vec<&str> = [
+        (args.users.is_some(), "--users"),
+        (args.dovecot_auth.is_some(), "--dovecot-auth"),
+        (args.ldap_url.is_some(), "--ldap-url"),
+        (args.auth_http.is_some(), "--auth-http"),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect();
+    if given.len() > 1 {
+        return Err(format!(
+            "{} given: postern checks credentials with exactly one source (--users, --dovecot-auth, --ldap-url or --auth-http)",
+            given.join(" and ")
+        ));
+    }
+    let ldap_flags_without_url = args.ldap_url.is_none()
+        && (args.ldap_user_dn.is_some()
+            || args.ldap_search_base.is_some()
+            || args.ldap_bind_dn.is_some()
+            || args.ldap_bind_password_file.is_some()
+            || args.ldap_starttls);
+    if ldap_flags_without_url {
+        return Err("--ldap-* flags given without --ldap-url".into());
+    }
+    if let Some(target) = &args.dovecot_auth {
+        return Ok(auth::source::Config::Dovecot {
+            target: target.clone(),
+            timeout: args.auth_source_timeout,
+        });
+    }
+    if let Some(url) = &args.ldap_url {
+        let flags = auth::ldap::Flags {
+            url: url.clone(),
+            user_dn: args.ldap_user_dn.clone(),
+            search_base: args.ldap_search_base.clone(),
+            search_filter: args.ldap_search_filter.clone(),
+            bind_dn: args.ldap_bind_dn.clone(),
+            bind_password_file: args.ldap_bind_password_file.clone(),
+            starttls: args.ldap_starttls,
+            ca: args.ldap_ca.clone(),
+            timeout: args.ldap_timeout,
+            pool_size: args.ldap_pool_size,
+        };
+        let settings = auth::ldap::Settings::from_flags(&flags).map_err(|e| e.to_string())?;
+        return Ok(auth::source::Config::Ldap(settings));
+    }
+    if let Some(url) = &args.auth_http {
+        return Ok(auth::source::Config::Http {
+            url: url.clone(),
+            timeout: args.auth_source_timeout,
+        });
+    }
+    Ok(auth::source::Config::File(
+        args.users
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_USERS)),
+    ))
+}
+
+/// Opens the source and checks `--auth-mechanisms` against what it can verify.
+fn open_source(config: &Config) -> Result<auth::source::Source, String> {
+    let source = auth::source::Source::open(&config.source)?;
+    if let Some(chosen) = &config.auth.mechanisms {
+        let unverifiable: Vec<&str> = chosen
+            .iter()
+            .filter(|m| !source.can_verify(**m))
+            .map(|m| m.name())
+            .collect();
+        if !unverifiable.is_empty() {
+            return Err(format!(
+                "--auth-mechanisms {}: the {} cannot verify it",
+                unverifiable.join(","),
+                config.source.describe()
+            ));
+        }
+    }
+    Ok(source)
 }
 
 /// The start-up warning of [`MxIdentity::Unidentified`].
@@ -290,8 +376,8 @@ pub async fn run(
     }
     let certificates = certs.certificates;
     let tls = tls::server_config(certificates.clone())?;
-    let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
-    let auth = Authenticator::start(config.auth.clone(), users).await;
+    let source = open_source(&config)?;
+    let auth = Authenticator::start(config.auth.clone(), source).await;
     reload::publish_expiry(&certificates);
 
     let hostname: Arc<str> = config.hostname.into();
@@ -368,15 +454,21 @@ pub async fn run(
     if let Some((listener, handle)) = listeners.admin {
         let readiness = admin::Readiness {
             backend_up,
+            source_up: auth.source_up(),
             draining: drain.subscribe(),
         };
         tasks.push(tokio::spawn(admin::serve(listener, handle, readiness)));
     }
+    let users_file = match &config.source {
+        auth::source::Config::File(path) => Some(path.clone()),
+        _ => None,
+    };
     tasks.push(tokio::spawn(reload::watch(
         certificates,
         auth.clone(),
-        config.users,
+        users_file,
     )));
+    tasks.push(tokio::spawn(auth.clone().watch_source()));
     tasks.push(tokio::spawn(auth.report_throttles()));
     for (listener, kind) in listeners.smtp {
         tokio::spawn(listener::accept_loop(
@@ -430,12 +522,11 @@ pub async fn check(config: Config) -> Result<(), String> {
     for warning in &certs.warnings {
         println!("warning: {warning}");
     }
-    let users = UserDb::load(&config.users).map_err(|e| e.to_string())?;
-    println!(
-        "ok: users file {} ({} users)",
-        config.users.display(),
-        users.len()
-    );
+    let source = open_source(&config)?;
+    match source.probe().await {
+        Ok(found) => println!("ok: {}: {found}", config.source.describe()),
+        Err(error) => return Err(format!("{}: {error}", config.source.describe())),
+    }
     for (addr, kind) in config
         .listeners()
         .chain(config.metrics_listen.map(|a| (a, ListenerKind::Submission)))

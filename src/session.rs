@@ -13,6 +13,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
 use crate::sasl::{Credentials, Exchange, Mechanism, Step};
 use crate::smtp::line::LineTooLong;
 use crate::smtp::{Capabilities, Command, CommandError, LineBuffer, Reply, canned};
@@ -54,6 +57,10 @@ pub enum Action {
         mechanism: Mechanism,
         credentials: Credentials,
     },
+    /// Pass this step of an exchange the credential source runs itself (Dovecot's
+    /// CRAM-MD5 and SCRAM) to the source, then call [`Session::on_source_reply`] (not
+    /// after [`SourceSasl::Cancel`]).
+    SourceSasl(SourceSasl),
     /// Connect to the backend, replay `hello`, then call [`Session::on_backend_ready`].
     /// `login` is the authenticated user (for XCLIENT).
     ConnectBackend { hello: Hello, login: Option<String> },
@@ -65,6 +72,29 @@ pub enum Action {
     Delay(Duration),
     /// Flush replies and close the connection.
     Close,
+}
+
+/// One step of a SASL exchange the credential source runs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SourceSasl {
+    /// `AUTH <mechanism> [initial]`, the initial response decoded (`=`: empty).
+    Start {
+        mechanism: Mechanism,
+        initial: Option<Vec<u8>>,
+    },
+    /// The client's answer to the last challenge, decoded.
+    Step(Vec<u8>),
+    /// The client gave up (`*`) or sent something that is not base64: drop the exchange.
+    Cancel,
+}
+
+/// The source's answer to a [`SourceSasl`] step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceReply {
+    /// Send this challenge to the client (base64 after `334 `).
+    Challenge(Vec<u8>),
+    /// The exchange is over; with the user name the source settled on when valid.
+    Done(Verdict, Option<String>),
 }
 
 /// How the client greeted, replayed to the backend once it is authenticated.
@@ -91,6 +121,10 @@ enum State {
     Command,
     /// In a SASL exchange, waiting for the client's next response line.
     Auth(Exchange),
+    /// In an exchange the source runs, waiting for the client's next response line.
+    SourceAuth { mechanism: Mechanism },
+    /// Waiting for [`Session::on_source_reply`].
+    SourceWaiting { mechanism: Mechanism },
     /// Waiting for [`Session::on_verified`].
     Verifying {
         mechanism: Mechanism,
@@ -117,6 +151,9 @@ pub enum Verdict {
     /// Not checked: the client's network or the user name is over its failure limit,
     /// or no verifier was free in time.
     Throttled,
+    /// The credential source could not say (down, slow, a temporary failure), or sent
+    /// the session somewhere it may not go: `454 4.7.0`, not counted as a failure.
+    Unavailable,
 }
 
 /// Per-connection limits (Postfix's `smtpd_hard_error_limit` and friends).
@@ -185,6 +222,8 @@ pub struct Session {
     auth_failures: u32,
     /// What EHLO offers and AUTH accepts.
     mechanisms: Vec<Mechanism>,
+    /// Those of `mechanisms` whose exchange the credential source runs.
+    relayed: Vec<Mechanism>,
     /// Commands that neither authenticate nor start mail, so far (see [`is_junk`]).
     junk: u32,
     rejection: Option<Rejection>,
@@ -219,6 +258,7 @@ impl Session {
             errors: 0,
             auth_failures: 0,
             mechanisms: Mechanism::ALL.to_vec(),
+            relayed: Vec::new(),
             junk: 0,
             rejection: None,
             input: LineBuffer::new(),
@@ -252,7 +292,10 @@ impl Session {
                 }
                 return Some(action);
             }
-            if !matches!(self.state, State::Command | State::Auth(_)) {
+            if !matches!(
+                self.state,
+                State::Command | State::Auth(_) | State::SourceAuth { .. }
+            ) {
                 return None;
             }
             let actions = match self.input.next_line() {
@@ -277,11 +320,24 @@ impl Session {
         self.lines
     }
 
-    /// Offers and accepts only `mechanisms` (all of them by default), e.g. no CRAM-MD5
+    /// Offers and accepts only `mechanisms` (postern's own by default), e.g. no CRAM-MD5
     /// when some users have hashed passwords and so could never pass it.
     pub fn with_mechanisms(mut self, mechanisms: &[Mechanism]) -> Self {
         self.mechanisms = mechanisms.to_vec();
         self
+    }
+
+    /// Relays the exchanges of `relayed` to the credential source step by step
+    /// ([`Action::SourceSasl`]) instead of running them; a mechanism postern cannot run
+    /// itself is always relayed.
+    pub fn with_relayed(mut self, relayed: &[Mechanism]) -> Self {
+        self.relayed = relayed.to_vec();
+        self
+    }
+
+    /// The client's EHLO/HELO name, once it greeted.
+    pub fn hello_name(&self) -> Option<&str> {
+        self.hello.as_ref().map(|hello| hello.name.as_str())
     }
 
     /// The budget whose end closed the session, if one did.
@@ -347,6 +403,20 @@ impl Session {
                 let step = exchange.step(line);
                 self.on_sasl_step(exchange, step)
             }
+            State::SourceAuth { mechanism } => match sasl_message(line) {
+                SaslMessage::Data(response) => {
+                    self.state = State::SourceWaiting { mechanism };
+                    vec![Action::SourceSasl(SourceSasl::Step(response))]
+                }
+                SaslMessage::Cancel => vec![
+                    Action::SourceSasl(SourceSasl::Cancel),
+                    Action::Reply(canned::AUTH_CANCELLED.into()),
+                ],
+                SaslMessage::Malformed => vec![
+                    Action::SourceSasl(SourceSasl::Cancel),
+                    Action::Reply(canned::AUTH_MALFORMED.into()),
+                ],
+            },
             // next_action reads no line in any other state.
             other => {
                 debug_assert!(false, "a line read while waiting or finished");
@@ -360,7 +430,7 @@ impl Session {
     /// sync, so the connection closes (RFC 4954 §4 for SASL lines).
     fn on_line_too_long(&mut self) -> Vec<Action> {
         let reply = match self.state {
-            State::Auth(_) => canned::AUTH_LINE_TOO_LONG,
+            State::Auth(_) | State::SourceAuth { .. } => canned::AUTH_LINE_TOO_LONG,
             _ => canned::LINE_TOO_LONG,
         };
         self.close_with(reply.into())
@@ -391,7 +461,43 @@ impl Session {
             State::Verifying {
                 mechanism,
                 username,
-            } if verdict == Verdict::Valid => match self.hello.clone() {
+            } => self.concluded(verdict, mechanism, username),
+            other => {
+                debug_assert!(false, "an outcome nobody asked for");
+                self.state = other;
+                Vec::new()
+            }
+        }
+    }
+
+    /// The source's answer to the last [`Action::SourceSasl`] step.
+    pub fn on_source_reply(&mut self, reply: SourceReply) {
+        let actions = match (std::mem::replace(&mut self.state, State::Command), reply) {
+            (State::SourceWaiting { mechanism }, SourceReply::Challenge(challenge)) => {
+                self.state = State::SourceAuth { mechanism };
+                vec![Action::Reply(Reply::new(334, STANDARD.encode(challenge)))]
+            }
+            (State::SourceWaiting { mechanism }, SourceReply::Done(verdict, user)) => {
+                self.concluded(verdict, mechanism, user.unwrap_or_default())
+            }
+            (other, _) => {
+                debug_assert!(false, "an outcome nobody asked for");
+                self.state = other;
+                Vec::new()
+            }
+        };
+        self.queue.extend(actions);
+    }
+
+    /// A checked AUTH, whoever ran the exchange.
+    fn concluded(
+        &mut self,
+        verdict: Verdict,
+        mechanism: Mechanism,
+        username: String,
+    ) -> Vec<Action> {
+        match verdict {
+            Verdict::Valid => match self.hello.clone() {
                 Some(hello) => {
                     let login = Some(username.clone());
                     self.state = State::Connecting {
@@ -402,15 +508,9 @@ impl Session {
                 }
                 None => vec![Action::Reply(canned::HELLO_FIRST.into())],
             },
-            State::Verifying { .. } if verdict == Verdict::Throttled => {
-                self.auth_failed(canned::AUTH_THROTTLED.into())
-            }
-            State::Verifying { .. } => self.auth_failed(canned::BAD_CREDENTIALS.into()),
-            other => {
-                debug_assert!(false, "an outcome nobody asked for");
-                self.state = other;
-                Vec::new()
-            }
+            Verdict::Throttled => self.auth_failed(canned::AUTH_THROTTLED.into()),
+            Verdict::Unavailable => reply(canned::TEMPORARY_AUTH_FAILURE.into()),
+            Verdict::Invalid => self.auth_failed(canned::BAD_CREDENTIALS.into()),
         }
     }
 
@@ -532,6 +632,18 @@ impl Session {
                 initial,
             } => match Mechanism::parse(name).filter(|m| self.mechanisms.contains(m)) {
                 None => reply(canned::AUTH_UNKNOWN_MECHANISM.into()),
+                Some(mechanism)
+                    if self.relayed.contains(&mechanism) || !mechanism.runs_locally() =>
+                {
+                    match initial.map(sasl_message) {
+                        None => self.start_relayed(mechanism, None),
+                        Some(SaslMessage::Data(initial)) => {
+                            self.start_relayed(mechanism, Some(initial))
+                        }
+                        Some(SaslMessage::Cancel) => reply(canned::AUTH_CANCELLED.into()),
+                        Some(SaslMessage::Malformed) => reply(canned::AUTH_MALFORMED.into()),
+                    }
+                }
                 Some(mechanism) => {
                     let challenge = match mechanism {
                         Mechanism::CramMd5 => (self.challenges)(),
@@ -603,6 +715,11 @@ impl Session {
         }
     }
 
+    fn start_relayed(&mut self, mechanism: Mechanism, initial: Option<Vec<u8>>) -> Vec<Action> {
+        self.state = State::SourceWaiting { mechanism };
+        vec![Action::SourceSasl(SourceSasl::Start { mechanism, initial })]
+    }
+
     /// Why a mail transaction or a restricted verb is refused right now.
     fn refusal(&self) -> crate::smtp::Canned {
         if self.tls {
@@ -649,6 +766,26 @@ fn is_junk(command: &Command<'_>) -> bool {
 
 fn reply(reply: Reply) -> Vec<Action> {
     vec![Action::Reply(reply)]
+}
+
+/// A SASL message line as RFC 4954 §4 frames it.
+enum SaslMessage {
+    Data(Vec<u8>),
+    /// `*`.
+    Cancel,
+    /// Not base64.
+    Malformed,
+}
+
+fn sasl_message(line: &[u8]) -> SaslMessage {
+    match line {
+        b"*" => SaslMessage::Cancel,
+        b"=" => SaslMessage::Data(Vec::new()),
+        _ => match STANDARD.decode(line) {
+            Ok(data) => SaslMessage::Data(data),
+            Err(_) => SaslMessage::Malformed,
+        },
+    }
 }
 
 fn command_error_reply(error: CommandError) -> Reply {
@@ -1165,5 +1302,136 @@ mod tests {
             panic!("no relay")
         };
         assert_eq!(pending, b"MAIL FROM:<x@y>\r\n");
+    }
+
+    /// A TLS session whose source runs CRAM-MD5 and SCRAM-SHA-256 (Dovecot).
+    fn relaying() -> Session {
+        let relayed = [Mechanism::CramMd5, Mechanism::ScramSha256];
+        let mut s = session(ListenerKind::ImplicitTls)
+            .with_mechanisms(&[Mechanism::Plain, Mechanism::CramMd5, Mechanism::ScramSha256])
+            .with_relayed(&relayed);
+        s.receive(b"EHLO client.test\r\n");
+        drain(&mut s);
+        s
+    }
+
+    #[test]
+    fn ehlo_offers_what_the_source_verifies() {
+        let mut s = session(ListenerKind::ImplicitTls)
+            .with_mechanisms(&[Mechanism::Plain, Mechanism::ScramSha256])
+            .with_relayed(&[Mechanism::ScramSha256]);
+        s.receive(b"EHLO client.test\r\n");
+        assert!(wire(&drain(&mut s)).contains("250 AUTH PLAIN SCRAM-SHA-256\r\n"));
+    }
+
+    #[test]
+    fn a_relayed_exchange_passes_each_step_through_and_ends_as_the_source_says() {
+        let mut s = relaying();
+        // A client that pipelines its answer: it is not read while the source is asked.
+        s.receive(b"AUTH SCRAM-SHA-256 biwsbj11c2VyLHI9bm9uY2U=\r\nYz1iaXdz\r\n");
+        let actions = drain(&mut s);
+        let [Action::SourceSasl(SourceSasl::Start { mechanism, initial })] = &actions[..] else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(*mechanism, Mechanism::ScramSha256);
+        assert_eq!(initial.as_deref(), Some(&b"n,,n=user,r=nonce"[..]));
+        assert!(s.next_action().is_none());
+        s.on_source_reply(SourceReply::Challenge(
+            b"r=nonce2,s=c2FsdA==,i=4096".to_vec(),
+        ));
+        let actions = drain(&mut s);
+        assert_eq!(
+            wire(&actions),
+            "334 cj1ub25jZTIscz1jMkZzZEE9PSxpPTQwOTY=\r\n"
+        );
+        assert!(
+            matches!(&actions[1..], [Action::SourceSasl(SourceSasl::Step(r))] if r == b"c=biws"),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_relayed_success_connects_the_backend_as_the_sources_user() {
+        let mut s = relaying();
+        s.receive(b"AUTH CRAM-MD5\r\n");
+        drain(&mut s);
+        s.on_source_reply(SourceReply::Challenge(b"<1.2@dovecot>".to_vec()));
+        drain(&mut s);
+        s.receive(b"dGltIDAxMjM=\r\n");
+        drain(&mut s);
+        s.on_source_reply(SourceReply::Done(
+            Verdict::Valid,
+            Some("tim@example".into()),
+        ));
+        let actions = drain(&mut s);
+        let [Action::ConnectBackend { login, .. }] = &actions[..] else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(login.as_deref(), Some("tim@example"));
+        s.on_backend_ready(true);
+        assert_reply(&drain(&mut s), "235 ");
+        assert_eq!(s.authenticated(), Some(("tim@example", Mechanism::CramMd5)));
+    }
+
+    #[test]
+    fn relayed_failures_cancels_and_an_unavailable_source_get_their_replies() {
+        for (line, reply, expected) in [
+            (&b"*"[..], None, "501 5.7.0"),
+            (b"not base64!", None, "501 5.5.2"),
+            (
+                b"dGlt",
+                Some(SourceReply::Done(Verdict::Invalid, None)),
+                "535 5.7.8",
+            ),
+            (
+                b"dGlt",
+                Some(SourceReply::Done(Verdict::Unavailable, None)),
+                "454 4.7.0",
+            ),
+        ] {
+            let mut s = relaying();
+            s.receive(b"AUTH CRAM-MD5\r\n");
+            drain(&mut s);
+            s.on_source_reply(SourceReply::Challenge(b"<1@x>".to_vec()));
+            drain(&mut s);
+            s.receive(line);
+            s.receive(b"\r\n");
+            let mut actions = drain(&mut s);
+            if let Some(reply) = reply {
+                assert!(matches!(
+                    actions[..],
+                    [Action::SourceSasl(SourceSasl::Step(_))]
+                ));
+                s.on_source_reply(reply);
+                actions = drain(&mut s);
+            } else {
+                assert!(
+                    matches!(
+                        actions.first(),
+                        Some(Action::SourceSasl(SourceSasl::Cancel))
+                    ),
+                    "{actions:?}"
+                );
+            }
+            assert_reply(
+                &actions
+                    .into_iter()
+                    .filter(|a| matches!(a, Action::Reply(_)))
+                    .collect::<Vec<_>>(),
+                expected,
+            );
+            // The session takes commands again.
+            s.receive(b"NOOP\r\n");
+            assert_reply(&drain(&mut s), "250");
+        }
+    }
+
+    #[test]
+    fn a_scram_exchange_is_never_run_by_postern_itself() {
+        // Offered only because a source runs it; without a relaying source it is not
+        // offered, and asking for it is an unknown mechanism.
+        let mut s = greeted_tls();
+        s.receive(b"AUTH SCRAM-SHA-256\r\n");
+        assert_reply(&drain(&mut s), "504");
     }
 }

@@ -313,6 +313,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 self.command(stage, t, format!("{answer}\r\n").as_bytes(), &[235])
                     .await?;
             }
+            // --mechanism offers only the three above.
+            Mechanism::ScramSha1 | Mechanism::ScramSha256 => {
+                return Err(fail(stage, "the load generator does not speak SCRAM"));
+            }
         }
         Ok(())
     }

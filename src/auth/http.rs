@@ -260,6 +260,24 @@ impl Client {
     }
 
     /// One attempt: the auth server's answer, or why there was none.
+    /// Whether the server accepts a connection within the timeout (`postern check`,
+    /// readiness): an attempt with made-up credentials would count against someone.
+    pub async fn reachable(&self) -> Result<String, Error> {
+        let (host, port) = self.host_port();
+        match tokio::time::timeout(self.timeout, TcpStream::connect((host, port))).await {
+            Ok(Ok(_)) => Ok(format!("{} accepts connections", self.authority)),
+            Ok(Err(e)) => Err(Error::Unreachable(e.to_string())),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    fn host_port(&self) -> (&str, u16) {
+        let host = self.uri.host().unwrap_or_default();
+        // A bracketed IPv6 literal comes without its brackets from Uri::host.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        (host, self.uri.port_u16().unwrap_or(80))
+    }
+
     pub async fn ask(&self, request: &Request<'_>) -> Result<Answer, Error> {
         tokio::time::timeout(self.timeout, self.exchange(request))
             .await
@@ -268,10 +286,7 @@ impl Client {
 
     async fn exchange(&self, request: &Request<'_>) -> Result<Answer, Error> {
         let unreachable = |e: &dyn std::fmt::Display| Error::Unreachable(e.to_string());
-        let host = self.uri.host().unwrap_or_default();
-        let port = self.uri.port_u16().unwrap_or(80);
-        // A bracketed IPv6 literal comes without its brackets from Uri::host.
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let (host, port) = self.host_port();
         let tcp = TcpStream::connect((host, port))
             .await
             .map_err(|e| unreachable(&e))?;

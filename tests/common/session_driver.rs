@@ -339,6 +339,10 @@ impl Driver {
                     self.session.on_verified(verdict);
                     self.pump(Some(Origin::Verified(verdict)));
                 }
+                // The driver's session runs every mechanism itself (no source relays).
+                Action::SourceSasl(step) => {
+                    panic!("SourceSasl without a relaying source: {step:?}")
+                }
                 Action::ConnectBackend { hello, login } => {
                     // After valid credentials, as that user; or an MX hand-off at MAIL,
                     // checked in on_line.

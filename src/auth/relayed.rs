@@ -1,0 +1,77 @@
+//! The user name inside a relayed SASL message: the failure windows must meet an
+//! attempt before the source sees the proof of the password, so postern reads the name
+//! from the message that carries it, as the mechanism defines it, and nothing else.
+
+use crate::sasl::Mechanism;
+
+/// The name the client claims in `message` (decoded, no CRLF), if this is the message
+/// of `mechanism` that carries it:
+/// - CRAM-MD5 (RFC 2195): the response, `name SP digest`.
+/// - SCRAM (RFC 5802 §5.1): the client-first message, `gs2-header n=name,r=nonce`,
+///   with `=2C` and `=3D` standing for `,` and `=`.
+pub fn claimed_name(mechanism: Mechanism, message: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(message).ok()?;
+    let name = match mechanism {
+        Mechanism::CramMd5 => text.rsplit_once(' ')?.0.to_owned(),
+        Mechanism::ScramSha1 | Mechanism::ScramSha256 => scram_name(text)?,
+        Mechanism::Plain | Mechanism::Login => return None,
+    };
+    (!name.is_empty()).then_some(name)
+}
+
+fn scram_name(client_first: &str) -> Option<String> {
+    // gs2-cbind-flag "," [authzid] "," client-first-message-bare
+    let mut parts = client_first.splitn(3, ',');
+    let flag = parts.next()?;
+    if !matches!(flag.as_bytes().first(), Some(b'n' | b'y' | b'p')) {
+        return None;
+    }
+    let _authzid = parts.next()?;
+    let bare = parts.next()?;
+    let encoded = bare.split(',').find_map(|a| a.strip_prefix("n="))?;
+    Some(encoded.replace("=2C", ",").replace("=3D", "="))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_read_where_each_mechanism_puts_them() {
+        for (mechanism, message, expected) in [
+            (
+                Mechanism::CramMd5,
+                &b"tim b913a602c7eda7a495b4e6e7334d3890"[..],
+                Some("tim"),
+            ),
+            (
+                Mechanism::CramMd5,
+                b"first last 0123456789abcdef0123456789abcdef",
+                Some("first last"),
+            ),
+            (Mechanism::CramMd5, b"nospace", None),
+            (Mechanism::CramMd5, b" 0123", None),
+            (
+                Mechanism::ScramSha256,
+                b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO",
+                Some("user"),
+            ),
+            (
+                Mechanism::ScramSha1,
+                b"y,a=admin,n=a=2Cb=3Dc,r=nonce",
+                Some("a,b=c"),
+            ),
+            (Mechanism::ScramSha256, b"n,,r=nonce", None),
+            (Mechanism::ScramSha256, b"c=biws,r=nonce,p=proof", None),
+            (Mechanism::ScramSha256, b"\xff\xfe", None),
+            (Mechanism::Plain, b"\0user\0pass", None),
+        ] {
+            assert_eq!(
+                claimed_name(mechanism, message).as_deref(),
+                expected,
+                "{mechanism} {:?}",
+                String::from_utf8_lossy(message)
+            );
+        }
+    }
+}
