@@ -182,10 +182,11 @@ impl Authenticator {
                 .iter()
                 .copied()
                 .filter(|m| match &self.source {
-                    // CRAM-MD5 over auth_http: the server needs cleartext passwords,
-                    // which only the administrator knows it has.
-                    Source::Http(_) => self.source.can_verify(*m),
-                    _ => verifiable.contains(m),
+                    // What this Dovecot offers now (it may change across restarts).
+                    Source::Dovecot(_) => verifiable.contains(m),
+                    // CRAM-MD5 from a users file with hashes, or over auth_http (whose
+                    // server needs cleartext passwords): the administrator's choice.
+                    _ => self.source.can_verify(*m),
                 })
                 .collect(),
             None => verifiable,

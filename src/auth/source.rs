@@ -135,7 +135,7 @@ impl Source {
                 dovecot::Options {
                     timeout: *timeout,
                     // postern's own failure windows and pacing stand in front; Dovecot's
-                    // per-address penalty would count every client as postern's address.
+                    // penalty on top would double every failure's delay.
                     no_penalty: true,
                 },
             )),
@@ -196,10 +196,13 @@ impl Source {
             }
             Source::Dovecot(client) => {
                 let handshake = client.handshake()?;
+                // postern collects PLAIN and LOGIN itself and checks both as PLAIN.
+                let plain = handshake.find_usable("PLAIN").is_some();
                 Some(
                     handshake
                         .usable_mechanisms()
                         .filter_map(|m| Mechanism::parse(m.name()))
+                        .filter(|m| plain || !matches!(m, Mechanism::Plain | Mechanism::Login))
                         .collect(),
                 )
             }

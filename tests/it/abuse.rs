@@ -492,8 +492,20 @@ async fn cram_md5_is_offered_only_when_every_user_can_pass_it() {
         .flag("--auth-mechanisms", "PLAIN,GSSAPI")
         .run_to_exit();
     assert_eq!(bad.status.code(), Some(2), "{bad}");
+    // SCRAM is known but only a source that runs it (Dovecot) can verify it.
+    let unverifiable = Postern::builder(backend.addr)
+        .flag("--auth-mechanisms", "PLAIN,SCRAM-SHA-256")
+        .run_to_exit();
+    assert_eq!(unverifiable.status.code(), Some(1), "{unverifiable}");
     assert!(
-        bad.stderr.contains("expected PLAIN, LOGIN or CRAM-MD5"),
+        unverifiable
+            .stderr
+            .contains("--auth-mechanisms SCRAM-SHA-256: the users file"),
+        "{unverifiable}"
+    );
+    assert!(
+        bad.stderr
+            .contains("expected PLAIN, LOGIN, CRAM-MD5, SCRAM-SHA-1 or SCRAM-SHA-256"),
         "{bad}"
     );
 }

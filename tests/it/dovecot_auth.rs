@@ -129,14 +129,14 @@ async fn cram_md5(client: &Client, user: &str, password: &str) -> Step {
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
-fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+pub(crate) fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
     let mut mac = HmacSha256::new_from_slice(key).expect("any key");
     mac.update(data);
     mac.finalize().into_bytes().to_vec()
 }
 
 /// PBKDF2-HMAC-SHA-256 for one 32-byte block (RFC 8018 §5.2), SCRAM's `Hi()`.
-fn hi(password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
+pub(crate) fn hi(password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
     let mut u = hmac_sha256(password, &[salt, &1u32.to_be_bytes()].concat());
     let mut out = u.clone();
     for _ in 1..iterations {
@@ -147,7 +147,7 @@ fn hi(password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
 }
 
 /// The value of attribute `name` in a SCRAM message (`r=...,s=...,i=...`).
-fn scram_attribute<'a>(message: &'a str, name: &str) -> &'a str {
+pub(crate) fn scram_attribute<'a>(message: &'a str, name: &str) -> &'a str {
     message
         .split(',')
         .find_map(|part| part.strip_prefix(&format!("{name}=")))

@@ -830,3 +830,119 @@ async fn slapd_gone_mid_run_is_down_within_the_timeout_and_back_after() {
         assert_eq!(verify(source, BOB).await, Verdict::Valid);
     }
 }
+
+// === through postern ===
+
+/// postern serving with this slapd as its source (search+bind over StartTLS with the
+/// test CA, as a site would run it), with its operations endpoint.
+fn postern_over(slapd: &Slapd) -> (common::Postern, tempfile::TempDir, common::RawBackend) {
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let password_file = secrets.path().join("bind-password");
+    std::fs::write(&password_file, format!("{SERVICE_PASSWORD}\n")).expect("write password");
+    let backend = common::RawBackend::start();
+    let postern = common::Postern::builder(backend.addr)
+        .without_flag("--users")
+        .without_flag("--auth-mechanisms")
+        .listen("--metrics-listen", common::V4)
+        .flag("--ldap-url", slapd.ldap_url())
+        .flag("--ldap-starttls", "true")
+        .flag("--ldap-ca", slapd.ca().display().to_string())
+        .flag("--ldap-search-base", PEOPLE)
+        .flag("--ldap-bind-dn", SERVICE_DN)
+        .flag(
+            "--ldap-bind-password-file",
+            password_file.display().to_string(),
+        )
+        .flag("--ldap-timeout", "2s")
+        .start();
+    (postern, secrets, backend)
+}
+
+/// Waits until `/readyz` answers `status`.
+async fn readyz(admin: std::net::SocketAddr, status: u16) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let (code, body) = common::http_get(admin, "/readyz").await;
+        if code == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed {code}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postern_logs_in_against_the_directory_and_refuses_injections() {
+    let Some(slapd) = Slapd::start() else { return };
+    let (postern, _secrets, _backend) = postern_over(&slapd);
+    let listen = postern.addr("--listen-tls");
+    let (mut client, ehlo) =
+        common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+    assert!(
+        ehlo.lines.iter().any(|l| l == "AUTH PLAIN LOGIN"),
+        "PLAIN and LOGIN only: {}",
+        ehlo.raw
+    );
+    client.auth_plain(ALICE.0, ALICE.1, "235").await;
+    client.cmd("MAIL FROM:<alice@example.test>", "250").await;
+
+    // LOGIN through swaks, a real client.
+    let out = common::tools::swaks(
+        &postern,
+        common::tools::Listener::StartTls,
+        &[
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            BOB.0,
+            "--auth-password",
+            BOB.1,
+        ],
+    );
+    assert!(out.stdout.contains("235 2.7.0"), "{out}");
+
+    // Wrong passwords, the locked account, and names built to widen the search or
+    // climb the tree: each a plain 535 (a NUL cannot even be framed in PLAIN: 501).
+    for (user, password, expected) in [
+        ("alice", "wrong", "535 5.7.8"),
+        (CAROL.0, CAROL.1, "535 5.7.8"),
+        ("*", ALICE.1, "535 5.7.8"),
+        ("alice)(uid=*", ALICE.1, "535 5.7.8"),
+        ("*)(|(uid=*", EVE.1, "535 5.7.8"),
+        ("eve,ou=admins", EVE.1, "535 5.7.8"),
+        ("alice\0", ALICE.1, "501 5.5.2"),
+    ] {
+        let (mut client, _) =
+            common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+        client
+            .cmd(
+                &format!("AUTH PLAIN {}", common::plain_response(user, password)),
+                expected,
+            )
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postern_says_454_and_unready_while_the_directory_is_down() {
+    let Some(mut slapd) = Slapd::start() else {
+        return;
+    };
+    let (postern, _secrets, _backend) = postern_over(&slapd);
+    let listen = postern.addr("--listen-tls");
+    let admin = postern.addr("--metrics-listen");
+    readyz(admin, 200).await;
+    slapd.kill();
+    let (mut client, _) = common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+    client
+        .cmd(
+            &format!("AUTH PLAIN {}", common::plain_response(ALICE.0, ALICE.1)),
+            "454 4.7.0",
+        )
+        .await;
+    readyz(admin, 503).await;
+    slapd.restart();
+    readyz(admin, 200).await;
+    let (mut client, _) = common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+    client.auth_plain(ALICE.0, ALICE.1, "235").await;
+}

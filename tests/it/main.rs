@@ -18,6 +18,7 @@ use tests_dir::common;
 mod abuse;
 mod auth;
 mod auth_replicas;
+mod auth_sources;
 mod certificates;
 mod certs_script;
 mod cli;

@@ -1,0 +1,507 @@
+//! The credential sources through the real `postern` binary, with real clients:
+//!
+//! - `--dovecot-auth`: a private Dovecot 2.3 (`tests/common/dovecot.rs`); swaks with
+//!   PLAIN, LOGIN and CRAM-MD5, and a SCRAM-SHA-256 client written here (no packaged
+//!   client speaks SCRAM over SMTP), a wrong password, Dovecot killed mid-run (454,
+//!   `/readyz` 503) and back.
+//! - `--auth-http`: an nginx-style auth server written here (one thread, the protocol
+//!   as nginx documents it): OK, a refusal with `Auth-Wait`, routing to a second backend
+//!   with `Auth-Server`/`Auth-Port`, a backend outside `--backend-allow`, a server
+//!   slower than `--auth-source-timeout`, and the headers it receives.
+//! - Exactly one source per process, and `postern check` per source.
+//!
+//! The LDAP source through postern is in `tests/it/ldap_auth.rs`, next to its slapd.
+
+use crate::common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use sha2::Digest;
+
+use common::dovecot::Dovecot;
+use common::tools::{Listener, swaks};
+use common::*;
+
+use crate::dovecot_auth::{hi, hmac_sha256, scram_attribute};
+
+/// postern with `flags` as its source instead of the harness's users file.
+fn postern_with_source(backend: SocketAddr, flags: &[(&str, String)]) -> Postern {
+    let mut builder = Postern::builder(backend)
+        .without_flag("--users")
+        .without_flag("--auth-mechanisms")
+        .listen("--metrics-listen", V4);
+    for (name, value) in flags {
+        builder = builder.flag(name, value.clone());
+    }
+    builder.start()
+}
+
+fn dovecot_flag(dovecot: &Dovecot) -> (&'static str, String) {
+    (
+        "--dovecot-auth",
+        format!("unix:{}", dovecot.socket().display()),
+    )
+}
+
+fn swaks_auth(postern: &Postern, mechanism: &str, user: &str, password: &str) -> String {
+    let out = swaks(
+        postern,
+        Listener::Implicit,
+        &[
+            "--auth",
+            mechanism,
+            "--auth-user",
+            user,
+            "--auth-password",
+            password,
+        ],
+    );
+    format!("{}{}", out.stdout, out.stderr)
+}
+
+async fn wait_status(admin: SocketAddr, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let (code, body) = http_get(admin, path).await;
+        if code == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} stayed {code} (wanted {status}): {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SCRAM-SHA-256 (RFC 5802, RFC 7677) through postern: returns the final reply, after
+/// checking the server's signature (Dovecot's, passed through unchanged).
+async fn scram_through(client: &mut SmtpClient, user: &str, password: &str) -> Reply {
+    let nonce = "fyko+d2lbbFgONRv9qkxdawL";
+    let first_bare = format!("n={user},r={nonce}");
+    let reply = client
+        .cmd(
+            &format!("AUTH SCRAM-SHA-256 {}", b64(format!("n,,{first_bare}"))),
+            "334",
+        )
+        .await;
+    let server_first = String::from_utf8(unb64(&reply.lines[0])).expect("UTF-8");
+    let combined = scram_attribute(&server_first, "r");
+    assert!(combined.starts_with(nonce), "{server_first}");
+    let salt = STANDARD
+        .decode(scram_attribute(&server_first, "s"))
+        .expect("salt");
+    let iterations: u32 = scram_attribute(&server_first, "i").parse().expect("i");
+    let salted = hi(password.as_bytes(), &salt, iterations);
+    let client_key = hmac_sha256(&salted, b"Client Key");
+    let stored_key = sha2::Sha256::digest(&client_key);
+    let without_proof = format!("c=biws,r={combined}");
+    let auth_message = format!("{first_bare},{server_first},{without_proof}");
+    let signature = hmac_sha256(&stored_key, auth_message.as_bytes());
+    let proof: Vec<u8> = client_key
+        .iter()
+        .zip(&signature)
+        .map(|(k, s)| k ^ s)
+        .collect();
+    client
+        .line(&b64(format!(
+            "{without_proof},p={}",
+            STANDARD.encode(proof)
+        )))
+        .await;
+    let reply = client.read_reply().await;
+    if reply.code != 334 {
+        return reply;
+    }
+    let server_final = String::from_utf8(unb64(&reply.lines[0])).expect("UTF-8");
+    let server_key = hmac_sha256(&salted, b"Server Key");
+    let expected = hmac_sha256(&server_key, auth_message.as_bytes());
+    assert_eq!(
+        server_final,
+        format!("v={}", STANDARD.encode(expected)),
+        "the server proves it knows the password"
+    );
+    client.line("").await;
+    client.read_reply().await
+}
+
+// === Dovecot ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_checks_every_mechanism_it_offers_through_postern() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(backend.addr, &[dovecot_flag(&dovecot)]);
+
+    // EHLO offers what Dovecot lists as usable over TLS, in its order.
+    let (mut client, ehlo) =
+        SmtpClient::connect_implicit(postern.addr("--listen-tls"), postern.tls_config()).await;
+    assert!(
+        ehlo.lines
+            .iter()
+            .any(|l| l == "AUTH PLAIN LOGIN CRAM-MD5 SCRAM-SHA-256"),
+        "{}",
+        ehlo.raw
+    );
+    // SCRAM-SHA-256 relayed step by step, Dovecot's signature checked by the client.
+    let done = scram_through(&mut client, "alice", PASSWORD).await;
+    assert_eq!(done.code, 235, "{}", done.raw);
+    client.cmd("MAIL FROM:<alice@client.test>", "250").await;
+    client.cmd("QUIT", "221").await;
+
+    // swaks, a real client, with each mechanism it speaks; bob's password is a
+    // SHA512-CRYPT hash only Dovecot checks.
+    for (mechanism, user) in [
+        ("PLAIN", "alice"),
+        ("LOGIN", "alice"),
+        ("CRAM-MD5", "carol"),
+        ("PLAIN", "bob"),
+    ] {
+        let out = swaks_auth(&postern, mechanism, user, PASSWORD);
+        assert!(out.contains("235 2.7.0"), "{mechanism} {user}:\n{out}");
+    }
+    let relayed: usize = backend.sessions().iter().map(|s| s.messages.len()).sum();
+    assert_eq!(relayed, 4, "one message per swaks run");
+    for (mechanism, user) in [
+        ("PLAIN", "alice"),
+        ("CRAM-MD5", "carol"),
+        ("LOGIN", "nobody"),
+    ] {
+        let out = swaks_auth(&postern, mechanism, user, "wrong");
+        assert!(out.contains("535 5.7.8"), "{mechanism} {user}:\n{out}");
+    }
+    // A wrong SCRAM proof is a 535 too.
+    let (mut client, _) =
+        SmtpClient::connect_implicit(postern.addr("--listen-tls"), postern.tls_config()).await;
+    let refused = scram_through(&mut client, "alice", "wrong").await;
+    assert_eq!(refused.code, 535, "{}", refused.raw);
+
+    // Dovecot learnt who the client is and that it came over TLS, for the SMTP service.
+    let log = dovecot.log();
+    assert!(log.contains("service=smtp"), "{log}");
+    assert!(log.contains("secured"), "{log}");
+    assert!(log.contains("rip=127.0.0.1"), "{log}");
+    // Counted per source and result.
+    let (_, metrics) = http_get(postern.addr("--metrics-listen"), "/metrics").await;
+    for needle in [
+        r#"postern_auth_source_requests_total{source="dovecot",result="valid"}"#,
+        r#"postern_auth_source_requests_total{source="dovecot",result="invalid"}"#,
+        r#"postern_auth_source_up{source="dovecot"} 1"#,
+        r#"postern_auth_source_duration_seconds_bucket{source="dovecot""#,
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_gone_gives_454_and_unready_and_its_return_is_noticed() {
+    let Some(mut dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(
+        backend.addr,
+        &[
+            dovecot_flag(&dovecot),
+            ("--auth-source-timeout", "1s".into()),
+        ],
+    );
+    let admin = postern.addr("--metrics-listen");
+    wait_status(admin, "/readyz", 200).await;
+    let (mut client, _) =
+        SmtpClient::connect_implicit(postern.addr("--listen-tls"), postern.tls_config()).await;
+    client.auth_plain("alice", PASSWORD, "235").await;
+
+    dovecot.kill();
+    for (line, mechanism) in [
+        (
+            format!("AUTH PLAIN {}", plain_response("alice", PASSWORD)),
+            "PLAIN",
+        ),
+        ("AUTH CRAM-MD5".to_owned(), "CRAM-MD5"),
+    ] {
+        let (mut client, _) =
+            SmtpClient::connect_implicit(postern.addr("--listen-tls"), postern.tls_config()).await;
+        let started = Instant::now();
+        let reply = client.cmd(&line, "454 4.7.0").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{mechanism}: {:?} for {}",
+            started.elapsed(),
+            reply.raw
+        );
+    }
+    let body = wait_status(admin, "/readyz", 503).await;
+    assert!(body.contains("credential source"), "{body}");
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"postern_auth_source_requests_total{source="dovecot",result="unavailable"}"#
+        ),
+        "{metrics}"
+    );
+
+    dovecot.restart();
+    wait_status(admin, "/readyz", 200).await;
+    let (mut client, _) =
+        SmtpClient::connect_implicit(postern.addr("--listen-tls"), postern.tls_config()).await;
+    client.auth_plain("alice", PASSWORD, "235").await;
+}
+
+// === auth_http ===
+
+/// What the test auth server answers for each user name; everyone else is refused.
+#[derive(Clone)]
+enum Behaviour {
+    /// `Auth-Status: OK` when the password is [`PASSWORD`].
+    Ok,
+    /// OK, naming this backend.
+    Route(SocketAddr),
+    /// Answers after this long.
+    Slow(Duration),
+}
+
+/// An nginx `auth_http` server: one thread, one request per connection, as nginx
+/// sends them. Records each request's headers.
+struct AuthServer {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<HashMap<String, String>>>>,
+}
+
+impl AuthServer {
+    fn start(users: &[(&str, Behaviour)]) -> AuthServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind auth server");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let users: HashMap<String, Behaviour> = users
+            .iter()
+            .map(|(u, b)| (u.to_string(), b.clone()))
+            .collect();
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let users = users.clone();
+                let seen = seen.clone();
+                std::thread::spawn(move || serve_one(stream, &users, &seen));
+            }
+        });
+        AuthServer { addr, requests }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/auth", self.addr)
+    }
+
+    fn requests(&self) -> Vec<HashMap<String, String>> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn serve_one(
+    stream: std::net::TcpStream,
+    users: &HashMap<String, Behaviour>,
+    seen: &Mutex<Vec<HashMap<String, String>>>,
+) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut headers = HashMap::new();
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    headers.insert("request-line".to_owned(), first.trim_end().to_owned());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.trim_end().split_once(": ") {
+            headers.insert(name.to_ascii_lowercase(), value.to_owned());
+        }
+    }
+    seen.lock().unwrap().push(headers.clone());
+    let user = headers.get("auth-user").cloned().unwrap_or_default();
+    // nginx url-encodes the password; a space is %20.
+    let pass = headers
+        .get("auth-pass")
+        .map(|p| p.replace("%20", " ").replace("%25", "%"))
+        .unwrap_or_default();
+    let good = pass == PASSWORD;
+    let answer = match users.get(&user) {
+        Some(Behaviour::Ok) if good => "Auth-Status: OK\r\n".to_owned(),
+        Some(Behaviour::Route(to)) if good => format!(
+            "Auth-Status: OK\r\nAuth-Server: {}\r\nAuth-Port: {}\r\n",
+            to.ip(),
+            to.port()
+        ),
+        Some(Behaviour::Slow(delay)) => {
+            std::thread::sleep(*delay);
+            "Auth-Status: OK\r\n".to_owned()
+        }
+        _ => "Auth-Status: Invalid login or password\r\nAuth-Wait: 2\r\n".to_owned(),
+    };
+    let mut stream = stream;
+    let _ = stream
+        .write_all(format!("HTTP/1.0 200 OK\r\n{answer}Content-Length: 0\r\n\r\n").as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_http_answers_route_and_refuse_as_nginx_documents() {
+    let home = RawBackend::start();
+    let second = RawBackend::start();
+    let server = AuthServer::start(&[
+        ("alice", Behaviour::Ok),
+        ("routed", Behaviour::Route(second.addr)),
+        (
+            "elsewhere",
+            Behaviour::Route("127.0.0.9:25".parse().unwrap()),
+        ),
+        ("slow", Behaviour::Slow(Duration::from_secs(4))),
+    ]);
+    let postern = postern_with_source(
+        home.addr,
+        &[
+            ("--auth-http", server.url()),
+            ("--auth-source-timeout", "1s".into()),
+            ("--backend-allow", format!("{}", second.addr.ip())),
+        ],
+    );
+    let tls = postern.tls_config();
+    let listen = postern.addr("--listen-tls");
+
+    // OK: the session goes to the configured backend.
+    let (mut client, ehlo) = SmtpClient::connect_implicit(listen, tls.clone()).await;
+    assert!(
+        ehlo.lines.iter().any(|l| l == "AUTH PLAIN LOGIN"),
+        "{}",
+        ehlo.raw
+    );
+    client.auth_plain("alice", PASSWORD, "235").await;
+    client.cmd("MAIL FROM:<alice@home.test>", "250").await;
+    client.cmd("QUIT", "221").await;
+    home.session_containing(b"MAIL FROM:<alice@home.test>");
+
+    // Auth-Server/Auth-Port in --backend-allow: that backend gets the session.
+    let (mut client, _) = SmtpClient::connect_implicit(listen, tls.clone()).await;
+    client.auth_plain("routed", PASSWORD, "235").await;
+    client.cmd("MAIL FROM:<routed@second.test>", "250").await;
+    client.cmd("QUIT", "221").await;
+    second.session_containing(b"MAIL FROM:<routed@second.test>");
+    assert!(
+        !home.all_received().windows(6).any(|w| w == b"routed"),
+        "the routed session reached the default backend"
+    );
+
+    // A backend outside --backend-allow: 454, and nothing is relayed anywhere.
+    let (mut client, _) = SmtpClient::connect_implicit(listen, tls.clone()).await;
+    client.auth_plain("elsewhere", PASSWORD, "454 4.7.0").await;
+
+    // A refusal with Auth-Wait: 535, no sooner than the wait.
+    let (mut client, _) = SmtpClient::connect_implicit(listen, tls.clone()).await;
+    let started = Instant::now();
+    client.auth_plain("alice", "wrong", "535 5.7.8").await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "Auth-Wait not honoured: {:?}",
+        started.elapsed()
+    );
+
+    // A server slower than --auth-source-timeout: 454 at the timeout, not a hang.
+    let (mut client, _) = SmtpClient::connect_implicit(listen, tls.clone()).await;
+    let started = Instant::now();
+    client.auth_plain("slow", PASSWORD, "454 4.7.0").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The request headers, as nginx sends them for SMTP.
+    let requests = server.requests();
+    let alice = requests
+        .iter()
+        .find(|r| r.get("auth-user").map(String::as_str) == Some("alice"))
+        .expect("a request for alice");
+    for (name, value) in [
+        ("auth-method", "plain"),
+        ("auth-pass", PASSWORD),
+        ("auth-protocol", "smtp"),
+        ("auth-login-attempt", "1"),
+        ("client-ip", "127.0.0.1"),
+        ("auth-smtp-helo", "client.test"),
+    ] {
+        assert_eq!(
+            alice.get(name).map(String::as_str),
+            Some(value),
+            "{name}: {alice:?}"
+        );
+    }
+    assert!(
+        alice["request-line"].starts_with("GET /auth HTTP/1.1"),
+        "{alice:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_auth_http_server_is_454_and_unready() {
+    let backend = RawBackend::start();
+    let nowhere = free_addr();
+    let postern = postern_with_source(
+        backend.addr,
+        &[
+            ("--auth-http", format!("http://{nowhere}/auth")),
+            ("--auth-source-timeout", "1s".into()),
+        ],
+    );
+    let (mut client, _) =
+        SmtpClient::connect_implicit(postern.addr("--listen-tls"), postern.tls_config()).await;
+    client.auth_plain("alice", PASSWORD, "454 4.7.0").await;
+    let body = wait_status(postern.addr("--metrics-listen"), "/readyz", 503).await;
+    assert!(body.contains("credential source"), "{body}");
+}
+
+// === one source, and postern check ===
+
+#[test]
+fn two_sources_are_refused_at_start_up() {
+    let out = Postern::builder("127.0.0.1:25")
+        .flag("--auth-http", "http://127.0.0.1:1/auth")
+        .run_to_exit();
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--users and --auth-http given"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn check_tries_the_dovecot_source() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let (name, value) = dovecot_flag(&dovecot);
+    let out = Postern::builder(backend.addr)
+        .without_flag("--users")
+        .without_flag("--auth-mechanisms")
+        .flag(name, value)
+        .check();
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("Dovecot auth at unix:")
+            && out
+                .stdout
+                .contains("mechanisms usable over TLS: PLAIN LOGIN CRAM-MD5 SCRAM-SHA-256"),
+        "{}",
+        out.stdout
+    );
+}
