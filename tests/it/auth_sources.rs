@@ -505,3 +505,49 @@ fn check_tries_the_dovecot_source() {
         out.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_reuses_a_success_for_the_same_password_until_a_reload() {
+    let backend = RawBackend::start();
+    let server = AuthServer::start(&[("alice", Behaviour::Ok)]);
+    let postern = postern_with_source(
+        backend.addr,
+        &[
+            ("--auth-http", server.url()),
+            ("--auth-cache-ttl", "10m".into()),
+        ],
+    );
+    let asked = || {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.get("auth-user").map(String::as_str) == Some("alice"))
+            .count()
+    };
+    let login = |password: &'static str, expected: &'static str| {
+        let postern = &postern;
+        async move {
+            let (mut client, _) =
+                SmtpClient::connect_implicit(postern.addr("--listen-tls"), postern.tls_config())
+                    .await;
+            client.auth_plain("alice", password, expected).await;
+        }
+    };
+    login(PASSWORD, "235").await;
+    login(PASSWORD, "235").await;
+    assert_eq!(asked(), 1, "the second login came from the cache");
+    // Another password is never answered from the cache.
+    login("wrong", "535").await;
+    assert_eq!(asked(), 2);
+    // SIGHUP drops every entry: the source decides again.
+    postern.signal("HUP");
+    let deadline = Instant::now() + STEP;
+    loop {
+        login(PASSWORD, "235").await;
+        if asked() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cache survived SIGHUP");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
