@@ -49,11 +49,17 @@ use upstream::{Connected, DialError, Upstream};
 /// Bytes asked of the socket per read before the relay; commands are small.
 const READ_CHUNK: usize = 4096;
 
+/// Password checks that may run at once (see [`Shared::verifiers`]).
+const VERIFIERS: usize = 2;
+
 /// How long a refused sender's connection is given to take its 554.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A sender outside `--allow-from`.
 const NOT_ALLOWED: Canned = Canned::new(554, "5.7.1 Relaying not permitted from this address");
+
+/// STARTTLS from a sender when postern has no certificate (`--cert`).
+const NO_STARTTLS: Canned = Canned::new(502, "5.5.1 STARTTLS not offered");
 
 /// No OAuth2 token could be had: the login cannot even be tried.
 const TOKEN_UNAVAILABLE: &str = "4.7.0 Upstream credentials unavailable, try again later";
@@ -143,8 +149,18 @@ impl Config {
             if client_secret.is_none() && args.oauth2_refresh_token_file.is_none() {
                 return Err("OAuth2 needs --oauth2-client-secret-file (client credentials) or --oauth2-refresh-token-file (or both)".into());
             }
-            let token_tls = upstream::client_config("--oauth2-token-url", None)
-                .or_else(|_| Ok::<_, String>(upstream_tls.clone()))?;
+            // The token endpoint is checked against the system's roots: it is the
+            // provider's public web endpoint, not the upstream (which --upstream-ca
+            // may pin). A plain http:// one (a local token broker) needs none.
+            let token_tls = if url.starts_with("https://") {
+                upstream::client_config("--oauth2-token-url", None)?
+            } else {
+                tracing::warn!(
+                    url,
+                    "--oauth2-token-url is not https: the client secret and tokens travel unencrypted"
+                );
+                upstream_tls.clone()
+            };
             let source = TokenSource::new(oauth2::Settings {
                 url,
                 grant: oauth2::Grant {
@@ -236,6 +252,8 @@ struct Shared {
     tls_handshake_timeout: Duration,
     relay_idle_timeout: Duration,
     policy: relay::Policy,
+    /// Password checks running at once: a hash can take 64 MiB and 100 ms (argon2).
+    verifiers: Semaphore,
     shutdown: Shutdown,
 }
 
@@ -412,6 +430,7 @@ pub async fn run(
         tls_handshake_timeout: config.tls_handshake_timeout,
         relay_idle_timeout: config.relay_idle_timeout,
         policy: relay::Policy::observe_only(),
+        verifiers: Semaphore::new(VERIFIERS),
         shutdown: drain.subscribe(),
     });
     let total = Arc::new(Semaphore::new(config.max_connections as usize));
@@ -838,28 +857,14 @@ impl Driver<'_> {
         }
     }
 
-    /// The session's reply as this role gives it: without `--cert` there is no STARTTLS
-    /// to offer or start, and a failed upstream login says what failed.
+    /// The session's reply as this role gives it: a failed upstream login says what
+    /// failed, and STARTTLS is offered only when it can be started.
     fn reply(&mut self, reply: Reply) -> Reply {
         if let Some(specific) = self.override_reply.take() {
             return specific;
         }
-        if self.shared.tls.is_some() {
-            return reply;
-        }
-        match reply.code {
-            // The session's only 220 after the greeting is its answer to STARTTLS.
-            220 => Reply::new(502, "5.5.1 STARTTLS not offered"),
-            250 if reply.lines.len() > 1 => Reply {
-                code: 250,
-                lines: reply
-                    .lines
-                    .into_iter()
-                    .filter(|line| !line.eq_ignore_ascii_case("STARTTLS"))
-                    .collect(),
-            },
-            _ => reply,
-        }
+        let starttls = self.shared.tls.is_some() && !self.session.is_tls();
+        present(reply, starttls)
     }
 
     /// Checks a sender's password against `--users`, off the reactor (hashes are slow
@@ -871,12 +876,37 @@ impl Driver<'_> {
         let Credentials::Password { username, password } = credentials else {
             return Verdict::Invalid;
         };
+        let Ok(_permit) = self.shared.verifiers.acquire().await else {
+            return Verdict::Throttled;
+        };
         let checked =
             tokio::task::spawn_blocking(move || users.verify_password(&username, &password)).await;
         match checked {
             Ok(true) => Verdict::Valid,
             _ => Verdict::Invalid,
         }
+    }
+}
+
+/// Without `--cert` there is no STARTTLS to offer or start, and over TLS none to offer
+/// again (the MX session lists it whenever no AUTH is offered).
+fn present(reply: Reply, starttls: bool) -> Reply {
+    if starttls {
+        return reply;
+    }
+    match reply.code {
+        // The session's only 220 after the greeting is its answer to STARTTLS, and over
+        // TLS it answers STARTTLS with 503 itself.
+        220 => NO_STARTTLS.into(),
+        250 if reply.lines.len() > 1 => Reply {
+            code: 250,
+            lines: reply
+                .lines
+                .into_iter()
+                .filter(|line| !line.eq_ignore_ascii_case("STARTTLS"))
+                .collect(),
+        },
+        _ => reply,
     }
 }
 
@@ -914,6 +944,38 @@ async fn flush<S: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ehlo() -> Reply {
+        Reply {
+            code: 250,
+            lines: ["relay.test", "PIPELINING", "STARTTLS"]
+                .map(|l| std::borrow::Cow::Owned(l.to_owned()))
+                .to_vec(),
+        }
+    }
+
+    #[test]
+    fn starttls_only_where_it_can_start() {
+        let kept = present(ehlo(), true);
+        assert_eq!(kept.lines.len(), 3);
+        let stripped = present(ehlo(), false);
+        assert_eq!(
+            stripped
+                .lines
+                .iter()
+                .map(|l| l.as_ref())
+                .collect::<Vec<_>>(),
+            ["relay.test", "PIPELINING"]
+        );
+        let ready: Reply = canned::READY_FOR_TLS.into();
+        assert_eq!(present(ready.clone(), true).code, 220);
+        assert_eq!(
+            present(ready, false).first_line(),
+            "502 5.5.1 STARTTLS not offered"
+        );
+        let other: Reply = canned::OK.into();
+        assert_eq!(present(other, false).code, 250);
+    }
 
     #[test]
     fn user_map() {

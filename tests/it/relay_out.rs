@@ -493,3 +493,68 @@ trait AwaitBlocking: std::future::Future + Sized {
 }
 
 impl<F: std::future::Future> AwaitBlocking for F {}
+
+/// With --cert and --users a sender may STARTTLS and log in to postern; a mapped login
+/// is relayed as its own upstream account, an anonymous sender as --upstream-user.
+#[test]
+fn senders_logging_in_use_their_mapped_upstream_account() {
+    let Some((_tokens, upstream)) = setup(Duration::from_secs(3600)) else {
+        return;
+    };
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let own = TestCerts::generate().write_to(secrets.path());
+    let users = secret_file(
+        &secrets,
+        "users",
+        &format!("printer1:{{PLAIN}}{PASSWORD}\n"),
+    );
+    let map = secret_file(&secrets, "map", "printer1 bob\n");
+    let mut flags = password_flags(&secrets, "plain");
+    flags.extend([
+        "--cert".into(),
+        own.cert.display().to_string(),
+        "--key".into(),
+        own.key.display().to_string(),
+        "--users".into(),
+        users,
+        "--upstream-user-map".into(),
+        map,
+    ]);
+    let relay = RelayOut::start(&upstream, &strs(&flags));
+
+    let report = SmtplibSession::new(relay.smtp)
+        .starttls()
+        .login("printer1", PASSWORD)
+        .rcpt("someone@example.org")
+        .run();
+    assert!(report.text("ehlo").contains("STARTTLS"), "{}", report.raw);
+    assert!(!report.text("ehlo").contains("AUTH"), "{}", report.raw);
+    assert!(
+        report.text("ehlo_tls").contains("AUTH PLAIN LOGIN"),
+        "{}",
+        report.raw
+    );
+    assert!(
+        !report.text("ehlo_tls").contains("STARTTLS"),
+        "{}",
+        report.raw
+    );
+    assert_eq!(report.code("auth"), Some(235), "{}", report.raw);
+    assert_eq!(report.code("data"), Some(250), "{}", report.raw);
+    let id = upstream.wait_held(1);
+    assert!(upstream.client_line(&id).contains("sasl_username=bob"));
+
+    let wrong = SmtplibSession::new(relay.smtp)
+        .starttls()
+        .login("printer1", "wrong")
+        .rcpt("someone@example.org")
+        .run();
+    assert_eq!(wrong.code("auth"), Some(535), "{}", wrong.raw);
+
+    let anonymous = SmtplibSession::new(relay.smtp)
+        .rcpt("someone@example.org")
+        .run();
+    assert_eq!(anonymous.code("data"), Some(250), "{}", anonymous.raw);
+    let id = upstream.wait_held(2);
+    assert!(upstream.client_line(&id).contains("sasl_username=alice"));
+}
