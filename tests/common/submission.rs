@@ -25,6 +25,10 @@ use super::{STEP, TestCerts, V4, accepts, free_port, run, wait_until};
 
 const POSTFIX: &str = "/usr/sbin/postfix";
 
+/// A recipient the upstream refuses with `554 5.7.1` (a 5xx that must reach the
+/// sender as it is).
+pub const REFUSED_RCPT: &str = "nobody@example.org";
+
 /// The upstream: Dovecot (SASL) and Postfix (SMTP), stopped on drop.
 pub struct Submission {
     pub postfix_dir: TempDir,
@@ -151,7 +155,8 @@ smtpd_sasl_auth_enable = yes
 smtpd_sasl_type = dovecot
 smtpd_sasl_path = {sasl}
 smtpd_relay_restrictions = permit_sasl_authenticated, reject
-smtpd_recipient_restrictions = permit_sasl_authenticated, reject
+# One recipient the upstream refuses, for the pass-through of its 5xx.
+smtpd_recipient_restrictions = check_recipient_access inline:{{ {{ {REFUSED_RCPT} = REJECT No such user here }} }}, permit_sasl_authenticated, reject
 # Every message stays in the hold queue, for postcat.
 smtpd_end_of_data_restrictions = check_client_access static:HOLD
 ",

@@ -159,6 +159,15 @@ fn legacy_senders_deliver_through_upstream_plain_and_login() {
     // The sender saw no STARTTLS (postern has no certificate) and no upstream AUTH.
     assert!(!out.stdout.contains("STARTTLS"), "{}", out.stdout);
     assert!(!out.stdout.contains("AUTH"), "{}", out.stdout);
+    // After the login every reply is the upstream's own, a 5xx included.
+    let refused = swaks(relay.smtp, &["--to", submission::REFUSED_RCPT]);
+    assert!(
+        refused.stdout.contains(
+            "554 5.7.1 <nobody@example.org>: Recipient address rejected: No such user here"
+        ),
+        "{refused}"
+    );
+    assert_eq!(upstream.held().len(), 1);
     drop(relay);
 
     let relay = RelayOut::start(&upstream, &strs(&password_flags(&secrets, "login")));
