@@ -578,6 +578,7 @@ async fn accept_loop(
         info!(%addr, "relay-out listening");
     }
     let mut backoff = Duration::from_millis(5);
+    let refusals = Arc::new(Semaphore::new(listener::MAX_PENDING_REFUSALS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -596,18 +597,31 @@ async fn accept_loop(
             }
         };
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        let shared = shared.clone();
         let permit = total.clone().try_acquire_owned();
-        tokio::spawn(async move {
-            let Ok(_permit) = permit else {
-                refuse(tcp, canned::TOO_MANY_CONNECTIONS.into()).await;
-                return;
+        let allowed = shared.allowed(peer.ip());
+        if permit.is_err() || !allowed {
+            // Refusals wait for their reply in bounded numbers; past that the
+            // connection is simply closed, so a flood costs no more than the bound.
+            let Ok(slot) = refusals.clone().try_acquire_owned() else {
+                continue;
             };
-            if !shared.allowed(peer.ip()) {
+            if !allowed {
                 info!(%peer, "sender outside --allow-from refused");
-                refuse(tcp, NOT_ALLOWED.into()).await;
-                return;
             }
+            let reply = if allowed {
+                canned::TOO_MANY_CONNECTIONS.into()
+            } else {
+                NOT_ALLOWED.into()
+            };
+            tokio::spawn(async move {
+                refuse(tcp, reply).await;
+                drop(slot);
+            });
+            continue;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
             serve(tcp, peer, shared, mechanisms).await;
         });
     }
