@@ -49,6 +49,10 @@ use upstream::{Connected, DialError, Upstream};
 /// Bytes asked of the socket per read before the relay; commands are small.
 const READ_CHUNK: usize = 4096;
 
+/// From connect to MAIL (or a successful AUTH): a sender that only greets and resets
+/// lets its connection slot go after this, whatever the per-command timeout.
+const MAIL_DEADLINE: Duration = Duration::from_secs(300);
+
 /// Password checks that may run at once (see [`Shared::verifiers`]).
 const VERIFIERS: usize = 2;
 
@@ -665,6 +669,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mechanisms
             session,
             shared: &shared,
             override_reply: None,
+            mail_deadline: tokio::time::Instant::now() + MAIL_DEADLINE,
         };
         let result = driver.run(tcp).await;
         info!(result, "session closed");
@@ -679,6 +684,8 @@ struct Driver<'a> {
     /// The reply that replaces the session's generic one after a failed upstream
     /// login: it says which failure (451 4.4.x, 454 4.7.0).
     override_reply: Option<Reply>,
+    /// When the sender must have sent MAIL (or logged in) by.
+    mail_deadline: tokio::time::Instant,
 }
 
 impl Driver<'_> {
@@ -845,11 +852,18 @@ impl Driver<'_> {
             if flush(stream, &mut out, self.shared).await.is_err() {
                 return Next::Closed("io_error");
             }
-            let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => read.ok(),
+            // Checked before each read too: a sender that always has a byte ready would
+            // never let the timeout below fire.
+            let now = tokio::time::Instant::now();
+            let read = if now >= self.mail_deadline {
+                None
+            } else {
+                tokio::select! {
+                read = tokio::time::timeout_at(deadline.min(self.mail_deadline), stream.read(&mut chunk)) => read.ok(),
                 () = shutdown.stopping() => {
                     let _ = send(stream, &canned::SHUTTING_DOWN.into(), self.shared).await;
                     return Next::Closed("shutting_down");
+                }
                 }
             };
             match read {
@@ -857,7 +871,11 @@ impl Driver<'_> {
                 Some(Ok(n)) => self.session.receive(&chunk[..n]),
                 Some(Err(_)) => return Next::Closed("io_error"),
                 None => {
-                    self.session.on_timeout();
+                    if tokio::time::Instant::now() >= self.mail_deadline {
+                        self.session.on_auth_deadline();
+                    } else {
+                        self.session.on_timeout();
+                    }
                     let mut timeout_reply = Vec::new();
                     while let Some(action) = self.session.next_action() {
                         if let Action::Reply(reply) = action {
