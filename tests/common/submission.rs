@@ -34,7 +34,10 @@ pub struct Submission {
     pub postfix_dir: TempDir,
     conf: PathBuf,
     log: PathBuf,
+    /// STARTTLS submission (587 style).
     pub port: u16,
+    /// Implicit TLS submission (465 style, `smtpd_tls_wrappermode`).
+    pub smtps_port: u16,
     pub certs: TestCerts,
     pub dovecot: Dovecot,
     /// Holds the oauth2 passdb's settings file.
@@ -92,12 +95,13 @@ active_value = true
         let certs = TestCerts::generate();
         for _attempt in 0..3 {
             if let Some(postfix) = Self::try_start(&dovecot, &certs) {
-                let (postfix_dir, conf, log, port) = postfix;
+                let (postfix_dir, conf, log, port, smtps_port) = postfix;
                 return Submission {
                     postfix_dir,
                     conf,
                     log,
                     port,
+                    smtps_port,
                     certs,
                     dovecot,
                     _oauth2_dir: conf_dir,
@@ -107,7 +111,10 @@ active_value = true
         panic!("Postfix lost the race for a free port three times");
     }
 
-    fn try_start(dovecot: &Dovecot, certs: &TestCerts) -> Option<(TempDir, PathBuf, PathBuf, u16)> {
+    fn try_start(
+        dovecot: &Dovecot,
+        certs: &TestCerts,
+    ) -> Option<(TempDir, PathBuf, PathBuf, u16, u16)> {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
         set_mode(&root, 0o755);
@@ -122,6 +129,7 @@ active_value = true
         let paths = certs.write_to(&tls);
         let log = root.join("maillog");
         let port = free_port();
+        let smtps_port = free_port();
         let main_cf = format!(
             "compatibility_level = 3.6
 queue_directory = {queue}
@@ -170,6 +178,7 @@ smtpd_end_of_data_restrictions = check_client_access static:HOLD
         );
         let master_cf = format!(
             "127.0.0.1:{port} inet n - n - - smtpd
+127.0.0.1:{smtps_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes
 pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n -  0 cleanup
 qmgr      unix  n - n 300 1 qmgr
@@ -201,11 +210,13 @@ postlog   unix-dgram n - n - 1 postlogd
             }
             panic!("postfix start failed: {started}\nmaillog:\n{}", log_text());
         }
-        let addr = SocketAddr::new(V4, port);
-        wait_until(STEP, "Postfix submission to accept", || {
-            accepts(addr).then_some(())
-        });
-        Some((dir, conf, log, port))
+        for p in [port, smtps_port] {
+            let addr = SocketAddr::new(V4, p);
+            wait_until(STEP, "Postfix submission to accept", || {
+                accepts(addr).then_some(())
+            });
+        }
+        Some((dir, conf, log, port, smtps_port))
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -39,12 +39,14 @@ impl RelayOut {
             .args(["--listen", &smtp.to_string()])
             .args(["--metrics-listen", &admin.to_string()])
             .args(["--hostname", "relay.test"])
-            .args(["--upstream", &format!("localhost:{}", upstream.port)])
-            .args(["--upstream-tls", "starttls"])
             .args(["--probe-interval", "1s"])
             .args(["--upstream-timeout", "10s"])
             .args(["--oauth2-timeout", "5s"])
             .args(extra);
+        if !extra.contains(&"--upstream") {
+            cmd.args(["--upstream", &format!("localhost:{}", upstream.port)]);
+            cmd.args(["--upstream-tls", "starttls"]);
+        }
         if !extra.contains(&"--allow-from") {
             cmd.args(["--allow-from", "127.0.0.0/8"]);
         }
@@ -566,4 +568,28 @@ fn senders_logging_in_use_their_mapped_upstream_account() {
     assert_eq!(anonymous.code("data"), Some(250), "{}", anonymous.raw);
     let id = upstream.wait_held(2);
     assert!(upstream.client_line(&id).contains("sasl_username=alice"));
+}
+
+/// `--upstream-tls implicit` (465 style): TLS from the first byte, then EHLO and AUTH.
+#[test]
+fn implicit_tls_upstream() {
+    let Some((_tokens, upstream)) = setup(Duration::from_secs(3600)) else {
+        return;
+    };
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let mut flags = password_flags(&secrets, "plain");
+    flags.extend([
+        "--upstream".into(),
+        format!("localhost:{}", upstream.smtps_port),
+        "--upstream-tls".into(),
+        "implicit".into(),
+    ]);
+    let relay = RelayOut::start(&upstream, &strs(&flags));
+    swaks(relay.smtp, &[]).assert_success("swaks through an implicit-TLS upstream");
+    let id = upstream.wait_held(1);
+    let client = upstream.client_line(&id);
+    // Postfix counts the commands of each session: TLS came without STARTTLS.
+    let session = upstream.wait_line(&["disconnect from", "auth=1"]);
+    assert!(!session.contains("starttls"), "{session}");
+    assert!(client.contains("sasl_username=alice"), "{client}");
 }
