@@ -28,8 +28,18 @@ struct RelayOut {
 }
 
 impl RelayOut {
-    /// Starts it in front of `upstream` with the flags every test uses plus `extra`.
+    /// Starts it in front of `upstream` with the flags every test uses plus `extra`;
+    /// on fresh ports again when another process took one first.
     fn start(upstream: &Submission, extra: &[&str]) -> RelayOut {
+        for _attempt in 0..3 {
+            if let Some(relay) = Self::try_start(upstream, extra) {
+                return relay;
+            }
+        }
+        panic!("postern relay-out lost the race for free ports three times");
+    }
+
+    fn try_start(upstream: &Submission, extra: &[&str]) -> Option<RelayOut> {
         let dir = tempfile::tempdir().expect("tempdir");
         let smtp = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -71,13 +81,17 @@ impl RelayOut {
             smtp,
             admin,
         };
-        wait_until(STEP, "postern relay-out to accept", || {
+        let up = wait_until(STEP, "postern relay-out to accept", || {
             if let Ok(Some(status)) = relay.child.try_wait() {
-                panic!("postern relay-out exited ({status}):\n{}", relay.log());
+                let log = relay.log();
+                if log.contains("Address already in use") {
+                    return Some(false);
+                }
+                panic!("postern relay-out exited ({status}):\n{log}");
             }
-            accepts(smtp).then_some(())
+            accepts(smtp).then_some(true)
         });
-        relay
+        up.then_some(relay)
     }
 
     fn log(&self) -> String {
