@@ -302,24 +302,7 @@ impl Shared {
     }
 
     async fn login(&self, sender: Option<&str>) -> Result<Login, UpstreamError> {
-        let user = self.account(sender).to_owned();
-        Ok(match (&self.credentials, self.mechanism) {
-            (UpstreamCredentials::Password { password }, UpstreamAuth::Login) => Login::Login {
-                user,
-                password: password.clone(),
-            },
-            (UpstreamCredentials::Password { password }, _) => Login::Plain {
-                user,
-                password: password.clone(),
-            },
-            (UpstreamCredentials::OAuth2 { source }, mechanism) => {
-                let token = source.token().await.map_err(UpstreamError::Token)?;
-                match mechanism {
-                    UpstreamAuth::Oauthbearer => Login::Oauthbearer { user, token },
-                    _ => Login::Xoauth2 { user, token },
-                }
-            }
-        })
+        login(&self.credentials, self.mechanism, self.account(sender)).await
     }
 
     /// A logged-in upstream connection for one sender session.
@@ -344,6 +327,33 @@ impl Shared {
     fn allowed(&self, ip: IpAddr) -> bool {
         self.allow_from.iter().any(|net| net.contains(&ip))
     }
+}
+
+/// The credentials for one upstream login as `user`: the password, or a token that is
+/// not about to expire.
+async fn login(
+    credentials: &UpstreamCredentials,
+    mechanism: UpstreamAuth,
+    user: &str,
+) -> Result<Login, UpstreamError> {
+    let user = user.to_owned();
+    Ok(match (credentials, mechanism) {
+        (UpstreamCredentials::Password { password }, UpstreamAuth::Login) => Login::Login {
+            user,
+            password: password.clone(),
+        },
+        (UpstreamCredentials::Password { password }, _) => Login::Plain {
+            user,
+            password: password.clone(),
+        },
+        (UpstreamCredentials::OAuth2 { source }, mechanism) => {
+            let token = source.token().await.map_err(UpstreamError::Token)?;
+            match mechanism {
+                UpstreamAuth::Oauthbearer => Login::Oauthbearer { user, token },
+                _ => Login::Xoauth2 { user, token },
+            }
+        }
+    })
 }
 
 /// The role's listeners and its metrics endpoint, bound by the caller.
@@ -466,36 +476,15 @@ pub async fn run(
 /// `postern relay-out --check`: the configuration (done by [`Config::from_args`]), a
 /// token fetch, and a full login to the upstream (TLS, EHLO, AUTH), then QUIT.
 pub async fn check(config: Config) -> Result<(), String> {
-    let account = config.upstream_user.clone();
-    let login = match &config.credentials {
-        UpstreamCredentials::OAuth2 { source } => {
-            let token = source
-                .token()
-                .await
-                .map_err(|e| format!("OAuth2 token: {e}"))?;
-            println!("OAuth2 token obtained from the token endpoint");
-            match config.mechanism {
-                UpstreamAuth::Oauthbearer => Login::Oauthbearer {
-                    user: account,
-                    token,
-                },
-                _ => Login::Xoauth2 {
-                    user: account,
-                    token,
-                },
-            }
-        }
-        UpstreamCredentials::Password { password } => match config.mechanism {
-            UpstreamAuth::Login => Login::Login {
-                user: account,
-                password: password.clone(),
-            },
-            _ => Login::Plain {
-                user: account,
-                password: password.clone(),
-            },
-        },
-    };
+    let login = login(&config.credentials, config.mechanism, &config.upstream_user)
+        .await
+        .map_err(|e| match e {
+            UpstreamError::Token(e) => format!("OAuth2 token: {e}"),
+            other => other.to_string(),
+        })?;
+    if login.is_oauth2() {
+        println!("OAuth2 token obtained from the token endpoint");
+    }
     let mechanism = login.mechanism();
     let mut connected = config
         .upstream
