@@ -553,6 +553,59 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the upstream answers, the handshake never panics, never sends the
+        /// credentials before TLS, and ends (Done or Failed) within a few replies.
+        #[test]
+        fn any_reply_sequence_ends_and_auth_only_after_tls(
+            codes in proptest::collection::vec(
+                proptest::sample::select(vec![220u16, 235, 250, 334, 421, 454, 535, 554]),
+                1..12,
+            ),
+            mechanism in 0usize..4,
+        ) {
+            let user = "u".to_owned();
+            let login = match mechanism {
+                0 => Login::Plain { user, password: secret("pw") },
+                1 => Login::Login { user, password: secret("pw") },
+                2 => Login::Xoauth2 { user, token: secret("tok") },
+                _ => Login::Oauthbearer { user, token: secret("tok") },
+            };
+            let mut h = starttls(login);
+            let mut tls = false;
+            let mut ended = false;
+            let replies = codes.len();
+            for code in codes {
+                let lines: &[&str] = if code == 250 { EHLO_TLS } else { &["x"] };
+                let lines = if code == 250 && !tls { EHLO_PLAIN } else { lines };
+                let mut step = h.on_reply(&reply(code, lines));
+                if step == Step::StartTls {
+                    tls = true;
+                    step = h.on_tls_established();
+                }
+                match step {
+                    Step::Send(bytes) => {
+                        let text = String::from_utf8_lossy(&bytes).into_owned();
+                        proptest::prop_assert!(tls || !text.starts_with("AUTH"), "{}", text);
+                        proptest::prop_assert!(bytes.ends_with(b"\r\n"));
+                    }
+                    Step::Done { .. } => {
+                        proptest::prop_assert!(tls);
+                        ended = true;
+                        break;
+                    }
+                    Step::Failed(_) => {
+                        ended = true;
+                        break;
+                    }
+                    Step::StartTls => proptest::prop_assert!(false, "STARTTLS twice"),
+                }
+            }
+            // The longest run: greeting, EHLO, STARTTLS, EHLO, AUTH, three 334s, the end.
+            proptest::prop_assert!(ended || replies < 9);
+        }
+    }
+
     #[test]
     fn debug_output_names_no_secret() {
         let login = Login::Xoauth2 {
