@@ -576,6 +576,116 @@ mod tests {
         assert_eq!(refresh_ahead(Duration::ZERO), Duration::ZERO);
     }
 
+    /// A token endpoint answering every request with `status` and `body`, counting
+    /// the requests.
+    async fn endpoint(
+        status: u16,
+        body: &'static str,
+    ) -> (String, Arc<std::sync::atomic::AtomicU32>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/token", listener.local_addr().expect("addr"));
+        let count = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = tcp.read(&mut buf).await;
+                    // Slow enough for concurrent callers to pile up behind the first.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if status == 0 {
+                        return;
+                    }
+                    let response = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tcp.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        (url, count)
+    }
+
+    fn source(url: String) -> TokenSource {
+        // Only http:// here: the roots are never used.
+        let tls = Arc::new(
+            ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(tokio_rustls::rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        TokenSource::new(Settings {
+            url,
+            grant: grant(Some("s"), None),
+            refresh_token_file: None,
+            timeout: Duration::from_secs(5),
+            tls,
+        })
+        .expect("source")
+    }
+
+    #[tokio::test]
+    async fn concurrent_sessions_share_one_request_and_the_cache() {
+        let (url, count) = endpoint(
+            200,
+            r#"{"access_token":"t1","token_type":"Bearer","expires_in":3600}"#,
+        )
+        .await;
+        let source = Arc::new(source(url));
+        let mut calls = Vec::new();
+        for _ in 0..5 {
+            let source = source.clone();
+            calls.push(tokio::spawn(async move { source.token().await }));
+        }
+        for call in calls {
+            let token = call.await.expect("join").expect("token");
+            assert_eq!(token.expose(), "t1");
+        }
+        assert_eq!(source.token().await.expect("cached").expose(), "t1");
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(*source.healthy().borrow());
+
+        // A refused token is forgotten: the next caller asks again.
+        source.forget(&Secret::new("t1")).await;
+        source.token().await.expect("refetched");
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn failures_are_told_apart() {
+        let (url, _) = endpoint(503, "busy").await;
+        assert!(matches!(
+            source(url).token().await,
+            Err(TokenError::Unreachable(_))
+        ));
+        let (url, _) = endpoint(0, "").await;
+        let broken = source(url);
+        assert!(matches!(
+            broken.token().await,
+            Err(TokenError::Unreachable(_))
+        ));
+        assert!(!*broken.healthy().borrow());
+        let (url, _) = endpoint(401, r#"{"error":"invalid_client"}"#).await;
+        assert_eq!(
+            source(url).token().await,
+            Err(TokenError::Refused {
+                status: 401,
+                error: "invalid_client".into()
+            })
+        );
+        let refused = TokenSource::new(Settings {
+            url: "ftp://x/".into(),
+            ..source("http://127.0.0.1:1/".into()).settings.clone()
+        });
+        assert!(refused.is_err());
+    }
+
     #[test]
     fn atomic_write_replaces_the_file_owner_only() {
         use std::os::unix::fs::PermissionsExt as _;
