@@ -38,6 +38,14 @@ impl UpstreamAuth {
     }
 }
 
+/// A network in CIDR notation, or a single address (a /32 or /128).
+fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?}: expected a network such as 10.0.0.0/8 or an address"))
+}
+
 #[derive(Debug, Args)]
 pub struct RelayOutArgs {
     /// Plain-SMTP listener for legacy senders (repeatable). Only --allow-from networks
@@ -51,15 +59,16 @@ pub struct RelayOutArgs {
     )]
     pub listen: Vec<SocketAddr>,
 
-    /// Networks whose senders may relay (CIDR, repeatable or comma-separated); any
-    /// other client gets 554 5.7.1 and is closed. Required: an open plaintext relay to
-    /// a mailbox provider is the failure to avoid.
+    /// Networks whose senders may relay (CIDR or single addresses, repeatable or
+    /// comma-separated); any other client gets 554 5.7.1 and is closed. Required: an
+    /// open plaintext relay to a mailbox provider is the failure to avoid.
     #[arg(
         long,
         env = "POSTERN_ALLOW_FROM",
         value_delimiter = ',',
         value_name = "CIDR",
-        required = true
+        required = true,
+        value_parser = parse_network
     )]
     pub allow_from: Vec<ipnet::IpNet>,
 
@@ -210,4 +219,27 @@ pub struct RelayOutArgs {
         default_value = "info"
     )]
     pub log_level: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_and_single_addresses() {
+        assert_eq!(
+            parse_network("10.0.0.0/8").map(|n| n.to_string()),
+            Ok("10.0.0.0/8".into())
+        );
+        assert_eq!(
+            parse_network(" 192.0.2.7").map(|n| n.to_string()),
+            Ok("192.0.2.7/32".into())
+        );
+        assert_eq!(
+            parse_network("2001:db8::1").map(|n| n.to_string()),
+            Ok("2001:db8::1/128".into())
+        );
+        assert!(parse_network("example.com").is_err());
+        assert!(parse_network("10.0.0.0/33").is_err());
+    }
 }
