@@ -734,7 +734,11 @@ impl Driver<'_> {
             context,
         )
         .await;
+        // Which account the provider saw the mail from: the audit trail an operator
+        // needs when the provider asks. Sender logins are client-supplied: escaped.
         info!(
+            user = user.map(|u| tracing::field::display(u.escape_debug())),
+            upstream_user = %self.shared.account(user).escape_debug(),
             bytes_in = stats.client_to_backend,
             bytes_out = stats.backend_to_client,
             messages = stats.messages,

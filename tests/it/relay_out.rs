@@ -568,6 +568,12 @@ fn senders_logging_in_use_their_mapped_upstream_account() {
     assert_eq!(report.code("data"), Some(250), "{}", report.raw);
     let id = upstream.wait_held(1);
     assert!(upstream.client_line(&id).contains("sasl_username=bob"));
+    wait_until(STEP, "the session's log line naming both accounts", || {
+        let log = relay.log();
+        log.lines()
+            .any(|l| l.contains("user=printer1") && l.contains("upstream_user=bob"))
+            .then_some(())
+    });
 
     let wrong = SmtplibSession::new(relay.smtp)
         .starttls()
