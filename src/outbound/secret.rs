@@ -25,11 +25,22 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The largest secret file read: a refresh token or a JWT client secret is a few KiB;
+/// anything far larger is the wrong file.
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
 /// Reads a secret from a file: one trailing newline (from `echo` or an editor) is not
 /// part of it, and an empty file is an error.
 pub fn read_file(flag: &str, path: &std::path::Path) -> Result<Secret, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("reading {flag} {}: {e}", path.display()))?;
+    use std::io::Read as _;
+    let error = |why: String| format!("reading {flag} {}: {why}", path.display());
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_SECRET_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| error(e.to_string()))?;
+    if text.len() as u64 > MAX_SECRET_FILE {
+        return Err(error(format!("larger than {MAX_SECRET_FILE} bytes")));
+    }
     let value = text.strip_suffix('\n').unwrap_or(&text);
     let value = value.strip_suffix('\r').unwrap_or(value);
     if value.is_empty() {
@@ -62,5 +73,7 @@ mod tests {
         std::fs::write(&path, "\n").expect("write");
         assert!(read_file("--x", &path).is_err());
         assert!(read_file("--x", &dir.path().join("missing")).is_err());
+        std::fs::write(&path, "x".repeat(MAX_SECRET_FILE as usize + 1)).expect("write");
+        assert!(read_file("--x", &path).is_err());
     }
 }
