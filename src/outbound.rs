@@ -21,7 +21,8 @@ pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -71,8 +72,32 @@ const TOKEN_UNAVAILABLE: &str = "4.7.0 Upstream credentials unavailable, try aga
 /// What postern logs in to the upstream with.
 #[derive(Clone)]
 pub enum UpstreamCredentials {
-    Password { password: Secret },
-    OAuth2 { source: Arc<TokenSource> },
+    /// Replaced on SIGHUP.
+    Password {
+        password: Arc<RwLock<Secret>>,
+    },
+    OAuth2 {
+        source: Arc<TokenSource>,
+    },
+}
+
+/// The files a SIGHUP reads again.
+#[derive(Debug, Clone, Default)]
+pub struct Files {
+    pub cert_key: Option<(PathBuf, PathBuf)>,
+    pub users: Option<PathBuf>,
+    pub password: Option<PathBuf>,
+    pub client_secret: Option<PathBuf>,
+    pub refresh_token: Option<PathBuf>,
+}
+
+/// A value a reload may replace, read without holding the lock.
+fn current<T: Clone>(lock: &RwLock<T>) -> T {
+    lock.read().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+fn replace<T>(lock: &RwLock<T>, value: T) {
+    *lock.write().unwrap_or_else(PoisonError::into_inner) = value;
 }
 
 /// The validated configuration of `relay-out`.
@@ -98,6 +123,8 @@ pub struct Config {
     pub max_connections: u32,
     pub shutdown_grace: Duration,
     pub metrics_listen: Option<SocketAddr>,
+    /// What SIGHUP reloads.
+    pub files: Files,
 }
 
 impl Config {
@@ -184,7 +211,10 @@ impl Config {
                 "--upstream-auth plain/login needs --upstream-password-file".to_owned()
             })?;
             UpstreamCredentials::Password {
-                password: secret::read_file("--upstream-password-file", path)?,
+                password: Arc::new(RwLock::new(secret::read_file(
+                    "--upstream-password-file",
+                    path,
+                )?)),
             }
         };
         Ok(Config {
@@ -214,6 +244,13 @@ impl Config {
             max_connections: args.max_connections,
             shutdown_grace: args.shutdown_grace,
             metrics_listen: args.metrics_listen,
+            files: Files {
+                cert_key: args.cert.clone().zip(args.key.clone()),
+                users: args.users.clone(),
+                password: args.upstream_password_file.clone(),
+                client_secret: args.oauth2_client_secret_file.clone(),
+                refresh_token: args.oauth2_refresh_token_file.clone(),
+            },
         })
     }
 }
@@ -247,8 +284,10 @@ struct Shared {
     upstream_user: String,
     user_map: HashMap<String, String>,
     credentials: UpstreamCredentials,
-    users: Option<Arc<UserDb>>,
-    tls: Option<Arc<ServerConfig>>,
+    /// Sender logins (`--users`); replaced on SIGHUP.
+    users: RwLock<Option<Arc<UserDb>>>,
+    /// STARTTLS towards senders (`--cert`/`--key`); replaced on SIGHUP.
+    tls: RwLock<Option<Arc<ServerConfig>>>,
     allow_from: Vec<IpNet>,
     capabilities: watch::Receiver<Arc<Capabilities>>,
     first_command_timeout: Duration,
@@ -340,11 +379,11 @@ async fn login(
     Ok(match (credentials, mechanism) {
         (UpstreamCredentials::Password { password }, UpstreamAuth::Login) => Login::Login {
             user,
-            password: password.clone(),
+            password: current(password),
         },
         (UpstreamCredentials::Password { password }, _) => Login::Plain {
             user,
-            password: password.clone(),
+            password: current(password),
         },
         (UpstreamCredentials::OAuth2 { source }, mechanism) => {
             let token = source.token().await.map_err(UpstreamError::Token)?;
@@ -435,8 +474,8 @@ pub async fn run(
         upstream_user: config.upstream_user,
         user_map: config.user_map,
         credentials: config.credentials,
-        users: config.users,
-        tls: config.tls,
+        users: RwLock::new(config.users),
+        tls: RwLock::new(config.tls),
         allow_from: config.allow_from,
         capabilities: caps_rx,
         first_command_timeout: config.first_command_timeout,
@@ -447,6 +486,7 @@ pub async fn run(
         verifiers: Semaphore::new(VERIFIERS),
         shutdown: drain.subscribe(),
     });
+    tasks.push(tokio::spawn(reload_on_hangup(shared.clone(), config.files)));
     let total = Arc::new(Semaphore::new(config.max_connections as usize));
     for listener in listeners.smtp {
         tasks.push(tokio::spawn(accept_loop(
@@ -501,6 +541,84 @@ pub async fn check(config: Config) -> Result<(), String> {
         config.upstream.addr, config.upstream_user
     );
     Ok(())
+}
+
+/// Reads every file of [`Files`] again on each SIGHUP: a renewed certificate, a
+/// changed users file, a rotated password or client secret, a refresh token obtained
+/// again. All or nothing: a file that does not load keeps every previous value.
+async fn reload_on_hangup(shared: Arc<Shared>, files: Files) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(error) => {
+            warn!(%error, "SIGHUP cannot be caught: files are read at start-up only");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        match Loaded::read(&files) {
+            Ok(loaded) => {
+                shared.install(loaded).await;
+                metrics::reload(true);
+                info!("relay-out files reloaded");
+            }
+            Err(error) => {
+                metrics::reload(false);
+                warn!(%error, "reload failed; the previous files stay in use");
+            }
+        }
+    }
+}
+
+/// What [`Files`] held at one reload.
+struct Loaded {
+    tls: Option<Arc<ServerConfig>>,
+    users: Option<Arc<UserDb>>,
+    password: Option<Secret>,
+    client_secret: Option<Secret>,
+    refresh_token: Option<Secret>,
+}
+
+impl Loaded {
+    fn read(files: &Files) -> Result<Loaded, String> {
+        let secret = |flag, path: &Option<PathBuf>| {
+            path.as_deref()
+                .map(|p| secret::read_file(flag, p))
+                .transpose()
+        };
+        Ok(Loaded {
+            tls: match &files.cert_key {
+                Some((cert, key)) => Some(tls::load_server_config(cert, key)?),
+                None => None,
+            },
+            users: match &files.users {
+                Some(path) => Some(Arc::new(UserDb::load(path).map_err(|e| e.to_string())?)),
+                None => None,
+            },
+            password: secret("--upstream-password-file", &files.password)?,
+            client_secret: secret("--oauth2-client-secret-file", &files.client_secret)?,
+            refresh_token: secret("--oauth2-refresh-token-file", &files.refresh_token)?,
+        })
+    }
+}
+
+impl Shared {
+    async fn install(&self, loaded: Loaded) {
+        replace(&self.tls, loaded.tls);
+        replace(&self.users, loaded.users);
+        match &self.credentials {
+            UpstreamCredentials::Password { password } => {
+                if let Some(new) = loaded.password {
+                    replace(password, new);
+                }
+            }
+            UpstreamCredentials::OAuth2 { source } => {
+                source
+                    .replace_credentials(loaded.client_secret, loaded.refresh_token)
+                    .await;
+            }
+        }
+    }
 }
 
 /// `/readyz` is ready while the upstream probe passes and (with OAuth2) the last token
@@ -691,7 +809,7 @@ impl Driver<'_> {
             Next::Closed(outcome) => return outcome,
             Next::Relay { upstream, pending } => return self.relay(tcp, upstream, pending).await,
         }
-        let Some(config) = self.shared.tls.clone() else {
+        let Some(config) = current(&self.shared.tls) else {
             return "closed_after_error";
         };
         let accepted = tokio::time::timeout(
@@ -774,7 +892,7 @@ impl Driver<'_> {
                 match action {
                     Action::Reply(reply) => self.reply(reply).encode(&mut out),
                     // Without --cert the 220 was already turned into a refusal.
-                    Action::StartTls if self.shared.tls.is_none() => {}
+                    Action::StartTls if current(&self.shared.tls).is_none() => {}
                     Action::StartTls => {
                         return match flush(stream, &mut out, self.shared).await {
                             Ok(()) => Next::StartTls,
@@ -888,14 +1006,14 @@ impl Driver<'_> {
         if let Some(specific) = self.override_reply.take() {
             return specific;
         }
-        let starttls = self.shared.tls.is_some() && !self.session.is_tls();
+        let starttls = current(&self.shared.tls).is_some() && !self.session.is_tls();
         present(reply, starttls)
     }
 
     /// Checks a sender's password against `--users`, off the reactor (hashes are slow
     /// on purpose).
     async fn verify(&self, credentials: Credentials) -> Verdict {
-        let Some(users) = self.shared.users.clone() else {
+        let Some(users) = current(&self.shared.users) else {
             return Verdict::Invalid;
         };
         let Credentials::Password { username, password } = credentials else {

@@ -212,8 +212,11 @@ pub struct TokenSource {
     settings: Settings,
     uri: Uri,
     cached: Mutex<Option<Cached>>,
-    /// The refresh token in use (rotated ones replace it).
-    refresh_token: Mutex<Option<Secret>>,
+    /// The client secret in use (a reload replaces it).
+    client_secret: Mutex<Option<Secret>>,
+    /// The refresh token in use (rotated ones replace it), and whether it is newer
+    /// than its file (a rotation whose write-back failed).
+    refresh_token: Mutex<(Option<Secret>, bool)>,
     /// Whether the last fetch succeeded (for /readyz).
     healthy: watch::Sender<bool>,
 }
@@ -246,10 +249,11 @@ impl TokenSource {
             None => None,
         };
         Ok(TokenSource {
+            client_secret: Mutex::new(settings.grant.client_secret.clone()),
             settings,
             uri,
             cached: Mutex::new(None),
-            refresh_token: Mutex::new(refresh_token),
+            refresh_token: Mutex::new((refresh_token, false)),
             healthy: watch::channel(false).0,
         })
     }
@@ -280,6 +284,28 @@ impl TokenSource {
         let mut cached = self.cached.lock().await;
         if cached.as_ref().is_some_and(|c| &c.token == token) {
             *cached = None;
+        }
+    }
+
+    /// New credentials from their files (SIGHUP): a rotated client secret, or a refresh
+    /// token an administrator obtained again. The cached access token stays until it is
+    /// due; the next request uses the new credentials.
+    pub async fn replace_credentials(
+        &self,
+        client_secret: Option<Secret>,
+        refresh_token: Option<Secret>,
+    ) {
+        *self.client_secret.lock().await = client_secret;
+        let mut current = self.refresh_token.lock().await;
+        match (refresh_token, current.1) {
+            // The file holds the token the server rotated away from: keep ours.
+            (Some(_), true) => {
+                warn!(
+                    "the refresh token file is older than the token in use (its rotation could not be saved); keeping the one in use"
+                )
+            }
+            (Some(token), false) => current.0 = Some(token),
+            (None, _) => {}
         }
     }
 
@@ -342,24 +368,32 @@ impl TokenSource {
     /// Keeps a rotated refresh token, in memory and in its file.
     async fn rotate(&self, rotated: Secret) {
         let mut current = self.refresh_token.lock().await;
-        if current.is_none() || current.as_ref() == Some(&rotated) {
+        if current.0.is_none() || current.0.as_ref() == Some(&rotated) {
             return;
         }
+        let mut unsaved = false;
         if let Some(path) = &self.settings.refresh_token_file {
             match write_atomically(path, rotated.expose()) {
                 Ok(()) => info!(file = %path.display(), "rotated OAuth2 refresh token saved"),
                 // The new token still works from memory; the old one in the file may
                 // not after a restart, which the log says now rather than then.
-                Err(error) => warn!(file = %path.display(), %error,
-                    "rotated OAuth2 refresh token could not be saved; the file holds the previous one"),
+                Err(error) => {
+                    unsaved = true;
+                    warn!(file = %path.display(), %error,
+                        "rotated OAuth2 refresh token could not be saved; the file holds the previous one")
+                }
             }
         }
-        *current = Some(rotated);
+        *current = (Some(rotated), unsaved);
     }
 
     async fn fetch_once(&self) -> Result<Issued, TokenError> {
-        let refresh_token = self.refresh_token.lock().await.clone();
-        let body = self.settings.grant.form(refresh_token.as_ref());
+        let refresh_token = self.refresh_token.lock().await.0.clone();
+        let grant = Grant {
+            client_secret: self.client_secret.lock().await.clone(),
+            ..self.settings.grant.clone()
+        };
+        let body = grant.form(refresh_token.as_ref());
         tokio::time::timeout(self.settings.timeout, self.exchange(body))
             .await
             .unwrap_or_else(|_| Err(TokenError::Unreachable("no answer in time".into())))
@@ -684,6 +718,49 @@ mod tests {
             ..source("http://127.0.0.1:1/".into()).settings.clone()
         });
         assert!(refused.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reload_never_brings_back_a_refresh_token_rotated_away() {
+        let source = source("http://127.0.0.1:1/token".into());
+        *source.refresh_token.lock().await = (Some(Secret::new("rotated")), true);
+        source
+            .replace_credentials(None, Some(Secret::new("stale-from-file")))
+            .await;
+        assert_eq!(
+            source
+                .refresh_token
+                .lock()
+                .await
+                .0
+                .as_ref()
+                .map(Secret::expose),
+            Some("rotated")
+        );
+        // Saved rotations (or none): the file is the truth.
+        source.refresh_token.lock().await.1 = false;
+        source
+            .replace_credentials(Some(Secret::new("s2")), Some(Secret::new("from-file")))
+            .await;
+        assert_eq!(
+            source
+                .refresh_token
+                .lock()
+                .await
+                .0
+                .as_ref()
+                .map(Secret::expose),
+            Some("from-file")
+        );
+        assert_eq!(
+            source
+                .client_secret
+                .lock()
+                .await
+                .as_ref()
+                .map(Secret::expose),
+            Some("s2")
+        );
     }
 
     #[test]

@@ -613,3 +613,46 @@ fn implicit_tls_upstream() {
     assert!(!session.contains("starttls"), "{session}");
     assert!(client.contains("sasl_username=alice"), "{client}");
 }
+
+/// SIGHUP reads the files again: a rotated upstream password is used from the next
+/// session on (a wrong one gives 454 4.7.0, never a lost message).
+#[test]
+fn sighup_reloads_the_upstream_password() {
+    let Some((_tokens, upstream)) = setup(Duration::from_secs(3600)) else {
+        return;
+    };
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let relay = RelayOut::start(&upstream, &strs(&password_flags(&secrets, "plain")));
+    let password_file = secrets.path().join("password");
+    let reloaded = |n: usize| {
+        let pid = relay.child.id().to_string();
+        run(Command::new("kill").args(["-HUP", &pid]), b"", STEP).assert_success("kill -HUP");
+        wait_until(STEP, "postern to reload", || {
+            (relay.log().matches("relay-out files reloaded").count() >= n).then_some(())
+        });
+    };
+
+    swaks(relay.smtp, &[]).assert_success("with the first password");
+    upstream.wait_held(1);
+
+    std::fs::write(&password_file, "not-the-password\n").expect("write");
+    reloaded(1);
+    let out = swaks(relay.smtp, &[]);
+    assert!(out.stdout.contains("454 4.7.0"), "{out}");
+    assert_eq!(upstream.held().len(), 1);
+
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).expect("write");
+    reloaded(2);
+    swaks(relay.smtp, &[]).assert_success("with the password restored");
+    upstream.wait_held(2);
+    within("metrics", async {
+        let failed = metric_sum(
+            relay.admin,
+            "postern_upstream_sessions_total{result=\"auth_failed\"}",
+        )
+        .await
+        .unwrap_or(0.0);
+        assert_eq!(failed, 1.0);
+    })
+    .await_blocking();
+}
