@@ -68,6 +68,11 @@ impl TokenServer {
         self.state.lock().unwrap().down = down;
     }
 
+    /// Revokes every token issued so far: introspection answers `active: false`.
+    pub fn revoke_all(&self) {
+        self.state.lock().unwrap().expiries.clear();
+    }
+
     /// Tokens issued so far.
     pub fn issued(&self) -> u32 {
         self.state.lock().unwrap().issued

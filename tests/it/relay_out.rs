@@ -656,3 +656,47 @@ fn sighup_reloads_the_upstream_password() {
     })
     .await_blocking();
 }
+
+/// A token the provider revoked before its time: Dovecot's SASL error challenge is
+/// answered, the sender gets 454 4.7.0, and the next session fetches a new token.
+#[test]
+fn a_revoked_token_is_replaced_after_one_refusal() {
+    let Some((tokens, upstream)) = setup(Duration::from_secs(3600)) else {
+        return;
+    };
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let url = tokens.token_url();
+    let client_secret = secret_file(&secrets, "client-secret", "app-secret\n");
+    let relay = RelayOut::start(
+        &upstream,
+        &[
+            "--upstream-auth",
+            "oauthbearer",
+            "--upstream-user",
+            MAILBOX,
+            "--oauth2-token-url",
+            &url,
+            "--oauth2-client-id",
+            "postern-test",
+            "--oauth2-client-secret-file",
+            &client_secret,
+        ],
+    );
+    swaks(relay.smtp, &[]).assert_success("with the first token");
+    upstream.wait_held(1);
+    assert_eq!(tokens.issued(), 1);
+
+    tokens.revoke_all();
+    let out = swaks(relay.smtp, &[]);
+    assert!(out.stdout.contains("454 4.7.0"), "{out}");
+    assert_eq!(upstream.held().len(), 1);
+    assert!(
+        relay.log().contains("invalid_token"),
+        "the SASL error challenge is logged:\n{}",
+        relay.log()
+    );
+
+    swaks(relay.smtp, &[]).assert_success("with a new token");
+    upstream.wait_held(2);
+    assert_eq!(tokens.issued(), 2);
+}
