@@ -700,3 +700,30 @@ fn a_revoked_token_is_replaced_after_one_refusal() {
     upstream.wait_held(2);
     assert_eq!(tokens.issued(), 2);
 }
+
+/// The relay's framing rules hold in this direction too: a body with an end-of-data
+/// lookalike (SMTP smuggling) never reaches the upstream.
+#[test]
+fn smuggling_attempts_stop_at_postern() {
+    let Some((_tokens, upstream)) = setup(Duration::from_secs(3600)) else {
+        return;
+    };
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let relay = RelayOut::start(&upstream, &strs(&password_flags(&secrets, "plain")));
+    within("a smuggling attempt", async {
+        let mut c = SmtpClient::connect(relay.smtp).await;
+        c.expect("220").await;
+        c.cmd("EHLO legacy.test", "250").await;
+        c.cmd("MAIL FROM:<a@legacy.test>", "250").await;
+        c.cmd("RCPT TO:<b@example.org>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send(
+            b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@legacy.test>\r\nRCPT TO:<c@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n",
+        )
+        .await;
+        c.expect("550 5.6.0").await;
+    })
+    .await_blocking();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(upstream.held().is_empty(), "{}", upstream.log_text());
+}
