@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub mod relay_out;
+
 /// `postern --version`: the crate version and the commit it was built from (`build.rs`).
 pub const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
@@ -39,6 +41,9 @@ pub enum Command {
     /// Validate the configuration (files, certificate/key match, addresses, backend) and
     /// exit non-zero with a clear message if anything is wrong, like `nginx -t`.
     Check(Box<ServeArgs>),
+    /// Relay legacy senders (plain SMTP, allowed networks only) to a modern submission
+    /// service: TLS, AUTH with a password or OAuth2 (XOAUTH2, OAUTHBEARER).
+    RelayOut(Box<relay_out::RelayOutArgs>),
     /// Read a password (stdin or a tty prompt) and print a users-file line for it.
     HashPassword(HashPasswordArgs),
     /// Try postern on this machine: the real proxy on loopback with a throw-away

@@ -21,6 +21,9 @@
 //!   stand-in backend that prints what it receives.
 //! - [`server`]: `postern serve`: turns the configuration into each layer's settings,
 //!   wires them, serves listeners its caller bound until asked to stop.
+//! - [`outbound`]: `postern relay-out`: legacy senders on plain SMTP relayed to a
+//!   modern submission service, postern logging in upstream over TLS with a password
+//!   or OAuth2 ([`outbound::oauth2`]), through the same relay as inbound mail.
 //! - [`config`]: command line and environment (`POSTERN_*`).
 //! - [`admin`]: `/metrics`, `/healthz` and `/readyz` over HTTP (hyper).
 //! - [`reload`]: certificate and users reload on SIGHUP and file change.
@@ -56,6 +59,7 @@ pub mod demo;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy_proto;
 pub mod quota;
 pub mod relay;

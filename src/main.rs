@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Check(args) => check(*args),
+        Command::RelayOut(args) => relay_out(*args),
         Command::HashPassword(args) => hash_password(args),
         Command::Demo(args) => demo(args),
         Command::Completions { shell } => completions(shell),
@@ -47,6 +48,23 @@ fn check(args: ServeArgs) -> Result<(), String> {
     runtime()?.block_on(server::check(config))?;
     println!("configuration ok");
     Ok(())
+}
+
+fn relay_out(args: postern::config::relay_out::RelayOutArgs) -> Result<(), String> {
+    use postern::outbound;
+    if args.check {
+        let config = outbound::Config::from_args(&args)?;
+        runtime()?.block_on(outbound::check(config))?;
+        println!("configuration ok");
+        return Ok(());
+    }
+    init_logging(args.log_format, &args.log_level)?;
+    let config = outbound::Config::from_args(&args)?;
+    runtime()?.block_on(async {
+        let listeners = outbound::Listeners::bind(&config).await?;
+        let stop = postern::shutdown::os_signals()?;
+        outbound::run(config, listeners, stop).await
+    })
 }
 
 fn demo(args: DemoArgs) -> Result<(), String> {

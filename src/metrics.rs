@@ -529,6 +529,83 @@ pub fn certificate_expiry(name: &str, not_after: i64) {
     gauge!(CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS, "name" => name.to_owned()).set(not_after as f64);
 }
 
+// --- relay-out (src/outbound.rs): its own series, created only by that role ---
+
+pub const UPSTREAM_SESSIONS_TOTAL: &str = "postern_upstream_sessions_total";
+pub const OAUTH2_TOKEN_REFRESHES_TOTAL: &str = "postern_oauth2_token_refreshes_total";
+pub const OAUTH2_TOKEN_EXPIRY_TIMESTAMP_SECONDS: &str =
+    "postern_oauth2_token_expiry_timestamp_seconds";
+
+/// `result` of [`UPSTREAM_SESSIONS_TOTAL`]: how postern's login to the upstream for one
+/// sender session ended.
+pub mod upstream_result {
+    pub const OK: &str = "ok";
+    /// Connection refused or lost before the login finished.
+    pub const UNREACHABLE: &str = "unreachable";
+    pub const TIMEOUT: &str = "timeout";
+    /// TLS handshake or certificate failure, or no STARTTLS offered.
+    pub const TLS_FAILED: &str = "tls_failed";
+    /// No OAuth2 token could be obtained.
+    pub const TOKEN_FAILED: &str = "token_failed";
+    /// AUTH refused, or the mechanism not offered.
+    pub const AUTH_FAILED: &str = "auth_failed";
+    /// Greeting, EHLO or STARTTLS refused, or a malformed reply.
+    pub const REFUSED: &str = "refused";
+    pub const ALL: &[&str] = &[
+        OK,
+        UNREACHABLE,
+        TIMEOUT,
+        TLS_FAILED,
+        TOKEN_FAILED,
+        AUTH_FAILED,
+        REFUSED,
+    ];
+}
+
+/// Describes the relay-out series and creates them at 0 (`oauth2` when the role uses
+/// OAuth2).
+pub fn relay_out_series(oauth2: bool) {
+    describe_counter!(
+        UPSTREAM_SESSIONS_TOTAL,
+        "relay-out: logins to the upstream for sender sessions, by result."
+    );
+    for r in upstream_result::ALL {
+        counter!(UPSTREAM_SESSIONS_TOTAL, "result" => *r).absolute(0);
+    }
+    if oauth2 {
+        describe_counter!(
+            OAUTH2_TOKEN_REFRESHES_TOTAL,
+            "relay-out: OAuth2 token requests, by result."
+        );
+        describe_gauge!(
+            OAUTH2_TOKEN_EXPIRY_TIMESTAMP_SECONDS,
+            "relay-out: when the current OAuth2 access token expires, as Unix time."
+        );
+        for r in label::ok_error::ALL {
+            counter!(OAUTH2_TOKEN_REFRESHES_TOTAL, "result" => *r).absolute(0);
+        }
+        gauge!(OAUTH2_TOKEN_EXPIRY_TIMESTAMP_SECONDS).set(0.0);
+    }
+}
+
+pub fn upstream_session(result: &'static str) {
+    listed(upstream_result::ALL, result);
+    counter!(UPSTREAM_SESSIONS_TOTAL, "result" => result).increment(1);
+}
+
+pub fn oauth2_token_refresh(ok: bool) {
+    let result = if ok {
+        label::ok_error::OK
+    } else {
+        label::ok_error::ERROR
+    };
+    counter!(OAUTH2_TOKEN_REFRESHES_TOTAL, "result" => result).increment(1);
+}
+
+pub fn oauth2_token_expiry(unix_seconds: f64) {
+    gauge!(OAUTH2_TOKEN_EXPIRY_TIMESTAMP_SECONDS).set(unix_seconds);
+}
+
 #[cfg(test)]
 mod tests {
     use super::label;

@@ -23,6 +23,9 @@
 //!   person would drive them.
 //! - [`dovecot`]: [`dovecot::Dovecot`], a private Dovecot auth service (passwd-file users).
 //! - [`redis`]: [`redis::Redis`], a private `redis-server` for the shared limits store.
+//! - [`submission`]: [`submission::Submission`], a private Postfix submission service
+//!   requiring STARTTLS and AUTH through Dovecot (passwords and OAuth2), the upstream of
+//!   `postern relay-out`; [`token_server`]: the OAuth2 token and introspection endpoints.
 //! - [`openssl_ca`]: certificates made with the openssl command line, chain mistakes
 //!   included.
 //!
@@ -52,6 +55,8 @@ pub mod redis;
 pub mod relay_harness;
 pub mod session_driver;
 pub mod sink;
+pub mod submission;
+pub mod token_server;
 pub mod tools;
 
 use std::collections::HashSet;

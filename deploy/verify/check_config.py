@@ -21,6 +21,9 @@ METRICS = {
     "postern_backend_connections_total", "postern_bytes_total",
     "postern_session_duration_seconds", "postern_backend_up", "postern_reloads_total",
     "postern_certificate_expiry_timestamp_seconds",
+    # relay-out
+    "postern_upstream_sessions_total", "postern_oauth2_token_refreshes_total",
+    "postern_oauth2_token_expiry_timestamp_seconds",
 }
 HISTOGRAMS = {"postern_session_duration_seconds"}
 IMAGE_ENTRYPOINT = "/usr/local/bin/postern"
@@ -202,7 +205,7 @@ def main(argv):
         exprs += [("alerts", r["expr"]) for r in group["rules"]]
     used = set()
     for where, expr in exprs:
-        for name in re.findall(r"\b(postern_[a-z_]+)", expr):
+        for name in re.findall(r"\b(postern_[a-z0-9_]+)", expr):
             used.add(name)
             if name not in allowed:
                 error(f"{where}: unknown metric {name} in {expr!r}")

@@ -290,6 +290,11 @@ fn flags_markdown() -> String {
              the command line wins.",
         ),
         (
+            "relay-out",
+            "Every flag except --check can also be set through its environment variable; \
+             a flag given on the command line wins.",
+        ),
+        (
             "demo",
             "The demo reads no environment variables, so settings meant for a real \
              deployment cannot redirect it.",

@@ -42,6 +42,7 @@ mod properties;
 mod proxy_protocol;
 mod relay;
 mod relay_fuzz_seeds;
+mod relay_out;
 mod relay_properties;
 mod relay_tracking;
 mod reload;
