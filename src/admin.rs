@@ -24,6 +24,8 @@ use crate::shutdown::Shutdown;
 #[derive(Clone)]
 pub struct Readiness {
     pub backend_up: watch::Receiver<bool>,
+    /// What `/readyz` says while `backend_up` is false.
+    pub backend_down: &'static str,
     /// Whether the credential source answers: without it no client can log in.
     pub source_up: watch::Receiver<bool>,
     pub draining: Shutdown,
@@ -35,7 +37,7 @@ impl Readiness {
         if self.draining.is_stopping() {
             Err("draining: shutting down")
         } else if !*self.backend_up.borrow() {
-            Err("backend probe failing")
+            Err(self.backend_down)
         } else if !*self.source_up.borrow() {
             Err("credential source unavailable")
         } else {

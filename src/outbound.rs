@@ -37,7 +37,9 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::config::relay_out::{RelayOutArgs, UpstreamAuth};
 use crate::relay::{self, RelayEnd};
 use crate::sasl::{Credentials, Mechanism};
-use crate::session::{Action, ListenerKind, Session, SessionLimits, Verdict};
+use crate::session::{
+    Action, ListenerKind, Session, SessionLimits, SourceReply, SourceSasl, Verdict,
+};
 use crate::shutdown::{Drain, Shutdown, StopRequests};
 use crate::smtp::{Canned, Capabilities, Reply, canned};
 use crate::users::UserDb;
@@ -457,6 +459,9 @@ pub async fn run(
         tasks.push(tokio::spawn(readiness(up_rx, token_ok, ready_tx)));
         let readiness = admin::Readiness {
             backend_up: ready_rx,
+            backend_down: "upstream login or OAuth2 token unavailable",
+            // Senders are checked against relay-out's own users file, which is loaded.
+            source_up: watch::channel(true).1,
             draining: drain.subscribe(),
         };
         tasks.push(tokio::spawn(admin::serve(listener, handle, readiness)));
@@ -918,6 +923,15 @@ impl Driver<'_> {
                         }
                         let verdict = self.verify(credentials).await;
                         self.session.on_verified(verdict);
+                    }
+                    // relay-out checks senders against its own users file and runs no
+                    // mechanism through a source, so no step is ever asked for; one
+                    // would be answered as a source that cannot say.
+                    Action::SourceSasl(SourceSasl::Cancel) => {}
+                    Action::SourceSasl(_) => {
+                        debug_assert!(false, "relay-out relays no SASL exchange");
+                        self.session
+                            .on_source_reply(SourceReply::Done(Verdict::Unavailable, None));
                     }
                     Action::ConnectBackend { hello: _, login } => {
                         if flush(stream, &mut out, self.shared).await.is_err() {

@@ -454,6 +454,7 @@ pub async fn run(
     if let Some((listener, handle)) = listeners.admin {
         let readiness = admin::Readiness {
             backend_up,
+            backend_down: "backend probe failing",
             source_up: auth.source_up(),
             draining: drain.subscribe(),
         };
