@@ -38,9 +38,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy.
     Serve(Box<ServeArgs>),
-    /// Validate the configuration (files, certificate/key match, addresses, backend) and
-    /// exit non-zero with a clear message if anything is wrong, like `nginx -t`.
-    Check(Box<ServeArgs>),
+    /// Validate the configuration (files, certificate/key match, addresses, backend,
+    /// credential source) and exit non-zero with a clear message if anything is wrong,
+    /// like `nginx -t`. `postern check relay-out ...` checks a relay-out configuration.
+    Check(Box<CheckArgs>),
     /// Relay legacy senders (plain SMTP, allowed networks only) to a modern submission
     /// service: TLS, AUTH with a password or OAuth2 (XOAUTH2, OAUTHBEARER).
     RelayOut(Box<relay_out::RelayOutArgs>),
@@ -60,6 +61,24 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+}
+
+/// `postern check`: the flags of `serve`, or `relay-out` and its flags.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CheckArgs {
+    #[command(subcommand)]
+    pub role: Option<CheckRole>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// The other role `postern check` can check.
+#[derive(Debug, Subcommand)]
+pub enum CheckRole {
+    /// Check a relay-out configuration: its files, the upstream handshake (TLS, EHLO,
+    /// AUTH) and an OAuth2 token fetch (the same as `postern relay-out --check`).
+    RelayOut(Box<relay_out::RelayOutArgs>),
 }
 
 /// Ports used when neither `--listen` nor `--listen-tls` is given.
@@ -101,8 +120,10 @@ pub struct ServeArgs {
     pub listen_mx: Vec<SocketAddr>,
 
     /// The legacy plain-SMTP server that receives the mail.
-    #[arg(long, env = "POSTERN_BACKEND", value_name = "HOST:PORT")]
-    pub backend: String,
+    // An Option only so that `postern check relay-out` can do without it: clap still
+    // requires it for serve and check.
+    #[arg(long, env = "POSTERN_BACKEND", value_name = "HOST:PORT", required = true)]
+    pub backend: Option<String>,
 
     /// PEM certificate chain, server certificate first, then its intermediates. Repeat
     /// --cert and --key in pairs for several names: each client gets the pair whose

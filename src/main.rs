@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser};
-use postern::config::{Cli, Command, DemoArgs, HashPasswordArgs, LogFormat, ServeArgs};
+use postern::config::{
+    CheckArgs, CheckRole, Cli, Command, DemoArgs, HashPasswordArgs, LogFormat, ServeArgs,
+};
 use postern::server::{self, Config, Listeners};
 use postern::users;
 use tracing_subscriber::EnvFilter;
@@ -43,8 +45,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     })
 }
 
-fn check(args: ServeArgs) -> Result<(), String> {
-    let config = Config::from_args(&args)?;
+fn check(args: CheckArgs) -> Result<(), String> {
+    if let Some(CheckRole::RelayOut(mut relay_out_args)) = args.role {
+        relay_out_args.check = true;
+        return relay_out(*relay_out_args);
+    }
+    let config = Config::from_args(&args.serve)?;
     runtime()?.block_on(server::check(config))?;
     println!("configuration ok");
     Ok(())

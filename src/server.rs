@@ -72,12 +72,12 @@ impl Config {
             } else {
                 (args.listen.clone(), args.listen_tls.clone())
             };
-        if args
-            .backend
+        let backend = args.backend.clone().unwrap_or_default();
+        if backend
             .rsplit_once(':')
             .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
         {
-            return Err(format!("--backend {:?}: expected HOST:PORT", args.backend));
+            return Err(format!("--backend {backend:?}: expected HOST:PORT"));
         }
         let hostname = match &args.hostname {
             Some(name) => name.clone(),
@@ -131,7 +131,7 @@ impl Config {
             backend_proxy_protocol: args.backend_proxy_protocol,
             mx_identity,
             proxy_protocol_from,
-            backend: args.backend.clone(),
+            backend,
             certs: pairs(&args.cert, &args.key)?,
             source: source_config(args)?,
             hostname,

@@ -478,9 +478,11 @@ fn check_proves_the_token_and_the_upstream_login() {
     let secrets = tempfile::tempdir().expect("tempdir");
     let client_secret = secret_file(&secrets, "client-secret", "app-secret\n");
     let ca = upstream.ca_path();
-    let check = |url: &str| {
+    // `postern check relay-out ...` and `postern relay-out --check ...` are one check.
+    let check_as = |how: [&str; 2], url: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
-        cmd.args(["relay-out", "--check", "--allow-from", "127.0.0.1/32"])
+        cmd.args(how)
+            .args(["--allow-from", "127.0.0.1/32"])
             .args(["--upstream", &format!("localhost:{}", upstream.port)])
             .arg("--upstream-ca")
             .arg(&ca)
@@ -494,10 +496,14 @@ fn check_proves_the_token_and_the_upstream_login() {
             .args(["--oauth2-client-secret-file", &client_secret]);
         run(&mut cmd, b"", STEP)
     };
+    let check = |url: &str| check_as(["relay-out", "--check"], url);
     let ok = check(&tokens.token_url());
     ok.assert_success("relay-out --check");
     assert!(ok.stdout.contains("AUTH XOAUTH2"), "{ok}");
     assert!(tokens.issued() >= 1);
+    let ok = check_as(["check", "relay-out"], &tokens.token_url());
+    ok.assert_success("check relay-out");
+    assert!(ok.stdout.contains("AUTH XOAUTH2"), "{ok}");
 
     tokens.set_down(true);
     let down = check(&tokens.token_url());
