@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::limits::{
-    AuthHistory, AuthLimits, ClientNet, FailurePace, NetSlot, PerNetSlots, THROTTLE_LOG_INTERVAL,
+    AuthHistory, AuthLimits, ClientNet, FailurePace, PerNetSlots, THROTTLE_LOG_INTERVAL,
     ThrottleLog,
 };
 use crate::metrics;
@@ -258,7 +258,7 @@ impl Authenticator {
         username: &str,
         mechanism: Mechanism,
     ) -> Result<(Ticket, NameKey), Verdict> {
-        let user_key = self.gate.key(username);
+        let user_key = self.gate.key(&window_name(username));
         let (ticket, delay) = match self.gate.admit(client.net, &user_key).await {
             gate::Decision::Verify { ticket, delay } => (ticket, delay),
             gate::Decision::Refused(scope) => {
@@ -525,7 +525,8 @@ impl Authenticator {
             debug_assert!(false, "only a Dovecot source relays");
             return (None, SourceReply::Done(Verdict::Unavailable, None));
         };
-        let Ok(slot) = self.verifications_per_net.try_acquire(client.net, None) else {
+        // Held for this call only: between two client lines the exchange holds no slot.
+        let Ok(_slot) = self.verifications_per_net.try_acquire(client.net, None) else {
             let verdict = self.throttled(
                 &client,
                 "",
@@ -538,9 +539,12 @@ impl Authenticator {
             mechanism,
             exchange: None,
             admitted: None,
-            _slot: slot,
         };
+        // CRAM-MD5 is server-first: Dovecot ignores an initial response, so the name
+        // is read from the response to its challenge (in relay_step).
         if let Some(message) = &initial
+            && !message.is_empty()
+            && relayed::named_initially(mechanism)
             && let Err(verdict) = self
                 .admit_named(&mut relayed, &client, shutdown, message)
                 .await
@@ -568,7 +572,7 @@ impl Authenticator {
                     .await
             }
             Err(error) => {
-                self.relay_down(&error.to_string(), started);
+                self.relay_failed(&error, started);
                 (None, SourceReply::Done(Verdict::Unavailable, None))
             }
         }
@@ -583,6 +587,15 @@ impl Authenticator {
         client: Client<'_>,
         response: Vec<u8>,
     ) -> (Option<Relayed>, SourceReply) {
+        let Ok(_slot) = self.verifications_per_net.try_acquire(client.net, None) else {
+            let verdict = self.throttled(
+                &client,
+                "",
+                relayed.mechanism,
+                metrics::label::throttle_scope::NETWORK_VERIFICATIONS,
+            );
+            return (None, SourceReply::Done(verdict, None));
+        };
         if relayed.admitted.is_none()
             && let Err(verdict) = self
                 .admit_named(&mut relayed, &client, shutdown, &response)
@@ -600,13 +613,15 @@ impl Authenticator {
                     .await
             }
             Err(error) => {
-                self.relay_down(&error.to_string(), started);
+                self.relay_failed(&error, started);
                 (None, SourceReply::Done(Verdict::Unavailable, None))
             }
         }
     }
 
-    /// Meets the windows with the name `message` claims, if it claims one.
+    /// Meets the windows with the name `message` claims. A message that names nobody
+    /// postern can read is refused unsent: Dovecot may read a name in it (a SCRAM
+    /// extension that is not UTF-8) and check a proof no window has met.
     async fn admit_named(
         &self,
         relayed: &mut Relayed,
@@ -615,13 +630,23 @@ impl Authenticator {
         message: &[u8],
     ) -> Result<(), Verdict> {
         let Some(name) = relayed::claimed_name(relayed.mechanism, message) else {
-            return Ok(());
+            return Err(Verdict::Invalid);
         };
         let (ticket, key) = self
             .admit(client, shutdown, &name, relayed.mechanism)
             .await?;
         relayed.admitted = Some((ticket, key, name));
         Ok(())
+    }
+
+    /// An exchange that ended in an error: the source is down only if the error says so
+    /// (not for a request postern refused to send).
+    fn relay_failed(&self, error: &dovecot::Error, started: Instant) {
+        if error.is_source_down() {
+            self.relay_down(&error.to_string(), started);
+        } else {
+            warn!(source = self.source.kind().label(), %error, "relayed exchange failed; 454 4.7.0");
+        }
     }
 
     fn relay_down(&self, reason: &str, started: Instant) {
@@ -730,7 +755,6 @@ pub struct Relayed {
     exchange: Option<dovecot::Exchange>,
     /// The attempt's place in the windows, once a message named the user.
     admitted: Option<(Ticket, NameKey, String)>,
-    _slot: NetSlot,
 }
 
 impl fmt::Debug for Relayed {
@@ -739,6 +763,14 @@ impl fmt::Debug for Relayed {
             .field("mechanism", &self.mechanism)
             .finish_non_exhaustive()
     }
+}
+
+/// The name the failure windows count an attempt under. Dovecot (`%Lu`, its default)
+/// and LDAP (`uid` and `sAMAccountName` are caseIgnoreMatch, with insignificant spaces)
+/// check one account for `alice`, `ALICE` and ` alice`: one name to the windows too, or
+/// each spelling gets a window of its own.
+fn window_name(name: &str) -> String {
+    name.trim().to_lowercase()
 }
 
 /// Hash verifications at once: one per core keeps argon2's memory bounded while using

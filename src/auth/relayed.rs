@@ -19,6 +19,13 @@ pub fn claimed_name(mechanism: Mechanism, message: &[u8]) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
+/// Whether an initial response to `mechanism` is the message that names the user:
+/// SCRAM's client-first message is; CRAM-MD5 is server-first, and Dovecot ignores an
+/// initial response to it.
+pub fn named_initially(mechanism: Mechanism) -> bool {
+    matches!(mechanism, Mechanism::ScramSha1 | Mechanism::ScramSha256)
+}
+
 fn scram_name(client_first: &str) -> Option<String> {
     // gs2-cbind-flag "," [authzid] "," client-first-message-bare
     let mut parts = client_first.splitn(3, ',');

@@ -311,10 +311,13 @@ async fn check_dovecot(
     message.push(0);
     message.extend_from_slice(password);
     let info = client_info(&attempt);
-    let (exchange, step) = client
-        .start("PLAIN", Some(&message), &info)
-        .await
-        .map_err(|e| Unavailable(e.to_string()))?;
+    let (exchange, step) = match client.start("PLAIN", Some(&message), &info).await {
+        Ok(started) => started,
+        // Credentials longer than one Dovecot request line (a long LOGIN) fit no
+        // account; Dovecot never saw them and is not down.
+        Err(dovecot::Error::ResponseTooLong) => return Ok(Answer::valid(false)),
+        Err(e) => return Err(Unavailable(e.to_string())),
+    };
     match step {
         dovecot::Step::Success { .. } => Ok(Answer::valid(true)),
         dovecot::Step::Failure {
