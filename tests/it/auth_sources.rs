@@ -812,3 +812,35 @@ async fn a_cram_md5_initial_response_cannot_stand_in_for_the_real_name() {
         done.raw
     );
 }
+
+/// Attack: a source that answers "try later" for one user (Dovecot's temporary failure
+/// from a passdb for that user, an auth_http server's `Auth-Error-Code: 4xx` for a
+/// rate-limited name) is counted as down: `/readyz` turns 503 until the next probe, for
+/// everyone. Any client that knows such a name flips readiness at will, and one attempt
+/// per probe interval keeps a load balancer draining the replica. The source answered:
+/// it is up; only the probe and transport failures (no connection, no answer in time,
+/// protocol errors) should say otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_temporary_failure_does_not_make_postern_unready() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(backend.addr, &[dovecot_flag(&dovecot)]);
+    let admin = postern.addr("--metrics-listen");
+    wait_status(admin, "/readyz", 200).await;
+    // `broken`'s passdb always fails temporarily; alice's works.
+    connect(&postern)
+        .await
+        .auth_plain("broken", PASSWORD, "454 4.7.0")
+        .await;
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(
+        status, 200,
+        "one user's temporary failure made postern unready: {body}"
+    );
+    connect(&postern)
+        .await
+        .auth_plain("alice", PASSWORD, "235")
+        .await;
+}
