@@ -43,7 +43,7 @@ pub mod pool;
 use cache::Cache;
 use gate::{FailureGate, NameKey, Ticket};
 use pool::{Busy, QUEUE_PER_VERIFIER, VerifierPool};
-use source::{Answer, Attempt, Source, Unavailable};
+use source::{Answer, Answered, Attempt, Source, Unavailable};
 
 /// How long an AUTH may wait for a free verifier before it gets `454 4.7.0`.
 const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -309,7 +309,7 @@ impl Authenticator {
         drop(verifying);
         let (answer, took) = match verified {
             Ok((Ok(answer), took)) => (answer, took),
-            Ok((Err(Unavailable(reason)), _)) => {
+            Ok((Err(Unavailable(reason, _)), _)) => {
                 warn!(source = self.source.kind().label(), %reason, user = ?LoggedName(&username), "credential source unavailable; 454 4.7.0");
                 return Verdict::Unavailable.into();
             }
@@ -467,7 +467,7 @@ impl Authenticator {
         let (label, up) = match answer {
             Ok(answer) if answer.valid => (result::VALID, true),
             Ok(_) => (result::INVALID, true),
-            Err(_) => (result::UNAVAILABLE, false),
+            Err(Unavailable(_, answered)) => (result::UNAVAILABLE, *answered == Answered::TryLater),
         };
         let source = self.source.kind().label();
         metrics::auth_source_request(source, label, took);
@@ -651,7 +651,10 @@ impl Authenticator {
 
     fn relay_down(&self, reason: &str, started: Instant) {
         warn!(source = self.source.kind().label(), %reason, "credential source unavailable; 454 4.7.0");
-        self.record(&Err(Unavailable(reason.to_owned())), started.elapsed());
+        self.record(
+            &Err(Unavailable::down(reason.to_owned())),
+            started.elapsed(),
+        );
     }
 
     /// What Dovecot said about a relayed exchange.
@@ -675,7 +678,9 @@ impl Authenticator {
                 reason,
                 ..
             } => {
-                self.relay_down(reason.as_deref().unwrap_or("temporary failure"), started);
+                let reason = reason.unwrap_or_else(|| "temporary failure".into());
+                warn!(source = self.source.kind().label(), %reason, "credential source could not check; 454 4.7.0");
+                self.record(&Err(Unavailable::try_later(reason)), took);
                 return (None, SourceReply::Done(Verdict::Unavailable, None));
             }
             dovecot::Step::Failure { user, .. } => (false, user),
