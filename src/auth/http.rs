@@ -509,4 +509,27 @@ mod tests {
             Err(Error::Unreachable(_))
         ));
     }
+
+    /// Attack: `--backend-allow` is checked against the address as the auth server
+    /// wrote it. An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is inside any IPv6
+    /// allowance that covers `::ffff:0:0/96` (`::/0`, "any IPv6 backend"), yet the dial
+    /// reaches the IPv4 host: an auth server (or whoever controls its answers) sends
+    /// sessions to loopback or any internal IPv4 service the allowance never named.
+    /// The route must be the IPv4 address, which the allowance is then checked against.
+    #[test]
+    fn an_ipv4_mapped_route_is_the_ipv4_address() {
+        assert_eq!(
+            parse(
+                200,
+                &[
+                    ("Auth-Status", "OK"),
+                    ("Auth-Server", "::ffff:127.0.0.1"),
+                    ("Auth-Port", "25")
+                ]
+            ),
+            Ok(Answer::Ok {
+                backend: Some("127.0.0.1:25".parse().unwrap())
+            })
+        );
+    }
 }

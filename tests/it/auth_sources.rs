@@ -844,3 +844,36 @@ async fn one_users_temporary_failure_does_not_make_postern_unready() {
         .auth_plain("alice", PASSWORD, "235")
         .await;
 }
+
+/// Attack: relayed SCRAM tells which names exist. Dovecot looks the user up at the
+/// client-first message and fails at once for a name it does not know (or one without
+/// SCRAM credentials), while a known name gets its salt and iteration count in a 334;
+/// the client then cancels with `*`, which gives the attempt back to the windows. So a
+/// client lists valid accounts, each probe of a real one costing nothing, where PLAIN
+/// pads every failure so that response times tell no names apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_scram_does_not_tell_which_users_exist() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(backend.addr, &[dovecot_flag(&dovecot)]);
+    let mut codes = Vec::new();
+    for user in ["alice", "nobody"] {
+        let mut client = connect(&postern).await;
+        let reply = client
+            .cmd(
+                &format!(
+                    "AUTH SCRAM-SHA-256 {}",
+                    b64(format!("n,,n={user},r=abcdefgh"))
+                ),
+                "",
+            )
+            .await;
+        codes.push((user, reply.code));
+    }
+    assert_eq!(
+        codes[0].1, codes[1].1,
+        "the first reply tells an existing user from an unknown one: {codes:?}"
+    );
+}
