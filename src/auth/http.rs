@@ -215,7 +215,8 @@ fn backend_address(server: &str, port: &str) -> Result<SocketAddr, Error> {
         .ok()
         .filter(|port| *port != 0)
         .ok_or_else(|| Error::Invalid(format!("Auth-Port {port:?}")))?;
-    Ok(SocketAddr::new(ip, port))
+    // `::ffff:a.b.c.d` is dialled as a.b.c.d: --backend-allow must see that address.
+    Ok(SocketAddr::new(ip.to_canonical(), port))
 }
 
 /// A reply postern can send as it is: a 4xx or 5xx code, optionally an enhanced code
