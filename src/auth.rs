@@ -695,8 +695,8 @@ impl Authenticator {
             took,
         );
         let mechanism = relayed.mechanism;
-        // A message that named nobody postern could read (a malformed SCRAM message)
-        // still counts, under the name Dovecot saw or under no name.
+        // Dovecot ended the exchange before a message named the user (it refused the
+        // start): still counted, under the name Dovecot saw or under no name.
         let (ticket, key, name) = match relayed.admitted.take() {
             Some(admitted) => admitted,
             None => {
