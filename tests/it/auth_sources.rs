@@ -877,3 +877,86 @@ async fn relayed_scram_does_not_tell_which_users_exist() {
         "the first reply tells an existing user from an unknown one: {codes:?}"
     );
 }
+
+/// Attack: postern never lets one user act as another (a PLAIN authzid other than the
+/// user is refused, `sasl::plain`), but a relayed SCRAM client-first message carries
+/// its authzid (`a=`) to Dovecot untouched. Where Dovecot has master users (common, for
+/// IMAP administration), `n,a=alice,n=admin,...` with admin's password logs in as
+/// alice, and the session goes to the backend as her (XCLIENT LOGIN=alice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scram_authzid_cannot_act_as_another_user() {
+    let masters = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        masters.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let file = masters.path().join("masters");
+    std::fs::write(&file, format!("admin:{{PLAIN}}{PASSWORD}\n")).expect("masters");
+    let Some(dovecot) = Dovecot::start_with(common::dovecot::Settings {
+        extra: format!(
+            "passdb {{\n  driver = passwd-file\n  args = {}\n  master = yes\n}}\n",
+            file.display()
+        ),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(backend.addr, &[dovecot_flag(&dovecot)]);
+    let mut client = connect(&postern).await;
+    let reply = scram_with_authzid(&mut client, "alice", "admin", PASSWORD).await;
+    assert!(
+        reply.code != 334 && reply.code != 235,
+        "admin acted as alice through a relayed authzid: {}",
+        reply.raw
+    );
+}
+
+/// SCRAM-SHA-256 as `user` asking to act as `authzid`: the reply to the client-final
+/// message.
+async fn scram_with_authzid(
+    client: &mut SmtpClient,
+    authzid: &str,
+    user: &str,
+    password: &str,
+) -> Reply {
+    let nonce = "fyko+d2lbbFgONRv9qkxdawL";
+    let first_bare = format!("n={user},r={nonce}");
+    let reply = client
+        .cmd(
+            &format!(
+                "AUTH SCRAM-SHA-256 {}",
+                b64(format!("n,a={authzid},{first_bare}"))
+            ),
+            "",
+        )
+        .await;
+    if reply.code != 334 {
+        return reply;
+    }
+    let server_first = String::from_utf8(unb64(&reply.lines[0])).expect("UTF-8");
+    let combined = scram_attribute(&server_first, "r");
+    let salt = STANDARD
+        .decode(scram_attribute(&server_first, "s"))
+        .expect("salt");
+    let iterations: u32 = scram_attribute(&server_first, "i").parse().expect("i");
+    let salted = hi(password.as_bytes(), &salt, iterations);
+    let client_key = hmac_sha256(&salted, b"Client Key");
+    let stored_key = sha2::Sha256::digest(&client_key);
+    // The channel binding repeats the GS2 header, authzid included.
+    let without_proof = format!("c={},r={combined}", b64(format!("n,a={authzid},")));
+    let auth_message = format!("{first_bare},{server_first},{without_proof}");
+    let signature = hmac_sha256(&stored_key, auth_message.as_bytes());
+    let proof: Vec<u8> = client_key
+        .iter()
+        .zip(&signature)
+        .map(|(k, s)| k ^ s)
+        .collect();
+    client
+        .cmd(
+            &b64(format!("{without_proof},p={}", STANDARD.encode(proof))),
+            "",
+        )
+        .await
+}
