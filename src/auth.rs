@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::limits::{
-    AuthHistory, AuthLimits, ClientNet, FailurePace, NetSlot, PerNetSlots, THROTTLE_LOG_INTERVAL,
+    AuthHistory, AuthLimits, ClientNet, FailurePace, PerNetSlots, THROTTLE_LOG_INTERVAL,
     ThrottleLog,
 };
 use crate::metrics;
@@ -43,7 +43,7 @@ pub mod pool;
 use cache::Cache;
 use gate::{FailureGate, NameKey, Ticket};
 use pool::{Busy, QUEUE_PER_VERIFIER, VerifierPool};
-use source::{Answer, Attempt, Source, Unavailable};
+use source::{Answer, Answered, Attempt, Source, Unavailable};
 
 /// How long an AUTH may wait for a free verifier before it gets `454 4.7.0`.
 const VERIFY_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -258,7 +258,7 @@ impl Authenticator {
         username: &str,
         mechanism: Mechanism,
     ) -> Result<(Ticket, NameKey), Verdict> {
-        let user_key = self.gate.key(username);
+        let user_key = self.gate.key(&window_name(username));
         let (ticket, delay) = match self.gate.admit(client.net, &user_key).await {
             gate::Decision::Verify { ticket, delay } => (ticket, delay),
             gate::Decision::Refused(scope) => {
@@ -309,7 +309,7 @@ impl Authenticator {
         drop(verifying);
         let (answer, took) = match verified {
             Ok((Ok(answer), took)) => (answer, took),
-            Ok((Err(Unavailable(reason)), _)) => {
+            Ok((Err(Unavailable(reason, _)), _)) => {
                 warn!(source = self.source.kind().label(), %reason, user = ?LoggedName(&username), "credential source unavailable; 454 4.7.0");
                 return Verdict::Unavailable.into();
             }
@@ -467,7 +467,7 @@ impl Authenticator {
         let (label, up) = match answer {
             Ok(answer) if answer.valid => (result::VALID, true),
             Ok(_) => (result::INVALID, true),
-            Err(_) => (result::UNAVAILABLE, false),
+            Err(Unavailable(_, answered)) => (result::UNAVAILABLE, *answered == Answered::TryLater),
         };
         let source = self.source.kind().label();
         metrics::auth_source_request(source, label, took);
@@ -525,7 +525,8 @@ impl Authenticator {
             debug_assert!(false, "only a Dovecot source relays");
             return (None, SourceReply::Done(Verdict::Unavailable, None));
         };
-        let Ok(slot) = self.verifications_per_net.try_acquire(client.net, None) else {
+        // Held for this call only: between two client lines the exchange holds no slot.
+        let Ok(_slot) = self.verifications_per_net.try_acquire(client.net, None) else {
             let verdict = self.throttled(
                 &client,
                 "",
@@ -538,9 +539,12 @@ impl Authenticator {
             mechanism,
             exchange: None,
             admitted: None,
-            _slot: slot,
         };
+        // CRAM-MD5 is server-first: Dovecot ignores an initial response, so the name
+        // is read from the response to its challenge (in relay_step).
         if let Some(message) = &initial
+            && !message.is_empty()
+            && relayed::named_initially(mechanism)
             && let Err(verdict) = self
                 .admit_named(&mut relayed, &client, shutdown, message)
                 .await
@@ -568,7 +572,7 @@ impl Authenticator {
                     .await
             }
             Err(error) => {
-                self.relay_down(&error.to_string(), started);
+                self.relay_failed(&error, started);
                 (None, SourceReply::Done(Verdict::Unavailable, None))
             }
         }
@@ -583,6 +587,15 @@ impl Authenticator {
         client: Client<'_>,
         response: Vec<u8>,
     ) -> (Option<Relayed>, SourceReply) {
+        let Ok(_slot) = self.verifications_per_net.try_acquire(client.net, None) else {
+            let verdict = self.throttled(
+                &client,
+                "",
+                relayed.mechanism,
+                metrics::label::throttle_scope::NETWORK_VERIFICATIONS,
+            );
+            return (None, SourceReply::Done(verdict, None));
+        };
         if relayed.admitted.is_none()
             && let Err(verdict) = self
                 .admit_named(&mut relayed, &client, shutdown, &response)
@@ -600,13 +613,15 @@ impl Authenticator {
                     .await
             }
             Err(error) => {
-                self.relay_down(&error.to_string(), started);
+                self.relay_failed(&error, started);
                 (None, SourceReply::Done(Verdict::Unavailable, None))
             }
         }
     }
 
-    /// Meets the windows with the name `message` claims, if it claims one.
+    /// Meets the windows with the name `message` claims. A message that names nobody
+    /// postern can read is refused unsent: Dovecot may read a name in it (a SCRAM
+    /// extension that is not UTF-8) and check a proof no window has met.
     async fn admit_named(
         &self,
         relayed: &mut Relayed,
@@ -615,7 +630,7 @@ impl Authenticator {
         message: &[u8],
     ) -> Result<(), Verdict> {
         let Some(name) = relayed::claimed_name(relayed.mechanism, message) else {
-            return Ok(());
+            return Err(Verdict::Invalid);
         };
         let (ticket, key) = self
             .admit(client, shutdown, &name, relayed.mechanism)
@@ -624,9 +639,22 @@ impl Authenticator {
         Ok(())
     }
 
+    /// An exchange that ended in an error: the source is down only if the error says so
+    /// (not for a request postern refused to send).
+    fn relay_failed(&self, error: &dovecot::Error, started: Instant) {
+        if error.is_source_down() {
+            self.relay_down(&error.to_string(), started);
+        } else {
+            warn!(source = self.source.kind().label(), %error, "relayed exchange failed; 454 4.7.0");
+        }
+    }
+
     fn relay_down(&self, reason: &str, started: Instant) {
         warn!(source = self.source.kind().label(), %reason, "credential source unavailable; 454 4.7.0");
-        self.record(&Err(Unavailable(reason.to_owned())), started.elapsed());
+        self.record(
+            &Err(Unavailable::down(reason.to_owned())),
+            started.elapsed(),
+        );
     }
 
     /// What Dovecot said about a relayed exchange.
@@ -650,7 +678,9 @@ impl Authenticator {
                 reason,
                 ..
             } => {
-                self.relay_down(reason.as_deref().unwrap_or("temporary failure"), started);
+                let reason = reason.unwrap_or_else(|| "temporary failure".into());
+                warn!(source = self.source.kind().label(), %reason, "credential source could not check; 454 4.7.0");
+                self.record(&Err(Unavailable::try_later(reason)), took);
                 return (None, SourceReply::Done(Verdict::Unavailable, None));
             }
             dovecot::Step::Failure { user, .. } => (false, user),
@@ -665,8 +695,8 @@ impl Authenticator {
             took,
         );
         let mechanism = relayed.mechanism;
-        // A message that named nobody postern could read (a malformed SCRAM message)
-        // still counts, under the name Dovecot saw or under no name.
+        // Dovecot ended the exchange before a message named the user (it refused the
+        // start): still counted, under the name Dovecot saw or under no name.
         let (ticket, key, name) = match relayed.admitted.take() {
             Some(admitted) => admitted,
             None => {
@@ -730,7 +760,6 @@ pub struct Relayed {
     exchange: Option<dovecot::Exchange>,
     /// The attempt's place in the windows, once a message named the user.
     admitted: Option<(Ticket, NameKey, String)>,
-    _slot: NetSlot,
 }
 
 impl fmt::Debug for Relayed {
@@ -739,6 +768,14 @@ impl fmt::Debug for Relayed {
             .field("mechanism", &self.mechanism)
             .finish_non_exhaustive()
     }
+}
+
+/// The name the failure windows count an attempt under. Dovecot (`%Lu`, its default)
+/// and LDAP (`uid` and `sAMAccountName` are caseIgnoreMatch, with insignificant spaces)
+/// check one account for `alice`, `ALICE` and ` alice`: one name to the windows too, or
+/// each spelling gets a window of its own.
+fn window_name(name: &str) -> String {
+    name.trim().to_lowercase()
 }
 
 /// Hash verifications at once: one per core keeps argon2's memory bounded while using

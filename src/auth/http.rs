@@ -215,7 +215,8 @@ fn backend_address(server: &str, port: &str) -> Result<SocketAddr, Error> {
         .ok()
         .filter(|port| *port != 0)
         .ok_or_else(|| Error::Invalid(format!("Auth-Port {port:?}")))?;
-    Ok(SocketAddr::new(ip, port))
+    // `::ffff:a.b.c.d` is dialled as a.b.c.d: --backend-allow must see that address.
+    Ok(SocketAddr::new(ip.to_canonical(), port))
 }
 
 /// A reply postern can send as it is: a 4xx or 5xx code, optionally an enhanced code
@@ -508,5 +509,28 @@ mod tests {
             down.ask(&request("alice", b"x")).await,
             Err(Error::Unreachable(_))
         ));
+    }
+
+    /// Attack: `--backend-allow` is checked against the address as the auth server
+    /// wrote it. An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is inside any IPv6
+    /// allowance that covers `::ffff:0:0/96` (`::/0`, "any IPv6 backend"), yet the dial
+    /// reaches the IPv4 host: an auth server (or whoever controls its answers) sends
+    /// sessions to loopback or any internal IPv4 service the allowance never named.
+    /// The route must be the IPv4 address, which the allowance is then checked against.
+    #[test]
+    fn an_ipv4_mapped_route_is_the_ipv4_address() {
+        assert_eq!(
+            parse(
+                200,
+                &[
+                    ("Auth-Status", "OK"),
+                    ("Auth-Server", "::ffff:127.0.0.1"),
+                    ("Auth-Port", "25")
+                ]
+            ),
+            Ok(Answer::Ok {
+                backend: Some("127.0.0.1:25".parse().unwrap())
+            })
+        );
     }
 }

@@ -19,6 +19,13 @@ pub fn claimed_name(mechanism: Mechanism, message: &[u8]) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
+/// Whether an initial response to `mechanism` is the message that names the user:
+/// SCRAM's client-first message is; CRAM-MD5 is server-first, and Dovecot ignores an
+/// initial response to it.
+pub fn named_initially(mechanism: Mechanism) -> bool {
+    matches!(mechanism, Mechanism::ScramSha1 | Mechanism::ScramSha256)
+}
+
 fn scram_name(client_first: &str) -> Option<String> {
     // gs2-cbind-flag "," [authzid] "," client-first-message-bare
     let mut parts = client_first.splitn(3, ',');
@@ -26,9 +33,15 @@ fn scram_name(client_first: &str) -> Option<String> {
     if !matches!(flag.as_bytes().first(), Some(b'n' | b'y' | b'p')) {
         return None;
     }
-    let _authzid = parts.next()?;
+    let authzid = parts.next()?;
     let bare = parts.next()?;
     let encoded = bare.split(',').find_map(|a| a.strip_prefix("n="))?;
+    // As for PLAIN (`sasl::plain`), acting as another user is never granted: an
+    // authzid other than the name itself names nobody postern lets through (Dovecot
+    // would let a master user in as anyone).
+    if !authzid.is_empty() && authzid.strip_prefix("a=") != Some(encoded) {
+        return None;
+    }
     Some(encoded.replace("=2C", ",").replace("=3D", "="))
 }
 
@@ -58,9 +71,12 @@ mod tests {
             ),
             (
                 Mechanism::ScramSha1,
-                b"y,a=admin,n=a=2Cb=3Dc,r=nonce",
+                b"y,a=a=2Cb=3Dc,n=a=2Cb=3Dc,r=nonce",
                 Some("a,b=c"),
             ),
+            // Acting as another user: nobody postern lets through.
+            (Mechanism::ScramSha1, b"y,a=admin,n=a=2Cb=3Dc,r=nonce", None),
+            (Mechanism::ScramSha256, b"n,x,n=user,r=nonce", None),
             (Mechanism::ScramSha256, b"n,,r=nonce", None),
             (Mechanism::ScramSha256, b"c=biws,r=nonce,p=proof", None),
             (Mechanism::ScramSha256, b"\xff\xfe", None),

@@ -119,7 +119,28 @@ impl Answer {
 
 /// The source could not say: down, slow, or answering nonsense. The text is for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unavailable(pub String);
+pub struct Unavailable(pub String, pub Answered);
+
+/// Whether the source answered when it could not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    /// No answer (unreachable, too slow, nonsense): the source counts as down.
+    No,
+    /// It answered "try later" for this one attempt (a passdb failing for one user, an
+    /// auth_http 4xx): `454 4.7.0`, but the source is up, or any client that knows
+    /// such a name could flip `/readyz`.
+    TryLater,
+}
+
+impl Unavailable {
+    pub fn down(reason: String) -> Unavailable {
+        Unavailable(reason, Answered::No)
+    }
+
+    pub fn try_later(reason: String) -> Unavailable {
+        Unavailable(reason, Answered::TryLater)
+    }
+}
 
 impl Source {
     /// Loads the file, or makes the client of a remote source (nothing is connected
@@ -228,12 +249,14 @@ impl Source {
     pub async fn check(&self, attempt: Attempt<'_>) -> Result<Answer, Unavailable> {
         match self {
             Source::File(_) => {
-                let users = self.users().ok_or_else(|| Unavailable("no users".into()))?;
+                let users = self
+                    .users()
+                    .ok_or_else(|| Unavailable::down("no users".into()))?;
                 let credentials = attempt.credentials.clone();
                 let check = tokio::task::spawn_blocking(move || check_file(&users, &credentials));
                 let check = check
                     .await
-                    .map_err(|e| Unavailable(format!("verifier task: {e}")))?;
+                    .map_err(|e| Unavailable::down(format!("verifier task: {e}")))?;
                 Ok(Answer {
                     valid: check.valid,
                     decoy_work: check.decoy_work,
@@ -250,7 +273,7 @@ impl Source {
                             tracing::debug!(%refusal, "LDAP refused the credentials");
                             Ok(Answer::valid(false))
                         }
-                        ldap::Verdict::Down(down) => Err(Unavailable(down.to_string())),
+                        ldap::Verdict::Down(down) => Err(Unavailable::down(down.to_string())),
                     }
                 }
                 Credentials::CramMd5 { .. } => Ok(Answer::valid(false)),
@@ -311,24 +334,27 @@ async fn check_dovecot(
     message.push(0);
     message.extend_from_slice(password);
     let info = client_info(&attempt);
-    let (exchange, step) = client
-        .start("PLAIN", Some(&message), &info)
-        .await
-        .map_err(|e| Unavailable(e.to_string()))?;
+    let (exchange, step) = match client.start("PLAIN", Some(&message), &info).await {
+        Ok(started) => started,
+        // Credentials longer than one Dovecot request line (a long LOGIN) fit no
+        // account; Dovecot never saw them and is not down.
+        Err(dovecot::Error::ResponseTooLong) => return Ok(Answer::valid(false)),
+        Err(e) => return Err(Unavailable::down(e.to_string())),
+    };
     match step {
         dovecot::Step::Success { .. } => Ok(Answer::valid(true)),
         dovecot::Step::Failure {
             temporary: true,
             reason,
             ..
-        } => Err(Unavailable(format!(
+        } => Err(Unavailable::try_later(format!(
             "Dovecot could not check: {}",
             reason.as_deref().unwrap_or("temporary failure")
         ))),
         dovecot::Step::Failure { .. } => Ok(Answer::valid(false)),
         dovecot::Step::Challenge(_) => {
             exchange.cancel().await;
-            Err(Unavailable(
+            Err(Unavailable::down(
                 "Dovecot asked for more than PLAIN sends".into(),
             ))
         }
@@ -383,9 +409,9 @@ async fn check_http(client: &http::Client, attempt: Attempt<'_>) -> Result<Answe
             message,
             error_code: Some(code),
             ..
-        }) if code.starts_with('4') => {
-            Err(Unavailable(format!("auth_http server: {code} {message}")))
-        }
+        }) if code.starts_with('4') => Err(Unavailable::try_later(format!(
+            "auth_http server: {code} {message}"
+        ))),
         Ok(http::Answer::Refused { message, wait, .. }) => {
             tracing::debug!(%message, "auth_http server refused the credentials");
             Ok(Answer {
@@ -395,6 +421,6 @@ async fn check_http(client: &http::Client, attempt: Attempt<'_>) -> Result<Answe
                 wait,
             })
         }
-        Err(error) => Err(Unavailable(format!("auth_http server: {error}"))),
+        Err(error) => Err(Unavailable::down(format!("auth_http server: {error}"))),
     }
 }

@@ -551,3 +551,412 @@ async fn the_cache_reuses_a_success_for_the_same_password_until_a_reload() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+// === attacks on the sources (review of issue 13) ===
+
+/// postern in front of `dovecot` with `limits` instead of the harness's relaxed ones.
+fn postern_with_dovecot_limits(
+    backend: SocketAddr,
+    dovecot: &Dovecot,
+    limits: &[(&str, &str)],
+) -> Postern {
+    let mut flags = vec![dovecot_flag(dovecot)];
+    flags.extend(limits.iter().map(|(n, v)| (*n, v.to_string())));
+    postern_with_source(backend, &flags)
+}
+
+async fn connect(postern: &Postern) -> SmtpClient {
+    SmtpClient::connect_implicit(postern.addr("--listen-tls"), postern.tls_config())
+        .await
+        .0
+}
+
+/// Attack: the per-user failure window is keyed by the name exactly as the client typed
+/// it, but Dovecot (`auth_username_format = %Lu`, its default) and LDAP (`uid` is
+/// caseIgnoreMatch, insignificant spaces) check the same account for `ALICE`, `Alice`,
+/// ` alice`... A network that postern already refuses for `alice` keeps guessing her
+/// password under another spelling, each with a fresh window: the per-user limit, the
+/// defence against guessing spread over many networks, is void for these sources.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_window_cannot_be_dodged_by_spelling_the_name_differently() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_dovecot_limits(
+        backend.addr,
+        &dovecot,
+        &[("--max-auth-failures-per-user", "2")],
+    );
+    for _ in 0..2 {
+        connect(&postern)
+            .await
+            .auth_plain("alice", "wrong", "535 5.7.8")
+            .await;
+    }
+    // This network failed alice to her limit: refused for her, whatever the password.
+    connect(&postern)
+        .await
+        .auth_plain("alice", PASSWORD, "454 4.7.0")
+        .await;
+    for spelling in ["ALICE", "Alice", " alice", "alice "] {
+        let reply = connect(&postern)
+            .await
+            .auth_plain(spelling, PASSWORD, "")
+            .await;
+        assert!(
+            reply.raw.starts_with("454 4.7.0"),
+            "{spelling:?} reached Dovecot past alice's window: {}",
+            reply.raw
+        );
+    }
+}
+
+/// Attack: a client makes Dovecot fail a request for a reason that says nothing about
+/// Dovecot (here: LOGIN credentials too long for one Dovecot request line), and postern
+/// counts the source as down: `/readyz` answers 503 and a load balancer takes this
+/// replica (or, with every replica probed alike, all of them) out of service. One
+/// unauthenticated connection every few seconds keeps it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_make_the_dovecot_source_look_down() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(backend.addr, &[dovecot_flag(&dovecot)]);
+    let admin = postern.addr("--metrics-listen");
+    wait_status(admin, "/readyz", 200).await;
+    let mut client = connect(&postern).await;
+    client.cmd("AUTH LOGIN", "334").await;
+    client.cmd(&b64("u".repeat(9000)), "334").await;
+    let reply = client.cmd(&b64("p".repeat(9000)), "").await;
+    assert!(!reply.raw.starts_with("235"), "{}", reply.raw);
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(
+        status, 200,
+        "one client's long LOGIN made postern unready: {body}"
+    );
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains(r#"postern_auth_source_up{source="dovecot"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// Attack: `relayed::claimed_name` reads the SCRAM client-first message only when the
+/// whole message is UTF-8, and a message it cannot read goes to Dovecot unchecked: the
+/// windows meet it only once Dovecot answers. Dovecot ignores SCRAM extensions after
+/// the nonce, so `n=alice,r=...,x=<non-UTF-8>` is alice's attempt to Dovecot and
+/// nobody's to postern. With a right proof Dovecot answers with its server signature
+/// (`334 v=...`), which reaches the client before any window is met: a network that
+/// postern refuses outright still learns whether each guess was right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scram_message_postern_cannot_read_never_reaches_dovecot() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_dovecot_limits(
+        backend.addr,
+        &dovecot,
+        &[("--max-auth-failures-per-ip", "1")],
+    );
+    connect(&postern)
+        .await
+        .auth_plain("alice", "wrong", "535 5.7.8")
+        .await;
+    // The network is over its limit: a readable SCRAM attempt is refused unchecked.
+    let mut client = connect(&postern).await;
+    let refused = client
+        .cmd(
+            &format!("AUTH SCRAM-SHA-256 {}", b64("n,,n=alice,r=abcdefgh")),
+            "",
+        )
+        .await;
+    assert!(refused.raw.starts_with("454 4.7.0"), "{}", refused.raw);
+    for first_bare in [
+        b"n=alice,r=fyko+d2lbbFgONRv9qkxdawL,x=\xff".to_vec(),
+        b"n=alice,r=fyko+d2lbbFgONRv9qkxdawL\xff".to_vec(),
+    ] {
+        let mut client = connect(&postern).await;
+        let reply = scram_bytes(&mut client, &first_bare, PASSWORD).await;
+        assert!(
+            reply.code != 334 && reply.code != 235,
+            "{:?}: Dovecot checked the proof for a refused network: {}",
+            String::from_utf8_lossy(&first_bare),
+            reply.raw
+        );
+    }
+}
+
+/// SCRAM-SHA-256 with a client-first-message-bare given as bytes: the reply to the
+/// client-final message (`334 v=...` when Dovecot accepted the proof).
+async fn scram_bytes(client: &mut SmtpClient, first_bare: &[u8], password: &str) -> Reply {
+    let first = [b"n,,".as_slice(), first_bare].concat();
+    let reply = client
+        .cmd(
+            &format!("AUTH SCRAM-SHA-256 {}", STANDARD.encode(&first)),
+            "",
+        )
+        .await;
+    if reply.code != 334 {
+        return reply;
+    }
+    let server_first = unb64(&reply.lines[0]);
+    let text = String::from_utf8_lossy(&server_first).into_owned();
+    let salt = STANDARD.decode(scram_attribute(&text, "s")).expect("salt");
+    let iterations: u32 = scram_attribute(&text, "i").parse().expect("i");
+    // The combined nonce, as bytes (it may carry the client's non-UTF-8 octet).
+    let start = server_first
+        .windows(2)
+        .position(|w| w == b"r=")
+        .expect("r=")
+        + 2;
+    let end = server_first[start..]
+        .iter()
+        .position(|&b| b == b',')
+        .map_or(server_first.len(), |e| start + e);
+    let combined = &server_first[start..end];
+    let salted = hi(password.as_bytes(), &salt, iterations);
+    let client_key = hmac_sha256(&salted, b"Client Key");
+    let stored_key = sha2::Sha256::digest(&client_key);
+    let without_proof = [b"c=biws,r=".as_slice(), combined].concat();
+    let auth_message = [first_bare, b",", &server_first, b",", &without_proof].concat();
+    let signature = hmac_sha256(&stored_key, &auth_message);
+    let proof: Vec<u8> = client_key
+        .iter()
+        .zip(&signature)
+        .map(|(k, s)| k ^ s)
+        .collect();
+    let last = [
+        without_proof.as_slice(),
+        b",p=",
+        STANDARD.encode(proof).as_bytes(),
+    ]
+    .concat();
+    client.line(&STANDARD.encode(last)).await;
+    client.read_reply().await
+}
+
+/// Attack: a relayed exchange takes one of its network's verification slots
+/// (`--max-verifications-per-network`) at `AUTH` and keeps it until the exchange ends,
+/// across the client's round trips: a client that answers no challenge holds the slot
+/// until its command timeout. A few idle `AUTH CRAM-MD5` connections refuse every
+/// login from their network (a NAT, an office, an IPv6 /64), PLAIN included, without
+/// one failure being counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_challenge_holds_no_verification_slot() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_dovecot_limits(
+        backend.addr,
+        &dovecot,
+        &[("--max-verifications-per-network", "1")],
+    );
+    let mut idle = connect(&postern).await;
+    idle.cmd("AUTH CRAM-MD5", "334").await;
+    // A neighbour on the same network logs in while the first client thinks.
+    connect(&postern)
+        .await
+        .auth_plain("alice", PASSWORD, "235")
+        .await;
+    drop(idle);
+}
+
+/// Attack: CRAM-MD5 is server-first, and Dovecot ignores an initial response to it; but
+/// postern read the user name from that initial response and met the windows under it.
+/// `AUTH CRAM-MD5 <"decoy 00...">` is counted against `decoy`, and the real response
+/// (`alice <digest>`) goes to Dovecot unchecked: alice's window, and a refusal of this
+/// network for her, never apply. Each guess can name a fresh decoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cram_md5_initial_response_cannot_stand_in_for_the_real_name() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_dovecot_limits(
+        backend.addr,
+        &dovecot,
+        &[("--max-auth-failures-per-user", "1")],
+    );
+    connect(&postern)
+        .await
+        .auth_plain("carol", "wrong", "535 5.7.8")
+        .await;
+    connect(&postern)
+        .await
+        .auth_plain("carol", PASSWORD, "454 4.7.0")
+        .await;
+    let mut client = connect(&postern).await;
+    let decoy = b64(format!("decoy {}", "0".repeat(32)));
+    let reply = client.cmd(&format!("AUTH CRAM-MD5 {decoy}"), "").await;
+    if reply.code != 334 {
+        // Refused outright: nothing reached Dovecot.
+        return;
+    }
+    let challenge = unb64(&reply.lines[0]);
+    let mut mac =
+        <hmac::Hmac<md5::Md5> as hmac::KeyInit>::new_from_slice(PASSWORD.as_bytes()).unwrap();
+    hmac::Mac::update(&mut mac, &challenge);
+    let digest: String = hmac::Mac::finalize(mac)
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let done = client.cmd(&b64(format!("carol {digest}")), "").await;
+    assert!(
+        !done.raw.starts_with("235"),
+        "carol's password was checked for a network refused for her: {}",
+        done.raw
+    );
+}
+
+/// Attack: a source that answers "try later" for one user (Dovecot's temporary failure
+/// from a passdb for that user, an auth_http server's `Auth-Error-Code: 4xx` for a
+/// rate-limited name) is counted as down: `/readyz` turns 503 until the next probe, for
+/// everyone. Any client that knows such a name flips readiness at will, and one attempt
+/// per probe interval keeps a load balancer draining the replica. The source answered:
+/// it is up; only the probe and transport failures (no connection, no answer in time,
+/// protocol errors) should say otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_temporary_failure_does_not_make_postern_unready() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(backend.addr, &[dovecot_flag(&dovecot)]);
+    let admin = postern.addr("--metrics-listen");
+    wait_status(admin, "/readyz", 200).await;
+    // `broken`'s passdb always fails temporarily; alice's works.
+    connect(&postern)
+        .await
+        .auth_plain("broken", PASSWORD, "454 4.7.0")
+        .await;
+    let (status, body) = http_get(admin, "/readyz").await;
+    assert_eq!(
+        status, 200,
+        "one user's temporary failure made postern unready: {body}"
+    );
+    connect(&postern)
+        .await
+        .auth_plain("alice", PASSWORD, "235")
+        .await;
+}
+
+/// Attack: relayed SCRAM tells which names exist. Dovecot looks the user up at the
+/// client-first message and fails at once for a name it does not know (or one without
+/// SCRAM credentials), while a known name gets its salt and iteration count in a 334;
+/// the client then cancels with `*`, which gives the attempt back to the windows. So a
+/// client lists valid accounts, each probe of a real one costing nothing, where PLAIN
+/// pads every failure so that response times tell no names apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_scram_does_not_tell_which_users_exist() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(backend.addr, &[dovecot_flag(&dovecot)]);
+    let mut codes = Vec::new();
+    for user in ["alice", "nobody"] {
+        let mut client = connect(&postern).await;
+        let reply = client
+            .cmd(
+                &format!(
+                    "AUTH SCRAM-SHA-256 {}",
+                    b64(format!("n,,n={user},r=abcdefgh"))
+                ),
+                "",
+            )
+            .await;
+        codes.push((user, reply.code));
+    }
+    assert_eq!(
+        codes[0].1, codes[1].1,
+        "the first reply tells an existing user from an unknown one: {codes:?}"
+    );
+}
+
+/// Attack: postern never lets one user act as another (a PLAIN authzid other than the
+/// user is refused, `sasl::plain`), but a relayed SCRAM client-first message carries
+/// its authzid (`a=`) to Dovecot untouched. Where Dovecot has master users (common, for
+/// IMAP administration), `n,a=alice,n=admin,...` with admin's password logs in as
+/// alice, and the session goes to the backend as her (XCLIENT LOGIN=alice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scram_authzid_cannot_act_as_another_user() {
+    let masters = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        masters.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let file = masters.path().join("masters");
+    std::fs::write(&file, format!("admin:{{PLAIN}}{PASSWORD}\n")).expect("masters");
+    let Some(dovecot) = Dovecot::start_with(common::dovecot::Settings {
+        extra: format!(
+            "passdb {{\n  driver = passwd-file\n  args = {}\n  master = yes\n}}\n",
+            file.display()
+        ),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(backend.addr, &[dovecot_flag(&dovecot)]);
+    let mut client = connect(&postern).await;
+    let reply = scram_with_authzid(&mut client, "alice", "admin", PASSWORD).await;
+    assert!(
+        reply.code != 334 && reply.code != 235,
+        "admin acted as alice through a relayed authzid: {}",
+        reply.raw
+    );
+}
+
+/// SCRAM-SHA-256 as `user` asking to act as `authzid`: the reply to the client-final
+/// message.
+async fn scram_with_authzid(
+    client: &mut SmtpClient,
+    authzid: &str,
+    user: &str,
+    password: &str,
+) -> Reply {
+    let nonce = "fyko+d2lbbFgONRv9qkxdawL";
+    let first_bare = format!("n={user},r={nonce}");
+    let reply = client
+        .cmd(
+            &format!(
+                "AUTH SCRAM-SHA-256 {}",
+                b64(format!("n,a={authzid},{first_bare}"))
+            ),
+            "",
+        )
+        .await;
+    if reply.code != 334 {
+        return reply;
+    }
+    let server_first = String::from_utf8(unb64(&reply.lines[0])).expect("UTF-8");
+    let combined = scram_attribute(&server_first, "r");
+    let salt = STANDARD
+        .decode(scram_attribute(&server_first, "s"))
+        .expect("salt");
+    let iterations: u32 = scram_attribute(&server_first, "i").parse().expect("i");
+    let salted = hi(password.as_bytes(), &salt, iterations);
+    let client_key = hmac_sha256(&salted, b"Client Key");
+    let stored_key = sha2::Sha256::digest(&client_key);
+    // The channel binding repeats the GS2 header, authzid included.
+    let without_proof = format!("c={},r={combined}", b64(format!("n,a={authzid},")));
+    let auth_message = format!("{first_bare},{server_first},{without_proof}");
+    let signature = hmac_sha256(&stored_key, auth_message.as_bytes());
+    let proof: Vec<u8> = client_key
+        .iter()
+        .zip(&signature)
+        .map(|(k, s)| k ^ s)
+        .collect();
+    client
+        .cmd(
+            &b64(format!("{without_proof},p={}", STANDARD.encode(proof))),
+            "",
+        )
+        .await
+}
