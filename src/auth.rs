@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::limits::{
-    AuthHistory, AuthLimits, ClientNet, FailurePace, PerNetSlots, THROTTLE_LOG_INTERVAL,
+    AuthHistory, AuthLimits, ClientNet, FailurePace, NetSlot, PerNetSlots, THROTTLE_LOG_INTERVAL,
     ThrottleLog,
 };
 use crate::metrics;
@@ -121,6 +121,9 @@ pub struct Authenticator {
     cache: Option<Cache>,
     /// Whether the source answered the last time it was asked.
     up: watch::Sender<bool>,
+    /// Makes up the SCRAM salt of names the source does not know (see
+    /// [`relayed::decoy_server_first`]).
+    decoy_key: [u8; 32],
 }
 
 impl Authenticator {
@@ -157,7 +160,10 @@ impl Authenticator {
             let _ = crate::tls::provider().secure_random.fill(&mut salt);
             Cache::new(ttl, salt)
         });
+        let mut decoy_key = [0u8; 32];
+        let _ = crate::tls::provider().secure_random.fill(&mut decoy_key);
         Arc::new(Authenticator {
+            decoy_key,
             verifications_per_net: PerNetSlots::new(settings.verifications_per_network, u32::MAX),
             gate: FailureGate::new(settings.failures, &settings.store),
             settings,
@@ -525,23 +531,17 @@ impl Authenticator {
             debug_assert!(false, "only a Dovecot source relays");
             return (None, SourceReply::Done(Verdict::Unavailable, None));
         };
-        // Held for this call only: between two client lines the exchange holds no slot.
-        let Ok(_slot) = self.verifications_per_net.try_acquire(client.net, None) else {
-            let verdict = self.throttled(
-                &client,
-                "",
-                mechanism,
-                metrics::label::throttle_scope::NETWORK_VERIFICATIONS,
-            );
-            return (None, SourceReply::Done(verdict, None));
-        };
         let mut relayed = Relayed {
             mechanism,
             exchange: None,
             admitted: None,
+            challenged: false,
+            named_by: None,
+            decoy: false,
         };
         // CRAM-MD5 is server-first: Dovecot ignores an initial response, so the name
-        // is read from the response to its challenge (in relay_step).
+        // is read from the response to its challenge (in relay_step). The name meets
+        // its windows first (their slow-down holds no slot), as in authenticate.
         if let Some(message) = &initial
             && !message.is_empty()
             && relayed::named_initially(mechanism)
@@ -551,6 +551,11 @@ impl Authenticator {
         {
             return (None, SourceReply::Done(verdict, None));
         }
+        // Held for this call only: between two client lines the exchange holds no slot.
+        let (_slot, verifier) = match self.relay_capacity(&client, &mut relayed).await {
+            Ok(held) => held,
+            Err(verdict) => return (None, SourceReply::Done(verdict, None)),
+        };
         let info = source::client_info(&Attempt {
             credentials: &Credentials::Password {
                 username: String::new(),
@@ -565,6 +570,7 @@ impl Authenticator {
         let result = dovecot
             .start(mechanism.name(), initial.as_deref(), &info)
             .await;
+        drop(verifier);
         match result {
             Ok((exchange, step)) => {
                 relayed.exchange = Some(exchange);
@@ -572,6 +578,7 @@ impl Authenticator {
                     .await
             }
             Err(error) => {
+                relayed.give_back();
                 self.relay_failed(&error, started);
                 (None, SourceReply::Done(Verdict::Unavailable, None))
             }
@@ -587,15 +594,6 @@ impl Authenticator {
         client: Client<'_>,
         response: Vec<u8>,
     ) -> (Option<Relayed>, SourceReply) {
-        let Ok(_slot) = self.verifications_per_net.try_acquire(client.net, None) else {
-            let verdict = self.throttled(
-                &client,
-                "",
-                relayed.mechanism,
-                metrics::label::throttle_scope::NETWORK_VERIFICATIONS,
-            );
-            return (None, SourceReply::Done(verdict, None));
-        };
         if relayed.admitted.is_none()
             && let Err(verdict) = self
                 .admit_named(&mut relayed, &client, shutdown, &response)
@@ -603,20 +601,66 @@ impl Authenticator {
         {
             return (None, SourceReply::Done(verdict, None));
         }
+        let (_slot, verifier) = match self.relay_capacity(&client, &mut relayed).await {
+            Ok(held) => held,
+            Err(verdict) => return (None, SourceReply::Done(verdict, None)),
+        };
+        if relayed.decoy {
+            // The proof for a name the source does not know: the failure it would be.
+            let started = Instant::now();
+            let refused = dovecot::Step::Failure {
+                temporary: false,
+                reason: None,
+                user: None,
+            };
+            return self
+                .relay_answer(relayed, history, shutdown, &client, refused, started)
+                .await;
+        }
         let Some(exchange) = relayed.exchange.as_mut() else {
             return (None, SourceReply::Done(Verdict::Unavailable, None));
         };
         let started = Instant::now();
-        match exchange.step(&response).await {
+        let stepped = exchange.step(&response).await;
+        drop(verifier);
+        match stepped {
             Ok(step) => {
                 self.relay_answer(relayed, history, shutdown, &client, step, started)
                     .await
             }
             Err(error) => {
+                relayed.give_back();
                 self.relay_failed(&error, started);
                 (None, SourceReply::Done(Verdict::Unavailable, None))
             }
         }
+    }
+
+    /// The network's verification slot and a verifier for one call to the source, as
+    /// `authenticate` takes them: a flood of relayed exchanges meets the same share as
+    /// any other. Refused, the attempt's place in the windows is given back (it was
+    /// never checked).
+    async fn relay_capacity(
+        &self,
+        client: &Client<'_>,
+        relayed: &mut Relayed,
+    ) -> Result<(NetSlot, pool::Verifier), Verdict> {
+        use metrics::label::throttle_scope;
+        let mechanism = relayed.mechanism;
+        let scope = match self.verifications_per_net.try_acquire(client.net, None) {
+            Ok(slot) => match self
+                .verifiers
+                .acquire(client.net, VERIFY_QUEUE_TIMEOUT)
+                .await
+            {
+                Ok(verifier) => return Ok((slot, verifier)),
+                Err(Busy::QueueFull | Busy::Displaced) => throttle_scope::VERIFIER_QUEUE,
+                Err(Busy::TimedOut) => throttle_scope::VERIFIER,
+            },
+            Err(_) => throttle_scope::NETWORK_VERIFICATIONS,
+        };
+        relayed.give_back();
+        Err(self.throttled(client, "", mechanism, scope))
     }
 
     /// Meets the windows with the name `message` claims. A message that names nobody
@@ -636,6 +680,7 @@ impl Authenticator {
             .admit(client, shutdown, &name, relayed.mechanism)
             .await?;
         relayed.admitted = Some((ticket, key, name));
+        relayed.named_by = Some(message.to_vec());
         Ok(())
     }
 
@@ -668,8 +713,31 @@ impl Authenticator {
         started: Instant,
     ) -> (Option<Relayed>, SourceReply) {
         let took = started.elapsed();
+        let named_by = relayed.named_by.take();
         let (valid, dovecot_user) = match step {
+            // Dovecot refused the message that named the user: SCRAM's client-first,
+            // looked up at once, so an unknown name fails here and a known one gets
+            // its salt. Both get a server-first; the unknown one fails at the proof.
+            dovecot::Step::Failure {
+                temporary: false, ..
+            } if relayed::named_initially(relayed.mechanism)
+                && let Some(first) = &named_by
+                && let Some((_, _, name)) = &relayed.admitted
+                && let Some(challenge) = {
+                    let mut random = [0u8; 18];
+                    let _ = crate::tls::provider().secure_random.fill(&mut random);
+                    relayed::decoy_server_first(first, name, &self.decoy_key, &random)
+                } =>
+            {
+                relayed.exchange = None;
+                relayed.decoy = true;
+                relayed.challenged = true;
+                return (Some(relayed), SourceReply::Challenge(challenge));
+            }
             dovecot::Step::Challenge(challenge) => {
+                // Dovecot challenged a named user: from here, an exchange dropped
+                // unfinished counts as a failure (see Relayed's Drop).
+                relayed.challenged = relayed.admitted.is_some();
                 return (Some(relayed), SourceReply::Challenge(challenge));
             }
             dovecot::Step::Success { user } => (true, Some(user)),
@@ -679,6 +747,7 @@ impl Authenticator {
                 ..
             } => {
                 let reason = reason.unwrap_or_else(|| "temporary failure".into());
+                relayed.give_back();
                 warn!(source = self.source.kind().label(), %reason, "credential source could not check; 454 4.7.0");
                 self.record(&Err(Unavailable::try_later(reason)), took);
                 return (None, SourceReply::Done(Verdict::Unavailable, None));
@@ -760,6 +829,32 @@ pub struct Relayed {
     exchange: Option<dovecot::Exchange>,
     /// The attempt's place in the windows, once a message named the user.
     admitted: Option<(Ticket, NameKey, String)>,
+    /// The source challenged the named user: it exists (Dovecot fails an unknown name
+    /// at once), so dropping the exchange now is a failed attempt, not a free probe.
+    challenged: bool,
+    /// The message that named the user in the current step, if one did.
+    named_by: Option<Vec<u8>>,
+    /// The source refused the name; postern answered with a made-up challenge.
+    decoy: bool,
+}
+
+impl Relayed {
+    /// The attempt was never checked (postern busy, the source down): its place goes
+    /// back, as for any attempt that ends without an outcome.
+    fn give_back(&mut self) {
+        self.admitted = None;
+        self.challenged = false;
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        if self.challenged
+            && let Some((ticket, _, _)) = self.admitted.take()
+        {
+            ticket.failed();
+        }
+    }
 }
 
 impl fmt::Debug for Relayed {

@@ -122,7 +122,12 @@ pub struct ServeArgs {
     /// The legacy plain-SMTP server that receives the mail.
     // An Option only so that `postern check relay-out` can do without it: clap still
     // requires it for serve and check.
-    #[arg(long, env = "POSTERN_BACKEND", value_name = "HOST:PORT", required = true)]
+    #[arg(
+        long,
+        env = "POSTERN_BACKEND",
+        value_name = "HOST:PORT",
+        required = true
+    )]
     pub backend: Option<String>,
 
     /// PEM certificate chain, server certificate first, then its intermediates. Repeat

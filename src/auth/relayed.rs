@@ -26,6 +26,36 @@ pub fn named_initially(mechanism: Mechanism) -> bool {
     matches!(mechanism, Mechanism::ScramSha1 | Mechanism::ScramSha256)
 }
 
+/// What a server-first SCRAM message would say to a name the source does not know, so
+/// that the answer to a client-first message tells no names apart (RFC 5802 §9: the
+/// salt of an unknown user "should be" made up, and constant per name). `key` is a
+/// secret of the process; the iteration count is Dovecot's (4096).
+pub fn decoy_server_first(
+    client_first: &[u8],
+    name: &str,
+    key: &[u8; 32],
+    random: &[u8; 18],
+) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use sha2::{Digest, Sha256};
+    let text = std::str::from_utf8(client_first).ok()?;
+    let bare = text.splitn(3, ',').nth(2)?;
+    let nonce = bare.split(',').find_map(|a| a.strip_prefix("r="))?;
+    let mut salt = Sha256::new();
+    salt.update(key);
+    salt.update(name.as_bytes());
+    let salt = salt.finalize();
+    Some(
+        format!(
+            "r={nonce}{},s={},i=4096",
+            STANDARD.encode(random),
+            STANDARD.encode(&salt[..16])
+        )
+        .into_bytes(),
+    )
+}
+
 fn scram_name(client_first: &str) -> Option<String> {
     // gs2-cbind-flag "," [authzid] "," client-first-message-bare
     let mut parts = client_first.splitn(3, ',');
@@ -48,6 +78,31 @@ fn scram_name(client_first: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decoy_server_first_extends_the_clients_nonce_and_keeps_a_salt_per_name() {
+        let key = [9; 32];
+        let first = decoy_server_first(b"n,,n=nobody,r=abc", "nobody", &key, &[1; 18]).unwrap();
+        let again = decoy_server_first(b"n,,n=nobody,r=xyz", "nobody", &key, &[2; 18]).unwrap();
+        let other = decoy_server_first(b"n,,n=else,r=abc", "else", &key, &[1; 18]).unwrap();
+        let text = String::from_utf8(first.clone()).unwrap();
+        assert!(text.starts_with("r=abc"), "{text}");
+        assert!(text.ends_with(",i=4096"), "{text}");
+        let salt = |m: &[u8]| {
+            String::from_utf8(m.to_vec())
+                .unwrap()
+                .split(',')
+                .nth(1)
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(salt(&first), salt(&again), "one salt per name");
+        assert_ne!(salt(&first), salt(&other));
+        assert_eq!(
+            decoy_server_first(b"n,,n=nobody", "nobody", &key, &[1; 18]),
+            None
+        );
+    }
 
     #[test]
     fn names_are_read_where_each_mechanism_puts_them() {

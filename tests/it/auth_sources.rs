@@ -960,3 +960,47 @@ async fn scram_with_authzid(
         )
         .await
 }
+
+/// Attack, continued: probing a real account by cancelling after its challenge is not
+/// free (each costs a failure of that name from that network), and an unknown name's
+/// made-up challenge ends, at the proof, in the 535 a wrong password gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_probes_cost_failures_and_a_made_up_challenge_ends_in_535() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let postern = postern_with_source(
+        backend.addr,
+        &[
+            dovecot_flag(&dovecot),
+            ("--max-auth-failures-per-ip", "2".into()),
+        ],
+    );
+    let first = |user: &str| {
+        format!(
+            "AUTH SCRAM-SHA-256 {}",
+            b64(format!("n,,n={user},r=abcdefgh"))
+        )
+    };
+    // An unknown name: a challenge like any other, then 535 at the proof.
+    let mut client = connect(&postern).await;
+    let challenge = client.cmd(&first("nobody"), "334").await;
+    let server_first = String::from_utf8(unb64(&challenge.lines[0])).expect("UTF-8");
+    assert!(server_first.starts_with("r=abcdefgh"), "{server_first}");
+    client
+        .cmd(&b64("c=biws,r=abcdefgh,p=AAAA"), "535 5.7.8")
+        .await;
+    // A real name, challenged, then cancelled: the second failure of this network.
+    let mut client = connect(&postern).await;
+    client.cmd(&first("alice"), "334").await;
+    client.cmd("*", "501").await;
+    // The network is now over its limit: refused unchecked, even with the password.
+    let mut client = connect(&postern).await;
+    client
+        .cmd(
+            &format!("AUTH PLAIN {}", plain_response("alice", PASSWORD)),
+            "454 4.7.0",
+        )
+        .await;
+}
