@@ -387,13 +387,7 @@ where
                         return Next::Closed(Outcome::IoError);
                     }
                     *auth_attempts += 1;
-                    let who = auth::Client {
-                        addr: addrs.client,
-                        local: addrs.local,
-                        net: services.grouping.net(addrs.client.ip()),
-                        helo: session.hello_name(),
-                        attempt: *auth_attempts,
-                    };
+                    let who = auth_client(addrs, services, session, *auth_attempts);
                     let decision = services
                         .auth
                         .authenticate(auth_history, shutdown, who, mechanism, credentials)
@@ -407,20 +401,12 @@ where
                     {
                         return Next::Closed(Outcome::IoError);
                     }
-                    let who = auth::Client {
-                        addr: addrs.client,
-                        local: addrs.local,
-                        net: services.grouping.net(addrs.client.ip()),
-                        helo: session.hello_name(),
-                        attempt: *auth_attempts,
-                    };
+                    if matches!(step, SourceSasl::Start { .. }) {
+                        *auth_attempts += 1;
+                    }
+                    let who = auth_client(addrs, services, session, *auth_attempts);
                     let (next, reply) = match step {
                         SourceSasl::Start { mechanism, initial } => {
-                            *auth_attempts += 1;
-                            let who = auth::Client {
-                                attempt: *auth_attempts,
-                                ..who
-                            };
                             services
                                 .auth
                                 .relay_start(auth_history, shutdown, who, mechanism, initial)
@@ -541,6 +527,22 @@ where
                 return Next::Closed(Outcome::Timeout);
             }
         }
+    }
+}
+
+/// Who is trying to log in, as the Authenticator needs it.
+fn auth_client<'a>(
+    addrs: &ClientAddrs,
+    services: &Services,
+    session: &'a Session,
+    attempt: u32,
+) -> auth::Client<'a> {
+    auth::Client {
+        addr: addrs.client,
+        local: addrs.local,
+        net: services.grouping.net(addrs.client.ip()),
+        helo: session.hello_name(),
+        attempt,
     }
 }
 
