@@ -18,12 +18,15 @@
 //! - `client`: one session, stage by stage, with the stage of any failure.
 //! - `message`: the test message, built and dot-stuffed once.
 //! - `tls`: the rustls client configuration (`--ca` or `--insecure`).
+//! - [`floor`]: the crypto floor, the TLS server work alone per CPU-second, in memory
+//!   (the `postern-bench-floor` binary).
 //! - `report`: tallies, progress counters, the human and JSON summaries.
 //! - the `postern-bench` binary (`main.rs`) parses [`BenchArgs`] and calls [`run`]; the
 //!   `postern-bench-sink` binary is the discard backend `benches/compare.sh` puts behind
 //!   the proxies.
 
 mod client;
+pub mod floor;
 mod message;
 mod report;
 mod tls;

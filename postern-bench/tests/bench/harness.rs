@@ -162,6 +162,16 @@ impl Sink {
     }
 }
 
+/// A fresh certificate for `localhost` (P-256 ECDSA, as compare.sh makes) and its key,
+/// written into `dir` as `cert.pem` and `key.pem`.
+pub fn write_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let certs = Certs::generate();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certs.cert).expect("write cert.pem");
+    std::fs::write(&key, certs.key).expect("write key.pem");
+    (cert, key)
+}
+
 /// A CA, and a certificate it signed for `localhost` and `127.0.0.1`, as PEM.
 struct Certs {
     ca: String,
