@@ -18,8 +18,9 @@ pub use super::rules::{
 use super::rules::{Op, Output, Rules};
 
 /// A read buffer starts this small, so an idle session costs little memory (nginx's
-/// mail proxy holds ~24 KiB per idle session; tokio's copy_bidirectional 128 KiB)...
-pub const MIN_BUFFER: usize = 2 * 1024;
+/// mail proxy holds ~24 KiB per idle session; tokio's copy_bidirectional 128 KiB): a
+/// pipelined MAIL, RCPT and DATA fit, and a read that fills it doubles it...
+pub const MIN_BUFFER: usize = 512;
 /// ...and doubles up to this while reads fill it, so bulk DATA moves in few syscalls
 /// and TLS records are full. It also bounds what waits to be written to a side.
 pub const MAX_BUFFER: usize = 64 * 1024;
@@ -423,7 +424,9 @@ impl OutQueue {
 
     fn push(&mut self, bytes: &[u8]) {
         if self.is_empty() {
-            self.clear();
+            // Already cleared when its last byte was written; the room it kept stays.
+            self.bytes.clear();
+            self.sent = 0;
         }
         self.bytes.extend_from_slice(bytes);
     }
@@ -437,10 +440,16 @@ impl OutQueue {
     }
 
     fn clear(&mut self) {
+        // What was just sent says whether traffic is heavy: a queue that held a large
+        // batch keeps its room for the next one, and the first small batch after a
+        // burst (the reply after the body, the next command) gives the room back, so
+        // an idle session keeps no burst-sized queue.
+        let batch = self.bytes.len();
         self.bytes.clear();
         self.sent = 0;
-        // An idle session keeps no bulk-sized queue.
-        if self.bytes.capacity() > MAX_BUFFER {
+        if self.bytes.capacity() > MAX_BUFFER
+            || (batch < MIN_BUFFER && self.bytes.capacity() > MIN_BUFFER)
+        {
             self.bytes = Vec::new();
         }
     }

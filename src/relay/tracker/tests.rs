@@ -1140,3 +1140,24 @@ fn command_lines_after_login_stop_at_postfixs_line_limit() {
     assert!(run.to_backend.is_empty() && run.closed);
     assert_eq!(run.client_text(), "500 5.5.2 Line too long\r\n");
 }
+
+#[test]
+fn a_queue_gives_back_its_burst_room_after_the_first_small_batch() {
+    let mut queue = OutQueue::default();
+    let burst = vec![b'x'; MAX_BUFFER];
+    queue.push(&burst);
+    queue.written(MAX_BUFFER);
+    // Heavy traffic: the room stays for the next batch.
+    assert!(queue.bytes.capacity() >= MAX_BUFFER);
+    queue.push(b"250 2.0.0 Ok\r\n");
+    assert!(
+        queue.bytes.capacity() >= MAX_BUFFER,
+        "kept while it is used"
+    );
+    queue.written(14);
+    assert_eq!(queue.bytes.capacity(), 0, "an idle session holds no burst");
+    // Small batches keep a small queue.
+    queue.push(b"250 2.0.0 Ok\r\n");
+    queue.written(14);
+    assert!(queue.bytes.capacity() <= MIN_BUFFER);
+}
