@@ -138,6 +138,11 @@ allocs() {
         <(field "$a" live_blocks | tr , '\n' | sort -t: -k1,1) \
         <(field "$b" live_blocks | tr , '\n' | sort -t: -k1,1) |
         sort -t: -k1,1n | awk -F: -v n="$n" '{ d = ($3 - $2) / n; if (d >= 0.05) printf "    %7d: %.2f\n", $1, d }'
+    echo "  live blocks of 1-64 KiB per session, by size (rounded up to 64 bytes):"
+    join -t: -a2 -e0 -o 0,1.2,2.2 \
+        <(field "$a" live_big | tr , '\n' | sort -t: -k1,1) \
+        <(field "$b" live_big | tr , '\n' | sort -t: -k1,1) |
+        sort -t: -k1,1n | awk -F: -v n="$n" '{ d = ($3 - $2) / n; if (d >= 0.05) printf "    %7d: %.2f\n", $1, d }'
     wait "$idle_pid" || true
     sleep 1
     b=$(snap)

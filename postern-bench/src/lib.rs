@@ -132,6 +132,11 @@ pub struct BenchArgs {
     #[arg(short = 'd', long, default_value_t = 10.0, value_name = "SECS")]
     pub duration: f64,
 
+    /// Connect from this local address (an attack from another network than the
+    /// legitimate load, both on loopback: 127.0.0.2).
+    #[arg(long, value_name = "IP")]
+    pub source: Option<std::net::IpAddr>,
+
     /// Stop after this many sessions, even if time is left.
     #[arg(long, value_name = "N")]
     pub sessions: Option<u64>,
@@ -292,6 +297,7 @@ fn script(args: &BenchArgs) -> Result<Script, Error> {
     let body = message::build(args.size, &args.mail_from, &args.rcpt_to);
     Ok(Script {
         addr,
+        source: args.source,
         mode: args.mode,
         tls,
         auth,

@@ -38,18 +38,37 @@ static BYTES: AtomicU64 = AtomicU64::new(0);
 static LIVE: AtomicI64 = AtomicI64::new(0);
 static LIVE_BLOCKS: [AtomicI64; CLASSES] = [const { AtomicI64::new(0) }; CLASSES];
 
+/// Live blocks of 1 KiB up to 64 KiB by exact size, rounded up to [`STEP`]: the
+/// buffers an idle session holds are found by their size.
+const STEP: usize = 64;
+const BIG_FROM: usize = 1024;
+const BIG_TO: usize = 64 * 1024;
+static LIVE_BIG: [AtomicI64; BIG_TO / STEP + 1] = [const { AtomicI64::new(0) }; BIG_TO / STEP + 1];
+
 fn class(size: usize) -> usize {
     (usize::BITS - size.max(1).leading_zeros() - 1).min(CLASSES as u32 - 1) as usize
+}
+
+fn big(size: usize) -> Option<&'static AtomicI64> {
+    (BIG_FROM..=BIG_TO)
+        .contains(&size)
+        .then(|| &LIVE_BIG[size.div_ceil(STEP)])
 }
 
 fn born(size: usize) {
     LIVE.fetch_add(size as i64, Relaxed);
     LIVE_BLOCKS[class(size)].fetch_add(1, Relaxed);
+    if let Some(n) = big(size) {
+        n.fetch_add(1, Relaxed);
+    }
 }
 
 fn died(size: usize) {
     LIVE.fetch_sub(size as i64, Relaxed);
     LIVE_BLOCKS[class(size)].fetch_sub(1, Relaxed);
+    if let Some(n) = big(size) {
+        n.fetch_sub(1, Relaxed);
+    }
 }
 
 // SAFETY: every call goes to the system allocator with the caller's own arguments;
@@ -100,6 +119,14 @@ fn snapshot() -> String {
             (n != 0).then(|| format!("{}:{n}", 1u64 << k))
         })
         .collect();
+    let big: Vec<String> = LIVE_BIG
+        .iter()
+        .enumerate()
+        .filter_map(|(k, n)| {
+            let n = n.load(Relaxed);
+            (n != 0).then(|| format!("{}:{n}", k * STEP))
+        })
+        .collect();
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let rss = status
         .lines()
@@ -107,13 +134,14 @@ fn snapshot() -> String {
         .map_or("?", |v| v.trim().trim_end_matches(" kB"));
     let cpu = postern_cpu_ms().map_or("?".to_owned(), |ms| ms.to_string());
     format!(
-        "allocs={} reallocs={} frees={} bytes={} live={} rss_kib={rss} cpu_ms={cpu} live_blocks={}",
+        "allocs={} reallocs={} frees={} bytes={} live={} rss_kib={rss} cpu_ms={cpu} live_blocks={} live_big={}",
         ALLOCS.load(Relaxed),
         REALLOCS.load(Relaxed),
         FREES.load(Relaxed),
         BYTES.load(Relaxed),
         LIVE.load(Relaxed),
-        classes.join(",")
+        classes.join(","),
+        big.join(",")
     )
 }
 

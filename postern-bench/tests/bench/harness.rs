@@ -104,10 +104,16 @@ pub struct Sink {
 
 impl Sink {
     pub fn start() -> Sink {
+        Sink::start_with(&[])
+    }
+
+    /// [`Sink::start`] with these flags added.
+    pub fn start_with(flags: &[&str]) -> Sink {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_postern-bench-sink"))
             .args(["--listen", "127.0.0.1:0", "--record"])
             .arg(dir.path())
+            .args(flags)
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn postern-bench-sink");
