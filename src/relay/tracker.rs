@@ -336,7 +336,10 @@ enum Side {
 /// One direction's read buffer: bytes read but not yet taken by the rules sit at
 /// `start..end` and are moved to the front before the next read. It grows while reads
 /// fill it and shrinks back when it empties after a small read, so an idle session
-/// holds [`MIN_BUFFER`] and a bulk one [`MAX_BUFFER`].
+/// holds [`MIN_BUFFER`] and a bulk one [`MAX_BUFFER`]. A read is small below
+/// [`MIN_BUFFER`], not merely short of the space: under bulk a TLS stream hands over
+/// whatever plaintext it has, often less than the space, and shrinking then would make
+/// every burst climb back up from the smallest size.
 #[derive(Debug)]
 struct InBuffer {
     bytes: Vec<u8>,
@@ -344,6 +347,8 @@ struct InBuffer {
     end: usize,
     /// The last read filled all the space it was given: traffic is heavy.
     last_read_filled: bool,
+    /// The size of the last read.
+    last_read: usize,
 }
 
 impl InBuffer {
@@ -355,6 +360,7 @@ impl InBuffer {
             start: 0,
             end: initial.len(),
             last_read_filled: false,
+            last_read: 0,
         }
     }
 
@@ -371,7 +377,10 @@ impl InBuffer {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            if !self.last_read_filled && self.bytes.len() > MIN_BUFFER {
+            if !self.last_read_filled
+                && self.last_read < MIN_BUFFER
+                && self.bytes.len() > MIN_BUFFER
+            {
                 self.bytes = vec![0; MIN_BUFFER];
             }
         }
@@ -393,6 +402,7 @@ impl InBuffer {
 
     fn filled(&mut self, n: usize) {
         self.last_read_filled = self.end + n >= self.bytes.len();
+        self.last_read = n;
         self.end = (self.end + n).min(self.bytes.len());
         if self.last_read_filled && self.bytes.len() < MAX_BUFFER {
             // Grow before the next read rather than after a compaction finds it full.
