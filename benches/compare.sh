@@ -10,8 +10,16 @@
 #   HS_CONC=32             concurrent connections, handshake scenario
 #   BULK_CONC=8            concurrent connections, bulk scenario
 #   BULK_SIZE=1048576      message size, bulk scenario
+#   ATTACK_CONC=16         attacking connections (failed AUTHs at argon2 cost), attack scenario
+#   FLOOR_SECS=2           server CPU-seconds per crypto-floor measurement (FLOOR=0: skip it)
+#   KX=x25519              key exchange of the crypto floor (what the load generator negotiates)
 #   PROXIES="nginx postern"            which proxies to measure
-#   SCENARIOS="idle handshake bulk"    which scenarios to run
+#   SCENARIOS="idle handshake resumed bulk attack hidden"    which scenarios to run
+#       resumed: the handshake scenario with TLS 1.3 session tickets (--tls-resumption)
+#       attack:  postern only, the handshake scenario while ATTACK_CONC clients flood
+#                failed AUTHs for an argon2id user
+#       hidden:  postern only, what the options cost: bulk with --strict-data, handshake
+#                and bulk with --xclient (the sink then offers XCLIENT)
 #   PROXY_CPU=0 LOAD_CPU=1 cores for the proxy, and for the load generator and sink
 #   PORT_BASE=25800        six consecutive loopback ports from here
 #   SPIN=1                 keep both cores awake with SCHED_IDLE busy loops (see below)
@@ -30,8 +38,12 @@ IDLE=${IDLE:-2000}
 HS_CONC=${HS_CONC:-32}
 BULK_CONC=${BULK_CONC:-8}
 BULK_SIZE=${BULK_SIZE:-1048576}
+ATTACK_CONC=${ATTACK_CONC:-16}
+FLOOR=${FLOOR:-1}
+FLOOR_SECS=${FLOOR_SECS:-2}
+KX=${KX:-x25519}
 PROXIES=${PROXIES:-nginx postern}
-SCENARIOS=${SCENARIOS:-idle handshake bulk}
+SCENARIOS=${SCENARIOS:-idle handshake resumed bulk attack hidden}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 PORT_BASE=${PORT_BASE:-25800}
@@ -56,6 +68,7 @@ postern=$target_dir/release/postern
 proxy_bin=${POSTERN_BIN:-$postern}
 bench_bin=$target_dir/release/postern-bench
 sink=$target_dir/release/postern-bench-sink
+floor_bin=$target_dir/release/postern-bench-floor
 hz=$(getconf CLK_TCK)
 
 work=$(mktemp -d -t postern-compare.XXXXXX)
@@ -100,8 +113,9 @@ ensure_nginx() {
 }
 
 build() {
-    log "building postern, postern-bench and postern-bench-sink (release)"
-    (cd "$repo" && cargo build --release --quiet --bin postern --bin postern-bench --bin postern-bench-sink)
+    log "building postern, postern-bench, postern-bench-sink and postern-bench-floor (release)"
+    (cd "$repo" && cargo build --release --quiet --bin postern --bin postern-bench \
+        --bin postern-bench-sink --bin postern-bench-floor)
 }
 
 make_certs() {
@@ -111,6 +125,10 @@ make_certs() {
         -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
         -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth 2>/dev/null
     printf 'bench:{PLAIN}bench-secret\n' >"$work/users"
+    # The attack scenario's target: a failed AUTH for this user costs an argon2id verify
+    # (Dovecot's defaults, 64 MiB and ~0.1 s). Its password is "secret"; the attackers
+    # never send it.
+    printf '%s\n' 'attacker:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$x8cApe1EfAGc4ozjzjYR0w$ahZZ0PtVJTaYwSnOF4ddxA0Mtn0ETmK8ya2o0VecKx4' >>"$work/users"
 }
 
 # --- processes -----------------------------------------------------------------------
@@ -161,6 +179,7 @@ start_proxy() {
             -e "s|@CERT@|$work/cert.pem|" -e "s|@KEY@|$work/key.pem|" \
             -e "s|@AUTH_PORT@|$AUTH_PORT|g" -e "s|@SINK_PORT@|$SINK_PORT|" \
             -e "s|@SMTP_PORT@|$NGINX_SMTP|" -e "s|@SMTPS_PORT@|$NGINX_SMTPS|" \
+            -e "s|@CONNECTIONS@|$((2 * IDLE + 1024))|" -e "s|@NOFILE@|$((4 * IDLE + 4096))|" \
             "$here/nginx.conf.template" >"$work/nginx.conf"
         taskset -c "$PROXY_CPU" nginx -p "$work/" -c "$work/nginx.conf" -e "$work/nginx-error.log" &
         proxy_pid=$!
@@ -237,6 +256,7 @@ jnum() {
 }
 
 declare -A R
+declare -A F
 
 # run_load PROXY SCENARIO ARGS...: one timed bench run with CPU accounting.
 run_load() {
@@ -262,23 +282,104 @@ run_load() {
     log "$proxy $scenario: $(head -c 400 "$out")"
 }
 
-scenario_handshake() {
-    local proxy=$1 out=$work/$1-handshake.json
-    run_load "$proxy" handshake -c "$HS_CONC" -d "$DURATION" --size 1024 --messages-per-conn 1
-    R[$proxy.handshake.rate]=$(calc "$(jnum "$out" sessions_per_s)" 0)
-    R[$proxy.handshake.p50]=$(calc "$(jnum "$out" p50 handshake_ms)" 2)
-    R[$proxy.handshake.p99]=$(calc "$(jnum "$out" p99 handshake_ms)" 2)
+# handshake_run PROXY NAME [BENCH ARGS...]: the handshake load, results under NAME.
+handshake_run() {
+    local proxy=$1 name=$2 out=$work/$1-$2.json
+    shift 2
+    run_load "$proxy" "$name" -c "$HS_CONC" -d "$DURATION" --size 1024 --messages-per-conn 1 "$@"
+    R[$proxy.$name.rate]=$(calc "$(jnum "$out" sessions_per_s)" 0)
+    R[$proxy.$name.p50]=$(calc "$(jnum "$out" p50 handshake_ms)" 2)
+    R[$proxy.$name.p99]=$(calc "$(jnum "$out" p99 handshake_ms)" 2)
     # What one fully used core would do: the rate divided by the share of a core used.
-    R[$proxy.handshake.per_core]=$(calc "$(jnum "$out" sessions) / ${R[$proxy.handshake.proxy_cpu_s]}" 0)
+    R[$proxy.$name.per_core]=$(calc "$(jnum "$out" sessions) / ${R[$proxy.$name.proxy_cpu_s]}" 0)
+    R[$proxy.$name.us_per_session]=$(calc "${R[$proxy.$name.proxy_cpu_s]} * 1e6 / $(jnum "$out" sessions)" 0)
+    # "tls":"TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519": the key exchange is the last word.
+    R[$proxy.$name.kx]=$(sed -n 's/.*"tls":"[^"]* \([^" ]*\)".*/\1/p' "$out")
 }
 
-scenario_bulk() {
-    local proxy=$1 out=$work/$1-bulk.json
-    run_load "$proxy" bulk -c "$BULK_CONC" -d "$DURATION" --size "$BULK_SIZE" --messages-per-conn 0
-    R[$proxy.bulk.rate]=$(calc "$(jnum "$out" mb_per_s)" 0)
-    R[$proxy.bulk.p50]=$(calc "$(jnum "$out" p50 message_ms)" 2)
-    R[$proxy.bulk.p99]=$(calc "$(jnum "$out" p99 message_ms)" 2)
-    R[$proxy.bulk.per_core]=$(calc "$(jnum "$out" bytes) / 1e6 / ${R[$proxy.bulk.proxy_cpu_s]}" 0)
+# bulk_run PROXY NAME [BENCH ARGS...]: the bulk load, results under NAME.
+bulk_run() {
+    local proxy=$1 name=$2 out=$work/$1-$2.json
+    shift 2
+    run_load "$proxy" "$name" -c "$BULK_CONC" -d "$DURATION" --size "$BULK_SIZE" --messages-per-conn 0 "$@"
+    R[$proxy.$name.rate]=$(calc "$(jnum "$out" mb_per_s)" 0)
+    R[$proxy.$name.p50]=$(calc "$(jnum "$out" p50 message_ms)" 2)
+    R[$proxy.$name.p99]=$(calc "$(jnum "$out" p99 message_ms)" 2)
+    R[$proxy.$name.per_core]=$(calc "$(jnum "$out" bytes) / 1e6 / ${R[$proxy.$name.proxy_cpu_s]}" 0)
+}
+
+scenario_handshake() { handshake_run "$1" handshake; }
+
+# Mail clients reconnect for every send: with the tickets of an earlier session the
+# server skips its certificate signature (TLS 1.3 still does the key exchange).
+scenario_resumed() { handshake_run "$1" resumed --tls-resumption; }
+
+scenario_bulk() { bulk_run "$1" bulk; }
+
+# The attack scenario: the handshake load while ATTACK_CONC clients send wrong
+# passwords for an argon2id user, each a full session (TLS handshake, AUTH, 535 after
+# the failure delay, reconnect). The attackers connect from 127.0.0.2, another network
+# than the legitimate clients. postern's per-IP and per-user failure limits would soon
+# answer them 454 without a verify; they are lifted to measure the worst case, a flood
+# from many networks where every attempt pays for an argon2 verify (64 MiB, ~0.1 s).
+# nginx is skipped: its auth_http in this setup accepts every password.
+scenario_attack() {
+    local proxy=$1
+    [[ $proxy == postern ]] || return 0
+    stop_pid "$proxy_pid"
+    POSTERN_MAX_AUTH_FAILURES_PER_IP=1000000 POSTERN_MAX_AUTH_FAILURES_PER_USER=1000000 \
+        start_proxy postern
+    bench --target "127.0.0.1:$POSTERN_SMTP" --sessions 1 >/dev/null 2>>"$work/bench.log"
+    POSTERN_BENCH_AUTH=attacker:not-the-password \
+        bench --target "127.0.0.1:$POSTERN_SMTP" --source 127.0.0.2 \
+        -c "$ATTACK_CONC" -d "$((DURATION + 4))" \
+        --messages-per-conn 1 >"$work/attacker.json" 2>>"$work/bench.log" &
+    local attacker=$!
+    pids+=("$attacker")
+    sleep 2 # the flood is under way before the measurement starts
+    handshake_run "$proxy" attack
+    wait "$attacker" || true
+    R[$proxy.attack.attempts]=$(jnum "$work/attacker.json" errors_total)
+    R[$proxy.attack.attempts_per_s]=$(calc "${R[$proxy.attack.attempts]:-0} / ($DURATION + 4)" 1)
+    stop_pid "$proxy_pid"
+    start_proxy postern
+}
+
+# What postern's options cost, next to the plain figures: --strict-data (bulk) and
+# --xclient (handshake and bulk; the sink offers XCLIENT for it).
+scenario_hidden() {
+    local proxy=$1
+    [[ $proxy == postern ]] || return 0
+    local extra=$POSTERN_EXTRA
+    stop_pid "$proxy_pid"
+    POSTERN_EXTRA="$extra --strict-data" start_proxy postern
+    bulk_run "$proxy" bulk_strict
+    stop_pid "$proxy_pid"
+    stop_pid "$sink_pid"
+    start_sink --xclient
+    POSTERN_EXTRA="$extra --xclient" start_proxy postern
+    handshake_run "$proxy" handshake_xclient
+    bulk_run "$proxy" bulk_xclient
+    stop_pid "$proxy_pid"
+    stop_pid "$sink_pid"
+    start_sink
+    start_proxy postern
+}
+
+# The crypto floor on the proxies' core: TLS server work alone, in memory.
+run_floor() {
+    local out=$work/floor.json
+    taskset -c "$PROXY_CPU" "$floor_bin" --cert "$work/cert.pem" --key "$work/key.pem" \
+        --kx "$KX" -d "$FLOOR_SECS" --json >"$out" 2>>"$work/bench.log" ||
+        die "crypto floor failed (see $work/bench.log)"
+    F[full]=$(calc "$(jnum "$out" full_handshakes_per_cpu_s)" 0)
+    F[resumed]=$(calc "$(jnum "$out" resumed_handshakes_per_cpu_s)" 0)
+    F[open]=$(calc "$(jnum "$out" open_mb_per_cpu_s)" 0)
+    F[seal]=$(calc "$(jnum "$out" seal_mb_per_cpu_s)" 0)
+    F[aead_open]=$(calc "$(jnum "$out" aead_open_mb_per_cpu_s)" 0)
+    F[aead_seal]=$(calc "$(jnum "$out" aead_seal_mb_per_cpu_s)" 0)
+    F[client_us]=$(calc "$(jnum "$out" client_us_per_full_handshake)" 0)
+    log "crypto floor: $(cat "$out")"
 }
 
 # Two rounds: the first fills fresh memory, which the allocator hands out untouched (calloc
@@ -402,6 +503,14 @@ report() {
         row handshake "sink CPU %" handshake.sink_cpu
         row handshake "errors" handshake.errors
     fi
+    if [[ " $SCENARIOS " == *" resumed "* ]]; then
+        row resumed "sessions/s (as clients see it)" resumed.rate
+        row resumed "sessions per proxy CPU-second" resumed.per_core
+        row resumed "proxy CPU us per session" resumed.us_per_session
+        row handshake "proxy CPU us per session (full)" handshake.us_per_session
+        row resumed "handshake p99 ms" resumed.p99
+        row resumed "errors" resumed.errors
+    fi
     if [[ " $SCENARIOS " == *" bulk "* ]]; then
         row bulk "MB/s (as clients see it)" bulk.rate
         row bulk "MB per proxy CPU-second" bulk.per_core
@@ -424,6 +533,58 @@ report() {
     fi
     echo
     echo "ratio = postern / nginx (higher is better for rates, lower for ms, CPU and RSS)."
+    if [[ " $SCENARIOS " == *" attack "* || " $SCENARIOS " == *" hidden "* ]]; then
+        echo
+        echo "postern alone (attack: $ATTACK_CONC connections flooding failed AUTHs for an argon2id user):"
+        echo
+        printf '| %-34s | %10s | %10s |\n' metric plain "with it"
+        printf '|%s|%s|%s|\n' ------------------------------------ ------------ ------------
+    fi
+    if [[ " $SCENARIOS " == *" attack "* ]]; then
+        prow "attack: sessions/s" handshake.rate attack.rate
+        prow "attack: sessions per proxy CPU-s" handshake.per_core attack.per_core
+        prow "attack: handshake p50 ms" handshake.p50 attack.p50
+        prow "attack: handshake p99 ms" handshake.p99 attack.p99
+        prow "attack: proxy CPU %" handshake.proxy_cpu attack.proxy_cpu
+        prow "attack: failed AUTH sessions/s" - attack.attempts_per_s
+        prow "attack: legitimate errors" handshake.errors attack.errors
+    fi
+    if [[ " $SCENARIOS " == *" hidden "* ]]; then
+        prow "--strict-data: bulk MB per CPU-s" bulk.per_core bulk_strict.per_core
+        prow "--xclient: sessions per CPU-s" handshake.per_core handshake_xclient.per_core
+        prow "--xclient: handshake p50 ms" handshake.p50 handshake_xclient.p50
+        prow "--xclient: bulk MB per CPU-s" bulk.per_core bulk_xclient.per_core
+    fi
+    [[ -n ${F[full]:-} ]] || return 0
+    echo
+    echo "The crypto floor: TLS 1.3 AES-256-GCM, $KX, the same certificate, server side"
+    echo "only, in memory on core $PROXY_CPU (postern-bench-floor). Negotiated in the handshake" \
+        "scenario: nginx ${R[nginx.handshake.kx]:-?}, postern ${R[postern.handshake.kx]:-?}."
+    echo
+    printf '| %-42s | %9s | %9s | %9s | %7s | %9s |\n' measure floor nginx postern "nginx/F" "postern/F"
+    printf '|%s|%s|%s|%s|%s|%s|\n' -------------------------------------------- ----------- ----------- ----------- --------- -----------
+    frow "full handshakes per CPU-second" full handshake.per_core
+    frow "resumed handshakes per CPU-second" resumed resumed.per_core
+    frow "MB opened per CPU-second (16 KiB records)" open bulk.per_core
+    frow "MB sealed per CPU-second (16 KiB records)" seal -
+    frow "AES-256-GCM alone, MB opened per CPU-second" aead_open -
+    frow "AES-256-GCM alone, MB sealed per CPU-second" aead_seal -
+    echo
+    echo "x/F is the share of the TLS-only rate a proxy reaches (1.00: nothing but TLS). A"
+    echo "session also carries SMTP, AUTH, a backend connection and the kernel's TCP work."
+    echo "Bulk is set against records opened: the client's bytes are decrypted once and go"
+    echo "to a plain backend. The floor's client spends ${F[client_us]} us per full handshake."
+}
+
+# prow LABEL KEY_PLAIN KEY_WITH: a postern-only row.
+prow() { printf '| %-34s | %10s | %10s |\n' "$1" "${R[postern.$2]:--}" "${R[postern.$3]:--}"; }
+
+# frow LABEL FLOOR_KEY RESULT_KEY: a row of the floor table.
+frow() {
+    local f=${F[$2]} n=${R[nginx.$3]:-} p=${R[postern.$3]:-} fn=- fp=-
+    [[ -n $n ]] && fn=$(calc "$n / $f" 2)
+    [[ -n $p ]] && fp=$(calc "$p / $f" 2)
+    printf '| %-42s | %9s | %9s | %9s | %7s | %9s |\n' "$1" "$f" "${n:--}" "${p:--}" "$fn" "$fp"
 }
 
 # --- main ----------------------------------------------------------------------------
@@ -433,6 +594,7 @@ ensure_nginx
 build
 make_certs
 log "work directory: $work"
+if [[ $FLOOR == 1 ]]; then run_floor; fi
 load=$(cut -d' ' -f1 /proc/loadavg)
 if awk "BEGIN { exit !($load > 0.5) }"; then
     log "warning: load average $load: other processes use the CPU, numbers will be noisy"

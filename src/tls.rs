@@ -185,6 +185,10 @@ pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<Server
     // 256 entries, and the key rotates every 6 hours, bounding what a stolen key opens.
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
         .map_err(|e| format!("TLS session tickets: {e}"))?;
+    // One ticket per handshake, not rustls's default two: a TLS 1.3 ticket is used once
+    // (RFC 8446 §C.4), and a client that reconnects one send after another gets a fresh
+    // one with every resumed session. The second was sealed and sent for nothing.
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }
 

@@ -9,14 +9,14 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use postern::sasl::{self, Mechanism};
 use postern::smtp::{BackendReply, Capabilities, Reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 
@@ -107,6 +107,8 @@ pub struct Account {
 /// Everything a session needs, prepared once per run and shared by every connection.
 pub struct Script {
     pub addr: SocketAddr,
+    /// The local address to connect from (`--source`); the kernel picks one without.
+    pub source: Option<IpAddr>,
     pub mode: Mode,
     /// Present for `starttls` and `tls` modes.
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
@@ -128,6 +130,19 @@ pub struct Script {
     pub negotiated: OnceLock<String>,
 }
 
+/// A TCP connection to `addr`, from `source` when given.
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match ip {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
+}
+
 /// Anything a session can run over: plain TCP or TLS.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -141,10 +156,7 @@ impl Session {
     /// Connects and runs the session up to and including AUTH.
     pub async fn open(script: &Script) -> Result<Session, Failure> {
         let t = script.timeout;
-        let tcp = within(Stage::Connect, t, async {
-            TcpStream::connect(script.addr).await
-        })
-        .await?;
+        let tcp = within(Stage::Connect, t, connect(script.addr, script.source)).await?;
         // Commands and replies are small and strictly alternate: without this, Nagle's
         // algorithm meets the peer's delayed ACK and costs up to 40 ms per exchange.
         tcp.set_nodelay(true).map_err(|e| fail(Stage::Connect, e))?;

@@ -18,12 +18,15 @@
 //! - `client`: one session, stage by stage, with the stage of any failure.
 //! - `message`: the test message, built and dot-stuffed once.
 //! - `tls`: the rustls client configuration (`--ca` or `--insecure`).
+//! - [`floor`]: the crypto floor, the TLS server work alone per CPU-second, in memory
+//!   (the `postern-bench-floor` binary).
 //! - `report`: tallies, progress counters, the human and JSON summaries.
 //! - the `postern-bench` binary (`main.rs`) parses [`BenchArgs`] and calls [`run`]; the
 //!   `postern-bench-sink` binary is the discard backend `benches/compare.sh` puts behind
 //!   the proxies.
 
 mod client;
+pub mod floor;
 mod message;
 mod report;
 mod tls;
@@ -128,6 +131,11 @@ pub struct BenchArgs {
     /// Length of the run in seconds (with --idle: how long to hold the sessions).
     #[arg(short = 'd', long, default_value_t = 10.0, value_name = "SECS")]
     pub duration: f64,
+
+    /// Connect from this local address (an attack from another network than the
+    /// legitimate load, both on loopback: 127.0.0.2).
+    #[arg(long, value_name = "IP")]
+    pub source: Option<std::net::IpAddr>,
 
     /// Stop after this many sessions, even if time is left.
     #[arg(long, value_name = "N")]
@@ -289,6 +297,7 @@ fn script(args: &BenchArgs) -> Result<Script, Error> {
     let body = message::build(args.size, &args.mail_from, &args.rcpt_to);
     Ok(Script {
         addr,
+        source: args.source,
         mode: args.mode,
         tls,
         auth,

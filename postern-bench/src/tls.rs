@@ -33,7 +33,16 @@ pub enum Trust<'a> {
 /// handshakes, as first-time clients do, and both proxies under comparison then do the
 /// same work.
 pub fn client_config(trust: Trust<'_>, resumption: bool) -> Result<Arc<ClientConfig>, Error> {
-    let provider = Arc::new(aws_lc_rs::default_provider());
+    client_config_with(Arc::new(aws_lc_rs::default_provider()), trust, resumption)
+}
+
+/// [`client_config`] with a narrowed provider: the crypto floor offers only the suite
+/// and key exchange the load generator negotiates, so it measures that handshake.
+pub fn client_config_with(
+    provider: Arc<CryptoProvider>,
+    trust: Trust<'_>,
+    resumption: bool,
+) -> Result<Arc<ClientConfig>, Error> {
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
     let mut config = match trust {

@@ -18,8 +18,9 @@ pub use super::rules::{
 use super::rules::{Op, Output, Rules};
 
 /// A read buffer starts this small, so an idle session costs little memory (nginx's
-/// mail proxy holds ~24 KiB per idle session; tokio's copy_bidirectional 128 KiB)...
-pub const MIN_BUFFER: usize = 2 * 1024;
+/// mail proxy holds ~24 KiB per idle session; tokio's copy_bidirectional 128 KiB): a
+/// pipelined MAIL, RCPT and DATA fit, and a read that fills it doubles it...
+pub const MIN_BUFFER: usize = 512;
 /// ...and doubles up to this while reads fill it, so bulk DATA moves in few syscalls
 /// and TLS records are full. It also bounds what waits to be written to a side.
 pub const MAX_BUFFER: usize = 64 * 1024;
@@ -335,7 +336,10 @@ enum Side {
 /// One direction's read buffer: bytes read but not yet taken by the rules sit at
 /// `start..end` and are moved to the front before the next read. It grows while reads
 /// fill it and shrinks back when it empties after a small read, so an idle session
-/// holds [`MIN_BUFFER`] and a bulk one [`MAX_BUFFER`].
+/// holds [`MIN_BUFFER`] and a bulk one [`MAX_BUFFER`]. A read is small below
+/// [`MIN_BUFFER`], not merely short of the space: under bulk a TLS stream hands over
+/// whatever plaintext it has, often less than the space, and shrinking then would make
+/// every burst climb back up from the smallest size.
 #[derive(Debug)]
 struct InBuffer {
     bytes: Vec<u8>,
@@ -343,6 +347,8 @@ struct InBuffer {
     end: usize,
     /// The last read filled all the space it was given: traffic is heavy.
     last_read_filled: bool,
+    /// The size of the last read.
+    last_read: usize,
 }
 
 impl InBuffer {
@@ -354,6 +360,7 @@ impl InBuffer {
             start: 0,
             end: initial.len(),
             last_read_filled: false,
+            last_read: 0,
         }
     }
 
@@ -370,7 +377,10 @@ impl InBuffer {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            if !self.last_read_filled && self.bytes.len() > MIN_BUFFER {
+            if !self.last_read_filled
+                && self.last_read < MIN_BUFFER
+                && self.bytes.len() > MIN_BUFFER
+            {
                 self.bytes = vec![0; MIN_BUFFER];
             }
         }
@@ -392,6 +402,7 @@ impl InBuffer {
 
     fn filled(&mut self, n: usize) {
         self.last_read_filled = self.end + n >= self.bytes.len();
+        self.last_read = n;
         self.end = (self.end + n).min(self.bytes.len());
         if self.last_read_filled && self.bytes.len() < MAX_BUFFER {
             // Grow before the next read rather than after a compaction finds it full.
@@ -423,7 +434,9 @@ impl OutQueue {
 
     fn push(&mut self, bytes: &[u8]) {
         if self.is_empty() {
-            self.clear();
+            // Already cleared when its last byte was written; the room it kept stays.
+            self.bytes.clear();
+            self.sent = 0;
         }
         self.bytes.extend_from_slice(bytes);
     }
@@ -437,10 +450,16 @@ impl OutQueue {
     }
 
     fn clear(&mut self) {
+        // What was just sent says whether traffic is heavy: a queue that held a large
+        // batch keeps its room for the next one, and the first small batch after a
+        // burst (the reply after the body, the next command) gives the room back, so
+        // an idle session keeps no burst-sized queue.
+        let batch = self.bytes.len();
         self.bytes.clear();
         self.sent = 0;
-        // An idle session keeps no bulk-sized queue.
-        if self.bytes.capacity() > MAX_BUFFER {
+        if self.bytes.capacity() > MAX_BUFFER
+            || (batch < MIN_BUFFER && self.bytes.capacity() > MIN_BUFFER)
+        {
             self.bytes = Vec::new();
         }
     }

@@ -49,6 +49,11 @@ struct Args {
     /// Name in the greeting and the EHLO reply.
     #[arg(long, default_value = "sink.invalid")]
     hostname: String,
+
+    /// Offer XCLIENT in the EHLO reply (as Postfix does to an authorized proxy), so a
+    /// proxy's `--xclient` introduction can be measured.
+    #[arg(long)]
+    xclient: bool,
 }
 
 // One thread is all a sink that does no work per byte needs; benchmarks pin it to a core.
@@ -99,7 +104,12 @@ async fn serve(mut stream: TcpStream, id: u64, args: &Args) -> std::io::Result<(
         None => None,
     };
     let host = &args.hostname;
-    let ehlo = format!("250-{host}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE\r\n");
+    let xclient = if args.xclient {
+        "250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n"
+    } else {
+        ""
+    };
+    let ehlo = format!("250-{host}\r\n250-PIPELINING\r\n250-8BITMIME\r\n{xclient}250 SIZE\r\n");
     let mut out = format!("220 {host} ESMTP postern-bench-sink\r\n").into_bytes();
     let mut buf = vec![0u8; READ_BUF];
     let (mut start, mut end) = (0, 0);

@@ -104,10 +104,16 @@ pub struct Sink {
 
 impl Sink {
     pub fn start() -> Sink {
+        Sink::start_with(&[])
+    }
+
+    /// [`Sink::start`] with these flags added.
+    pub fn start_with(flags: &[&str]) -> Sink {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_postern-bench-sink"))
             .args(["--listen", "127.0.0.1:0", "--record"])
             .arg(dir.path())
+            .args(flags)
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn postern-bench-sink");
@@ -160,6 +166,16 @@ impl Sink {
         let raw = self.recorded("conn-", ".raw");
         raw.into_iter().map(|(_, bytes)| bytes).collect()
     }
+}
+
+/// A fresh certificate for `localhost` (P-256 ECDSA, as compare.sh makes) and its key,
+/// written into `dir` as `cert.pem` and `key.pem`.
+pub fn write_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let certs = Certs::generate();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certs.cert).expect("write cert.pem");
+    std::fs::write(&key, certs.key).expect("write key.pem");
+    (cert, key)
 }
 
 /// A CA, and a certificate it signed for `localhost` and `127.0.0.1`, as PEM.

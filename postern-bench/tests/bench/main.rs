@@ -6,6 +6,7 @@
 //! postern itself runs in the test process (`postern::server::run` on listeners the
 //! harness binds), so these tests need no binary from the other crate.
 
+mod floor;
 mod generator;
 mod harness;
 mod sink;

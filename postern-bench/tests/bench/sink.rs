@@ -48,3 +48,25 @@ fn a_message_cut_anywhere_is_recorded_byte_for_byte() {
         "{raw:?}"
     );
 }
+
+#[test]
+fn xclient_is_offered_only_when_asked_for() {
+    for (flags, offered) in [(&[][..], false), (&["--xclient"][..], true)] {
+        let sink = Sink::start_with(flags);
+        let mut conn = TcpStream::connect(sink.addr).expect("connect");
+        conn.set_read_timeout(Some(LIMIT)).expect("read timeout");
+        conn.write_all(b"EHLO c.test\r\nXCLIENT ADDR=192.0.2.1\r\nQUIT\r\n")
+            .expect("commands");
+        let mut replies = String::new();
+        conn.read_to_string(&mut replies)
+            .expect("replies until close");
+        assert_eq!(
+            replies.contains("250-XCLIENT "),
+            offered,
+            "{flags:?}: {replies}"
+        );
+        // Postfix answers XCLIENT with a fresh greeting, whether it was offered or not
+        // here: the sink trusts every proxy.
+        assert!(replies.contains("\r\n220 "), "{flags:?}: {replies}");
+    }
+}

@@ -1140,3 +1140,45 @@ fn command_lines_after_login_stop_at_postfixs_line_limit() {
     assert!(run.to_backend.is_empty() && run.closed);
     assert_eq!(run.client_text(), "500 5.5.2 Line too long\r\n");
 }
+
+#[test]
+fn a_queue_gives_back_its_burst_room_after_the_first_small_batch() {
+    let mut queue = OutQueue::default();
+    let burst = vec![b'x'; MAX_BUFFER];
+    queue.push(&burst);
+    queue.written(MAX_BUFFER);
+    // Heavy traffic: the room stays for the next batch.
+    assert!(queue.bytes.capacity() >= MAX_BUFFER);
+    queue.push(b"250 2.0.0 Ok\r\n");
+    assert!(
+        queue.bytes.capacity() >= MAX_BUFFER,
+        "kept while it is used"
+    );
+    queue.written(14);
+    assert_eq!(queue.bytes.capacity(), 0, "an idle session holds no burst");
+    // Small batches keep a small queue.
+    queue.push(b"250 2.0.0 Ok\r\n");
+    queue.written(14);
+    assert!(queue.bytes.capacity() <= MIN_BUFFER);
+}
+
+#[test]
+fn a_read_buffer_keeps_its_size_through_short_bulk_reads_and_shrinks_after_a_small_one() {
+    let mut buffer = InBuffer::new(b"");
+    // Reads that fill it: it grows to the largest size.
+    while buffer.bytes.len() < MAX_BUFFER {
+        let space = buffer.space().map_or(0, |s| s.len());
+        buffer.filled(space);
+        buffer.consume(space);
+    }
+    // A bulk read short of the space (a TLS stream hands over what it has).
+    buffer.space();
+    buffer.filled(16 * 1024);
+    buffer.consume(16 * 1024);
+    assert_eq!(buffer.bytes.len(), MAX_BUFFER);
+    // A command after the burst: back to the smallest size.
+    buffer.space();
+    buffer.filled(6);
+    buffer.consume(6);
+    assert_eq!(buffer.bytes.len(), MIN_BUFFER);
+}
