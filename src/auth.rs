@@ -447,6 +447,21 @@ impl Authenticator {
             };
             return Ok((Ok(answer), Duration::ZERO));
         }
+        if let Some(users) = self.source.users()
+            && source::is_cheap(&users, credentials)
+        {
+            let started = Instant::now();
+            let check = source::check_file(&users, credentials);
+            let took = started.elapsed();
+            let answer = Ok(Answer {
+                valid: check.valid,
+                decoy_work: check.decoy_work,
+                route: None,
+                wait: None,
+            });
+            self.record(&answer, took);
+            return Ok((answer, took));
+        }
         let _verifier = self
             .verifiers
             .acquire(client.net, VERIFY_QUEUE_TIMEOUT)

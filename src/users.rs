@@ -265,6 +265,12 @@ impl UserDb {
     }
 
     /// Whether every user has a `{PLAIN}` secret, so that CRAM-MD5 can work for all.
+    /// Whether `username`'s secret is `{PLAIN}`: checking it costs a comparison, not a
+    /// KDF (an unknown name costs the decoy's hash, so it is not cheap).
+    pub fn is_plain(&self, username: &str) -> bool {
+        matches!(self.users.get(username), Some(Secret::Plain(_)))
+    }
+
     pub fn all_plain(&self) -> bool {
         self.users
             .values()

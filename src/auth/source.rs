@@ -304,7 +304,18 @@ impl Source {
     }
 }
 
-fn check_file(users: &UserDb, credentials: &Credentials) -> Check {
+/// Whether checking `credentials` against `users` costs microseconds (a `{PLAIN}`
+/// comparison, a CRAM-MD5 HMAC): then it runs where it is asked, without a verifier or
+/// a hop to the blocking pool (measured: 4% of a session's CPU, and a queue behind
+/// argon2 under attack).
+pub fn is_cheap(users: &UserDb, credentials: &Credentials) -> bool {
+    match credentials {
+        Credentials::Password { username, .. } => users.is_plain(username),
+        Credentials::CramMd5 { .. } => true,
+    }
+}
+
+pub fn check_file(users: &UserDb, credentials: &Credentials) -> Check {
     match credentials {
         Credentials::Password { username, password } => users.check_password(username, password),
         Credentials::CramMd5 {
