@@ -195,8 +195,9 @@ enum State {
     Finished,
 }
 
-/// A decoded client message.
-enum Response {
+/// A decoded client message (RFC 4954 §4 framing).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Response {
     /// `*`: the client gives up.
     Cancel,
     /// The decoded bytes (possibly empty).
@@ -300,8 +301,9 @@ impl Exchange {
     }
 }
 
-/// Decodes one client message; `None` means it is not base64.
-fn decode(line: &[u8]) -> Option<Response> {
+/// Decodes one client message; `None` means it is not base64. Also used by the session
+/// for the messages of an exchange the credential source runs.
+pub fn decode(line: &[u8]) -> Option<Response> {
     match line {
         b"*" => Some(Response::Cancel),
         // RFC 4954 §4 defines `=` for an empty initial response; accepting it on a

@@ -16,7 +16,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::sasl::{Credentials, Exchange, Mechanism, Step};
+use crate::sasl::{self, Credentials, Exchange, Mechanism, Response, Step};
 use crate::smtp::line::LineTooLong;
 use crate::smtp::{Capabilities, Command, CommandError, LineBuffer, Reply, canned};
 
@@ -403,16 +403,16 @@ impl Session {
                 let step = exchange.step(line);
                 self.on_sasl_step(exchange, step)
             }
-            State::SourceAuth { mechanism } => match sasl_message(line) {
-                SaslMessage::Data(response) => {
+            State::SourceAuth { mechanism } => match sasl::decode(line) {
+                Some(Response::Data(response)) => {
                     self.state = State::SourceWaiting { mechanism };
                     vec![Action::SourceSasl(SourceSasl::Step(response))]
                 }
-                SaslMessage::Cancel => vec![
+                Some(Response::Cancel) => vec![
                     Action::SourceSasl(SourceSasl::Cancel),
                     Action::Reply(canned::AUTH_CANCELLED.into()),
                 ],
-                SaslMessage::Malformed => vec![
+                None => vec![
                     Action::SourceSasl(SourceSasl::Cancel),
                     Action::Reply(canned::AUTH_MALFORMED.into()),
                 ],
@@ -635,13 +635,13 @@ impl Session {
                 Some(mechanism)
                     if self.relayed.contains(&mechanism) || !mechanism.runs_locally() =>
                 {
-                    match initial.map(sasl_message) {
+                    match initial.map(sasl::decode) {
                         None => self.start_relayed(mechanism, None),
-                        Some(SaslMessage::Data(initial)) => {
+                        Some(Some(Response::Data(initial))) => {
                             self.start_relayed(mechanism, Some(initial))
                         }
-                        Some(SaslMessage::Cancel) => reply(canned::AUTH_CANCELLED.into()),
-                        Some(SaslMessage::Malformed) => reply(canned::AUTH_MALFORMED.into()),
+                        Some(Some(Response::Cancel)) => reply(canned::AUTH_CANCELLED.into()),
+                        Some(None) => reply(canned::AUTH_MALFORMED.into()),
                     }
                 }
                 Some(mechanism) => {
@@ -766,26 +766,6 @@ fn is_junk(command: &Command<'_>) -> bool {
 
 fn reply(reply: Reply) -> Vec<Action> {
     vec![Action::Reply(reply)]
-}
-
-/// A SASL message line as RFC 4954 §4 frames it.
-enum SaslMessage {
-    Data(Vec<u8>),
-    /// `*`.
-    Cancel,
-    /// Not base64.
-    Malformed,
-}
-
-fn sasl_message(line: &[u8]) -> SaslMessage {
-    match line {
-        b"*" => SaslMessage::Cancel,
-        b"=" => SaslMessage::Data(Vec::new()),
-        _ => match STANDARD.decode(line) {
-            Ok(data) => SaslMessage::Data(data),
-            Err(_) => SaslMessage::Malformed,
-        },
-    }
 }
 
 fn command_error_reply(error: CommandError) -> Reply {
