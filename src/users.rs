@@ -61,6 +61,9 @@ pub struct UserDb {
     /// file, so that no failure costs more than an unknown name, and the caller can pad
     /// every failure to its time (see [`Check::decoy_work`]).
     dummy: Option<Secret>,
+    /// Every secret is `{PLAIN}`: known at load, since every session asks (EHLO offers
+    /// CRAM-MD5 only then).
+    all_plain: bool,
 }
 
 /// The outcome of a password check, with what the caller needs to make failures take
@@ -192,7 +195,14 @@ impl UserDb {
             });
         }
         let dummy = costliest.map(|(_, _, secret)| secret);
-        Ok(UserDb { users, dummy })
+        let all_plain = users
+            .values()
+            .all(|secret| matches!(secret, Secret::Plain(_)));
+        Ok(UserDb {
+            users,
+            dummy,
+            all_plain,
+        })
     }
 
     /// Reads and parses a users file; errors name the path.
@@ -272,9 +282,7 @@ impl UserDb {
     }
 
     pub fn all_plain(&self) -> bool {
-        self.users
-            .values()
-            .all(|secret| matches!(secret, Secret::Plain(_)))
+        self.all_plain
     }
 
     /// How many users have a hashed secret (and so cannot use CRAM-MD5).
