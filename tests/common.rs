@@ -316,6 +316,23 @@ pub fn show(bytes: &[u8]) -> String {
 }
 
 /// `GET path` over HTTP/1.1 with `Connection: close`; returns status code and body.
+/// Polls `path` on the operations endpoint until it answers `status` (within [`STEP`]);
+/// returns the body.
+pub async fn wait_status(admin: SocketAddr, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let (code, body) = http_get(admin, path).await;
+        if code == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} stayed {code} (wanted {status}): {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = within("connect to admin", tokio::net::TcpStream::connect(addr))

@@ -65,21 +65,6 @@ fn swaks_auth(postern: &Postern, mechanism: &str, user: &str, password: &str) ->
     format!("{}{}", out.stdout, out.stderr)
 }
 
-async fn wait_status(admin: SocketAddr, path: &str, status: u16) -> String {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let (code, body) = http_get(admin, path).await;
-        if code == status {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{path} stayed {code} (wanted {status}): {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// SCRAM-SHA-256 (RFC 5802, RFC 7677) through postern: returns the final reply, after
 /// checking the server's signature (Dovecot's, passed through unchanged).
 async fn scram_through(client: &mut SmtpClient, user: &str, password: &str) -> Reply {

@@ -858,19 +858,6 @@ fn postern_over(slapd: &Slapd) -> (common::Postern, tempfile::TempDir, common::R
     (postern, secrets, backend)
 }
 
-/// Waits until `/readyz` answers `status`.
-async fn readyz(admin: std::net::SocketAddr, status: u16) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let (code, body) = common::http_get(admin, "/readyz").await;
-        if code == status {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/readyz stayed {code}: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postern_logs_in_against_the_directory_and_refuses_injections() {
     let Some(slapd) = Slapd::start() else { return };
@@ -931,7 +918,7 @@ async fn postern_says_454_and_unready_while_the_directory_is_down() {
     let (postern, _secrets, _backend) = postern_over(&slapd);
     let listen = postern.addr("--listen-tls");
     let admin = postern.addr("--metrics-listen");
-    readyz(admin, 200).await;
+    common::wait_status(admin, "/readyz", 200).await;
     slapd.kill();
     let (mut client, _) = common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
     client
@@ -940,9 +927,9 @@ async fn postern_says_454_and_unready_while_the_directory_is_down() {
             "454 4.7.0",
         )
         .await;
-    readyz(admin, 503).await;
+    common::wait_status(admin, "/readyz", 503).await;
     slapd.restart();
-    readyz(admin, 200).await;
+    common::wait_status(admin, "/readyz", 200).await;
     let (mut client, _) = common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
     client.auth_plain(ALICE.0, ALICE.1, "235").await;
 }

@@ -18,21 +18,6 @@ fn with_admin(backend: &RawBackend) -> (Postern, std::net::SocketAddr) {
 }
 
 /// Polls `path` until it answers `status`.
-async fn wait_status(admin: std::net::SocketAddr, path: &str, status: u16) -> String {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let (code, body) = http_get(admin, path).await;
-        if code == status {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{path} stayed {code} (wanted {status}): {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn health_and_readiness_follow_the_backend() {
     let backend = RawBackend::start();
