@@ -166,25 +166,7 @@ smtpd_upstream_proxy_timeout = 5s
 [::1]:{port} inet n - n - - smtpd
 127.0.0.1:{proxy_port} inet n - n - - smtpd -o syslog_name=postfix-postern-test/proxied -o smtpd_upstream_proxy_protocol=haproxy
 [::1]:{proxy_port} inet n - n - - smtpd -o syslog_name=postfix-postern-test/proxied -o smtpd_upstream_proxy_protocol=haproxy
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n -  0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n -  - trivial-rewrite
-bounce    unix  - - n -  0 bounce
-defer     unix  - - n -  0 bounce
-trace     unix  - - n -  0 bounce
-verify    unix  - - n -  1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n -  - proxymap
-smtp      unix  - - n -  - smtp
-relay     unix  - - n -  - smtp
-error     unix  - - n -  - error
-retry     unix  - - n -  - error
-discard   unix  - - n -  - discard
-anvil     unix  - - n -  1 anvil
-scache    unix  - - n -  1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"
+{MASTER_SERVICES}"
         );
         std::fs::write(conf.join("main.cf"), main_cf).expect("main.cf");
         std::fs::write(conf.join("master.cf"), master_cf).expect("master.cf");
@@ -297,7 +279,29 @@ impl Drop for Postfix {
     }
 }
 
-fn postfix_cmd(conf: &Path, verb: &str) -> Command {
+/// The services every private Postfix's master.cf needs besides its listeners.
+pub const MASTER_SERVICES: &str = "pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n -  0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n -  - trivial-rewrite
+bounce    unix  - - n -  0 bounce
+defer     unix  - - n -  0 bounce
+trace     unix  - - n -  0 bounce
+verify    unix  - - n -  1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n -  - proxymap
+smtp      unix  - - n -  - smtp
+relay     unix  - - n -  - smtp
+error     unix  - - n -  - error
+retry     unix  - - n -  - error
+discard   unix  - - n -  - discard
+anvil     unix  - - n -  1 anvil
+scache    unix  - - n -  1 scache
+postlog   unix-dgram n - n - 1 postlogd
+";
+
+/// `postfix -c CONF VERB`.
+pub fn postfix_cmd(conf: &Path, verb: &str) -> Command {
     let mut cmd = Command::new(POSTFIX);
     cmd.arg("-c").arg(conf).arg(verb);
     cmd

@@ -20,6 +20,7 @@ use tempfile::TempDir;
 
 use super::dovecot::{Dovecot, Settings};
 use super::mta::{self, Kind, chown, set_mode, wait_pid_file_gone};
+use super::postfix::{MASTER_SERVICES, postfix_cmd};
 use super::token_server::TokenServer;
 use super::{STEP, TestCerts, V4, accepts, free_port, run, wait_until};
 
@@ -179,26 +180,8 @@ smtpd_end_of_data_restrictions = check_client_access static:HOLD
         let master_cf = format!(
             "127.0.0.1:{port} inet n - n - - smtpd
 127.0.0.1:{smtps_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n -  0 cleanup
-qmgr      unix  n - n 300 1 qmgr
 tlsmgr    unix  - - n 1000? 1 tlsmgr
-rewrite   unix  - - n -  - trivial-rewrite
-bounce    unix  - - n -  0 bounce
-defer     unix  - - n -  0 bounce
-trace     unix  - - n -  0 bounce
-verify    unix  - - n -  1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n -  - proxymap
-smtp      unix  - - n -  - smtp
-relay     unix  - - n -  - smtp
-error     unix  - - n -  - error
-retry     unix  - - n -  - error
-discard   unix  - - n -  - discard
-anvil     unix  - - n -  1 anvil
-scache    unix  - - n -  1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"
+{MASTER_SERVICES}"
         );
         std::fs::write(conf.join("main.cf"), main_cf).expect("main.cf");
         std::fs::write(conf.join("master.cf"), master_cf).expect("master.cf");
@@ -298,10 +281,4 @@ impl Drop for Submission {
         let _ = run(&mut postfix_cmd(&self.conf, "stop"), b"", STEP);
         wait_pid_file_gone(&self.postfix_dir.path().join("queue/pid/master.pid"));
     }
-}
-
-fn postfix_cmd(conf: &Path, verb: &str) -> Command {
-    let mut cmd = Command::new(POSTFIX);
-    cmd.arg("-c").arg(conf).arg(verb);
-    cmd
 }
