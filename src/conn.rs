@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::CryptoProvider;
+use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, info, info_span};
 
 use crate::auth::{self, Authenticator, LoggedName};
@@ -110,6 +111,50 @@ enum Next {
     Closed(Outcome),
 }
 
+/// How the pre-AUTH phase handed the connection over.
+///
+/// The TLS stream is boxed once, right after the handshake: it is 1.2 KiB, and a value
+/// moved from one future to the next is kept in each of them (rustc keeps an `async
+/// fn`'s arguments twice), so every idle relayed session would carry several copies.
+enum Handoff {
+    Ended(Outcome),
+    Plain(TcpStream, RelayJob),
+    Tls(Box<TlsStream<TcpStream>>, RelayJob),
+}
+
+/// What the relay needs from the pre-AUTH phase: the `Session` and the rest of
+/// [`Client`] are dropped before it starts.
+struct RelayJob {
+    backend: BackendConn,
+    client_pending: Vec<u8>,
+    tls: bool,
+}
+
+impl RelayJob {
+    fn from(next: Next, session: &Session, summary: &mut Summary) -> Result<RelayJob, Outcome> {
+        match next {
+            Next::Closed(outcome) => Err(outcome),
+            // Only a client that is already in TLS can authenticate, so STARTTLS cannot
+            // come back from a TLS phase; treat it as the protocol error it would be.
+            Next::StartTls => Err(Outcome::Refused),
+            Next::Relay {
+                backend,
+                client_pending,
+            } => {
+                if let Some((user, mechanism)) = session.authenticated() {
+                    summary.user = Some(user.to_owned());
+                    summary.mechanism = Some(mechanism);
+                }
+                Ok(RelayJob {
+                    backend,
+                    client_pending,
+                    tls: session.is_tls(),
+                })
+            }
+        }
+    }
+}
+
 /// What the session log line reports.
 #[derive(Default)]
 struct Summary {
@@ -131,7 +176,14 @@ pub async fn serve(
         let started = Instant::now();
         let _active = metrics::ActiveConnection::open(kind.label());
         let mut summary = Summary::default();
-        let outcome = run(tcp, addrs, kind, &services, &mut summary).await;
+        // Its own statement, so the finished pre-AUTH future is freed before the relay
+        // starts (a match scrutinee's temporaries would live to the end of the match).
+        let handoff = Box::pin(run(tcp, addrs, kind, &services, &mut summary)).await;
+        let outcome = match handoff {
+            Handoff::Ended(outcome) => outcome,
+            Handoff::Plain(client, job) => finish(client, job, &services, &mut summary).await,
+            Handoff::Tls(client, job) => finish(client, job, &services, &mut summary).await,
+        };
         let elapsed = started.elapsed();
         info!(
             tls = summary.tls.as_deref().unwrap_or("none"),
@@ -174,16 +226,17 @@ struct Client {
     auth_deadline: tokio::time::Instant,
 }
 
-// The pre-AUTH phases (handshake, drive) are boxed: their futures hold read buffers and
-// the backend dial, and a task cell is sized for its largest state, so unboxed they
-// would stay allocated for the whole life of an idle relayed session.
+/// The pre-AUTH phase: greeting, STARTTLS, AUTH and the backend dial. Its future is
+/// boxed by [`serve`] and freed before the relay starts: it holds the session, read
+/// buffers and the dial, and a task cell is sized for its largest state, so otherwise
+/// they would stay allocated for the whole life of an idle relayed session.
 async fn run(
     tcp: TcpStream,
     addrs: ClientAddrs,
     kind: ListenerKind,
     services: &Services,
     summary: &mut Summary,
-) -> Outcome {
+) -> Handoff {
     // Every reply is small and answers a request: NODELAY keeps TLS handshakes and
     // pipelined replies from waiting on delayed ACKs.
     let _ = tcp.set_nodelay(true);
@@ -215,16 +268,19 @@ async fn run(
     let next = match kind {
         ListenerKind::ImplicitTls => {
             let Some(mut stream) = Box::pin(handshake(tcp, services, summary)).await else {
-                return Outcome::TlsFailed;
+                return Handoff::Ended(Outcome::TlsFailed);
             };
             if send(&mut stream, &client.session.greeting(), services)
                 .await
                 .is_err()
             {
-                return Outcome::IoError;
+                return Handoff::Ended(Outcome::IoError);
             }
             let next = Box::pin(drive(&mut stream, &mut client, services, first_wait)).await;
-            return finish(stream, next, &client.session, services, summary).await;
+            return match RelayJob::from(next, &client.session, summary) {
+                Ok(job) => Handoff::Tls(stream, job),
+                Err(outcome) => Handoff::Ended(outcome),
+            };
         }
         ListenerKind::Submission | ListenerKind::Mx => {
             let mut tcp = tcp;
@@ -232,12 +288,17 @@ async fn run(
                 .await
                 .is_err()
             {
-                return Outcome::IoError;
+                return Handoff::Ended(Outcome::IoError);
             }
             let next = Box::pin(drive(&mut tcp, &mut client, services, first_wait)).await;
             match next {
                 Next::StartTls => tcp,
-                other => return finish(tcp, other, &client.session, services, summary).await,
+                other => {
+                    return match RelayJob::from(other, &client.session, summary) {
+                        Ok(job) => Handoff::Plain(tcp, job),
+                        Err(outcome) => Handoff::Ended(outcome),
+                    };
+                }
             }
         }
     };
@@ -246,7 +307,7 @@ async fn run(
     // in flight when the handshake starts reach rustls, which rejects them as a
     // malformed ClientHello.
     let Some(mut stream) = Box::pin(handshake(next, services, summary)).await else {
-        return Outcome::TlsFailed;
+        return Handoff::Ended(Outcome::TlsFailed);
     };
     client.session.on_tls_established();
     let next = Box::pin(drive(
@@ -256,60 +317,46 @@ async fn run(
         services.timeouts.command,
     ))
     .await;
-    finish(stream, next, &client.session, services, summary).await
+    match RelayJob::from(next, &client.session, summary) {
+        Ok(job) => Handoff::Tls(stream, job),
+        Err(outcome) => Handoff::Ended(outcome),
+    }
 }
 
-/// Relays an authenticated session, or reports how the pre-AUTH phase ended.
-async fn finish<S>(
-    client: S,
-    next: Next,
-    session: &Session,
-    services: &Services,
-    summary: &mut Summary,
-) -> Outcome
+/// Relays an authenticated session.
+async fn finish<S>(client: S, job: RelayJob, services: &Services, summary: &mut Summary) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match next {
-        Next::Closed(outcome) => outcome,
-        // Only a client that is already in TLS can authenticate, so STARTTLS cannot
-        // come back from a TLS phase; treat it as the protocol error it would be.
-        Next::StartTls => Outcome::Refused,
-        Next::Relay {
-            backend,
-            client_pending,
-        } => {
-            if let Some((user, mechanism)) = session.authenticated() {
-                summary.user = Some(user.to_owned());
-                summary.mechanism = Some(mechanism);
-            }
-            let capabilities = backend.capabilities;
-            let context = relay::Context {
-                user: session.authenticated().map(|(user, _)| user),
-                tls: session.is_tls(),
-                hostname: &services.hostname,
-                capabilities: &capabilities,
-                policy: &services.relay,
-            };
-            let (stats, end) = relay::relay(
-                client,
-                backend.stream,
-                &client_pending,
-                &backend.pending,
-                services.timeouts.relay_idle,
-                context,
-            )
-            .await;
-            summary.stats = stats;
-            match end {
-                RelayEnd::Closed => Outcome::Relayed,
-                RelayEnd::Idle => Outcome::RelayIdle,
-                RelayEnd::Refused => Outcome::Refused,
-                RelayEnd::Error(error) => {
-                    tracing::debug!(%error, kind = ?error.kind(), "relay ended with an error");
-                    Outcome::RelayError
-                }
-            }
+    let RelayJob {
+        backend,
+        client_pending,
+        tls,
+    } = job;
+    let context = relay::Context {
+        user: summary.user.as_deref(),
+        tls,
+        hostname: &services.hostname,
+        capabilities: &backend.capabilities,
+        policy: &services.relay,
+    };
+    let (stats, end) = relay::relay(
+        client,
+        backend.stream,
+        &client_pending,
+        &backend.pending,
+        services.timeouts.relay_idle,
+        context,
+    )
+    .await;
+    summary.stats = stats;
+    match end {
+        RelayEnd::Closed => Outcome::Relayed,
+        RelayEnd::Idle => Outcome::RelayIdle,
+        RelayEnd::Refused => Outcome::Refused,
+        RelayEnd::Error(error) => {
+            tracing::debug!(%error, kind = ?error.kind(), "relay ended with an error");
+            Outcome::RelayError
         }
     }
 }
@@ -563,7 +610,7 @@ async fn handshake(
     tcp: TcpStream,
     services: &Services,
     summary: &mut Summary,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<Box<TlsStream<TcpStream>>> {
     let acceptor = TlsAcceptor::from(services.tls.clone());
     match tokio::time::timeout(services.timeouts.tls_handshake, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => {
@@ -574,7 +621,7 @@ async fn handshake(
                 .unwrap_or(metrics::label::tls_version::UNKNOWN);
             metrics::tls_handshake(true, version);
             summary.tls = Some(tls::describe(conn));
-            Some(stream)
+            Some(Box::new(stream))
         }
         Ok(Err(error)) => {
             metrics::tls_handshake(false, metrics::label::tls_version::NONE);
