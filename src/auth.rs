@@ -38,6 +38,7 @@ use crate::store::LimitsStore;
 use crate::users::UserDb;
 
 pub mod gate;
+pub mod hashing;
 pub mod pool;
 
 use cache::Cache;
@@ -138,7 +139,7 @@ impl Authenticator {
         };
         if let Some(users) = source.users() {
             log_mechanisms(settings.mechanisms.as_deref(), &users);
-            if let Ok(took) = tokio::task::spawn_blocking(move || users.time_decoy()).await {
+            if let Ok(took) = hashing::run(move || users.time_decoy()).await {
                 failure_pace.seed(took);
             }
         }
@@ -227,7 +228,7 @@ impl Authenticator {
         // A costlier decoy in the new file must pace failures from the first one on.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (pace, users) = (self.failure_pace.clone(), users.clone());
-            runtime.spawn_blocking(move || pace.seed(users.time_decoy()));
+            runtime.spawn(hashing::run(move || pace.seed(users.time_decoy())));
         }
         self.source.replace_users(users);
         self.forget();

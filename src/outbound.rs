@@ -1037,7 +1037,7 @@ impl Driver<'_> {
             return Verdict::Throttled;
         };
         let checked =
-            tokio::task::spawn_blocking(move || users.verify_password(&username, &password)).await;
+            crate::auth::hashing::run(move || users.verify_password(&username, &password)).await;
         match checked {
             Ok(true) => Verdict::Valid,
             _ => Verdict::Invalid,

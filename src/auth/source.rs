@@ -245,7 +245,7 @@ impl Source {
     }
 
     /// Checks credentials postern collected itself (PLAIN, LOGIN, and CRAM-MD5 for a
-    /// file or auth_http source). A file check runs on the blocking pool.
+    /// file or auth_http source). A file check runs on a hashing thread ([`super::hashing`]).
     pub async fn check(&self, attempt: Attempt<'_>) -> Result<Answer, Unavailable> {
         match self {
             Source::File(_) => {
@@ -253,7 +253,7 @@ impl Source {
                     .users()
                     .ok_or_else(|| Unavailable::down("no users".into()))?;
                 let credentials = attempt.credentials.clone();
-                let check = tokio::task::spawn_blocking(move || check_file(&users, &credentials));
+                let check = super::hashing::run(move || check_file(&users, &credentials));
                 let check = check
                     .await
                     .map_err(|e| Unavailable::down(format!("verifier task: {e}")))?;
