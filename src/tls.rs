@@ -202,8 +202,10 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
     server_config(Arc::new(Certificates::new(vec![(pair, accepted.loaded)])))
 }
 
-/// The negotiated protocol version and cipher suite, for the session log line.
-pub fn describe(conn: &rustls::ServerConnection) -> String {
+/// The negotiated protocol version and cipher suite, for the session log line. Takes
+/// the `CommonState` both kinds of rustls connection deref to, so the buffered
+/// `ServerConnection` and the unbuffered one can be described.
+pub fn describe(conn: &rustls::CommonState) -> String {
     let version = conn
         .protocol_version()
         .and_then(|v| v.as_str())
