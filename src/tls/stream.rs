@@ -7,18 +7,37 @@
 //! session, idle or not, reads at most 4 KiB from the socket at a time, and queues what
 //! it sends in `Vec`s of its own. Here every buffer is released when it empties (the
 //! receive buffer when the socket has nothing more to give), so an idle session holds
-//! none; the socket is read up to [`MAX_READ`] at once, starting small; encrypted
-//! records are written from one buffer, several per system call.
+//! none; the socket is read up to `MAX_READ` at once, starting at `FIRST_READ`;
+//! encrypted records are written from one buffer, several per system call.
 //!
 //! What rustls 0.23 still does itself: `ReadTraffic::next_record` hands out each
 //! decrypted record from a `Vec` it filled (the record is decrypted in place in
-//! [`Incoming`], then copied there), and `WriteTraffic::encrypt` seals each record in a
-//! `Vec` of its own before copying it into [`Outgoing`]. The decrypted record is copied
-//! once more, into the caller's buffer, or into [`Plain`] for what that buffer cannot
+//! `Incoming`, then copied there), and `WriteTraffic::encrypt` seals each record in a
+//! `Vec` of its own before copying it into `Outgoing`. The decrypted record is copied
+//! once more, into the caller's buffer, or into `Plain` for what that buffer cannot
 //! take.
 //!
+//! Measured against tokio-rustls' server stream (release build, one thread running a
+//! tokio-rustls client and the server, 1 MiB transfers read 16 KiB at a time, CPU time
+//! spent inside the server stream's poll methods, mean of 3 runs):
+//!
+//! | MiB per CPU-second        | in memory (duplex) | loopback TCP |
+//! |---------------------------|--------------------|--------------|
+//! | TLS 1.3, client to server | 5759 vs 5519       | 4645 vs 2863 |
+//! | TLS 1.3, server to client | 5520 vs 7026       | 3880 vs 4213 |
+//! | TLS 1.2, client to server | 5691 vs 5439       | 4633 vs 2414 |
+//! | TLS 1.2, server to client | 5460 vs 7100       | 3527 vs 4067 |
+//!
+//! Reading gains from reads of up to 64 KiB (a quarter of the system calls, no
+//! compaction after every record); writing loses the copy out of rustls' `Vec`, and
+//! ~7 % more for releasing `Outgoing` whenever it empties (what keeping it would
+//! buy). postern's bulk direction is the client's (DATA); its replies are small. An
+//! idle TLS 1.3 session after traffic holds 2457 bytes (1296 of `ServerStream`, 1161
+//! of rustls state on the heap) against 6553 (1200 + 5353, of which the 4096-byte
+//! receive buffer).
+//!
 //! Sans-IO where it can be: the three buffers and the rustls calls live in
-//! [`ServerStream::process`], which touches no socket; the `poll_*` methods only move
+//! `ServerStream::process`, which touches no socket; the `poll_*` methods only move
 //! bytes between the buffers and the transport.
 
 use std::future::poll_fn;
@@ -113,7 +132,7 @@ where
 ///   before it was read; an end of the transport without one is `UnexpectedEof`.
 /// - A write of `n` bytes returns `Ok(n)` as soon as they are encrypted and queued;
 ///   `poll_flush` writes out everything queued and flushes the transport; a write waits
-///   while [`WRITE_QUEUE`] bytes are queued and the socket takes none.
+///   while 64 KiB are queued and the socket takes none.
 /// - `poll_shutdown` sends `close_notify`, writes out what is queued and shuts down the
 ///   transport's writing half. Reading still works (half-close).
 /// - A TLS failure (a bad record, an alert from the client) is `InvalidData`, and every
