@@ -47,7 +47,7 @@
 //! - [`proxy_proto`]: HAProxy PROXY protocol v1/v2 framing, decoding and encoding.
 //! - [`users`]: the Dovecot-style users file and password verification.
 //! - [`tls`]: certificate loading, the rustls configuration, certificates chosen by SNI
-//!   (`tls::sni`) and the usual chain mistakes (`tls::check`).
+//!   (`tls::sni`), the usual chain mistakes (`tls::check`) and the server stream (`tls::stream`).
 //! - [`metrics`]: metric names, the Prometheus recorder, typed helpers.
 
 pub mod admin;

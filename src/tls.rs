@@ -1,8 +1,10 @@
 //! Server TLS: certificate/key pairs chosen by SNI ([`sni`]), checked before use
-//! ([`check`]), PEM loading (rustls-pki-types) and the rustls config.
+//! ([`check`]), PEM loading (rustls-pki-types), the rustls config, and the server
+//! stream on rustls' unbuffered API ([`stream`]).
 
 pub mod check;
 pub mod sni;
+pub mod stream;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -202,8 +204,10 @@ pub fn load_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, 
     server_config(Arc::new(Certificates::new(vec![(pair, accepted.loaded)])))
 }
 
-/// The negotiated protocol version and cipher suite, for the session log line.
-pub fn describe(conn: &rustls::ServerConnection) -> String {
+/// The negotiated protocol version and cipher suite, for the session log line. Takes
+/// the `CommonState` both kinds of rustls connection deref to, so the buffered
+/// `ServerConnection` and the unbuffered [`stream::ServerStream`] can be described.
+pub fn describe(conn: &rustls::CommonState) -> String {
     let version = conn
         .protocol_version()
         .and_then(|v| v.as_str())
