@@ -9,10 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::CryptoProvider;
-use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, info, info_span};
 
 use crate::auth::{self, Authenticator, LoggedName};
@@ -26,6 +24,7 @@ use crate::session::{
 };
 use crate::shutdown::Shutdown;
 use crate::smtp::{Capabilities, Reply, canned};
+use crate::tls::stream::ServerStream;
 use crate::{metrics, tls};
 
 /// What every connection uses and that outlives it: the settings of the session, the
@@ -113,13 +112,13 @@ enum Next {
 
 /// How the pre-AUTH phase handed the connection over.
 ///
-/// The TLS stream is boxed once, right after the handshake: it is 1.2 KiB, and a value
+/// The TLS stream is boxed once, right after the handshake: it is 1.3 KiB, and a value
 /// moved from one future to the next is kept in each of them (rustc keeps an `async
 /// fn`'s arguments twice), so every idle relayed session would carry several copies.
 enum Handoff {
     Ended(Outcome),
     Plain(TcpStream, RelayJob),
-    Tls(Box<TlsStream<TcpStream>>, RelayJob),
+    Tls(Box<ServerStream<TcpStream>>, RelayJob),
 }
 
 /// What the relay needs from the pre-AUTH phase: the `Session` and the rest of
@@ -610,11 +609,11 @@ async fn handshake(
     tcp: TcpStream,
     services: &Services,
     summary: &mut Summary,
-) -> Option<Box<TlsStream<TcpStream>>> {
-    let acceptor = TlsAcceptor::from(services.tls.clone());
-    match tokio::time::timeout(services.timeouts.tls_handshake, acceptor.accept(tcp)).await {
+) -> Option<Box<ServerStream<TcpStream>>> {
+    let accept = tls::stream::accept(tcp, services.tls.clone());
+    match tokio::time::timeout(services.timeouts.tls_handshake, accept).await {
         Ok(Ok(stream)) => {
-            let (_, conn) = stream.get_ref();
+            let conn = stream.connection();
             let version = conn
                 .protocol_version()
                 .and_then(|v| v.as_str())

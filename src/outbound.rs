@@ -30,7 +30,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -819,7 +818,7 @@ impl Driver<'_> {
         };
         let accepted = tokio::time::timeout(
             self.shared.tls_handshake_timeout,
-            TlsAcceptor::from(config).accept(tcp),
+            crate::tls::stream::accept(tcp, config),
         )
         .await;
         let mut stream = match accepted {
