@@ -118,6 +118,17 @@ fn is_eol(byte: u8) -> bool {
     byte == b'\r' || byte == b'\n'
 }
 
+/// The last two octets taken once `taken` follows `before`. Read off the tail rather
+/// than shifted through octet by octet: that loop ran over every octet scanned, and
+/// cost about a tenth of a bulk body's scan.
+fn after_taking(before: [u8; 2], taken: &[u8]) -> [u8; 2] {
+    match *taken {
+        [.., a, b] => [a, b],
+        [b] => [before[1], b],
+        [] => before,
+    }
+}
+
 impl BodyScanner {
     /// A body right after the CRLF of a DATA line accepted with 354.
     pub fn new(rule: BodyRule) -> Self {
@@ -131,13 +142,9 @@ impl BodyScanner {
     /// A scanner that skips the rest of a refused body, starting at the offset a scan
     /// of `input` returned as [`BodyStep::Ambiguous`].
     pub fn discard_from(&self, input: &[u8], at: usize) -> BodyScanner {
-        let mut before = self.before;
-        for &byte in input.get(..at).unwrap_or_default() {
-            before = [before[1], byte];
-        }
         BodyScanner {
             rule: BodyRule::Discard,
-            before,
+            before: after_taking(self.before, input.get(..at).unwrap_or_default()),
             line_start: false,
         }
     }
@@ -166,9 +173,7 @@ impl BodyScanner {
             }
         };
         if let BodyStep::More(n) = step {
-            for &byte in &input[..n] {
-                self.before = [self.before[1], byte];
-            }
+            self.before = after_taking(self.before, &input[..n]);
             if n > 0 {
                 self.line_start = false;
             }
