@@ -20,16 +20,28 @@
 //! ends its bodies at the real terminator only and refuses nothing.
 //!
 //! A body is searched with `memchr::memmem` for `<LF>.` and `<CR>.`, which are rare in
-//! real mail (a client dot-stuffs every line that starts with a dot), so scanning
-//! costs little next to the TLS work. The scanner keeps the two octets before its
-//! input as context and holds back the last octets of an input when they could start
-//! a dot line whose meaning depends on octets not yet received.
+//! real mail (a client dot-stuffs every line that starts with a dot), so scanning costs
+//! little next to the TLS work. By default and under [`BodyRule::Exact`], these
+//! searches (and the one for NULs) run over 16 KiB blocks, so each block is fetched
+//! into the L1 cache once for all of them. One search for the NUL and both pairs at
+//! once (aho-corasick's Teddy) was measured slower: with the one-octet NUL among its
+//! patterns it checks every CR and LF, and without it, it gains nothing over the two
+//! `memmem` searches under the default rule and is nearly twice as slow on dot-stuffed
+//! lines. The scanner keeps the two octets before its input as context and holds back
+//! the last octets of an input when they could start a dot line whose meaning depends
+//! on octets not yet received.
 
 use memchr::{memchr2, memmem};
 use std::sync::LazyLock;
 
 /// The end of DATA (RFC 5321 §4.1.1.4).
 pub const END_OF_DATA: &[u8] = b"\r\n.\r\n";
+
+/// Octets searched at a time under [`BodyRule::Guarded`] and [`BodyRule::Exact`]. A
+/// block is searched two or three times (NUL, `<LF>.`, `<CR>.`): at this size it stays
+/// in the L1 cache (32 KiB and up) from the first search to the last, where a whole
+/// read (up to 64 KiB from the relay) would come from L2 again for each.
+const BLOCK: usize = 16 * 1024;
 
 static LF_DOT: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\n."));
 static CR_DOT: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\r."));
@@ -155,6 +167,34 @@ impl BodyScanner {
 
     /// Scans the next bytes of the body.
     pub fn scan(&mut self, input: &[u8]) -> BodyStep {
+        self.scan_in_blocks(input, BLOCK)
+    }
+
+    /// [`Self::scan`], searching `block` octets at a time. Each block starts where the
+    /// one before stopped taking, so it sees the same octets and context as one scan
+    /// of the whole input would at that point, and decides the same; `block` is more
+    /// than the three octets a scan may hold back, so every block takes some.
+    fn scan_in_blocks(&mut self, input: &[u8], block: usize) -> BodyStep {
+        debug_assert!(block > 3, "a block of {block} octets may take none");
+        // Strict stops at every line ending, so its searches are short and blocks gain
+        // nothing (measured); Discard ends at a lookalike with nothing after it, which
+        // the end of a block would fake.
+        if matches!(self.rule, BodyRule::Strict | BodyRule::Discard) {
+            return self.scan_once(input);
+        }
+        let mut start = 0;
+        loop {
+            let end = input.len().min(start + block);
+            match self.scan_once(&input[start..end]) {
+                BodyStep::More(n) if end < input.len() => start += n,
+                BodyStep::More(n) => return BodyStep::More(start + n),
+                BodyStep::End(n) => return BodyStep::End(start + n),
+                BodyStep::Ambiguous(n) => return BodyStep::Ambiguous(start + n),
+            }
+        }
+    }
+
+    fn scan_once(&mut self, input: &[u8]) -> BodyStep {
         let step = match self.rule {
             BodyRule::Discard | BodyRule::Exact => self.scan_dot_lines(input),
             BodyRule::Strict | BodyRule::Guarded => {
@@ -719,9 +759,15 @@ mod tests {
     }
 
     /// `body` read in pieces ending at `cuts`, each read scanned (with what was held
-    /// back) by both scanners as the relay would: a refusal discards up to the
-    /// client's end, and an end starts the next message with the same rule.
-    fn replay(rule: BodyRule, body: &[u8], cuts: &[Index]) -> Result<(), TestCaseError> {
+    /// back) by both scanners as the relay would, the new one `block` octets at a
+    /// time: a refusal discards up to the client's end, and an end starts the next
+    /// message with the same rule.
+    fn replay(
+        rule: BodyRule,
+        body: &[u8],
+        cuts: &[Index],
+        block: usize,
+    ) -> Result<(), TestCaseError> {
         let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(body.len() + 1)).collect();
         ends.push(body.len());
         ends.sort_unstable();
@@ -731,7 +777,7 @@ mod tests {
         for end in ends {
             while taken < end {
                 let input = &body[taken..end];
-                let step = scanner.scan(input);
+                let step = scanner.scan_in_blocks(input, block);
                 prop_assert_eq!(step, expected.scan(input), "{:?} at {}", rule, taken);
                 match step {
                     BodyStep::More(n) => {
@@ -757,7 +803,8 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
-        /// Every rule gives the reference's step for every read, however the body is cut.
+        /// Every rule gives the reference's step for every read, however the body is cut
+        /// and whatever the block (small ones put many edges among few octets).
         #[test]
         fn every_step_matches_the_reference(
             rule in prop::sample::select(vec![
@@ -768,8 +815,32 @@ mod tests {
             ]),
             body in body(),
             cuts in prop::collection::vec(any::<Index>(), 0..12),
+            block in prop_oneof![4..24usize, Just(BLOCK)],
         ) {
-            replay(rule, &body, &cuts)?;
+            replay(rule, &body, &cuts, block)?;
+        }
+    }
+
+    #[test]
+    fn the_real_block_edge_changes_no_step() {
+        for sequence in [
+            &b"\r\n.\r\n"[..],
+            b"\r\n..\r\n",
+            b"\n.\n",
+            b"\r.\r",
+            b"\r\n.\n",
+            b"\n.\r\n",
+            b"\0",
+            b"\r\n\0",
+        ] {
+            for at in BLOCK - 6..BLOCK + 2 {
+                let body = [&vec![b'a'; at][..], sequence, b"tail\r\n.\r\n"].concat();
+                for rule in [BodyRule::Guarded, BodyRule::Strict, BodyRule::Exact] {
+                    if let Err(failed) = replay(rule, &body, &[], BLOCK) {
+                        panic!("{sequence:?} at {at}: {failed}");
+                    }
+                }
+            }
         }
     }
 }
