@@ -129,7 +129,9 @@ where
 /// `AsyncWrite` encrypts towards it.
 ///
 /// - A read returns `Ok(0)` once the client's `close_notify` arrived and everything
-///   before it was read; an end of the transport without one is `UnexpectedEof`.
+///   before it was read; an end of the transport without one is `UnexpectedEof`, and
+///   one inside a record or a handshake message fails the stream with it, for every
+///   later call.
 /// - A write of `n` bytes returns `Ok(n)` as soon as they are encrypted and queued;
 ///   `poll_flush` writes out everything queued and flushes the transport; a write waits
 ///   while 64 KiB are queued and the socket takes none.
@@ -404,6 +406,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ServerStream<IO> {
         };
         if n == 0 {
             self.eof = true;
+            if !self.incoming.is_empty() {
+                // A record, or a handshake message rustls was joining, cut short.
+                // rustls keeps offsets into the bytes of a message it joins, so it
+                // must not be called again without them: the stream fails.
+                let _ = self.fail(Failure::Io(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed connection in the middle of a TLS record",
+                ));
+            }
             self.incoming.release();
         }
         Poll::Ready(Ok(n))
@@ -2346,6 +2357,36 @@ mod tests {
                 error.to_string().contains("TooManyRenegotiationRequests"),
                 "{error}"
             );
+        }
+
+        /// A handshake message begun (its first two bytes) when the transport ends:
+        /// that read is `UnexpectedEof`, so is every later call, and nothing panics.
+        /// rustls keeps offsets into the bytes of a message it joins; releasing them at
+        /// the end of the transport had its next call slice an empty buffer at those
+        /// offsets.
+        #[tokio::test]
+        async fn eof_inside_a_handshake_message_fails_without_panicking() {
+            let setup = setup();
+            for version in [TLS13, TLS12] {
+                let (mut forger, mut io, mut server) = Forger::new(&setup, version).await;
+                let bytes = [
+                    forger.data(b"NOOP\r\n"),
+                    forger.record(ContentType::Handshake, &[24, 0]),
+                ]
+                .concat();
+                within(io.write_all(&bytes)).await.unwrap();
+                within(io.shutdown()).await.unwrap();
+                let mut buf = [0; 64];
+                assert_eq!(within(server.read(&mut buf)).await.unwrap(), 6);
+                for _ in 0..2 {
+                    let error = within(server.read(&mut buf)).await.unwrap_err();
+                    assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error}");
+                }
+                let error = within(server.write(b"221 bye\r\n")).await.unwrap_err();
+                assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error}");
+                within(server.shutdown()).await.unwrap();
+                assert_eq!(server.buffer_capacity(), 0);
+            }
         }
     }
 }
