@@ -311,20 +311,27 @@ impl<IO> ServerStream<IO> {
     }
 
     /// Keeps `failure` for every later call, and queues the alert rustls chose for it:
-    /// rustls hands that over on the next call, before it looks at any input. It is
-    /// only asked when one is queued (`wants_write`): a call that reached the input
-    /// again could fail once more, and rustls asserts that it sends one fatal alert.
+    /// rustls hands over what it queued one record a call, before it looks at any
+    /// input, and the alert can come second, behind the answer to a KeyUpdate the
+    /// client asked for. It is only asked while a record is queued (`wants_write`): a
+    /// call that reached the input again could fail once more, and rustls asserts
+    /// that it sends one fatal alert.
     fn fail(&mut self, failure: Failure) -> io::Error {
-        if self.conn.wants_write() {
+        while self.conn.wants_write() {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(self.incoming.unprocessed());
-            if let Ok(ConnectionState::EncodeTlsData(mut data)) = state {
-                // Best effort: the connection is failing either way.
-                let _ = self
+            // Best effort: the connection is failing either way.
+            let encoded = match state {
+                Ok(ConnectionState::EncodeTlsData(mut data)) => self
                     .outgoing
-                    .append(0, |out| data.encode(out).map_err(Short::from));
-            }
+                    .append(0, |out| data.encode(out).map_err(Short::from))
+                    .is_ok(),
+                _ => false,
+            };
             self.incoming.discard(discard);
+            if !encoded {
+                break;
+            }
         }
         self.incoming.release();
         self.plain.release();
@@ -2387,6 +2394,25 @@ mod tests {
                 within(server.shutdown()).await.unwrap();
                 assert_eq!(server.buffer_capacity(), 0);
             }
+        }
+
+        /// A KeyUpdate request, then a record no key opens: rustls queues the KeyUpdate
+        /// it owes ahead of its bad_record_mac alert, and both go out.
+        #[tokio::test]
+        async fn the_alert_goes_out_behind_a_key_update_answer() {
+            let setup = setup();
+            let (mut client, mut server) = duplex_pair(&setup, client_config(&setup, TLS13)).await;
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            within(client.flush()).await.unwrap();
+            let mut forged = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+            forged.resize(RECORD_HEADER + 0x20, 0);
+            within(client.get_mut().0.write_all(&forged)).await.unwrap();
+            let mut buf = [0; 64];
+            let error = within(server.read(&mut buf)).await.unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+            within(server.shutdown()).await.unwrap();
+            let refused = within(client.read(&mut buf)).await.unwrap_err();
+            assert!(refused.to_string().contains("BadRecordMac"), "{refused}");
         }
     }
 }
