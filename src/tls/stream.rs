@@ -512,7 +512,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerStream<IO> {
             this.outgoing.sent(n);
         }
         let take = buf.len().min(WRITE_QUEUE - this.outgoing.len());
-        match this.process(None, Op::Encrypt(&buf[..take]))? {
+        let next = match this.process(None, Op::Encrypt(&buf[..take])) {
+            Ok(next) => next,
+            Err(error) => {
+                // Failed on what was received: the alert, if the socket takes it now,
+                // as a read does.
+                let _ = this.poll_write_out(cx);
+                return Poll::Ready(Err(error));
+            }
+        };
+        match next {
             Next::Traffic => {}
             Next::Closed => {
                 this.closing = true;
@@ -2413,6 +2422,53 @@ mod tests {
             within(server.shutdown()).await.unwrap();
             let refused = within(client.read(&mut buf)).await.unwrap_err();
             assert!(refused.to_string().contains("BadRecordMac"), "{refused}");
+        }
+
+        /// A session whose client sends a record and then bytes that are no record,
+        /// read into a 2-byte buffer: the read takes 2 bytes and leaves the rest of the
+        /// record and the bad bytes unprocessed, for the write after it to find.
+        async fn bad_bytes_behind_a_record(
+            setup: &Setup,
+            version: &'static SupportedProtocolVersion,
+        ) -> (client::TlsStream<DuplexStream>, ServerStream<DuplexStream>) {
+            let (mut client, mut server) = duplex_pair(setup, client_config(setup, version)).await;
+            within(async {
+                client.write_all(b"HELLO").await?;
+                client.flush().await
+            })
+            .await
+            .unwrap();
+            within(
+                client
+                    .get_mut()
+                    .0
+                    .write_all(b"MAIL FROM:<x@example.com>\r\n"),
+            )
+            .await
+            .unwrap();
+            let mut buf = [0; 2];
+            assert_eq!(within(server.read(&mut buf)).await.unwrap(), 2);
+            assert_eq!(&buf, b"HE");
+            let error = within(server.write(b"250 OK\r\n")).await.unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+            (client, server)
+        }
+
+        /// The write that comes upon a bad record fails and sends the alert, without
+        /// waiting for a flush or a shutdown that a failing session may never make.
+        #[tokio::test]
+        async fn a_failure_a_write_finds_still_alerts_the_client() {
+            let setup = setup();
+            for version in [TLS13, TLS12] {
+                let (mut client, server) = bad_bytes_behind_a_record(&setup, version).await;
+                drop(server);
+                let mut buf = [0; 64];
+                let refused = within(client.read(&mut buf)).await.unwrap_err();
+                assert!(
+                    refused.to_string().contains("DecodeError"),
+                    "{version:?}: {refused}"
+                );
+            }
         }
     }
 }
