@@ -138,8 +138,8 @@ where
 /// - `poll_shutdown` sends `close_notify`, writes out what is queued and shuts down the
 ///   transport's writing half. Reading still works (half-close).
 /// - A TLS failure (a bad record, an alert from the client) is `InvalidData`, and every
-///   later read and write fails the same way; the alert rustls sends with it goes out
-///   when the socket takes it.
+///   later read (once the data decrypted before it is read) and write fails the same
+///   way; the alert rustls sends with it goes out when the socket takes it.
 /// - A client's TLS 1.3 KeyUpdate is answered before the next record written (RFC 8446
 ///   §4.6.3); a TLS 1.2 renegotiation is refused with a warning sent the same way.
 pub struct ServerStream<IO> {
@@ -333,8 +333,9 @@ impl<IO> ServerStream<IO> {
                 break;
             }
         }
+        // What was decrypted before the failure (a write can find it, behind data a
+        // full read buffer left in `Plain`) is still read first.
         self.incoming.release();
-        self.plain.release();
         let error = failure.to_io();
         self.failed = Some(failure);
         error
@@ -2468,6 +2469,22 @@ mod tests {
                     refused.to_string().contains("DecodeError"),
                     "{version:?}: {refused}"
                 );
+            }
+        }
+
+        /// What a read left of a record before a bad one is still read when a write
+        /// came upon the bad record first, as when a read finds it; the read after
+        /// that fails.
+        #[tokio::test]
+        async fn data_before_a_failure_a_write_finds_is_still_read() {
+            let setup = setup();
+            for version in [TLS13, TLS12] {
+                let (_client, mut server) = bad_bytes_behind_a_record(&setup, version).await;
+                assert_eq!(within(server_read(&mut server, 3, 64)).await, b"LLO");
+                let mut buf = [0; 64];
+                let error = within(server.read(&mut buf)).await.unwrap_err();
+                assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+                assert_eq!(server.buffer_capacity(), 0);
             }
         }
     }
