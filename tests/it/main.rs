@@ -48,4 +48,5 @@ mod relay_tracking;
 mod reload;
 mod starttls;
 mod startup;
+mod tls_stream;
 mod xclient_postfix;

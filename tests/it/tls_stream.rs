@@ -1,0 +1,123 @@
+//! postern's TLS server stream (`src/tls/stream.rs`) against a client that seals records
+//! of its own with the session's keys, through the binary's listeners.
+
+use crate::common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::crypto::aws_lc_rs::cipher_suite;
+use tokio_rustls::rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion};
+
+/// Reads one SMTP reply (its last line) from the plaintext connection.
+async fn reply(tcp: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    loop {
+        let byte = within("a reply", tcp.read_u8()).await.expect("reply byte");
+        got.push(byte);
+        if got.ends_with(b"\r\n") {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let last = text
+                .trim_end()
+                .rsplit("\r\n")
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            if last.as_bytes().get(3) == Some(&b' ') {
+                return last;
+            }
+        }
+    }
+}
+
+/// A TLS 1.3 session on `tcp` whose client then sends "NOOP", the first two bytes of a
+/// handshake message in a record of their own, and the end of its side; then reads
+/// until postern closes.
+async fn cut_a_handshake_message_short(postern: &Postern, tcp: TcpStream) {
+    let mut config = (*postern.tls_config()).clone();
+    config.enable_secret_extraction = true;
+    let name = ServerName::try_from("localhost").expect("server name");
+    let client = within(
+        "TLS handshake",
+        TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake");
+    let (mut tcp, conn) = client.into_inner();
+    let secrets = conn.dangerous_extract_secrets().expect("client keys");
+    let (seq, ConnectionTrafficSecrets::Aes256Gcm { key, iv }) = secrets.tx else {
+        panic!("postern's TLS 1.3 suite is AES-256-GCM");
+    };
+    let suite = cipher_suite::TLS13_AES_256_GCM_SHA384
+        .tls13()
+        .expect("a TLS 1.3 suite");
+    let mut encrypter = suite.aead_alg.encrypter(key, iv);
+    let mut forged = Vec::new();
+    for (i, (typ, payload)) in [
+        (ContentType::ApplicationData, &b"NOOP\r\n"[..]),
+        (ContentType::Handshake, &[24, 0][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let message = OutboundPlainMessage {
+            typ,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(payload),
+        };
+        let sealed = encrypter
+            .encrypt(message, seq + u64::try_from(i).expect("small"))
+            .expect("seal");
+        forged.extend(sealed.encode());
+    }
+    within("forged records", tcp.write_all(&forged))
+        .await
+        .expect("write");
+    within("half-close", tcp.shutdown())
+        .await
+        .expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = within("postern closes", tcp.read_to_end(&mut rest)).await;
+}
+
+/// A client that begins a handshake message inside its session and closes its side,
+/// on the implicit-TLS port and after STARTTLS: postern ends the session without a
+/// panic (the stream once sliced an empty buffer at rustls' offsets) and serves the
+/// next client.
+#[tokio::test]
+async fn a_handshake_message_cut_short_does_not_panic_postern() {
+    let backend = RawBackend::start();
+    let postern = Postern::start(backend.addr);
+
+    let tcp = within("connect", TcpStream::connect(postern.smtps))
+        .await
+        .expect("connect");
+    cut_a_handshake_message_short(&postern, tcp).await;
+
+    let mut tcp = within("connect", TcpStream::connect(postern.smtp))
+        .await
+        .expect("connect");
+    assert!(reply(&mut tcp).await.starts_with("220 "));
+    within("EHLO", tcp.write_all(b"EHLO client.test\r\n"))
+        .await
+        .expect("EHLO");
+    assert!(reply(&mut tcp).await.starts_with("250 "));
+    within("STARTTLS", tcp.write_all(b"STARTTLS\r\n"))
+        .await
+        .expect("STARTTLS");
+    assert!(reply(&mut tcp).await.starts_with("220 "));
+    cut_a_handshake_message_short(&postern, tcp).await;
+
+    // The panic message, if any, is written before the task lets go of the socket.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = postern.log();
+    assert!(!log.contains("panicked"), "{log}");
+    let (mut c, _) = postern.implicit().await;
+    c.cmd("QUIT", "221").await;
+}
