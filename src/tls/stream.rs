@@ -2282,13 +2282,9 @@ mod tests {
             assert!(server.buffer_capacity() < MAX_OUTGOING);
         }
 
-        /// 0-RTT data from a client holding a ticket that allows it (from another
-        /// server for the same name: postern's own tickets never do, rustls allows
-        /// 0-RTT only with stateful resumption) is skipped: the first read gets what the
-        /// client sent after the handshake, never the early data.
-        #[tokio::test]
-        async fn early_data_is_skipped_never_read() {
-            let setup = setup();
+        /// A TLS 1.3 client holding a ticket that allows 0-RTT data: from a server
+        /// configured to issue one (postern's never is), for the same name.
+        async fn client_with_early_data_ticket(setup: &Setup) -> ClientConnection {
             let mut generous = ServerConfig::builder_with_provider(tls::provider())
                 .with_safe_default_protocol_versions()
                 .unwrap()
@@ -2296,7 +2292,7 @@ mod tests {
                 .with_cert_resolver(setup.server.cert_resolver.clone());
             generous.max_early_data_size = 16_384;
             generous.send_tls13_tickets = 1;
-            let mut config = (*client_config(&setup, TLS13)).clone();
+            let mut config = (*client_config(setup, TLS13)).clone();
             config.enable_early_data = true;
             let config = Arc::new(config);
 
@@ -2317,7 +2313,17 @@ mod tests {
             assert!(within(polled).await);
             assert_eq!(client.get_ref().1.tls13_tickets_received(), 1);
 
-            let mut conn = new_client(config);
+            new_client(config)
+        }
+
+        /// 0-RTT data from a client holding a ticket that allows it (from another
+        /// server for the same name: postern's own tickets never do, rustls allows
+        /// 0-RTT only with stateful resumption) is skipped: the first read gets what the
+        /// client sent after the handshake, never the early data.
+        #[tokio::test]
+        async fn early_data_is_skipped_never_read() {
+            let setup = setup();
+            let mut conn = client_with_early_data_ticket(&setup).await;
             conn.early_data()
                 .expect("the ticket allows early data")
                 .write_all(b"MAIL FROM:<early@example.com>\r\n")
@@ -2344,9 +2350,6 @@ mod tests {
             assert!(read_now(&mut server, &mut buf).await.is_none());
         }
 
-        /// TLS 1.2 renegotiation (a ClientHello inside the session) while the server
-        /// only reads: the first is refused with a warning, which waits in the queue for
-        /// the next write; the second fails the stream.
         /// Rejected 0-RTT data is skipped by trial decryption, which rustls gives
         /// 16384 bytes of ciphertext. It spends them again on every call while the
         /// skipped records wait for the next one that decrypts, and this stream calls
@@ -2358,35 +2361,7 @@ mod tests {
         #[ignore = "known: rustls spends the trial-decryption budget once per call"]
         async fn early_data_of_6000_bytes_is_skipped_too() {
             let setup = setup();
-            let mut generous = ServerConfig::builder_with_provider(tls::provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_cert_resolver(setup.server.cert_resolver.clone());
-            generous.max_early_data_size = 16_384;
-            generous.send_tls13_tickets = 1;
-            let mut config = (*client_config(&setup, TLS13)).clone();
-            config.enable_early_data = true;
-            let config = Arc::new(config);
-
-            let (client_io, server_io) = duplex(64 * 1024);
-            let (client, server) = within(async {
-                tokio::join!(
-                    connect(config.clone(), client_io),
-                    TlsAcceptor::from(Arc::new(generous)).accept(server_io)
-                )
-            })
-            .await;
-            let (mut client, _server) = (client.unwrap(), server.unwrap());
-            let mut buf = [0; 16];
-            let polled = poll_fn(|cx| {
-                let mut read = ReadBuf::new(&mut buf);
-                Poll::Ready(Pin::new(&mut client).poll_read(cx, &mut read).is_pending())
-            });
-            assert!(within(polled).await);
-            assert_eq!(client.get_ref().1.tls13_tickets_received(), 1);
-
-            let mut conn = new_client(config);
+            let mut conn = client_with_early_data_ticket(&setup).await;
             conn.early_data()
                 .expect("the ticket allows early data")
                 .write_all(&[b'e'; 6000])
@@ -2406,6 +2381,9 @@ mod tests {
             assert_eq!(within(server_read(&mut server, 6, 64)).await, b"NOOP\r\n");
         }
 
+        /// TLS 1.2 renegotiation (a ClientHello inside the session) while the server
+        /// only reads: the first is refused with a warning, which waits in the queue for
+        /// the next write; the second fails the stream.
         #[tokio::test]
         async fn tls12_renegotiation_is_refused_then_fails() {
             let setup = setup();
