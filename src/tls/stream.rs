@@ -1796,38 +1796,49 @@ mod tests {
             mut rewrite: impl FnMut(usize, Vec<u8>) -> Vec<u8>,
         ) -> io::Result<()> {
             let mut flight = 0;
-            let mut buf = vec![0; 64 * 1024];
             loop {
                 if conn.wants_write() {
-                    let mut out = Vec::new();
-                    while conn.wants_write() {
-                        conn.write_tls(&mut out)?;
-                    }
+                    let out = client_queued(conn)?;
                     io.write_all(&rewrite(flight, out)).await?;
                     flight += 1;
                 }
                 if !conn.is_handshaking() {
                     return Ok(());
                 }
-                let n = io.read(&mut buf).await?;
-                if n == 0 {
+                if client_receive(conn, io).await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    conn.read_tls(&mut rest)?;
-                    conn.process_new_packets().map_err(io::Error::other)?;
-                }
             }
+        }
+
+        /// The TLS bytes the client has queued.
+        fn client_queued(conn: &mut ClientConnection) -> io::Result<Vec<u8>> {
+            let mut out = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut out)?;
+            }
+            Ok(out)
+        }
+
+        /// One read from `io` into the client, processed: the bytes read, 0 at the end.
+        async fn client_receive(
+            conn: &mut ClientConnection,
+            io: &mut DuplexStream,
+        ) -> io::Result<usize> {
+            let mut buf = vec![0; 64 * 1024];
+            let n = io.read(&mut buf).await?;
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                conn.read_tls(&mut rest)?;
+                conn.process_new_packets().map_err(io::Error::other)?;
+            }
+            Ok(n)
         }
 
         /// Sends what the client has queued (application data written through
         /// `conn.writer()`) over `io`.
         async fn client_send(conn: &mut ClientConnection, io: &mut DuplexStream) {
-            let mut out = Vec::new();
-            while conn.wants_write() {
-                conn.write_tls(&mut out).unwrap();
-            }
+            let out = client_queued(conn).unwrap();
             within(io.write_all(&out)).await.unwrap();
         }
 
@@ -2695,24 +2706,16 @@ mod tests {
             /// The client's flights, recorded from one handshake against `accept`.
             async fn flights(
                 setup: &Setup,
-                config: Arc<ClientConfig>,
-            ) -> (Vec<Vec<u8>>, ClientConnection) {
+                version: &'static SupportedProtocolVersion,
+            ) -> Vec<Vec<u8>> {
                 let mut recorded = Vec::new();
-                let mut conn = new_client(config);
-                let (mut client_io, server_io) = duplex(256 * 1024);
-                let (driven, accepted) = within(async {
-                    tokio::join!(
-                        drive_client(&mut conn, &mut client_io, |_, bytes| {
-                            recorded.push(bytes.clone());
-                            bytes
-                        }),
-                        accept(server_io, setup.server.clone())
-                    )
+                accept_rewritten(setup, version, |_, bytes| {
+                    recorded.push(bytes.clone());
+                    bytes
                 })
-                .await;
-                driven.unwrap();
-                accepted.unwrap();
-                (recorded, conn)
+                .await
+                .unwrap();
+                recorded
             }
 
             /// Drives the client until flight `last`, of which only `cut` bytes go, and
@@ -2724,13 +2727,9 @@ mod tests {
                 cut: usize,
             ) {
                 let mut flight = 0;
-                let mut buf = vec![0; 64 * 1024];
                 loop {
                     if conn.wants_write() {
-                        let mut out = Vec::new();
-                        while conn.wants_write() {
-                            conn.write_tls(&mut out).unwrap();
-                        }
+                        let out = client_queued(conn).unwrap();
                         if flight == last {
                             io.write_all(&out[..cut]).await.unwrap();
                             io.shutdown().await.unwrap();
@@ -2739,13 +2738,7 @@ mod tests {
                         io.write_all(&out).await.unwrap();
                         flight += 1;
                     }
-                    let n = io.read(&mut buf).await.unwrap();
-                    assert_ne!(n, 0);
-                    let mut rest = &buf[..n];
-                    while !rest.is_empty() {
-                        conn.read_tls(&mut rest).unwrap();
-                        conn.process_new_packets().unwrap();
-                    }
+                    assert_ne!(client_receive(conn, io).await.unwrap(), 0);
                 }
             }
 
@@ -2755,7 +2748,7 @@ mod tests {
             async fn eof_at_every_byte_of_the_last_flight() {
                 let setup = setup();
                 for version in [TLS13, TLS12] {
-                    let (recorded, _) = flights(&setup, client_config(&setup, version)).await;
+                    let recorded = flights(&setup, version).await;
                     let last_len = recorded.last().unwrap().len();
                     for cut in 0..last_len {
                         let mut conn = new_client(client_config(&setup, version));
@@ -2787,49 +2780,33 @@ mod tests {
                 then: impl FnOnce(&mut ClientConnection),
             ) {
                 let mut then = Some(then);
-                let mut buf = vec![0; 64 * 1024];
                 loop {
                     if !conn.is_handshaking()
                         && let Some(then) = then.take()
                     {
                         then(conn);
                     }
-                    let mut out = Vec::new();
-                    while conn.wants_write() {
-                        conn.write_tls(&mut out).unwrap();
-                    }
-                    io.write_all(&out).await.unwrap();
+                    io.write_all(&client_queued(conn).unwrap()).await.unwrap();
                     if !conn.is_handshaking() {
                         return;
                     }
-                    let n = io.read(&mut buf).await.unwrap();
-                    assert_ne!(n, 0);
-                    let mut rest = &buf[..n];
-                    while !rest.is_empty() {
-                        conn.read_tls(&mut rest).unwrap();
-                        conn.process_new_packets().unwrap();
-                    }
+                    assert_ne!(client_receive(conn, io).await.unwrap(), 0);
                 }
             }
 
             /// Reads what the server sent into `conn`, until the transport ends.
             async fn client_take(conn: &mut ClientConnection, io: &mut DuplexStream) -> Vec<u8> {
                 let mut got = Vec::new();
-                let mut buf = vec![0; 64 * 1024];
-                loop {
-                    let n = within(io.read(&mut buf)).await.unwrap();
-                    if n == 0 {
-                        return got;
-                    }
-                    let mut rest = &buf[..n];
-                    while !rest.is_empty() {
-                        conn.read_tls(&mut rest).unwrap();
-                        let state = conn.process_new_packets().unwrap();
-                        let mut plain = vec![0; state.plaintext_bytes_to_read()];
-                        std::io::Read::read_exact(&mut conn.reader(), &mut plain).unwrap();
-                        got.extend_from_slice(&plain);
-                    }
+                while within(client_receive(conn, io)).await.unwrap() > 0 {
+                    let ready = conn
+                        .process_new_packets()
+                        .unwrap()
+                        .plaintext_bytes_to_read();
+                    let mut plain = vec![0; ready];
+                    std::io::Read::read_exact(&mut conn.reader(), &mut plain).unwrap();
+                    got.extend_from_slice(&plain);
                 }
+                got
             }
 
             /// Finished + KeyUpdate request + data, and Finished + close_notify, in one
