@@ -147,6 +147,21 @@ impl SmtpClient {
         self.stream = Stream::Tls(Box::new(tls));
     }
 
+    /// The plain TCP stream, for a test that goes on with bytes of its own (its own
+    /// TLS client after STARTTLS). Fails if the server sent anything not yet read.
+    pub fn into_tcp(self) -> TcpStream {
+        assert!(
+            self.buf.is_empty(),
+            "unread bytes from the server: {:?}\n{}",
+            String::from_utf8_lossy(&self.buf),
+            self.transcript
+        );
+        match self.stream {
+            Stream::Plain(tcp) => tcp,
+            _ => panic!("into_tcp: not a plain TCP stream"),
+        }
+    }
+
     /// Whether the connection is on TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self.stream, Stream::Tls(_))

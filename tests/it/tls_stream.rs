@@ -15,27 +15,6 @@ use tokio_rustls::rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage}
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion};
 
-/// Reads one SMTP reply (its last line) from the plaintext connection.
-async fn reply(tcp: &mut TcpStream) -> String {
-    let mut got = Vec::new();
-    loop {
-        let byte = within("a reply", tcp.read_u8()).await.expect("reply byte");
-        got.push(byte);
-        if got.ends_with(b"\r\n") {
-            let text = String::from_utf8_lossy(&got).into_owned();
-            let last = text
-                .trim_end()
-                .rsplit("\r\n")
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            if last.as_bytes().get(3) == Some(&b' ') {
-                return last;
-            }
-        }
-    }
-}
-
 /// A TLS 1.3 session on `tcp` whose client then sends "NOOP", the first two bytes of a
 /// handshake message in a record of their own, and the end of its side; then reads
 /// until postern closes.
@@ -100,19 +79,11 @@ async fn a_handshake_message_cut_short_does_not_panic_postern() {
         .expect("connect");
     cut_a_handshake_message_short(&postern, tcp).await;
 
-    let mut tcp = within("connect", TcpStream::connect(postern.smtp))
-        .await
-        .expect("connect");
-    assert!(reply(&mut tcp).await.starts_with("220 "));
-    within("EHLO", tcp.write_all(b"EHLO client.test\r\n"))
-        .await
-        .expect("EHLO");
-    assert!(reply(&mut tcp).await.starts_with("250 "));
-    within("STARTTLS", tcp.write_all(b"STARTTLS\r\n"))
-        .await
-        .expect("STARTTLS");
-    assert!(reply(&mut tcp).await.starts_with("220 "));
-    cut_a_handshake_message_short(&postern, tcp).await;
+    let mut plain = postern.plain().await;
+    plain.expect("220 ").await;
+    plain.cmd("EHLO client.test", "250 ").await;
+    plain.cmd("STARTTLS", "220 ").await;
+    cut_a_handshake_message_short(&postern, plain.into_tcp()).await;
 
     // The panic message, if any, is written before the task lets go of the socket.
     tokio::time::sleep(Duration::from_millis(200)).await;
