@@ -11,7 +11,8 @@
 #   BULK_CONC=8            concurrent connections, bulk scenario
 #   BULK_SIZE=1048576      message size, bulk scenario
 #   ATTACK_CONC=16         attacking connections (failed AUTHs at argon2 cost), attack scenario
-#   FLOOR_SECS=2           server CPU-seconds per crypto-floor measurement (FLOOR=0: skip it)
+#   FLOOR_SECS=2           server CPU-seconds per crypto-floor measurement (FLOOR=0: skip it,
+#                          and the relay floor too)
 #   KX=x25519              key exchange of the crypto floor (what the load generator negotiates)
 #   PROXIES="nginx postern"            which proxies to measure
 #   SCENARIOS="idle handshake resumed bulk attack hidden"    which scenarios to run
@@ -21,7 +22,7 @@
 #       hidden:  postern only, what the options cost: bulk with --strict-data, handshake
 #                and bulk with --xclient (the sink then offers XCLIENT)
 #   PROXY_CPU=0 LOAD_CPU=1 cores for the proxy, and for the load generator and sink
-#   PORT_BASE=25800        six consecutive loopback ports from here
+#   PORT_BASE=25800        seven consecutive loopback ports from here
 #   SPIN=1                 keep both cores awake with SCHED_IDLE busy loops (see below)
 #   KEEP=1                 keep the work directory (configs, logs, JSON, recorded mail)
 #   POSTERN_EXTRA="..."    extra flags for `postern serve`
@@ -57,9 +58,11 @@ NGINX_SMTP=$((PORT_BASE + 2))
 NGINX_SMTPS=$((PORT_BASE + 3))
 POSTERN_SMTP=$((PORT_BASE + 4))
 POSTERN_SMTPS=$((PORT_BASE + 5))
+FORWARD_PORT=$((PORT_BASE + 6))
 
 # The bench user. Passed through the environment so it stays out of `ps`.
-export POSTERN_BENCH_AUTH=bench:bench-secret
+bench_auth=bench:bench-secret
+export POSTERN_BENCH_AUTH=$bench_auth
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -69,6 +72,7 @@ proxy_bin=${POSTERN_BIN:-$postern}
 bench_bin=$target_dir/release/postern-bench
 sink=$target_dir/release/postern-bench-sink
 floor_bin=$target_dir/release/postern-bench-floor
+forward_bin=$target_dir/release/postern-bench-forward
 hz=$(getconf CLK_TCK)
 
 work=$(mktemp -d -t postern-compare.XXXXXX)
@@ -113,9 +117,9 @@ ensure_nginx() {
 }
 
 build() {
-    log "building postern, postern-bench, postern-bench-sink and postern-bench-floor (release)"
+    log "building postern and the postern-bench tools (release)"
     (cd "$repo" && cargo build --release --quiet --bin postern --bin postern-bench \
-        --bin postern-bench-sink --bin postern-bench-floor)
+        --bin postern-bench-sink --bin postern-bench-floor --bin postern-bench-forward)
 }
 
 make_certs() {
@@ -205,7 +209,13 @@ start_proxy() {
     esac
 }
 
-smtp_port() { if [[ $1 == nginx ]]; then echo "$NGINX_SMTP"; else echo "$POSTERN_SMTP"; fi; }
+smtp_port() {
+    case $1 in
+    nginx) echo "$NGINX_SMTP" ;;
+    forward) echo "$FORWARD_PORT" ;;
+    *) echo "$POSTERN_SMTP" ;;
+    esac
+}
 smtps_port() { if [[ $1 == nginx ]]; then echo "$NGINX_SMTPS"; else echo "$POSTERN_SMTPS"; fi; }
 
 # The proxy's processes: nginx's master and its workers; postern is one process.
@@ -380,6 +390,30 @@ run_floor() {
     F[aead_seal]=$(calc "$(jnum "$out" aead_seal_mb_per_cpu_s)" 0)
     F[client_us]=$(calc "$(jnum "$out" client_us_per_full_handshake)" 0)
     log "crypto floor: $(cat "$out")"
+}
+
+# The relay floor on the proxies' core: postern-bench-forward, which only copies bytes,
+# between the load generator and the sink, loaded with plain sessions (no TLS, no AUTH) of
+# the handshake and bulk shapes. Each shape gets the buffer that suits it (see the tool's
+# --buffer), so the floor is the cheapest relay of that load.
+run_relay_floor() {
+    local shape buffer
+    unset POSTERN_BENCH_AUTH # the sink offers no AUTH
+    for shape in handshake bulk; do
+        buffer=8192
+        [[ $shape == bulk ]] && buffer=65536
+        taskset -c "$PROXY_CPU" "$forward_bin" --listen "127.0.0.1:$FORWARD_PORT" \
+            --to "127.0.0.1:$SINK_PORT" --buffer "$buffer" >>"$work/forward.log" 2>&1 &
+        proxy_pid=$!
+        pids+=("$proxy_pid")
+        wait_port "$FORWARD_PORT"
+        "${shape}_run" forward "$shape" --mode plain
+        stop_pid "$proxy_pid"
+    done
+    export POSTERN_BENCH_AUTH=$bench_auth
+    # A proxy that spent only the two floors: their costs per session (per MB) add up.
+    F[ceiling_full]=$(calc "1 / (1 / ${F[full]} + 1 / ${R[forward.handshake.per_core]})" 0)
+    F[ceiling_open]=$(calc "1 / (1 / ${F[open]} + 1 / ${R[forward.bulk.per_core]})" 0)
 }
 
 # Two rounds: the first fills fresh memory, which the allocator hands out untouched (calloc
@@ -574,6 +608,26 @@ report() {
     echo "session also carries SMTP, AUTH, a backend connection and the kernel's TCP work."
     echo "Bulk is set against records opened: the client's bytes are decrypted once and go"
     echo "to a plain backend. The floor's client spends ${F[client_us]} us per full handshake."
+    [[ -n ${F[ceiling_full]:-} ]] || return 0
+    echo
+    echo "The relay floor: postern-bench-forward (copies bytes, nothing else) on core $PROXY_CPU,"
+    echo "plain sessions of the same shapes. The ceiling is a proxy that spent the crypto floor"
+    echo "and the relay floor and nothing more; the TLS session has more exchanges than the"
+    echo "plain one, so no TLS proxy on this machine reaches it."
+    echo
+    printf '| %-34s | %9s | %9s | %9s | %9s | %9s | %9s | %10s |\n' measure crypto relay ceiling nginx postern "postern/C" "2.5x nginx"
+    printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------------------------------------ ----------- ----------- ----------- ----------- ----------- ----------- ------------
+    crow "full handshakes per CPU-second" full handshake ceiling_full
+    crow "MB per CPU-second (bulk)" open bulk ceiling_open
+}
+
+# crow LABEL FLOOR_KEY SCENARIO CEILING_KEY: a row of the relay-floor table.
+crow() {
+    local c=${F[$4]} n=${R[nginx.$3.per_core]:-} p=${R[postern.$3.per_core]:-} fp=- goal=-
+    [[ -n $p ]] && fp=$(calc "$p / $c" 2)
+    [[ -n $n ]] && goal=$(calc "$n * 2.5" 0)
+    printf '| %-34s | %9s | %9s | %9s | %9s | %9s | %9s | %10s |\n' "$1" "${F[$2]}" \
+        "${R[forward.$3.per_core]}" "$c" "${n:--}" "${p:--}" "$fp" "$goal"
 }
 
 # prow LABEL KEY_PLAIN KEY_WITH: a postern-only row.
@@ -606,6 +660,7 @@ for proxy in $PROXIES; do
 done
 
 start_sink
+if [[ $FLOOR == 1 ]]; then run_relay_floor; fi
 for proxy in $PROXIES; do
     log "measuring $proxy"
     start_proxy "$proxy"

@@ -93,6 +93,49 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Output {
     }
 }
 
+/// Spawns `cmd` (a tool started with `--listen 127.0.0.1:0`) and reads the address from
+/// its first line, `NAME listening on ADDR`. The stdout pipe is returned to be held open:
+/// the tool must not get EPIPE for its stdout.
+fn listening(cmd: &mut Command, name: &str) -> (SocketAddr, Running, BufReader<ChildStdout>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let child = Running(child);
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let addr = line
+        .trim()
+        .strip_prefix(&format!("{name} listening on "))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (addr, child, stdout)
+}
+
+/// `postern-bench-forward` in front of `to`, on a port the kernel picked.
+pub struct Forward {
+    pub addr: SocketAddr,
+    _child: Running,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Forward {
+    pub fn start(to: SocketAddr, flags: &[&str]) -> Forward {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern-bench-forward"));
+        cmd.args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
+            .args(flags);
+        let (addr, child, stdout) = listening(&mut cmd, "postern-bench-forward");
+        Forward {
+            addr,
+            _child: child,
+            _stdout: stdout,
+        }
+    }
+}
+
 /// `postern-bench-sink --record`, on a port the kernel picked.
 pub struct Sink {
     pub addr: SocketAddr,
@@ -110,24 +153,11 @@ impl Sink {
     /// [`Sink::start`] with these flags added.
     pub fn start_with(flags: &[&str]) -> Sink {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_postern-bench-sink"))
-            .args(["--listen", "127.0.0.1:0", "--record"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern-bench-sink"));
+        cmd.args(["--listen", "127.0.0.1:0", "--record"])
             .arg(dir.path())
-            .args(flags)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn postern-bench-sink");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let child = Running(child);
-        let mut line = String::new();
-        stdout
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("postern-bench-sink listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+            .args(flags);
+        let (addr, child, stdout) = listening(&mut cmd, "postern-bench-sink");
         Sink {
             addr,
             dir,

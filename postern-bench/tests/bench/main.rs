@@ -7,6 +7,7 @@
 //! harness binds), so these tests need no binary from the other crate.
 
 mod floor;
+mod forward;
 mod generator;
 mod harness;
 mod sink;
