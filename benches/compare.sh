@@ -395,13 +395,14 @@ run_floor() {
 # The relay floor on the proxies' core: postern-bench-forward, which only copies bytes,
 # between the load generator and the sink, loaded with plain sessions (no TLS, no AUTH) of
 # the handshake and bulk shapes. Each shape gets the buffer that suits it (see the tool's
-# --buffer), so the floor is the cheapest relay of that load.
+# --buffer: for bulk, writes of one loopback MSS), so the floor is the cheapest relay of
+# that load.
 run_relay_floor() {
     local shape buffer
     unset POSTERN_BENCH_AUTH # the sink offers no AUTH
     for shape in handshake bulk; do
         buffer=8192
-        [[ $shape == bulk ]] && buffer=65536
+        [[ $shape == bulk ]] && buffer=65483
         taskset -c "$PROXY_CPU" "$forward_bin" --listen "127.0.0.1:$FORWARD_PORT" \
             --to "127.0.0.1:$SINK_PORT" --buffer "$buffer" >>"$work/forward.log" 2>&1 &
         proxy_pid=$!
