@@ -43,6 +43,17 @@ pub enum Pumped {
     ClientGone(Option<io::Error>),
 }
 
+/// The largest write: below the loopback MSS (65,483 octets with TCP timestamps), where
+/// a sidecar's backend sits. A write past the MSS leaves a tail that travels as a
+/// segment of its own, at the cost of a whole one. A queue can hold up to about twice
+/// [`MAX_BUFFER`]: a read into a full buffer adds to what waits.
+const MAX_WRITE: usize = 60 * 1024;
+
+/// The front of a queue that one write may carry.
+fn at_most_one_write(pending: &[u8]) -> &[u8] {
+    &pending[..pending.len().min(MAX_WRITE)]
+}
+
 /// The flushing and closing state of the two connections between steps.
 #[derive(Debug, Default)]
 pub struct Pump {
@@ -61,7 +72,7 @@ impl Pump {
         let mut progress = false;
 
         while !tracker.to_backend().is_empty() {
-            match sides.write_backend(tracker.to_backend()) {
+            match sides.write_backend(at_most_one_write(tracker.to_backend())) {
                 Io::Done(n) if n > 0 => {
                     self.moved.0 += n;
                     tracker.backend_written(n);
@@ -101,7 +112,7 @@ impl Pump {
         }
 
         while !tracker.to_client().is_empty() {
-            match sides.write_client(tracker.to_client()) {
+            match sides.write_client(at_most_one_write(tracker.to_client())) {
                 Io::Done(n) if n > 0 => {
                     self.moved.1 += n;
                     tracker.client_written(n);
@@ -124,33 +135,47 @@ impl Pump {
             }
         }
 
-        if let Some(space) = tracker.client_space() {
+        // A read that fills the room it was given has likely left more behind (in the
+        // TLS stream's plaintext, or in the socket): read on while reads fill, so that
+        // one write carries what arrived. A 20 KB message read into the first 512-byte
+        // buffer otherwise left in six writes. The tracker's room ends the loop.
+        while let Some(space) = tracker.client_space() {
+            let room = space.len();
             match sides.read_client(space) {
                 Io::Done(n) => {
                     tracker.client_read(n);
                     progress = true;
+                    if n < room {
+                        break;
+                    }
                 }
                 // A TLS client that drops TCP without close_notify has still ended.
                 Io::Failed(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
                     tracker.client_read(0);
                     progress = true;
+                    break;
                 }
                 Io::Failed(error) => return Pumped::ClientGone(Some(error)),
-                Io::WouldBlock => {}
+                Io::WouldBlock => break,
             }
         }
-        if let Some(space) = tracker.backend_space() {
+        while let Some(space) = tracker.backend_space() {
+            let room = space.len();
             match sides.read_backend(space) {
                 Io::Done(n) => {
                     tracker.backend_read(n);
                     progress = true;
+                    if n < room {
+                        break;
+                    }
                 }
                 // A reset after the backend's last words: they were read before it.
                 Io::Failed(_) => {
                     tracker.backend_read(0);
                     progress = true;
+                    break;
                 }
-                Io::WouldBlock => {}
+                Io::WouldBlock => break,
             }
         }
 

@@ -1182,3 +1182,114 @@ fn a_read_buffer_keeps_its_size_through_short_bulk_reads_and_shrinks_after_a_sma
     buffer.consume(6);
     assert_eq!(buffer.bytes.len(), MIN_BUFFER);
 }
+
+/// [`Peers`] that count the writes to each side and note the largest.
+struct CountingPeers<'a> {
+    peers: Peers<'a>,
+    backend_writes: usize,
+    client_writes: usize,
+    largest: usize,
+}
+
+impl Sides for CountingPeers<'_> {
+    fn write_backend(&mut self, bytes: &[u8]) -> Io {
+        self.backend_writes += 1;
+        self.largest = self.largest.max(bytes.len());
+        self.peers.write_backend(bytes)
+    }
+    fn flush_backend(&mut self) -> Io {
+        self.peers.flush_backend()
+    }
+    fn shutdown_backend(&mut self) -> Io {
+        self.peers.shutdown_backend()
+    }
+    fn write_client(&mut self, bytes: &[u8]) -> Io {
+        self.client_writes += 1;
+        self.largest = self.largest.max(bytes.len());
+        self.peers.write_client(bytes)
+    }
+    fn flush_client(&mut self) -> Io {
+        self.peers.flush_client()
+    }
+    fn read_client(&mut self, into: &mut [u8]) -> Io {
+        self.peers.read_client(into)
+    }
+    fn read_backend(&mut self, into: &mut [u8]) -> Io {
+        self.peers.read_backend(into)
+    }
+}
+
+impl Sim {
+    /// Pumps until nothing moves, as [`Sim::drain`] does for a session with no limits
+    /// to look up; returns the writes to the backend, to the client, and the largest.
+    fn drain_counting_writes(&mut self) -> (usize, usize, usize) {
+        let mut counting = CountingPeers {
+            peers: Peers {
+                waiting: &mut self.waiting,
+                backend_waiting: &mut self.backend_waiting,
+                run: &mut self.run,
+            },
+            backend_writes: 0,
+            client_writes: 0,
+            largest: 0,
+        };
+        while matches!(
+            self.pump.step(&mut self.tracker, &mut counting),
+            Pumped::Progress
+        ) {}
+        while self.tracker.next_notice().is_some() {}
+        (
+            counting.backend_writes,
+            counting.client_writes,
+            counting.largest,
+        )
+    }
+}
+
+/// A message body of at least `size` octets, ended by the end-of-data line.
+fn body_of(size: usize) -> Vec<u8> {
+    let mut body = b"Subject: one write\r\n\r\n".to_vec();
+    while body.len() < size {
+        body.extend_from_slice(b"a line of the message, long enough to count\r\n");
+    }
+    body.extend_from_slice(b".\r\n");
+    body
+}
+
+#[test]
+fn what_arrived_at_once_leaves_in_one_write_whatever_the_read_buffer_size() {
+    // The read buffers start at MIN_BUFFER: a body or a reply larger than that, there in
+    // full, must not reach the other side in as many writes as the buffer has sizes.
+    let mut sim = Sim::new(settings(), NO_LOOKUP);
+    sim.feed(C, b"DATA\r\n");
+    sim.feed(B, b"354 go\r\n");
+    let before = (sim.run.to_backend.len(), sim.run.to_client.len());
+    let body = body_of(9 * MIN_BUFFER);
+    sim.waiting.extend_from_slice(&body);
+    assert_eq!(sim.drain_counting_writes().0, 1);
+    assert_eq!(sim.run.to_backend[before.0..], body[..]);
+
+    let reply = format!("250-{}\r\n250 2.0.0 Ok\r\n", "x".repeat(3 * MIN_BUFFER));
+    sim.backend_waiting.extend_from_slice(reply.as_bytes());
+    assert_eq!(sim.drain_counting_writes().1, 1);
+    assert_eq!(sim.run.to_client[before.1..], *reply.as_bytes());
+}
+
+#[test]
+fn no_write_crosses_the_loopback_mss() {
+    // Beyond the loopback MSS (65,483 octets) a write leaves a tail that travels as a
+    // segment of its own.
+    let mut sim = Sim::new(settings(), NO_LOOKUP);
+    sim.feed(C, b"DATA\r\n");
+    sim.feed(B, b"354 go\r\n");
+    let before = sim.run.to_backend.len();
+    let body = body_of(5 * MAX_BUFFER);
+    sim.waiting.extend_from_slice(&body);
+    let (writes, _, largest) = sim.drain_counting_writes();
+    assert!(largest <= 65_483, "a write of {largest} octets");
+    assert!(
+        writes <= 2 * body.len().div_ceil(MAX_BUFFER),
+        "{writes} writes"
+    );
+    assert_eq!(sim.run.to_backend[before..], body[..]);
+}
