@@ -46,7 +46,8 @@ pub enum Pumped {
 /// The largest write: below the loopback MSS (65,483 octets with TCP timestamps), where
 /// a sidecar's backend sits. A write past the MSS leaves a tail that travels as a
 /// segment of its own, at the cost of a whole one. A queue can hold up to about twice
-/// [`MAX_BUFFER`]: a read into a full buffer adds to what waits.
+/// [`MAX_BUFFER`](super::tracker::MAX_BUFFER): a read into a full buffer adds to what
+/// waits.
 const MAX_WRITE: usize = 60 * 1024;
 
 /// The front of a queue that one write may carry.
