@@ -70,6 +70,7 @@ struct Sim {
     /// Backend bytes the tracker had no room for yet.
     backend_waiting: Vec<u8>,
     run: Run,
+    writes: Writes,
 }
 
 /// The two peers of a [`Sim`]: both always read everything; the client's and the
@@ -78,6 +79,16 @@ struct Peers<'a> {
     waiting: &'a mut Vec<u8>,
     backend_waiting: &'a mut Vec<u8>,
     run: &'a mut Run,
+    writes: &'a mut Writes,
+}
+
+/// How the pump wrote to the peers: not part of [`Run`], which must not depend on how
+/// the bytes arrived.
+#[derive(Debug, Default)]
+struct Writes {
+    to_backend: usize,
+    to_client: usize,
+    largest: usize,
 }
 
 fn take_into(queue: &mut Vec<u8>, into: &mut [u8]) -> Io {
@@ -92,6 +103,8 @@ fn take_into(queue: &mut Vec<u8>, into: &mut [u8]) -> Io {
 
 impl Sides for Peers<'_> {
     fn write_backend(&mut self, bytes: &[u8]) -> Io {
+        self.writes.to_backend += 1;
+        self.writes.largest = self.writes.largest.max(bytes.len());
         self.run.to_backend.extend_from_slice(bytes);
         Io::Done(bytes.len())
     }
@@ -102,6 +115,8 @@ impl Sides for Peers<'_> {
         Io::Done(0)
     }
     fn write_client(&mut self, bytes: &[u8]) -> Io {
+        self.writes.to_client += 1;
+        self.writes.largest = self.writes.largest.max(bytes.len());
         self.run.to_client.extend_from_slice(bytes);
         Io::Done(bytes.len())
     }
@@ -126,6 +141,7 @@ impl Sim {
             waiting: Vec::new(),
             backend_waiting: Vec::new(),
             run: Run::default(),
+            writes: Writes::default(),
         }
     }
 
@@ -144,6 +160,7 @@ impl Sim {
                 waiting: &mut self.waiting,
                 backend_waiting: &mut self.backend_waiting,
                 run: &mut self.run,
+                writes: &mut self.writes,
             };
             let pumped = self.pump.step(&mut self.tracker, &mut peers);
             assert!(
@@ -1183,69 +1200,6 @@ fn a_read_buffer_keeps_its_size_through_short_bulk_reads_and_shrinks_after_a_sma
     assert_eq!(buffer.bytes.len(), MIN_BUFFER);
 }
 
-/// [`Peers`] that count the writes to each side and note the largest.
-struct CountingPeers<'a> {
-    peers: Peers<'a>,
-    backend_writes: usize,
-    client_writes: usize,
-    largest: usize,
-}
-
-impl Sides for CountingPeers<'_> {
-    fn write_backend(&mut self, bytes: &[u8]) -> Io {
-        self.backend_writes += 1;
-        self.largest = self.largest.max(bytes.len());
-        self.peers.write_backend(bytes)
-    }
-    fn flush_backend(&mut self) -> Io {
-        self.peers.flush_backend()
-    }
-    fn shutdown_backend(&mut self) -> Io {
-        self.peers.shutdown_backend()
-    }
-    fn write_client(&mut self, bytes: &[u8]) -> Io {
-        self.client_writes += 1;
-        self.largest = self.largest.max(bytes.len());
-        self.peers.write_client(bytes)
-    }
-    fn flush_client(&mut self) -> Io {
-        self.peers.flush_client()
-    }
-    fn read_client(&mut self, into: &mut [u8]) -> Io {
-        self.peers.read_client(into)
-    }
-    fn read_backend(&mut self, into: &mut [u8]) -> Io {
-        self.peers.read_backend(into)
-    }
-}
-
-impl Sim {
-    /// Pumps until nothing moves, as [`Sim::drain`] does for a session with no limits
-    /// to look up; returns the writes to the backend, to the client, and the largest.
-    fn drain_counting_writes(&mut self) -> (usize, usize, usize) {
-        let mut counting = CountingPeers {
-            peers: Peers {
-                waiting: &mut self.waiting,
-                backend_waiting: &mut self.backend_waiting,
-                run: &mut self.run,
-            },
-            backend_writes: 0,
-            client_writes: 0,
-            largest: 0,
-        };
-        while matches!(
-            self.pump.step(&mut self.tracker, &mut counting),
-            Pumped::Progress
-        ) {}
-        while self.tracker.next_notice().is_some() {}
-        (
-            counting.backend_writes,
-            counting.client_writes,
-            counting.largest,
-        )
-    }
-}
-
 /// A message body of at least `size` octets, ended by the end-of-data line.
 fn body_of(size: usize) -> Vec<u8> {
     let mut body = b"Subject: one write\r\n\r\n".to_vec();
@@ -1265,13 +1219,14 @@ fn what_arrived_at_once_leaves_in_one_write_whatever_the_read_buffer_size() {
     sim.feed(B, b"354 go\r\n");
     let before = (sim.run.to_backend.len(), sim.run.to_client.len());
     let body = body_of(9 * MIN_BUFFER);
-    sim.waiting.extend_from_slice(&body);
-    assert_eq!(sim.drain_counting_writes().0, 1);
+    sim.writes = Writes::default();
+    sim.feed(C, &body);
+    assert_eq!(sim.writes.to_backend, 1);
     assert_eq!(sim.run.to_backend[before.0..], body[..]);
 
     let reply = format!("250-{}\r\n250 2.0.0 Ok\r\n", "x".repeat(3 * MIN_BUFFER));
-    sim.backend_waiting.extend_from_slice(reply.as_bytes());
-    assert_eq!(sim.drain_counting_writes().1, 1);
+    sim.feed(B, reply.as_bytes());
+    assert_eq!(sim.writes.to_client, 1);
     assert_eq!(sim.run.to_client[before.1..], *reply.as_bytes());
 }
 
@@ -1284,12 +1239,17 @@ fn no_write_crosses_the_loopback_mss() {
     sim.feed(B, b"354 go\r\n");
     let before = sim.run.to_backend.len();
     let body = body_of(5 * MAX_BUFFER);
-    sim.waiting.extend_from_slice(&body);
-    let (writes, _, largest) = sim.drain_counting_writes();
+    sim.writes = Writes::default();
+    sim.feed(C, &body);
+    let Writes {
+        to_backend,
+        largest,
+        ..
+    } = sim.writes;
     assert!(largest <= 65_483, "a write of {largest} octets");
     assert!(
-        writes <= 2 * body.len().div_ceil(MAX_BUFFER),
-        "{writes} writes"
+        to_backend <= 2 * body.len().div_ceil(MAX_BUFFER),
+        "{to_backend} writes"
     );
     assert_eq!(sim.run.to_backend[before..], body[..]);
 }
