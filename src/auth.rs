@@ -928,7 +928,7 @@ fn log_mechanisms(chosen: Option<&[Mechanism]>, users: &UserDb) {
 const MAX_LOGGED: usize = 256;
 
 /// A client-supplied user name for logs: control characters (CR/LF above all) escaped,
-/// so a name cannot forge log lines, and cut to [`MAX_LOGGED`] octets with a marker
+/// so a name cannot forge log lines, and cut to `MAX_LOGGED` octets with a marker
 /// saying how many were left out.
 pub struct LoggedName<'a>(pub &'a str);
 

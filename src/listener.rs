@@ -189,7 +189,7 @@ const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most refused connections that wait for their 421 at once. Each holds a task and a
-/// socket for up to [`REFUSAL_WRITE_TIMEOUT`], so a flood of clients that never read
+/// socket for up to `REFUSAL_WRITE_TIMEOUT`, so a flood of clients that never read
 /// must not grow them without bound; past this many, a refused connection is closed at
 /// once without a reply (the client sees a reset or EOF, and retries as after a 421).
 pub const MAX_PENDING_REFUSALS: usize = 256;

@@ -31,7 +31,7 @@ pub const AUTH_SOURCE_DURATION_SECONDS: &str = "postern_auth_source_duration_sec
 pub const AUTH_SOURCE_UP: &str = "postern_auth_source_up";
 
 /// The label values of each family, one module per label: what the code emits is
-/// taken from here, and [`install`] creates every combination at 0 so that `rate()` and
+/// taken from here, and `install` creates every combination at 0 so that `rate()` and
 /// alerts work before the first event. A value emitted that is not listed here is a bug
 /// (`debug_assert!` in the helpers, and the unit tests check the enums' labels).
 pub mod label {

@@ -46,6 +46,8 @@ fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("{text:?}: expected a network such as 10.0.0.0/8 or an address"))
 }
 
+// The field docs are `--help` text, where link markup around a URL would be printed.
+#[allow(rustdoc::bare_urls)]
 #[derive(Debug, Args)]
 pub struct RelayOutArgs {
     /// Plain-SMTP listener for legacy senders (repeatable). Only --allow-from networks

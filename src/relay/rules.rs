@@ -23,7 +23,7 @@
 //!   10-octet chunk to it.
 //! - Sending limits are reserved in the store before a MAIL or RCPT is forwarded
 //!   ([`Wants::Reservation`]) and given back ([`Op::Release`]) when the backend refuses
-//!   it or the transaction is abandoned; see [`Ledger`].
+//!   it or the transaction is abandoned; see `Ledger`.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
