@@ -192,11 +192,16 @@ impl BodyScanner {
 
     /// A scanner that skips the rest of a refused body, starting at the offset a scan
     /// of `input` returned as [`BodyStep::Ambiguous`].
+    ///
+    /// A refusal can come inside the client's own last dot line: at a dot that starts the
+    /// body (its CR or LF was the DATA line's), or under [`BodyRule::Strict`] at the bare
+    /// CR or LF after a line's only dot. The discard starts from there, so that a client
+    /// that ended its message with that line gets its reply instead of waiting for one.
     pub fn discard_from(&self, input: &[u8], at: usize) -> BodyScanner {
         BodyScanner {
             rule: BodyRule::Discard,
             before: after_taking(self.before, input.get(..at).unwrap_or_default()),
-            line_start: false,
+            line_start: self.line_start && at == 0,
         }
     }
 
@@ -262,6 +267,9 @@ impl BodyScanner {
 
     /// Looks at every `<CR>.` and `<LF>.` (and a dot at the very start of the body).
     fn scan_dot_lines(&mut self, input: &[u8], search: DotSearch) -> BodyStep {
+        if let Some(step) = self.discard_after_dot(input) {
+            return step;
+        }
         if self.line_start && input.first() == Some(&b'.') {
             let found = dot_line(self.before[0], self.before[1], &input[1..]);
             if let Some(step) = self.on_dot_line(found, input, 0, 1) {
@@ -288,6 +296,20 @@ impl BodyScanner {
         // Every pair that starts before `from` was looked at through its dot, and none
         // starts at `from - 1`, which is a dot.
         self.scan_pairs(input, from)
+    }
+
+    /// A discard that starts right after a line's only dot (see
+    /// [`BodyScanner::discard_from`]; no scan leaves a CR or LF and a dot in `before`
+    /// otherwise, as it holds them back) reads `input` as what follows that dot. The
+    /// octet before the CR or LF is gone: taking it for a CR can only end the discard at
+    /// a line that would otherwise have been body, after the backend was cut off.
+    fn discard_after_dot(&self, input: &[u8]) -> Option<BodyStep> {
+        if self.rule != BodyRule::Discard || !is_eol(self.before[0]) || self.before[1] != b'.' {
+            return None;
+        }
+        let found = dot_line(b'\r', self.before[0], input);
+        // Both the CR or LF and the dot are already taken.
+        self.on_dot_line(found, input, 0, 2)
     }
 
     /// Looks at every `<CR>.` and `<LF>.` that starts at `from` or later, searching for
@@ -541,6 +563,35 @@ mod tests {
     }
 
     #[test]
+    fn discarding_ends_at_the_dot_line_the_refusal_came_inside() {
+        // (rule, body, where it is refused): a dot that starts the body, and under
+        // --strict-data a bare ending after a line's only dot. The client ended its
+        // message there and waits for the reply; with more after the line, it did not.
+        for (rule, line, at) in [
+            (BodyRule::Guarded, &b".\n"[..], 0),
+            (BodyRule::Strict, b"a\r\n.\n", 4),
+            (BodyRule::Strict, b".\n", 1),
+        ] {
+            let mut scanner = BodyScanner::new(rule);
+            assert_eq!(scanner.scan(line), BodyStep::Ambiguous(at), "{line:?}");
+            let mut discard = scanner.discard_from(line, at);
+            assert_eq!(
+                discard.scan(&line[at..]),
+                BodyStep::End(line.len() - at),
+                "{rule:?} {line:?}"
+            );
+            let more = [line, b"more\r\n"].concat();
+            let mut discard = scanner.discard_from(&more, at);
+            assert_eq!(
+                discard.scan(&more[at..]),
+                // All but the last LF, which a dot could follow.
+                BodyStep::More(more.len() - at - 1),
+                "{rule:?} {more:?}"
+            );
+        }
+    }
+
+    #[test]
     fn exact_ends_at_the_real_terminator_and_refuses_nothing() {
         // Reference: the first <CRLF>.<CRLF>, counting the CRLF of the DATA line.
         fn reference(body: &[u8]) -> Option<BodyStep> {
@@ -620,7 +671,8 @@ mod tests {
     }
 
     /// The scanner as it was before it was made cheaper per octet, kept verbatim (but for
-    /// its statics) so that every change can be checked step by step against it: the
+    /// its statics and the discard fix, which changed what it does) so that every change
+    /// can be checked step by step against it: the
     /// relay forwards each `More(n)` as it comes, so equal outcomes are not enough.
     mod reference {
         use super::{BodyRule, BodyStep};
@@ -694,7 +746,7 @@ mod tests {
                 BodyScanner {
                     rule: BodyRule::Discard,
                     before,
-                    line_start: false,
+                    line_start: self.line_start && at == 0,
                 }
             }
 
@@ -727,6 +779,16 @@ mod tests {
             }
 
             fn scan_dot_lines(&mut self, input: &[u8]) -> BodyStep {
+                // The discard fix of the scanner, as it is there (not an optimisation).
+                if self.rule == BodyRule::Discard
+                    && is_eol(self.before[0])
+                    && self.before[1] == b'.'
+                {
+                    let found = dot_line(b'\r', self.before[0], input);
+                    if let Some(step) = self.on_dot_line(found, input, 0, 2) {
+                        return step;
+                    }
+                }
                 if self.line_start && input.first() == Some(&b'.') {
                     let found = dot_line(self.before[0], self.before[1], &input[1..]);
                     if let Some(step) = self.on_dot_line(found, input, 0, 1) {

@@ -670,7 +670,7 @@ fn a_refused_body_is_answered_at_the_clients_own_end() {
         strict_data: true,
         ..settings()
     };
-    for settings in [settings(), strict] {
+    for settings in [settings(), strict.clone()] {
         let script: &[(Dir, &[u8])] = &[
             (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"),
             (B, b"250 ok\r\n250 ok\r\n354 go\r\n"),
@@ -681,6 +681,19 @@ fn a_refused_body_is_answered_at_the_clients_own_end() {
         });
         assert!(run.client_text().ends_with("closing connection\r\n"));
         assert!(run.client_text().contains("550 5.6.0"));
+    }
+    // The same when the refusal comes inside that last line: at a dot that starts the
+    // body, or under --strict-data at the bare LF after a line's only dot.
+    for (settings, body) in [(settings(), &b".\n"[..]), (strict, b"a\r\n.\n")] {
+        let script: &[(Dir, &[u8])] = &[
+            (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"),
+            (B, b"250 ok\r\n250 ok\r\n354 go\r\n"),
+            (C, body),
+        ];
+        let run = every_split(&settings, NO_LOOKUP, script, |run, label| {
+            assert!(run.closed && run.backend_closed, "{body:?} {label}");
+        });
+        assert!(run.client_text().contains("550 5.6.0"), "{body:?}");
     }
     // With more behind the lookalike, the 550 waits for the real end.
     let mut sim = Sim::new(settings(), NO_LOOKUP);
