@@ -22,11 +22,12 @@ use super::rules::{Op, Output, Rules};
 /// pipelined MAIL, RCPT and DATA fit, and a read that fills it doubles it...
 pub const MIN_BUFFER: usize = 512;
 /// ...and doubles up to this while reads fill it, so bulk DATA moves in few syscalls
-/// and TLS records are full. It also bounds what waits to be written to a side, so it
-/// is the largest write. It stays below the loopback MSS (65,483 octets with TCP
-/// timestamps on a 64 KiB MTU), where a sidecar's backend sits: a larger write leaves
-/// a tail of a few octets that travels as a segment of its own, and at 64 KiB that
-/// cost a fifth of the relay's CPU per MB (benches/README.md).
+/// and TLS records are full. A side is read only while what waits to be written to the
+/// other is below it, so a queue holds at most about twice this; the pump caps each
+/// write below the loopback MSS (65,483 octets with TCP timestamps on a 64 KiB MTU),
+/// where a sidecar's backend sits. A 64 KiB buffer, whose writes crossed the MSS and
+/// left a tail of a few octets as a segment of its own, cost a fifth of the relay's CPU
+/// per MB (benches/README.md).
 pub const MAX_BUFFER: usize = 32 * 1024;
 
 /// Something for the driver to count, log or tell the limits store, in order.

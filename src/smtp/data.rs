@@ -240,7 +240,10 @@ impl BodyScanner {
 
     fn scan_once(&mut self, input: &[u8], search: DotSearch) -> BodyStep {
         let step = match self.rule {
-            BodyRule::Discard | BodyRule::Exact => self.scan_dot_lines(input, search),
+            BodyRule::Discard => self
+                .discard_after_dot(input)
+                .unwrap_or_else(|| self.scan_dot_lines(input, search)),
+            BodyRule::Exact => self.scan_dot_lines(input, search),
             BodyRule::Strict | BodyRule::Guarded => {
                 let nul = memchr::memchr(0, input);
                 let upto = &input[..nul.unwrap_or(input.len())];
@@ -267,9 +270,6 @@ impl BodyScanner {
 
     /// Looks at every `<CR>.` and `<LF>.` (and a dot at the very start of the body).
     fn scan_dot_lines(&mut self, input: &[u8], search: DotSearch) -> BodyStep {
-        if let Some(step) = self.discard_after_dot(input) {
-            return step;
-        }
         if self.line_start && input.first() == Some(&b'.') {
             let found = dot_line(self.before[0], self.before[1], &input[1..]);
             if let Some(step) = self.on_dot_line(found, input, 0, 1) {
@@ -302,9 +302,10 @@ impl BodyScanner {
     /// [`BodyScanner::discard_from`]; no scan leaves a CR or LF and a dot in `before`
     /// otherwise, as it holds them back) reads `input` as what follows that dot. The
     /// octet before the CR or LF is gone: taking it for a CR can only end the discard at
-    /// a line that would otherwise have been body, after the backend was cut off.
+    /// a line that would otherwise have been body, after the backend was cut off. Only
+    /// for [`BodyRule::Discard`], whose scans alone start from a refusal.
     fn discard_after_dot(&self, input: &[u8]) -> Option<BodyStep> {
-        if self.rule != BodyRule::Discard || !is_eol(self.before[0]) || self.before[1] != b'.' {
+        if !is_eol(self.before[0]) || self.before[1] != b'.' {
             return None;
         }
         let found = dot_line(b'\r', self.before[0], input);
