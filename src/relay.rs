@@ -501,11 +501,13 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.flush()).await;
     if shut_backend {
+        // The client's last reply first: closing the backend may take CLOSE_TIMEOUT.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.flush()).await;
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, backend.shutdown()).await;
     }
-    // A TLS client deserves a close_notify, not a truncated stream.
+    // A TLS client deserves a close_notify, not a truncated stream. A shutdown flushes
+    // first, so the last reply and the close_notify leave in one write.
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, client.shutdown()).await;
     if then_linger {
         linger(client).await;

@@ -125,7 +125,9 @@ impl Pump {
                 Io::WouldBlock => break,
             }
         }
-        if self.client_unflushed && tracker.to_client().is_empty() {
+        // Once the session is done, the shell's close sends what is queued together with
+        // TLS's close_notify: one write where a flush would make two.
+        if self.client_unflushed && tracker.to_client().is_empty() && !tracker.is_done() {
             match sides.flush_client() {
                 Io::WouldBlock => {}
                 Io::Done(_) => {

@@ -223,6 +223,7 @@ enum Pending {
     Data,
     EndOfData,
     Bdat { last: bool },
+    Quit,
     Other,
     Local { reply: Canned, close: bool },
 }
@@ -255,6 +256,12 @@ enum ClientState {
         scanner: BodyScanner,
         strict: bool,
     },
+    /// QUIT was forwarded: nothing more is taken until the backend answers it (RFC 2920
+    /// lets QUIT only end a pipelined group).
+    Quitting,
+    /// The backend answered QUIT 2xx: the session is over, and what the client sent
+    /// after QUIT is never forwarded.
+    Ended,
     /// No more client bytes are read (a closing reply is queued or was sent).
     Closed,
 }
@@ -383,7 +390,10 @@ impl Rules {
             return Wants::Reservation(claim);
         }
         match self.client {
-            ClientState::AwaitingData | ClientState::Closed => Wants::Backend,
+            ClientState::AwaitingData
+            | ClientState::Quitting
+            | ClientState::Ended
+            | ClientState::Closed => Wants::Backend,
             ClientState::Command if self.pending.len() >= MAX_PENDING || self.awaiting_reset => {
                 Wants::Backend
             }
@@ -393,7 +403,13 @@ impl Rules {
 
     /// No more client bytes will ever be taken.
     pub fn is_closed(&self) -> bool {
-        self.client == ClientState::Closed
+        matches!(self.client, ClientState::Closed | ClientState::Ended)
+    }
+
+    /// The backend answered QUIT 2xx: nothing either side sends after it matters, so
+    /// the session can close without waiting for the backend's end of stream.
+    pub fn has_ended(&self) -> bool {
+        self.client == ClientState::Ended
     }
 
     /// Inside a DATA body or BDAT chunk (an unfinished one at EOF loses the message).
@@ -519,7 +535,10 @@ impl Rules {
                         ClientState::Bdat { remaining }
                     };
                 }
-                ClientState::AwaitingData | ClientState::Closed => break,
+                ClientState::AwaitingData
+                | ClientState::Quitting
+                | ClientState::Ended
+                | ClientState::Closed => break,
             }
         }
         pos
@@ -655,7 +674,11 @@ impl Rules {
             Verb::Helo => Pending::Helo {
                 txn: self.ledger.txn,
             },
-            Verb::Noop | Verb::Quit | Verb::Known | Verb::Other => Pending::Other,
+            Verb::Quit => {
+                self.client = ClientState::Quitting;
+                Pending::Quit
+            }
+            Verb::Noop | Verb::Known | Verb::Other => Pending::Other,
         };
         out.forward(range);
         self.pending.push_back(pending);
@@ -799,6 +822,13 @@ impl Rules {
                 out.ops.push(Op::CloseBackend);
                 emit_local(canned::RELAY_OUT_OF_STEP, true, out);
                 return;
+            } else if pending == Pending::Quit && self.client == ClientState::Quitting {
+                self.client = if positive {
+                    ClientState::Ended
+                } else {
+                    ClientState::Command
+                };
+                self.client_resumed = true;
             }
         }
         while let Some(&Pending::Local { reply, close }) = self.pending.front() {
@@ -855,7 +885,7 @@ impl Rules {
                 }
             }
             Pending::Local { reply, close } => emit_local(reply, close, out),
-            Pending::Data | Pending::Bdat { last: false } | Pending::Other => {}
+            Pending::Data | Pending::Bdat { last: false } | Pending::Quit | Pending::Other => {}
         }
     }
 

@@ -121,6 +121,7 @@ impl Tracker {
         let wanted = !self.backend_eof
             && !self.backend_abandoned
             && !self.closing
+            && !self.rules.has_ended()
             && self.to_client.len() < MAX_BUFFER;
         if wanted {
             self.from_backend.space()
@@ -208,13 +209,14 @@ impl Tracker {
     }
 
     /// Whether the session ends while the client may still be sending (postern refused
-    /// it, or the backend hung up, perhaps mid-body): its bytes should be read and
+    /// it, the backend answered QUIT, or it hung up, perhaps mid-body): its bytes should be read and
     /// dropped for a moment after the close, so that the last reply is not lost to a
     /// reset. Whether a write to the closed backend failed yet is a race, so a backend
     /// hang-up counts whether or not one did.
     pub fn ends_with_client_sending(&self) -> bool {
         !self.client_eof
             && (self.closing
+                || self.rules.has_ended()
                 || self.backend_eof
                 || self.backend_write_failed
                 || self.backend_abandoned)
@@ -231,10 +233,11 @@ impl Tracker {
     }
 
     /// Whether the session is over once `to_client` is written: postern sent its
-    /// closing reply, or the backend closed (nothing the client sends could be
-    /// delivered), or the client closed after postern cut the backend off.
+    /// closing reply, the backend answered QUIT or closed (nothing the client sends
+    /// could be delivered), or the client closed after postern cut the backend off.
     pub fn is_done(&self) -> bool {
         self.closing
+            || self.rules.has_ended()
             || self.backend_eof
             || (self.client_eof && (self.backend_abandoned || self.rules.is_closed()))
     }

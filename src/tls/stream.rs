@@ -551,11 +551,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerStream<IO> {
                 return Poll::Ready(Err(io::Error::other("TLS handshake not complete")));
             }
         }
-        // Start sending; what the socket does not take now stays queued for the next
-        // write or flush.
-        if let Poll::Ready(Err(error)) = this.poll_write_out(cx) {
-            return Poll::Ready(Err(error));
-        }
+        // Queued until a flush, a shutdown or a full queue: a writer's replies and the
+        // close_notify after its last one leave in one write.
         Poll::Ready(Ok(take))
     }
 
@@ -1368,6 +1365,7 @@ mod tests {
             );
             assert_eq!(client.get_ref().1.tls13_tickets_received(), 0);
             within(server.write_all(b"220 ready\r\n")).await.unwrap();
+            within(server.flush()).await.unwrap();
             assert_eq!(within(client.read(&mut buf)).await.unwrap(), 11);
             if version == TLS13 {
                 assert_eq!(client.get_ref().1.tls13_tickets_received(), 1);
@@ -1395,11 +1393,14 @@ mod tests {
         let setup = setup();
         let pipe = 64 * 1024;
         let (mut client, mut server) = duplex_pair(&setup, client_config(&setup, TLS13)).await;
-        let chunk = pattern(10_000);
+        let chunk = 10_000;
+        // A write may take part of a chunk: the next one goes on from there.
+        let stream = pattern((16 << 20) + 2 * chunk);
         let mut accepted = 0;
         let waited = within(poll_fn(|cx| {
             loop {
-                match Pin::new(&mut server).poll_write(cx, &chunk) {
+                let next = &stream[accepted..accepted + chunk];
+                match Pin::new(&mut server).poll_write(cx, next) {
                     Poll::Ready(Ok(n)) => accepted += n,
                     Poll::Ready(Err(error)) => panic!("{error}"),
                     Poll::Pending => return Poll::Ready(true),
@@ -1413,12 +1414,13 @@ mod tests {
         assert!(waited, "{accepted} bytes taken without waiting");
         assert!(accepted <= pipe + WRITE_QUEUE, "{accepted}");
         // WRITE_QUEUE of plaintext, sealed.
-        let sealed = WRITE_QUEUE + WRITE_QUEUE.div_ceil(chunk.len()) * RECORD_OVERHEAD;
+        let sealed = WRITE_QUEUE + WRITE_QUEUE.div_ceil(chunk) * RECORD_OVERHEAD;
         assert!(server.outgoing.len() <= sealed, "{}", server.outgoing.len());
         assert!(server.buffer_capacity() <= MAX_OUTGOING);
         // Still pending: nothing moved.
+        let next = &stream[accepted..accepted + chunk];
         let again =
-            poll_fn(|cx| Poll::Ready(Pin::new(&mut server).poll_write(cx, &chunk).is_pending()));
+            poll_fn(|cx| Poll::Ready(Pin::new(&mut server).poll_write(cx, next).is_pending()));
         assert!(within(again).await);
 
         let mut got = vec![0; accepted];
@@ -1426,7 +1428,7 @@ mod tests {
             within(async { tokio::join!(server.flush(), client.read_exact(&mut got)) }).await;
         flushed.unwrap();
         read.unwrap();
-        assert!(got.chunks(10_000).all(|c| c == &chunk[..c.len()]));
+        assert!(got == stream[..accepted]);
         assert_eq!(server.buffer_capacity(), 0);
     }
 

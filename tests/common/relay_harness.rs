@@ -234,6 +234,7 @@ enum Cmd {
     Data,
     EndOfData,
     Bdat { last: bool },
+    Quit,
     Other,
 }
 
@@ -293,6 +294,8 @@ pub struct Backend {
     pub accepted_messages: usize,
     /// No more bytes reach it.
     pub cut: bool,
+    /// How much it had received when it answered QUIT 2xx (a real server closes then).
+    pub said_goodbye_at: Option<usize>,
 }
 
 impl Backend {
@@ -312,6 +315,7 @@ impl Backend {
             kept: Slots::default(),
             accepted_messages: 0,
             cut: false,
+            said_goodbye_at: None,
         }
     }
 
@@ -422,6 +426,7 @@ impl Backend {
                 }
                 Cmd::Bdat { last }
             }
+            b"QUIT" => Cmd::Quit,
             _ => Cmd::Other,
         };
         self.unanswered.push_back(cmd);
@@ -524,6 +529,9 @@ impl Backend {
                         self.txn_recipients
                     );
                 }
+            }
+            Cmd::Quit if positive => {
+                self.said_goodbye_at.get_or_insert(self.received.len());
             }
             Cmd::EndOfData | Cmd::Bdat { last: true } => {
                 if positive {
@@ -1008,6 +1016,13 @@ impl Harness {
         }
         self.check_queues();
         if !self.chaos {
+            if let Some(at) = self.backend.said_goodbye_at {
+                assert_eq!(
+                    self.backend.received.len(),
+                    at,
+                    "bytes reached the backend after it accepted QUIT"
+                );
+            }
             for hidden in [&b"STARTTLS\r\n"[..], b"GSSAPI-HOSTILE", b"XCLIENT NAME"] {
                 assert!(
                     find(&self.to_client, hidden).is_none(),

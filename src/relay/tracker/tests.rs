@@ -89,6 +89,7 @@ struct Writes {
     to_backend: usize,
     to_client: usize,
     largest: usize,
+    client_flushes: usize,
 }
 
 fn take_into(queue: &mut Vec<u8>, into: &mut [u8]) -> Io {
@@ -121,6 +122,7 @@ impl Sides for Peers<'_> {
         Io::Done(bytes.len())
     }
     fn flush_client(&mut self) -> Io {
+        self.writes.client_flushes += 1;
         Io::Done(0)
     }
     fn read_client(&mut self, into: &mut [u8]) -> Io {
@@ -1020,6 +1022,52 @@ fn a_backend_that_hangs_up_still_has_its_last_reply_relayed() {
             .ends_with("552 5.3.4 Message too big\r\n")
     );
     assert!(sim.tracker.is_done());
+}
+
+#[test]
+fn a_quit_the_backend_accepts_ends_the_session_there() {
+    // What is pipelined behind QUIT waits for its answer (RFC 2920 lets QUIT only end a
+    // group) and, once the backend said 221, is never forwarded.
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"NOOP\r\nQUIT\r\nMAIL FROM:<late@example.test>\r\n"),
+        (B, b"250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"),
+    ];
+    let run = split_invariant(&settings(), NO_LOOKUP, script);
+    assert_eq!(run.to_backend, b"NOOP\r\nQUIT\r\n");
+    assert_eq!(run.client_text(), "250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n");
+
+    let mut sim = Sim::new(settings(), NO_LOOKUP);
+    sim.feed(C, b"QUIT\r\n");
+    sim.feed(B, b"221 2.0.0 Bye\r\n");
+    assert!(sim.tracker.is_done());
+    // The backend's end of stream is not waited for, the client may still send (so the
+    // close lingers), and the 221 is left for the close to send with TLS's
+    // close_notify.
+    assert!(sim.tracker.backend_space().is_none());
+    assert!(sim.tracker.ends_with_client_sending());
+    assert_eq!(sim.writes.client_flushes, 0);
+    assert_eq!(sim.run.client_text(), "221 2.0.0 Bye\r\n");
+}
+
+#[test]
+fn a_quit_the_backend_refuses_leaves_the_session_going() {
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"QUIT now\r\nNOOP\r\n"),
+        (B, b"501 5.5.4 Syntax: QUIT\r\n250 2.0.0 Ok\r\n"),
+    ];
+    let run = split_invariant(&settings(), NO_LOOKUP, script);
+    assert_eq!(run.to_backend, b"QUIT now\r\nNOOP\r\n");
+    assert_eq!(
+        run.client_text(),
+        "501 5.5.4 Syntax: QUIT\r\n250 2.0.0 Ok\r\n"
+    );
+
+    let mut sim = Sim::new(settings(), NO_LOOKUP);
+    sim.feed(C, b"QUIT now\r\n");
+    sim.feed(B, b"501 5.5.4 Syntax: QUIT\r\n");
+    assert!(!sim.tracker.is_done());
+    assert!(sim.tracker.backend_space().is_some());
+    assert!(sim.writes.client_flushes > 0);
 }
 
 #[test]
