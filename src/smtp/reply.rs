@@ -43,13 +43,16 @@ impl Reply {
     /// Writes the reply in wire form. An empty text still yields `CODE\r\n`-style output
     /// (`334 \r\n` for an empty SASL challenge, which RFC 4954 §4 requires).
     pub fn encode(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        // Straight into `out`, not through a String per line: writing into a Vec cannot
+        // fail.
         let last = self.lines.len().saturating_sub(1);
         if self.lines.is_empty() {
-            out.extend_from_slice(format!("{} \r\n", self.code).as_bytes());
+            let _ = write!(out, "{} \r\n", self.code);
         }
         for (i, line) in self.lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            out.extend_from_slice(format!("{}{}{}\r\n", self.code, sep, line).as_bytes());
+            let _ = write!(out, "{}{}{}\r\n", self.code, sep, line);
         }
     }
 
