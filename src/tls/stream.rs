@@ -8,7 +8,10 @@
 //! it sends in `Vec`s of its own. Here every buffer is released when it empties (the
 //! receive buffer when the socket has nothing more to give), so an idle session holds
 //! none; the socket is read up to `MAX_READ` at once, starting at `FIRST_READ`;
-//! encrypted records are written from one buffer, several per system call.
+//! encrypted records are written from one buffer, several per system call. Unlike
+//! tokio-rustls, a write only queues its records until a flush, a shutdown or a full
+//! queue (`AsyncWrite` allows it, and every writer in postern flushes), so the last
+//! reply and the close_notify after it leave in one system call.
 //!
 //! What rustls 0.23 still does itself: `ReadTraffic::next_record` hands out each
 //! decrypted record from a `Vec` it filled (the record is decrypted in place in
