@@ -366,6 +366,15 @@ pub struct Rules {
     /// A RCPT waits for the backend's answer to a reset before the per-message limit
     /// can be decided.
     awaiting_reset: bool,
+    /// A non-LAST BDAT was forwarded and its message is not finished: only BDAT, NOOP
+    /// and QUIT may follow. Exim (bdat_getc) answers anything else with 503 and then
+    /// refuses the next BDAT without reading its chunk, which it reads as commands; an
+    /// RSET there leaves it reading the following commands as a DATA body.
+    bdat_open: bool,
+    /// A non-LAST BDAT is unanswered: nothing more is taken until its reply, which
+    /// must be 2xx (Exim without PIPELINING answers input pipelined behind a chunk
+    /// with 554 and the same state as above).
+    chunk_unanswered: bool,
     ledger: Ledger,
 }
 
@@ -380,6 +389,8 @@ impl Rules {
             reply_code: 0,
             client_resumed: false,
             awaiting_reset: false,
+            bdat_open: false,
+            chunk_unanswered: false,
             ledger: Ledger::default(),
         }
     }
@@ -394,7 +405,11 @@ impl Rules {
             | ClientState::Quitting
             | ClientState::Ended
             | ClientState::Closed => Wants::Backend,
-            ClientState::Command if self.pending.len() >= MAX_PENDING || self.awaiting_reset => {
+            ClientState::Command
+                if self.pending.len() >= MAX_PENDING
+                    || self.awaiting_reset
+                    || self.chunk_unanswered =>
+            {
                 Wants::Backend
             }
             _ => Wants::Input,
@@ -559,6 +574,10 @@ impl Rules {
                 return true;
             }
         };
+        if self.bdat_open && !matches!(verb, Verb::Bdat | Verb::Noop | Verb::Quit) {
+            self.local(canned::BDAT_SEQUENCE, true, out);
+            return true;
+        }
         let pending = match verb {
             Verb::Auth => {
                 let reply = if self.settings.authenticated {
@@ -663,6 +682,8 @@ impl Rules {
                 if last {
                     self.ledger.end_of_message();
                 }
+                self.bdat_open = !last;
+                self.chunk_unanswered = !last;
                 Pending::Bdat { last }
             }
             Verb::Rset => Pending::Rset {
@@ -800,6 +821,21 @@ impl Rules {
         // A reply with nothing outstanding (a 421 before closing) is only relayed.
         if let Some(pending) = self.pending.pop_front() {
             self.settle(pending, positive, out);
+            if pending == (Pending::Bdat { last: false }) {
+                self.chunk_unanswered = false;
+                self.client_resumed = true;
+                if !positive {
+                    // The backend refused a chunk mid-message: whether it reads the
+                    // next chunk as data or as commands is its own business (Exim:
+                    // as commands), so nothing more is sent, and closing the backend
+                    // makes it drop the message.
+                    self.client = ClientState::Closed;
+                    self.pending.clear();
+                    out.ops.push(Op::CloseBackend);
+                    emit_local(canned::CHUNK_REFUSED, true, out);
+                    return;
+                }
+            }
             if pending == Pending::Data && self.client == ClientState::AwaitingData {
                 self.client = if code == 354 {
                     ClientState::Data(BodyScanner::new(if self.settings.strict_data {

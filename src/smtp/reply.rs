@@ -182,6 +182,14 @@ pub mod canned {
         552,
         "5.3.4 Chunk exceeds the message size limit, closing connection",
     );
+    pub const BDAT_SEQUENCE: Canned = Canned::new(
+        503,
+        "5.5.1 Only BDAT, NOOP or QUIT may follow a non-final BDAT, closing connection",
+    );
+    pub const CHUNK_REFUSED: Canned = Canned::new(
+        421,
+        "4.3.0 Backend refused a chunk mid-message, closing connection",
+    );
     pub const EMPTY_CHUNK: Canned = Canned::new(
         501,
         "5.5.4 BDAT 0 is only valid with LAST, closing connection",

@@ -759,6 +759,42 @@ fn bdat_cases() -> Vec<Case> {
     let mut c = transaction("BDAT 0 without LAST").then(chunk(b"BDAT 0\r\n", &["5"]));
     c.end = End::Closed;
     cases.push(c.forbid("BDAT"));
+
+    // After a non-final chunk Exim takes only BDAT, NOOP, RSET and QUIT (bdat_getc):
+    // anything else gets 503, and the next BDAT is refused without its chunk being
+    // read, so the chunk runs as commands postern never saw; an RSET leaves Exim
+    // reading the lines after it as a dot-terminated body.
+    let mut smuggled = b"RSET\r\nMAIL FROM:<smuggler@example.org>\r\n\
+RCPT TO:<v1@example.net>\r\nRCPT TO:<v2@example.net>\r\n"
+        .to_vec();
+    let body = b"Subject: smuggled\r\n\r\nnever counted\r\n";
+    smuggled.extend_from_slice(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    smuggled.extend_from_slice(body);
+    let mut hidden = format!("BDAT {}\r\n", smuggled.len()).into_bytes();
+    hidden.extend_from_slice(&smuggled);
+    let mut c = transaction("a command between chunks, then a chunk of commands")
+        .then(chunk(b"BDAT 4\r\nab\r\n", &["250"]))
+        .then(chunk(b"HELP\r\n", &["503 5.5.1"]))
+        .then(chunk(hidden, &[]));
+    c.end = End::Closed;
+    cases.push(c.forbid("HELP").forbid("smuggler@example.org"));
+    let mut c = transaction("RSET after a non-final chunk, then a dotted body")
+        .then(chunk(b"BDAT 4\r\nab\r\n", &["250"]))
+        .then(chunk(b"RSET\r\n", &["503 5.5.1"]))
+        .then(chunk(b"Subject: after RSET\r\n\r\nbody\r\n.\r\n", &[]));
+    c.end = End::Closed;
+    cases.push(c.forbid("RSET").forbid("after RSET"));
+    // What a chunking client does: chunks, a NOOP between them, the last one.
+    let last = b"Subject: chunks\r\n\r\nin three chunks\r\n";
+    let mut c = transaction("chunks with a NOOP between them")
+        .then(chunk(b"BDAT 4\r\nab\r\n", &["250"]))
+        .cmd("NOOP", "250")
+        .then(chunk(
+            [format!("BDAT {} LAST\r\n", last.len()).as_bytes(), last].concat(),
+            &["250"],
+        ));
+    c.accepted = (1, 1);
+    cases.push(c);
     cases
 }
 

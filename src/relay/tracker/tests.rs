@@ -1314,3 +1314,72 @@ fn no_write_crosses_the_loopback_mss() {
     );
     assert_eq!(sim.run.to_backend[before..], body[..]);
 }
+
+#[test]
+fn after_a_non_final_bdat_only_bdat_noop_and_quit_reach_the_backend() {
+    // Exim answers anything else with 503 and then reads the next chunk as commands.
+    for other in [
+        &b"HELP\r\n"[..],
+        b"RSET\r\n",
+        b"MAIL FROM:<c>\r\n",
+        b"EHLO x\r\n",
+        b"DATA\r\n",
+    ] {
+        let mut client = b"BDAT 4\r\nab\r\n".to_vec();
+        client.extend_from_slice(other);
+        client.extend_from_slice(b"BDAT 6\r\nRSET\r\n");
+        let script: &[(Dir, &[u8])] = &[
+            (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\n"),
+            (B, b"250 ok\r\n250 ok\r\n"),
+            (C, &client),
+            (B, b"250 4 octets\r\n"),
+        ];
+        let run = split_invariant(&settings(), NO_LOOKUP, script);
+        assert_eq!(
+            run.to_backend, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nBDAT 4\r\nab\r\n",
+            "{other:?}"
+        );
+        assert!(run.closed);
+        assert!(
+            run.client_text().ends_with(
+                "503 5.5.1 Only BDAT, NOOP or QUIT may follow a non-final BDAT, closing connection\r\n"
+            ),
+            "{}",
+            run.client_text()
+        );
+    }
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\n"),
+        (B, b"250 ok\r\n250 ok\r\n"),
+        (C, b"BDAT 4\r\nabcdNOOP\r\nBDAT 2 LAST\r\nef"),
+        (B, b"250 4 octets\r\n250 noop\r\n250 message ok\r\n"),
+    ];
+    let run = split_invariant(&settings(), NO_LOOKUP, script);
+    assert_eq!(run.to_backend, all(C, script));
+    assert!(!run.closed);
+}
+
+#[test]
+fn a_refused_non_final_chunk_closes_before_the_next_chunk_is_sent() {
+    // Exim without PIPELINING answers input pipelined behind a chunk with 554 and then
+    // reads the next BDAT's chunk as commands.
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\n"),
+        (B, b"250 ok\r\n250 ok\r\n"),
+        (C, b"BDAT 4\r\nabcdBDAT 6\r\nRSET\r\n"),
+        (B, b"554 SMTP synchronization error\r\n"),
+    ];
+    let run = split_invariant(&settings(), NO_LOOKUP, script);
+    assert_eq!(
+        run.to_backend,
+        b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nBDAT 4\r\nabcd"
+    );
+    assert!(run.closed);
+    assert!(run.backend_closed);
+    assert!(
+        run.client_text()
+            .ends_with("421 4.3.0 Backend refused a chunk mid-message, closing connection\r\n"),
+        "{}",
+        run.client_text()
+    );
+}
