@@ -70,14 +70,19 @@ fn keyword_of(line: &str) -> &str {
 }
 
 /// Lines postern implements itself, lines meant for postern only, and lines that are no
-/// ehlo-line at all: empty ones (smtp-sink ends its list with a bare `250 `) and ones with
-/// control characters (RFC 5321 §4.1.1.1 allows only printable ASCII and SP), where a
-/// bare CR, which the reply parser leaves inside a line, would break the client's framing.
+/// ehlo-line at all (RFC 5321 §4.1.1.1): ones that start with no keyword, empty ones
+/// (smtp-sink ends its list with a bare `250 `) and ones with control characters (only
+/// printable ASCII and SP are allowed), where a bare CR, which the reply parser leaves
+/// inside a line, would break the client's framing.
 fn is_hidden(line: &str) -> bool {
-    let keyword = keyword_of(line.trim_start());
-    if keyword.is_empty() || line.chars().any(|c| c.is_ascii_control()) {
+    // An ehlo-keyword starts with a letter or digit: a line with a blank in front is
+    // hidden, not shown with a keyword `has` would not find (" CHUNKING" offered, BDAT
+    // refused) or one a lenient client could read after trimming (" STARTTLS").
+    let starts_a_keyword = line.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if !starts_a_keyword || line.chars().any(|c| c.is_ascii_control()) {
         return true;
     }
+    let keyword = keyword_of(line);
     ["STARTTLS", "AUTH", "XCLIENT", "XFORWARD"]
         .iter()
         .any(|k| keyword.eq_ignore_ascii_case(k))
@@ -107,6 +112,9 @@ mod tests {
             "SIZE\r1000",
             "X-NUL\0",
             "",
+            " CHUNKING",
+            "\tSTARTTLS",
+            "-AUTH PLAIN",
         ]
         .map(String::from)
         .to_vec();
