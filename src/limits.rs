@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,8 @@ pub const MAX_TRACKED: usize = 100_000;
 
 /// A client's network as the limits see it: an IPv4 address, or an IPv6 prefix (one
 /// subscriber usually owns a whole /64 or more, so counting single IPv6 addresses is
-/// useless). IPv4-mapped IPv6 addresses count as the IPv4 address they carry. Made by a
-/// [`NetGrouping`].
+/// useless). IPv4-mapped IPv6 addresses, and those of NAT64's well-known prefix, count as
+/// the IPv4 address they carry. Made by a [`NetGrouping`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClientNet {
     V4([u8; 4]),
@@ -64,7 +64,7 @@ impl NetGrouping {
     pub fn net(self, ip: IpAddr) -> ClientNet {
         match ip {
             IpAddr::V4(v4) => ClientNet::V4(v4.octets()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            IpAddr::V6(v6) => match embedded_ipv4(v6) {
                 Some(v4) => ClientNet::V4(v4.octets()),
                 None => ClientNet::v6(v6.octets(), self.v6_prefix),
             },
@@ -75,12 +75,25 @@ impl NetGrouping {
     /// already scarce), and when the wide prefix is not wider than the narrow one.
     pub fn wide(self, ip: IpAddr) -> Option<ClientNet> {
         match ip {
-            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => (self.v6_wide_prefix
-                < self.v6_prefix)
+            IpAddr::V6(v6) if embedded_ipv4(v6).is_none() => (self.v6_wide_prefix < self.v6_prefix)
                 .then(|| ClientNet::v6(v6.octets(), self.v6_wide_prefix)),
             _ => None,
         }
     }
+}
+
+/// The IPv4 client behind an IPv6 address: an IPv4-mapped address (a dual-stack
+/// socket), or one of NAT64's well-known prefix `64:ff9b::/96` (RFC 6052), which is how
+/// IPv4 clients reach a server on an IPv6-only network through a translator. Counted by
+/// its /64, every IPv4 client there would share one budget, and one of them could use
+/// it up for all.
+fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    const NAT64_WELL_KNOWN: [u16; 6] = [0x64, 0xff9b, 0, 0, 0, 0];
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let [.., a, b, c, d] = v6.octets();
+    (v6.segments()[..6] == NAT64_WELL_KNOWN).then(|| Ipv4Addr::new(a, b, c, d))
 }
 
 impl ClientNet {
@@ -741,6 +754,20 @@ mod tests {
         assert_ne!(
             g.net(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             g.net(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
+    }
+
+    #[test]
+    fn nat64_well_known_addresses_count_as_the_ipv4_client_they_carry() {
+        let g = NetGrouping::default();
+        let translated = ip("64:ff9b::192.0.2.7");
+        assert_eq!(g.net(translated), g.net(ip("192.0.2.7")));
+        assert_ne!(g.net(translated), g.net(ip("64:ff9b::198.51.100.1")));
+        assert_eq!(g.wide(translated), None);
+        // Only the well-known /96: the rest of 64:ff9b::/32 is plain IPv6.
+        assert_eq!(
+            g.net(ip("64:ff9b:0:0:1::c000:207")),
+            g.net(ip("64:ff9b:0:0:2::1"))
         );
     }
 
