@@ -371,9 +371,10 @@ pub struct Rules {
     /// refuses the next BDAT without reading its chunk, which it reads as commands; an
     /// RSET there leaves it reading the following commands as a DATA body.
     bdat_open: bool,
-    /// A non-LAST BDAT is unanswered: nothing more is taken until its reply, which
-    /// must be 2xx (Exim without PIPELINING answers input pipelined behind a chunk
-    /// with 554 and the same state as above).
+    /// A non-LAST BDAT, or a NOOP or QUIT after one, is unanswered: nothing more is
+    /// taken until its reply, which must be 2xx. Exim without PIPELINING answers input
+    /// pipelined behind a chunk with 554, and a NOOP or QUIT it does not take as one
+    /// (`QUIT x`, the eleventh NOOP) with 503, both leaving it in the state above.
     chunk_unanswered: bool,
     ledger: Ledger,
 }
@@ -577,6 +578,13 @@ impl Rules {
         if self.bdat_open && !matches!(verb, Verb::Bdat | Verb::Noop | Verb::Quit) {
             self.local(canned::BDAT_SEQUENCE, true, out);
             return true;
+        }
+        if self.bdat_open && matches!(verb, Verb::Noop | Verb::Quit) {
+            // Exim answers a NOOP or QUIT it does not take as one (`QUIT x` is
+            // BADARG, a NOOP with input behind it BADSYN, the eleventh NOOP
+            // TOO_MANY_NONMAIL) with 503 and then refuses the next BDAT without
+            // reading its chunk: nothing goes on until it has said 2xx.
+            self.chunk_unanswered = true;
         }
         let pending = match verb {
             Verb::Auth => {
@@ -821,18 +829,21 @@ impl Rules {
         // A reply with nothing outstanding (a 421 before closing) is only relayed.
         if let Some(pending) = self.pending.pop_front() {
             self.settle(pending, positive, out);
-            if pending == (Pending::Bdat { last: false }) {
+            // The command between chunks that nothing may follow until it is
+            // answered (a non-final BDAT, or a NOOP or QUIT after one) is the last
+            // one outstanding: nothing was taken after it.
+            if self.chunk_unanswered && self.pending.is_empty() {
                 self.chunk_unanswered = false;
                 self.client_resumed = true;
-                if !positive {
-                    // The backend refused a chunk mid-message: whether it reads the
-                    // next chunk as data or as commands is its own business (Exim:
-                    // as commands), so nothing more is sent, and closing the backend
-                    // makes it drop the message.
+                if !positive && self.bdat_open {
+                    // The backend refused a chunk, or a NOOP or QUIT between chunks:
+                    // whether it reads the next chunk as data or as commands is its
+                    // own business (Exim: as commands), so nothing more is sent, and
+                    // closing the backend makes it drop the message.
                     self.client = ClientState::Closed;
                     self.pending.clear();
                     out.ops.push(Op::CloseBackend);
-                    emit_local(canned::CHUNK_REFUSED, true, out);
+                    emit_local(canned::REFUSED_BETWEEN_CHUNKS, true, out);
                     return;
                 }
             }

@@ -186,9 +186,9 @@ pub mod canned {
         503,
         "5.5.1 Only BDAT, NOOP or QUIT may follow a non-final BDAT, closing connection",
     );
-    pub const CHUNK_REFUSED: Canned = Canned::new(
+    pub const REFUSED_BETWEEN_CHUNKS: Canned = Canned::new(
         421,
-        "4.3.0 Backend refused a chunk mid-message, closing connection",
+        "4.3.0 Backend refused a command between chunks, closing connection",
     );
     pub const EMPTY_CHUNK: Canned = Canned::new(
         501,

@@ -735,7 +735,7 @@ fn control_octet_cases() -> Vec<Case> {
     vec![case]
 }
 
-fn bdat_cases() -> Vec<Case> {
+fn bdat_cases(kind: Kind) -> Vec<Case> {
     let transaction = |name: &str| {
         Case::new(name)
             .cmd("MAIL FROM:<chunky@example.org>", "250")
@@ -775,9 +775,42 @@ RCPT TO:<v1@example.net>\r\nRCPT TO:<v2@example.net>\r\n"
     let mut c = transaction("a command between chunks, then a chunk of commands")
         .then(chunk(b"BDAT 4\r\nab\r\n", &["250"]))
         .then(chunk(b"HELP\r\n", &["503 5.5.1"]))
-        .then(chunk(hidden, &[]));
+        .then(chunk(&hidden, &[]));
     c.end = End::Closed;
     cases.push(c.forbid("HELP").forbid("smuggler@example.org"));
+    // A NOOP or QUIT that Exim does not take as one (`QUIT x` has an argument, the
+    // eleventh NOOP passes smtp_accept_max_nonmail) puts it in the same state: each is
+    // answered before anything goes on, and a refusal closes. Postfix ends the session
+    // at `QUIT x`, and takes the NOOPs and then the chunk as a chunk.
+    let refused = ["503", "421 4.3.0"];
+    let mut c = transaction("QUIT with an argument between chunks, then a chunk of commands")
+        .then(chunk(b"BDAT 4\r\nab\r\n", &["250"]))
+        .then(chunk(
+            b"QUIT x\r\n",
+            if kind == Kind::Exim {
+                &refused
+            } else {
+                &["221"]
+            },
+        ))
+        .then(chunk(&hidden, &[]));
+    c.end = End::Closed;
+    cases.push(c.forbid("smuggler@example.org"));
+    let mut c = transaction("eleven NOOPs between chunks, then a chunk of commands")
+        .then(chunk(b"BDAT 4\r\nab\r\n", &["250"]));
+    for _ in 0..10 {
+        c = c.cmd("NOOP", "250");
+    }
+    if kind == Kind::Exim {
+        c = c
+            .then(chunk(b"NOOP\r\n", &refused))
+            .then(chunk(&hidden, &[]));
+        c.end = End::Closed;
+        c = c.forbid("smuggler@example.org");
+    } else {
+        c = c.cmd("NOOP", "250").then(chunk(&hidden, &["250"]));
+    }
+    cases.push(c);
     let mut c = transaction("RSET after a non-final chunk, then a dotted body")
         .then(chunk(b"BDAT 4\r\nab\r\n", &["250"]))
         .then(chunk(b"RSET\r\n", &["503 5.5.1"]))
@@ -990,12 +1023,12 @@ mod chunking {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postfix_bdat_overflow_oversize_and_empty_chunks_are_refused_and_closed() {
-        run_all(Kind::Postfix, |b| b, bdat_cases()).await;
+        run_all(Kind::Postfix, |b| b, bdat_cases(Kind::Postfix)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exim_bdat_overflow_oversize_and_empty_chunks_are_refused_and_closed() {
-        run_all(Kind::Exim, |b| b, bdat_cases()).await;
+        run_all(Kind::Exim, |b| b, bdat_cases(Kind::Exim)).await;
     }
 }
 

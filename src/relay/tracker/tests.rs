@@ -1360,6 +1360,36 @@ fn after_a_non_final_bdat_only_bdat_noop_and_quit_reach_the_backend() {
 }
 
 #[test]
+fn a_noop_or_quit_between_chunks_is_answered_before_the_next_chunk_goes() {
+    // Exim answers a NOOP or QUIT it does not take as one (`QUIT x`, the eleventh
+    // NOOP) with 503, then refuses the next BDAT unread and runs its chunk as commands.
+    for between in [&b"NOOP\r\n"[..], b"QUIT x\r\n"] {
+        let mut client = b"BDAT 4\r\nabcd".to_vec();
+        client.extend_from_slice(between);
+        client.extend_from_slice(b"BDAT 6\r\nRSET\r\n");
+        let script: &[(Dir, &[u8])] = &[
+            (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\n"),
+            (B, b"250 ok\r\n250 ok\r\n"),
+            (C, &client),
+            (B, b"250 4 octets\r\n"),
+            (B, b"503 only BDAT permissible after non-LAST BDAT\r\n"),
+        ];
+        let run = split_invariant(&settings(), NO_LOOKUP, script);
+        let mut sent = b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nBDAT 4\r\nabcd".to_vec();
+        sent.extend_from_slice(between);
+        assert_eq!(run.to_backend, sent, "{between:?}");
+        assert!(run.closed && run.backend_closed, "{between:?}");
+        assert!(
+            run.client_text().ends_with(
+                "421 4.3.0 Backend refused a command between chunks, closing connection\r\n"
+            ),
+            "{}",
+            run.client_text()
+        );
+    }
+}
+
+#[test]
 fn a_refused_non_final_chunk_closes_before_the_next_chunk_is_sent() {
     // Exim without PIPELINING answers input pipelined behind a chunk with 554 and then
     // reads the next BDAT's chunk as commands.
@@ -1377,8 +1407,9 @@ fn a_refused_non_final_chunk_closes_before_the_next_chunk_is_sent() {
     assert!(run.closed);
     assert!(run.backend_closed);
     assert!(
-        run.client_text()
-            .ends_with("421 4.3.0 Backend refused a chunk mid-message, closing connection\r\n"),
+        run.client_text().ends_with(
+            "421 4.3.0 Backend refused a command between chunks, closing connection\r\n"
+        ),
         "{}",
         run.client_text()
     );
