@@ -369,13 +369,9 @@ pub struct Rules {
     /// A non-LAST BDAT was forwarded and its message is not finished: only BDAT, NOOP
     /// and QUIT may follow. Exim (bdat_getc) answers anything else with 503 and then
     /// refuses the next BDAT without reading its chunk, which it reads as commands; an
-    /// RSET there leaves it reading the following commands as a DATA body.
+    /// RSET there leaves it reading the following commands as a DATA body. Each command
+    /// is also answered before the next is taken ([`Rules::between_chunks_unanswered`]).
     bdat_open: bool,
-    /// A non-LAST BDAT, or a NOOP or QUIT after one, is unanswered: nothing more is
-    /// taken until its reply, which must be 2xx. Exim without PIPELINING answers input
-    /// pipelined behind a chunk with 554, and a NOOP or QUIT it does not take as one
-    /// (`QUIT x`, the eleventh NOOP) with 503, both leaving it in the state above.
-    chunk_unanswered: bool,
     ledger: Ledger,
 }
 
@@ -391,7 +387,6 @@ impl Rules {
             client_resumed: false,
             awaiting_reset: false,
             bdat_open: false,
-            chunk_unanswered: false,
             ledger: Ledger::default(),
         }
     }
@@ -409,7 +404,7 @@ impl Rules {
             ClientState::Command
                 if self.pending.len() >= MAX_PENDING
                     || self.awaiting_reset
-                    || self.chunk_unanswered =>
+                    || self.between_chunks_unanswered() =>
             {
                 Wants::Backend
             }
@@ -420,6 +415,14 @@ impl Rules {
     /// No more client bytes will ever be taken.
     pub fn is_closed(&self) -> bool {
         matches!(self.client, ClientState::Closed | ClientState::Ended)
+    }
+
+    /// Inside a chunked message, a command is unanswered: nothing more is taken until
+    /// its reply, which must be 2xx. Exim without PIPELINING answers input pipelined
+    /// behind a chunk with 554, and a NOOP or QUIT it does not take as one (`QUIT x`,
+    /// the eleventh NOOP) with 503, both leaving it in the state `bdat_open` avoids.
+    fn between_chunks_unanswered(&self) -> bool {
+        self.bdat_open && !self.pending.is_empty()
     }
 
     /// The backend answered QUIT 2xx: nothing either side sends after it matters, so
@@ -579,13 +582,6 @@ impl Rules {
             self.local(canned::BDAT_SEQUENCE, true, out);
             return true;
         }
-        if self.bdat_open && matches!(verb, Verb::Noop | Verb::Quit) {
-            // Exim answers a NOOP or QUIT it does not take as one (`QUIT x` is
-            // BADARG, a NOOP with input behind it BADSYN, the eleventh NOOP
-            // TOO_MANY_NONMAIL) with 503 and then refuses the next BDAT without
-            // reading its chunk: nothing goes on until it has said 2xx.
-            self.chunk_unanswered = true;
-        }
         let pending = match verb {
             Verb::Auth => {
                 let reply = if self.settings.authenticated {
@@ -691,7 +687,6 @@ impl Rules {
                     self.ledger.end_of_message();
                 }
                 self.bdat_open = !last;
-                self.chunk_unanswered = !last;
                 Pending::Bdat { last }
             }
             Verb::Rset => Pending::Rset {
@@ -829,13 +824,12 @@ impl Rules {
         // A reply with nothing outstanding (a 421 before closing) is only relayed.
         if let Some(pending) = self.pending.pop_front() {
             self.settle(pending, positive, out);
-            // The command between chunks that nothing may follow until it is
-            // answered (a non-final BDAT, or a NOOP or QUIT after one) is the last
-            // one outstanding: nothing was taken after it.
-            if self.chunk_unanswered && self.pending.is_empty() {
-                self.chunk_unanswered = false;
+            // Inside a chunked message nothing is taken while a command is unanswered,
+            // so the reply that empties the queue answers the last one: a non-final
+            // BDAT, or a NOOP or QUIT between chunks.
+            if self.bdat_open && self.pending.is_empty() {
                 self.client_resumed = true;
-                if !positive && self.bdat_open {
+                if !positive {
                     // The backend refused a chunk, or a NOOP or QUIT between chunks:
                     // whether it reads the next chunk as data or as commands is its
                     // own business (Exim: as commands), so nothing more is sent, and
