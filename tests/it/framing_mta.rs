@@ -1022,12 +1022,12 @@ mod chunking {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postfix_bdat_overflow_oversize_and_empty_chunks_are_refused_and_closed() {
+    async fn postfix_bdat_streams_it_could_read_two_ways_are_refused_and_chunks_delivered() {
         run_all(Kind::Postfix, |b| b, bdat_cases(Kind::Postfix)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn exim_bdat_overflow_oversize_and_empty_chunks_are_refused_and_closed() {
+    async fn exim_bdat_streams_it_could_read_two_ways_are_refused_and_chunks_delivered() {
         run_all(Kind::Exim, |b| b, bdat_cases(Kind::Exim)).await;
     }
 }
