@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::limits::{
-    AuthHistory, AuthLimits, ClientNet, FailurePace, NetSlot, PerNetSlots, THROTTLE_LOG_INTERVAL,
+    AuthHistory, AuthLimits, FailurePace, NetSlot, Origin, PerNetSlots, THROTTLE_LOG_INTERVAL,
     ThrottleLog,
 };
 use crate::metrics;
@@ -80,8 +80,8 @@ pub struct Settings {
 pub struct Client<'a> {
     pub addr: SocketAddr,
     pub local: SocketAddr,
-    /// The network the windows and shares count `addr` in.
-    pub net: ClientNet,
+    /// Where the windows and shares count `addr`.
+    pub origin: Origin,
     pub helo: Option<&'a str>,
     /// 1 for the connection's first AUTH, then 2, 3, ...
     pub attempt: u32,
@@ -250,8 +250,8 @@ impl Authenticator {
     ) -> Verdict {
         metrics::auth_throttled(scope);
         // A refused run repeats fast: one line per network and interval, counted.
-        if let Some(events) = self.throttle_log.note(client.net, Instant::now()) {
-            info!(net = %client.net, events, user = ?LoggedName(username), mechanism = mechanism.label(), scope, "authentication throttled");
+        if let Some(events) = self.throttle_log.note(client.origin.net, Instant::now()) {
+            info!(net = %client.origin.net, events, user = ?LoggedName(username), mechanism = mechanism.label(), scope, "authentication throttled");
         }
         Verdict::Throttled
     }
@@ -266,7 +266,7 @@ impl Authenticator {
         mechanism: Mechanism,
     ) -> Result<(Ticket, NameKey), Verdict> {
         let user_key = self.gate.key(&window_name(username));
-        let (ticket, delay) = match self.gate.admit(client.net, &user_key).await {
+        let (ticket, delay) = match self.gate.admit(client.origin, &user_key).await {
             gate::Decision::Verify { ticket, delay } => (ticket, delay),
             gate::Decision::Refused(scope) => {
                 return Err(self.throttled(client, username, mechanism, scope));
@@ -300,7 +300,10 @@ impl Authenticator {
         };
         // A flood from one network queues at most this many for the verifier pool: the
         // rest is refused here, before it can crowd out other networks' logins.
-        let Ok(verifying) = self.verifications_per_net.try_acquire(client.net, None) else {
+        let Ok(verifying) = self
+            .verifications_per_net
+            .try_acquire(client.origin.net, None)
+        else {
             return self
                 .throttled(
                     &client,
@@ -402,7 +405,7 @@ impl Authenticator {
             ticket.succeeded().await;
             let forgiven = history.succeeded(user_key.local, mechanism);
             if forgiven > 0 {
-                self.gate.forgive(client.net, &user_key, forgiven).await;
+                self.gate.forgive(client.origin, &user_key, forgiven).await;
                 tracing::debug!(
                     forgiven,
                     mechanism = mechanism.label(),
@@ -465,7 +468,7 @@ impl Authenticator {
         }
         let _verifier = self
             .verifiers
-            .acquire(client.net, VERIFY_QUEUE_TIMEOUT)
+            .acquire(client.origin.net, VERIFY_QUEUE_TIMEOUT)
             .await?;
         let started = Instant::now();
         let answer = self
@@ -663,10 +666,13 @@ impl Authenticator {
     ) -> Result<(NetSlot, pool::Verifier), Verdict> {
         use metrics::label::throttle_scope;
         let mechanism = relayed.mechanism;
-        let scope = match self.verifications_per_net.try_acquire(client.net, None) {
+        let scope = match self
+            .verifications_per_net
+            .try_acquire(client.origin.net, None)
+        {
             Ok(slot) => match self
                 .verifiers
-                .acquire(client.net, VERIFY_QUEUE_TIMEOUT)
+                .acquire(client.origin.net, VERIFY_QUEUE_TIMEOUT)
                 .await
             {
                 Ok(verifier) => return Ok((slot, verifier)),

@@ -327,9 +327,10 @@ pub struct ServeArgs {
     pub ipv6_prefix: u8,
 
     /// Shorter IPv6 prefix (one site's allocation) whose open connections are capped
-    /// together by --max-connections-per-wide-prefix, so a client cannot escape the
-    /// per-IP limit by walking through the /64s of its /48. Must not be longer than
-    /// --ipv6-prefix.
+    /// together by --max-connections-per-wide-prefix, and from which a user name over
+    /// --max-auth-failures-per-user is refused once any of its networks failed it, so a
+    /// client cannot escape either limit by walking through the /64s of its /48. Must
+    /// not be longer than --ipv6-prefix.
     #[arg(long, env = "POSTERN_IPV6_PREFIX_WIDE", value_name = "N", default_value_t = crate::limits::DEFAULT_IPV6_PREFIX_WIDE, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub ipv6_prefix_wide: u8,
 
@@ -358,8 +359,9 @@ pub struct ServeArgs {
 
     /// Failed AUTH attempts for one user name per --auth-failure-window after which the
     /// name is slowed down (--auth-failure-delay, doubling per further failure, at most
-    /// 15s) and attempts for it get 454 4.7.0 from the networks that failed it; a network
-    /// that logged in as that user within the window is never refused.
+    /// 15s) and attempts for it get 454 4.7.0 from the networks that failed it (for IPv6,
+    /// from their whole --ipv6-prefix-wide site); a network that logged in as that user
+    /// within the window is never refused.
     #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_USER", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_auth_failures_per_user: u32,
 

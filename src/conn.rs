@@ -586,7 +586,7 @@ fn auth_client<'a>(
     auth::Client {
         addr: addrs.client,
         local: addrs.local,
-        net: services.grouping.net(addrs.client.ip()),
+        origin: services.grouping.origin(addrs.client.ip()),
         helo: session.hello_name(),
         attempt,
     }

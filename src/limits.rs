@@ -80,6 +80,34 @@ impl NetGrouping {
             _ => None,
         }
     }
+
+    /// Where an AUTH attempt from `ip` comes from, as the failure windows count it.
+    pub fn origin(self, ip: IpAddr) -> Origin {
+        let net = self.net(ip);
+        Origin {
+            net,
+            site: self.wide(ip).unwrap_or(net),
+        }
+    }
+}
+
+/// Where an AUTH attempt comes from, as the failure windows count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The client's network: its failure window, and the trust a login from it earns.
+    pub net: ClientNet,
+    /// The site the network belongs to: its --ipv6-prefix-wide network, or for IPv4 the
+    /// address itself. A name over its limit is refused from every site that failed it,
+    /// not only from the failing network: one customer holds a whole IPv6 /48, and could
+    /// otherwise walk its 65,536 /64s for one more guess each.
+    pub site: ClientNet,
+}
+
+/// An origin whose site is its own network, as for every IPv4 client.
+impl From<ClientNet> for Origin {
+    fn from(net: ClientNet) -> Origin {
+        Origin { net, site: net }
+    }
 }
 
 /// The IPv4 client behind an IPv6 address: an IPv4-mapped address (a dual-stack
@@ -327,7 +355,7 @@ pub struct AuthLimits {
     /// Failed (or running) verifications per client network and window.
     pub per_net: u32,
     /// Failed (or running) verifications per user name and window, past which the name
-    /// is slowed down, and refused from the networks that failed it.
+    /// is slowed down, and refused from the sites that failed it (see [`Origin`]).
     pub per_user: u32,
     pub window: Duration,
     /// The first slowdown past `per_user`; it doubles with each further failure, up to
@@ -340,7 +368,7 @@ pub struct AuthLimits {
 pub enum Refusal {
     /// The client's network is over its failure limit.
     Net,
-    /// The user name is over its limit and this network is among those that failed it.
+    /// The user name is over its limit and this site is among those that failed it.
     User,
 }
 
@@ -372,7 +400,7 @@ pub enum Admission {
 /// reserve under one lock), so a burst of parallel attempts can never verify more than
 /// the limit; a success gives its place back. Failures for a user name never lock the
 /// name out everywhere, which would let anyone deny service to any user: past the limit
-/// the name is slowed down, and refused only from the networks that failed it; a network
+/// the name is slowed down, and refused only from the sites that failed it; a network
 /// that logged in as that user within the window is never refused for it.
 #[derive(Debug)]
 pub struct AuthGate {
@@ -384,14 +412,14 @@ pub struct AuthGate {
 struct GateState {
     nets: Table<ClientNet>,
     users: Table<UserKey>,
-    /// Failures of one user name from one network: the networks a locked name refuses.
-    user_nets: Table<(UserKey, ClientNet)>,
+    /// Failures of one user name from one site: the sites a name over its limit refuses.
+    user_sites: Table<(UserKey, ClientNet)>,
     /// When a network last logged in as a user.
     logged_in: HashMap<(UserKey, ClientNet), Instant>,
     /// Verifications running now. Bounded by the connections, so not swept.
     running_nets: HashMap<ClientNet, u32>,
     running_users: HashMap<UserKey, u32>,
-    running_user_nets: HashMap<(UserKey, ClientNet), u32>,
+    running_user_sites: HashMap<(UserKey, ClientNet), u32>,
 }
 
 fn increment<K: Hash + Eq>(map: &mut HashMap<K, u32>, key: K) {
@@ -418,36 +446,37 @@ impl AuthGate {
             state: Mutex::new(GateState {
                 nets: Table::new(limits.window),
                 users: Table::new(limits.window),
-                user_nets: Table::new(limits.window),
+                user_sites: Table::new(limits.window),
                 logged_in: HashMap::new(),
                 running_nets: HashMap::new(),
                 running_users: HashMap::new(),
-                running_user_nets: HashMap::new(),
+                running_user_sites: HashMap::new(),
             }),
         })
     }
 
-    /// Decides whether an attempt for `user` from `net` may be verified, and if so
+    /// Decides whether an attempt for `user` from `origin` may be verified, and if so
     /// reserves its place.
-    pub fn admit(self: &Arc<Self>, net: ClientNet, user: UserKey, now: Instant) -> Admission {
+    pub fn admit(self: &Arc<Self>, origin: Origin, user: UserKey, now: Instant) -> Admission {
         let limits = self.limits;
         let mut state = lock(&self.state);
+        let net = origin.net;
         let net_count = state.nets.estimate(&net, now) + running(&state.running_nets, &net);
         if net_count >= f64::from(limits.per_net) {
             return Admission::Refused(Refusal::Net);
         }
-        let pair = (user, net);
         let trusted = state
             .logged_in
-            .get(&pair)
+            .get(&(user, net))
             .is_some_and(|at| now.saturating_duration_since(*at) < limits.window);
         let mut delay = Duration::ZERO;
         if !trusted {
             let user_count =
                 state.users.estimate(&user, now) + running(&state.running_users, &user);
             if user_count >= f64::from(limits.per_user) {
-                let failed_here = state.user_nets.estimate(&pair, now) > 0.0
-                    || state.running_user_nets.contains_key(&pair);
+                let at_site = (user, origin.site);
+                let failed_here = state.user_sites.estimate(&at_site, now) > 0.0
+                    || state.running_user_sites.contains_key(&at_site);
                 if failed_here {
                     return Admission::Refused(Refusal::User);
                 }
@@ -455,7 +484,7 @@ impl AuthGate {
             }
         }
         Admission::Verify {
-            ticket: self.take_place(&mut state, net, user),
+            ticket: self.take_place(&mut state, origin, user),
             delay,
         }
     }
@@ -463,44 +492,45 @@ impl AuthGate {
     /// Takes an attempt's place without checking the limits: the windows shared through
     /// the limits store decided, and this gate only keeps the replica's own count, to
     /// fall back on when the store cannot answer.
-    pub fn reserve(self: &Arc<Self>, net: ClientNet, user: UserKey) -> AuthTicket {
+    pub fn reserve(self: &Arc<Self>, origin: Origin, user: UserKey) -> AuthTicket {
         let mut state = lock(&self.state);
-        self.take_place(&mut state, net, user)
+        self.take_place(&mut state, origin, user)
     }
 
     fn take_place(
         self: &Arc<Self>,
         state: &mut GateState,
-        net: ClientNet,
+        origin: Origin,
         user: UserKey,
     ) -> AuthTicket {
-        increment(&mut state.running_nets, net);
+        increment(&mut state.running_nets, origin.net);
         increment(&mut state.running_users, user);
-        increment(&mut state.running_user_nets, (user, net));
+        increment(&mut state.running_user_sites, (user, origin.site));
         AuthTicket {
             gate: self.clone(),
-            net,
+            origin,
             user,
             settled: false,
         }
     }
 
-    /// Takes back `n` failures of `user` from `net` (a client that failed one mechanism
-    /// and then logged in with another on the same connection).
-    pub fn forgive(&self, net: ClientNet, user: UserKey, n: u32, now: Instant) {
+    /// Takes back `n` failures of `user` from `origin` (a client that failed one
+    /// mechanism and then logged in with another on the same connection).
+    pub fn forgive(&self, origin: Origin, user: UserKey, n: u32, now: Instant) {
         let mut state = lock(&self.state);
         state.users.subtract(&user, n, now);
-        state.user_nets.subtract(&(user, net), n, now);
+        state.user_sites.subtract(&(user, origin.site), n, now);
     }
 
-    fn settle(&self, net: ClientNet, user: UserKey, outcome: Settled) {
+    fn settle(&self, origin: Origin, user: UserKey, outcome: Settled) {
         let mut state = lock(&self.state);
-        let pair = (user, net);
+        let Origin { net, site } = origin;
         decrement(&mut state.running_nets, &net);
         decrement(&mut state.running_users, &user);
-        decrement(&mut state.running_user_nets, &pair);
+        decrement(&mut state.running_user_sites, &(user, site));
         match outcome {
             Settled::Succeeded(now) => {
+                let pair = (user, net);
                 let window = self.limits.window;
                 if state.logged_in.len() >= MAX_TRACKED && !state.logged_in.contains_key(&pair) {
                     state
@@ -517,7 +547,7 @@ impl AuthGate {
             Settled::Failed(now) => {
                 state.nets.add(net, 1, now);
                 state.users.add(user, 1, now);
-                state.user_nets.add(pair, 1, now);
+                state.user_sites.add((user, site), 1, now);
             }
             Settled::GivenBack => {}
         }
@@ -548,7 +578,7 @@ impl AuthLimits {
 #[derive(Debug)]
 pub struct AuthTicket {
     gate: Arc<AuthGate>,
-    net: ClientNet,
+    origin: Origin,
     user: UserKey,
     settled: bool,
 }
@@ -559,20 +589,21 @@ impl AuthTicket {
     pub fn succeeded(mut self, now: Instant) {
         self.settled = true;
         self.gate
-            .settle(self.net, self.user, Settled::Succeeded(now));
+            .settle(self.origin, self.user, Settled::Succeeded(now));
     }
 
     /// The credentials were wrong: the place becomes a failure.
     pub fn failed(mut self, now: Instant) {
         self.settled = true;
-        self.gate.settle(self.net, self.user, Settled::Failed(now));
+        self.gate
+            .settle(self.origin, self.user, Settled::Failed(now));
     }
 }
 
 impl Drop for AuthTicket {
     fn drop(&mut self) {
         if !self.settled {
-            self.gate.settle(self.net, self.user, Settled::GivenBack);
+            self.gate.settle(self.origin, self.user, Settled::GivenBack);
         }
     }
 }
@@ -948,8 +979,13 @@ mod tests {
 
     /// Admits and fails one attempt; panics if it was refused.
     #[track_caller]
-    fn fail(gate: &Arc<AuthGate>, from: ClientNet, user: UserKey, now: Instant) -> Duration {
-        match gate.admit(from, user, now) {
+    fn fail(
+        gate: &Arc<AuthGate>,
+        from: impl Into<Origin>,
+        user: UserKey,
+        now: Instant,
+    ) -> Duration {
+        match gate.admit(from.into(), user, now) {
             Admission::Verify { ticket, delay } => {
                 ticket.failed(now);
                 delay
@@ -961,11 +997,11 @@ mod tests {
     #[track_caller]
     fn refusal(
         gate: &Arc<AuthGate>,
-        from: ClientNet,
+        from: impl Into<Origin>,
         user: UserKey,
         now: Instant,
     ) -> Option<Refusal> {
-        match gate.admit(from, user, now) {
+        match gate.admit(from.into(), user, now) {
             Admission::Verify { .. } => None,
             Admission::Refused(why) => Some(why),
         }
@@ -993,7 +1029,7 @@ mod tests {
         for i in 13..30 {
             fail(&gate, net(i), ALICE, now);
         }
-        match gate.admit(net(99), ALICE, now) {
+        match gate.admit(net(99).into(), ALICE, now) {
             Admission::Verify { delay, .. } => assert_eq!(delay, MAX_USER_DELAY),
             other => panic!("{other:?}"),
         }
@@ -1002,11 +1038,48 @@ mod tests {
     }
 
     #[test]
+    fn a_site_walking_its_64s_is_refused_once_any_of_them_failed_the_name() {
+        let gate = gate(100, 3);
+        let now = Instant::now();
+        let from = |addr: &str| NetGrouping::default().origin(addr.parse().unwrap());
+        // alice's own /64 inside the attacker's /48 (a carrier's pool) logged in before.
+        let home = from("2001:db8:a:100::1");
+        match gate.admit(home, ALICE, now) {
+            Admission::Verify { ticket, .. } => ticket.succeeded(now),
+            other => panic!("{other:?}"),
+        }
+        // Three /64s of the /48 put alice over her limit.
+        for i in 0..3 {
+            fail(&gate, from(&format!("2001:db8:a:{i}::1")), ALICE, now);
+        }
+        // Every other /64 of that /48 is refused, not slowed: no walking for guesses...
+        for fresh in ["2001:db8:a:3::1", "2001:db8:a:ffff::1"] {
+            assert_eq!(
+                refusal(&gate, from(fresh), ALICE, now),
+                Some(Refusal::User),
+                "{fresh}"
+            );
+        }
+        // ...another site is only slowed, as any fresh network is...
+        assert_eq!(
+            fail(&gate, from("2001:db8:b::1"), ALICE, now),
+            Duration::from_secs(1)
+        );
+        // ...and the /64 that logged in is neither refused nor slowed.
+        match gate.admit(home, ALICE, now) {
+            Admission::Verify { delay, .. } => assert_eq!(delay, Duration::ZERO),
+            other => panic!("{other:?}"),
+        }
+        // The failures counted against each /64's own window, not the site's.
+        assert_eq!(refusal(&gate, from("2001:db8:a:3::1"), BOB, now), None);
+    }
+
+    #[test]
     fn a_network_that_logged_in_is_never_refused_for_that_user() {
         let gate = gate(100, 2);
         let now = Instant::now();
         let home = net(1);
-        match gate.admit(home, ALICE, now) {
+        match gate.admit(home.into(), ALICE, now) {
             Admission::Verify { ticket, .. } => ticket.succeeded(now),
             other => panic!("{other:?}"),
         }
@@ -1014,7 +1087,7 @@ mod tests {
             fail(&gate, home, ALICE, now);
             fail(&gate, net(50 + i), ALICE, now);
         }
-        match gate.admit(home, ALICE, now) {
+        match gate.admit(home.into(), ALICE, now) {
             Admission::Verify { delay, .. } => assert_eq!(delay, Duration::ZERO),
             other => panic!("{other:?}"),
         }
@@ -1041,7 +1114,7 @@ mod tests {
         let now = Instant::now();
         // A burst from one network for many names: only the limit gets through.
         let tickets: Vec<AuthTicket> = (0..50)
-            .filter_map(|user| match gate.admit(net(1), user, now) {
+            .filter_map(|user| match gate.admit(net(1).into(), user, now) {
                 Admission::Verify { ticket, .. } => Some(ticket),
                 Admission::Refused(_) => None,
             })
@@ -1062,7 +1135,9 @@ mod tests {
         assert_eq!(refusal(&gate, net(1), 100, now), None);
         drop(rest);
         // A burst for one name from one network stops at the user limit.
-        let burst: Vec<Admission> = (0..50).map(|_| gate.admit(net(2), ALICE, now)).collect();
+        let burst: Vec<Admission> = (0..50)
+            .map(|_| gate.admit(net(2).into(), ALICE, now))
+            .collect();
         let admitted = burst
             .iter()
             .filter(|a| matches!(a, Admission::Verify { .. }))
@@ -1077,7 +1152,7 @@ mod tests {
         fail(&gate, net(1), ALICE, now);
         fail(&gate, net(1), ALICE, now);
         assert_eq!(refusal(&gate, net(1), ALICE, now), Some(Refusal::User));
-        gate.forgive(net(1), ALICE, 2, now);
+        gate.forgive(net(1).into(), ALICE, 2, now);
         assert_eq!(refusal(&gate, net(1), ALICE, now), None);
 
         let mut history = AuthHistory::default();

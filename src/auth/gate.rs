@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::limits::shared::{Place, SharedAdmission, SharedName, SharedWindows};
-use crate::limits::{Admission, AuthGate, AuthLimits, AuthTicket, ClientNet, UserKey};
+use crate::limits::{Admission, AuthGate, AuthLimits, AuthTicket, Origin, UserKey};
 use crate::metrics;
 use crate::store::{LimitsStore, StoreError, StoreFailure};
 
@@ -83,18 +83,18 @@ impl FailureGate {
         }
     }
 
-    /// Decides whether an attempt for `name` from `net` may be verified, and if so
+    /// Decides whether an attempt for `name` from `origin` may be verified, and if so
     /// reserves its place.
-    pub async fn admit(&self, net: ClientNet, name: &NameKey) -> Decision {
+    pub async fn admit(&self, origin: Origin, name: &NameKey) -> Decision {
         let (Some(shared), Some(shared_name)) = (&self.shared, &name.shared) else {
-            return self.admit_locally(net, name);
+            return self.admit_locally(origin, name);
         };
-        match shared.windows.admit(net, shared_name).await {
+        match shared.windows.admit(origin, shared_name).await {
             Ok(SharedAdmission::Verify { place, delay }) => {
                 shared.answered();
                 Decision::Verify {
                     ticket: Ticket {
-                        local: Some(self.local.reserve(net, name.local)),
+                        local: Some(self.local.reserve(origin, name.local)),
                         shared: Some((shared.windows.clone(), place)),
                     },
                     delay,
@@ -108,7 +108,7 @@ impl FailureGate {
                 metrics::limits_store_error(metrics::label::store_operation::AUTH_RESERVE);
                 shared.warn(&error);
                 match shared.failure {
-                    StoreFailure::Open => self.admit_locally(net, name),
+                    StoreFailure::Open => self.admit_locally(origin, name),
                     StoreFailure::Closed => {
                         Decision::Refused(metrics::label::throttle_scope::STORE_UNAVAILABLE)
                     }
@@ -117,8 +117,8 @@ impl FailureGate {
         }
     }
 
-    fn admit_locally(&self, net: ClientNet, name: &NameKey) -> Decision {
-        match self.local.admit(net, name.local, Instant::now()) {
+    fn admit_locally(&self, origin: Origin, name: &NameKey) -> Decision {
+        match self.local.admit(origin, name.local, Instant::now()) {
             Admission::Verify { ticket, delay } => Decision::Verify {
                 ticket: Ticket {
                     local: Some(ticket),
@@ -130,13 +130,13 @@ impl FailureGate {
         }
     }
 
-    /// Takes back `n` failures of `name` from `net` (a client that failed one mechanism
-    /// and then logged in with another on the same connection), everywhere they were
-    /// counted.
-    pub async fn forgive(&self, net: ClientNet, name: &NameKey, n: u32) {
-        self.local.forgive(net, name.local, n, Instant::now());
+    /// Takes back `n` failures of `name` from `origin` (a client that failed one
+    /// mechanism and then logged in with another on the same connection), everywhere
+    /// they were counted.
+    pub async fn forgive(&self, origin: Origin, name: &NameKey, n: u32) {
+        self.local.forgive(origin, name.local, n, Instant::now());
         if let (Some(shared), Some(shared_name)) = (&self.shared, &name.shared)
-            && let Err(error) = shared.windows.forgive(net, shared_name, n).await
+            && let Err(error) = shared.windows.forgive(origin, shared_name, n).await
         {
             metrics::limits_store_error(metrics::label::store_operation::AUTH_RELEASE);
             shared.warn(&error);
@@ -230,6 +230,7 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::{ClientNet, NetGrouping};
     use crate::store::test_server::RedisServer;
 
     fn limits(per_net: u32, per_user: u32) -> AuthLimits {
@@ -269,15 +270,15 @@ mod tests {
     }
 
     /// Admits an attempt and keeps its place; `None` if refused.
-    async fn admit(gate: &FailureGate, from: ClientNet, name: &str) -> Option<Ticket> {
-        match gate.admit(from, &gate.key(name)).await {
+    async fn admit(gate: &FailureGate, from: impl Into<Origin>, name: &str) -> Option<Ticket> {
+        match gate.admit(from.into(), &gate.key(name)).await {
             Decision::Verify { ticket, .. } => Some(ticket),
             Decision::Refused(_) => None,
         }
     }
 
-    async fn fail(gate: &FailureGate, from: ClientNet, name: &str) -> Duration {
-        match gate.admit(from, &gate.key(name)).await {
+    async fn fail(gate: &FailureGate, from: impl Into<Origin>, name: &str) -> Duration {
+        match gate.admit(from.into(), &gate.key(name)).await {
             Decision::Verify { ticket, delay } => {
                 ticket.failed();
                 delay
@@ -286,8 +287,8 @@ mod tests {
         }
     }
 
-    async fn succeed(gate: &FailureGate, from: ClientNet, name: &str) -> Duration {
-        match gate.admit(from, &gate.key(name)).await {
+    async fn succeed(gate: &FailureGate, from: impl Into<Origin>, name: &str) -> Duration {
+        match gate.admit(from.into(), &gate.key(name)).await {
             Decision::Verify { ticket, delay } => {
                 ticket.succeeded().await;
                 delay
@@ -296,8 +297,12 @@ mod tests {
         }
     }
 
-    async fn refusal(gate: &FailureGate, from: ClientNet, name: &str) -> Option<&'static str> {
-        match gate.admit(from, &gate.key(name)).await {
+    async fn refusal(
+        gate: &FailureGate,
+        from: impl Into<Origin>,
+        name: &str,
+    ) -> Option<&'static str> {
+        match gate.admit(from.into(), &gate.key(name)).await {
             Decision::Verify { .. } => None,
             Decision::Refused(scope) => Some(scope),
         }
@@ -351,8 +356,53 @@ mod tests {
             fail(&a, net(40), "carol").await;
             fail(&b, net(41), "carol").await;
             assert_eq!(refusal(&b, net(40), "carol").await, Some("user"), "{store}");
-            a.forgive(net(40), &a.key("carol"), 2).await;
+            a.forgive(net(40).into(), &a.key("carol"), 2).await;
             assert_eq!(refusal(&b, net(40), "carol").await, None, "{store}");
+        }
+    }
+
+    /// A name over its limit is refused from every /64 of an IPv6 site (a /48) that
+    /// failed it, on every replica: a client holding the /48 cannot walk its /64s for
+    /// one more guess each.
+    #[tokio::test]
+    async fn a_site_that_failed_a_name_is_refused_from_all_its_networks_across_replicas() {
+        let redis = RedisServer::start().await;
+        let from = |addr: &str| NetGrouping::default().origin(addr.parse().unwrap());
+        for (store, [a, b]) in gates(limits(100, 2), redis.as_ref()) {
+            let home = from("2001:db8:a:100::1");
+            succeed(&a, home, "alice").await;
+            fail(&a, from("2001:db8:a:1::1"), "alice").await;
+            fail(&b, from("2001:db8:a:2::1"), "alice").await;
+            for fresh in ["2001:db8:a:3::1", "2001:db8:a:ffff::1"] {
+                assert_eq!(
+                    refusal(&b, from(fresh), "alice").await,
+                    Some("user"),
+                    "{store} {fresh}"
+                );
+            }
+            // Another site is slowed, and the /64 that logged in keeps its trust.
+            assert_eq!(
+                fail(&a, from("2001:db8:b::1"), "alice").await,
+                Duration::from_secs(1),
+                "{store}"
+            );
+            assert_eq!(succeed(&b, home, "alice").await, Duration::ZERO, "{store}");
+            // Forgiven failures leave the site's window too: carol stays over her limit,
+            // but the site that logged in after a failure is no longer refused.
+            fail(&a, from("2001:db8:c:1::1"), "carol").await;
+            fail(&a, from("2001:db8:d:1::1"), "carol").await;
+            fail(&b, from("2001:db8:e:1::1"), "carol").await;
+            assert_eq!(
+                refusal(&b, from("2001:db8:c:2::1"), "carol").await,
+                Some("user"),
+                "{store}"
+            );
+            b.forgive(from("2001:db8:c:1::1"), &b.key("carol"), 1).await;
+            assert_eq!(
+                refusal(&a, from("2001:db8:c:2::1"), "carol").await,
+                None,
+                "{store}"
+            );
         }
     }
 

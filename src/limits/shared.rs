@@ -3,9 +3,10 @@
 //! client network and per user name.
 //!
 //! The rules are the gate's: an attempt is refused when its network is over
-//! `per_net`, or when its user name is over `per_user` and this network failed it within
-//! the window; a name over its limit is otherwise slowed down, and a network that logged
-//! in as that user within the window is never refused for it nor slowed. Windows slide
+//! `per_net`, or when its user name is over `per_user` and this site (see
+//! [`Origin`](super::Origin)) failed it within the window; a name over its limit is
+//! otherwise slowed down, and a network that logged in as that user within the window is
+//! never refused for it nor slowed. Windows slide
 //! (two fixed windows, the previous weighted by its overlap), aligned on the Redis clock.
 //!
 //! How the store and the replicas can never disagree into a bypass:
@@ -42,7 +43,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{AuthLimits, ClientNet, Refusal};
+use super::{AuthLimits, Origin, Refusal};
 use crate::store::{self, StoreError};
 
 /// Decides and reserves, atomically, on the Redis clock. KEYS: the network, name and
@@ -138,7 +139,7 @@ impl SharedName {
 /// An admitted attempt's place in the shared windows: already counted as a failure.
 #[derive(Debug, Clone)]
 pub struct Place {
-    net: ClientNet,
+    origin: Origin,
     name: SharedName,
     /// The fixed window it was counted in.
     index: i64,
@@ -165,13 +166,16 @@ pub struct SharedWindows {
     forgive: redis::Script,
 }
 
-/// The window prefixes of a network, a name and the pair, and the pair's trust key.
-fn keys(net: ClientNet, name: &SharedName) -> [String; 4] {
+/// The window prefixes of a network, a name and the name's failures from the site, and
+/// the trust key of the name from the network. For IPv4, and wherever the site is the
+/// network, the keys are those of the releases that keyed the pair on the network.
+fn keys(origin: Origin, name: &SharedName) -> [String; 4] {
     let SharedName(hash) = name;
+    let Origin { net, site } = origin;
     [
         format!("postern:{{auth}}:net:{net}"),
         format!("postern:{{auth}}:user:{hash}"),
-        format!("postern:{{auth}}:pair:{hash}:{net}"),
+        format!("postern:{{auth}}:pair:{hash}:{site}"),
         format!("postern:{{auth}}:trusted:{hash}:{net}"),
     ]
 }
@@ -191,14 +195,14 @@ impl SharedWindows {
         store::millis(self.limits.window.max(Duration::from_secs(1)))
     }
 
-    /// Decides whether an attempt for `name` from `net` may be verified, and if so
+    /// Decides whether an attempt for `name` from `origin` may be verified, and if so
     /// counts it (see `ADMIT_SCRIPT`).
     pub async fn admit(
         &self,
-        net: ClientNet,
+        origin: Origin,
         name: &SharedName,
     ) -> Result<SharedAdmission, StoreError> {
-        let [net_key, user_key, pair_key, trust_key] = keys(net, name);
+        let [net_key, user_key, pair_key, trust_key] = keys(origin, name);
         let (verdict, index, failures): (u8, i64, u64) = self
             .redis
             .invoke(
@@ -221,7 +225,7 @@ impl SharedWindows {
                 };
                 Ok(SharedAdmission::Verify {
                     place: Place {
-                        net,
+                        origin,
                         name: name.clone(),
                         index,
                     },
@@ -252,7 +256,7 @@ impl SharedWindows {
     }
 
     async fn take_back(&self, place: &Place, trust_for: u64) -> Result<(), StoreError> {
-        let [net_key, user_key, pair_key, trust_key] = keys(place.net, &place.name);
+        let [net_key, user_key, pair_key, trust_key] = keys(place.origin, &place.name);
         let _: u8 = self
             .redis
             .invoke(
@@ -268,15 +272,15 @@ impl SharedWindows {
         Ok(())
     }
 
-    /// Takes back `n` failures of `name` from `net` (a client that failed one mechanism
-    /// and then logged in with another on the same connection).
+    /// Takes back `n` failures of `name` from `origin` (a client that failed one
+    /// mechanism and then logged in with another on the same connection).
     pub async fn forgive(
         &self,
-        net: ClientNet,
+        origin: Origin,
         name: &SharedName,
         n: u32,
     ) -> Result<(), StoreError> {
-        let [_, user_key, pair_key, _] = keys(net, name);
+        let [_, user_key, pair_key, _] = keys(origin, name);
         let _: u8 = self
             .redis
             .invoke(
@@ -294,6 +298,7 @@ impl SharedWindows {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::ClientNet;
     use crate::store::test_server::RedisServer;
     use crate::store::{LimitsStore, StoreFailure};
 
@@ -314,8 +319,8 @@ mod tests {
         SharedWindows::new(store.redis.unwrap(), limits)
     }
 
-    fn net(last: u8) -> ClientNet {
-        ClientNet::V4([198, 51, 100, last])
+    fn net(last: u8) -> Origin {
+        ClientNet::V4([198, 51, 100, last]).into()
     }
 
     #[test]
