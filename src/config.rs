@@ -326,10 +326,11 @@ pub struct ServeArgs {
     #[arg(long, env = "POSTERN_IPV6_PREFIX", value_name = "N", default_value_t = crate::limits::DEFAULT_IPV6_PREFIX, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub ipv6_prefix: u8,
 
-    /// Shorter IPv6 prefix (one site's allocation) whose open connections are capped
-    /// together by --max-connections-per-wide-prefix, and from which a user name over
+    /// Shorter IPv6 prefix (one site's allocation) whose open connections and AUTH
+    /// failures are capped together (--max-connections-per-wide-prefix,
+    /// --max-auth-failures-per-wide-prefix), and from which a user name over
     /// --max-auth-failures-per-user is refused once any of its networks failed it, so a
-    /// client cannot escape either limit by walking through the /64s of its /48. Must
+    /// client cannot escape these limits by walking through the /64s of its /48. Must
     /// not be longer than --ipv6-prefix.
     #[arg(long, env = "POSTERN_IPV6_PREFIX_WIDE", value_name = "N", default_value_t = crate::limits::DEFAULT_IPV6_PREFIX_WIDE, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub ipv6_prefix_wide: u8,
@@ -356,6 +357,13 @@ pub struct ServeArgs {
     /// attempt counts from before its hash is computed, so a parallel burst cannot pass it.
     #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_IP", value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_auth_failures_per_ip: u32,
+
+    /// Failed AUTH attempts from one IPv6 --ipv6-prefix-wide network per
+    /// --auth-failure-window after which its attempts get 454 4.7.0, so a client cannot
+    /// escape --max-auth-failures-per-ip by walking through the /64s of its /48
+    /// [default: 4 × --max-auth-failures-per-ip].
+    #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_WIDE_PREFIX", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_auth_failures_per_wide_prefix: Option<u32>,
 
     /// Failed AUTH attempts for one user name per --auth-failure-window after which the
     /// name is slowed down (--auth-failure-delay, doubling per further failure, at most

@@ -103,6 +103,13 @@ pub struct Origin {
     pub site: ClientNet,
 }
 
+impl Origin {
+    /// The site, when it is wider than the network and so has windows of its own.
+    pub fn wider_site(self) -> Option<ClientNet> {
+        (self.site != self.net).then_some(self.site)
+    }
+}
+
 /// An origin whose site is its own network, as for every IPv4 client.
 impl From<ClientNet> for Origin {
     fn from(net: ClientNet) -> Origin {
@@ -354,6 +361,9 @@ pub const MAX_USER_DELAY: Duration = Duration::from_secs(15);
 pub struct AuthLimits {
     /// Failed (or running) verifications per client network and window.
     pub per_net: u32,
+    /// Failed (or running) verifications per site and window, where the site is wider
+    /// than the network (IPv6; see [`Origin`]).
+    pub per_site: u32,
     /// Failed (or running) verifications per user name and window, past which the name
     /// is slowed down, and refused from the sites that failed it (see [`Origin`]).
     pub per_user: u32,
@@ -368,6 +378,8 @@ pub struct AuthLimits {
 pub enum Refusal {
     /// The client's network is over its failure limit.
     Net,
+    /// The client's site is over its failure limit.
+    Site,
     /// The user name is over its limit and this site is among those that failed it.
     User,
 }
@@ -377,6 +389,7 @@ impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Net => crate::metrics::label::throttle_scope::IP,
+            Refusal::Site => crate::metrics::label::throttle_scope::WIDE_PREFIX,
             Refusal::User => crate::metrics::label::throttle_scope::USER,
         }
     }
@@ -410,13 +423,15 @@ pub struct AuthGate {
 
 #[derive(Debug)]
 struct GateState {
+    /// Failures per network, and per site where it is wider (see [`Origin`]).
     nets: Table<ClientNet>,
     users: Table<UserKey>,
     /// Failures of one user name from one site: the sites a name over its limit refuses.
     user_sites: Table<(UserKey, ClientNet)>,
     /// When a network last logged in as a user.
     logged_in: HashMap<(UserKey, ClientNet), Instant>,
-    /// Verifications running now. Bounded by the connections, so not swept.
+    /// Verifications running now, per network and wider site. Bounded by the
+    /// connections, so not swept.
     running_nets: HashMap<ClientNet, u32>,
     running_users: HashMap<UserKey, u32>,
     running_user_sites: HashMap<(UserKey, ClientNet), u32>,
@@ -465,6 +480,12 @@ impl AuthGate {
         if net_count >= f64::from(limits.per_net) {
             return Admission::Refused(Refusal::Net);
         }
+        if let Some(site) = origin.wider_site() {
+            let site_count = state.nets.estimate(&site, now) + running(&state.running_nets, &site);
+            if site_count >= f64::from(limits.per_site) {
+                return Admission::Refused(Refusal::Site);
+            }
+        }
         let trusted = state
             .logged_in
             .get(&(user, net))
@@ -504,6 +525,9 @@ impl AuthGate {
         user: UserKey,
     ) -> AuthTicket {
         increment(&mut state.running_nets, origin.net);
+        if let Some(site) = origin.wider_site() {
+            increment(&mut state.running_nets, site);
+        }
         increment(&mut state.running_users, user);
         increment(&mut state.running_user_sites, (user, origin.site));
         AuthTicket {
@@ -526,6 +550,9 @@ impl AuthGate {
         let mut state = lock(&self.state);
         let Origin { net, site } = origin;
         decrement(&mut state.running_nets, &net);
+        if let Some(site) = origin.wider_site() {
+            decrement(&mut state.running_nets, &site);
+        }
         decrement(&mut state.running_users, &user);
         decrement(&mut state.running_user_sites, &(user, site));
         match outcome {
@@ -546,6 +573,9 @@ impl AuthGate {
             }
             Settled::Failed(now) => {
                 state.nets.add(net, 1, now);
+                if let Some(site) = origin.wider_site() {
+                    state.nets.add(site, 1, now);
+                }
                 state.users.add(user, 1, now);
                 state.user_sites.add((user, site), 1, now);
             }
@@ -964,6 +994,7 @@ mod tests {
     fn gate(per_net: u32, per_user: u32) -> Arc<AuthGate> {
         AuthGate::new(AuthLimits {
             per_net,
+            per_site: 4 * per_net,
             per_user,
             window: Duration::from_secs(600),
             user_delay: Duration::from_secs(1),
@@ -1072,6 +1103,36 @@ mod tests {
         }
         // The failures counted against each /64's own window, not the site's.
         assert_eq!(refusal(&gate, from("2001:db8:a:3::1"), BOB, now), None);
+    }
+
+    #[test]
+    fn a_site_walking_its_64s_meets_the_site_failure_limit() {
+        // 3 failures per /64, 12 per /48.
+        let gate = gate(3, 100);
+        let now = Instant::now();
+        let from = |site: u16, net: u16| {
+            let addr = format!("2001:db8:{site:x}:{net:x}::1");
+            NetGrouping::default().origin(addr.parse().unwrap())
+        };
+        let mut user = 0;
+        for net in 0..4 {
+            for _ in 0..3 {
+                user += 1;
+                fail(&gate, from(0xa, net), user, now);
+            }
+        }
+        assert_eq!(refusal(&gate, from(0xa, 0), 99, now), Some(Refusal::Net));
+        assert_eq!(refusal(&gate, from(0xa, 4), 99, now), Some(Refusal::Site));
+        assert_eq!(
+            refusal(&gate, from(0xa, 0xffff), 99, now),
+            Some(Refusal::Site)
+        );
+        assert_eq!(refusal(&gate, from(0xb, 0), 99, now), None);
+        // IPv4 addresses have no site of their own to fill.
+        for last in 0..20 {
+            fail(&gate, net(last), 1000 + u64::from(last), now);
+        }
+        assert_eq!(refusal(&gate, net(20), 99, now), None);
     }
 
     #[test]

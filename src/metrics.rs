@@ -100,6 +100,8 @@ pub mod label {
     pub mod throttle_scope {
         /// The client network is over its failure limit.
         pub const IP: &str = "ip";
+        /// The client's IPv6 --ipv6-prefix-wide network is over its failure limit.
+        pub const WIDE_PREFIX: &str = "wide_prefix";
         /// The user name is over its limit from this network.
         pub const USER: &str = "user";
         /// The connection used up its --max-auth-failures.
@@ -116,6 +118,7 @@ pub mod label {
         pub const STORE_UNAVAILABLE: &str = "store_unavailable";
         pub const ALL: &[&str] = &[
             IP,
+            WIDE_PREFIX,
             USER,
             CONNECTION,
             VERIFIER,

@@ -161,6 +161,9 @@ impl Config {
             auth: auth::Settings {
                 failures: AuthLimits {
                     per_net: args.max_auth_failures_per_ip,
+                    per_site: args
+                        .max_auth_failures_per_wide_prefix
+                        .unwrap_or(args.max_auth_failures_per_ip.saturating_mul(4)),
                     per_user: args.max_auth_failures_per_user,
                     window: args.auth_failure_window,
                     user_delay: args.auth_failure_delay,
@@ -586,6 +589,7 @@ mod tests {
         let config = from_flags(&[]).unwrap();
         assert_eq!(config.grouping, NetGrouping::default());
         assert_eq!(config.max_connections_per_wide_prefix, 4 * 50);
+        assert_eq!(config.auth.failures.per_site, 4 * 20);
         let config = from_flags(&["--max-connections-per-ip", "7", "--ipv6-prefix", "56"]).unwrap();
         assert_eq!(config.max_connections_per_wide_prefix, 28);
         assert_eq!(config.grouping.v6_prefix, 56);

@@ -236,6 +236,7 @@ mod tests {
     fn limits(per_net: u32, per_user: u32) -> AuthLimits {
         AuthLimits {
             per_net,
+            per_site: 4 * per_net,
             per_user,
             // Redis windows are aligned on the epoch: a month makes a turn during a test
             // negligible.
@@ -401,6 +402,47 @@ mod tests {
             assert_eq!(
                 refusal(&a, from("2001:db8:c:2::1"), "carol").await,
                 None,
+                "{store}"
+            );
+        }
+    }
+
+    /// Failures from the /64s of one IPv6 site fill the site's own window, on every
+    /// replica: walking the /64s of a /48 does not escape the per-network limit.
+    #[tokio::test]
+    async fn a_site_walking_its_networks_meets_its_own_limit_across_replicas() {
+        let redis = RedisServer::start().await;
+        let from = |site: u16, net: u16| {
+            let addr = format!("2001:db8:{site:x}:{net:x}::1");
+            NetGrouping::default().origin(addr.parse().unwrap())
+        };
+        // 2 failures per network, 8 per site.
+        for (store, [a, b]) in gates(limits(2, 1000), redis.as_ref()) {
+            for net in 0..4 {
+                fail(&a, from(0xa, net), &format!("u{net}a")).await;
+                fail(&b, from(0xa, net), &format!("u{net}b")).await;
+            }
+            let scopes = [
+                refusal(&a, from(0xa, 4), "x").await,
+                refusal(&b, from(0xa, 0xffff), "x").await,
+                refusal(&a, from(0xb, 0), "x").await,
+            ];
+            assert_eq!(
+                scopes,
+                [Some("wide_prefix"), Some("wide_prefix"), None],
+                "{store}"
+            );
+            // A ticket given back leaves the site's window too.
+            let c = from(0xc, 0);
+            let held = admit(&a, c, "y").await.expect(store);
+            held.succeeded().await;
+            for net in 1..=4 {
+                fail(&b, from(0xc, net), "z1").await;
+                fail(&a, from(0xc, net), "z2").await;
+            }
+            assert_eq!(
+                refusal(&b, from(0xc, 5), "x").await,
+                Some("wide_prefix"),
                 "{store}"
             );
         }

@@ -47,11 +47,13 @@ use super::{AuthLimits, Origin, Refusal};
 use crate::store::{self, StoreError};
 
 /// Decides and reserves, atomically, on the Redis clock. KEYS: the network, name and
-/// pair window prefixes (each fixed window appends `:<index>`), the pair's trust key.
-/// ARGV: the window in milliseconds, `per_net`, `per_user`. Returns `{verdict, index,
-/// failures}`: verdict 0 to verify (the attempt now counts in window `index` of all
-/// three), 1 refused for the network, 2 refused for the name; `failures` is the name's
-/// estimate when it matters for the slowdown (not trusted), else 0.
+/// pair window prefixes (each fixed window appends `:<index>`), the pair's trust key,
+/// the site's window prefix. ARGV: the window in milliseconds, `per_net`, `per_user`,
+/// `per_site` (0 when the site is the network: no window of its own). Returns
+/// `{verdict, index, failures}`: verdict 0 to verify (the attempt now counts in window
+/// `index` of each), 1 refused for the network, 2 refused for the name, 3 refused for
+/// the site; `failures` is the name's estimate when it matters for the slowdown (not
+/// trusted), else 0.
 const ADMIT_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -66,6 +68,10 @@ end
 if estimate(KEYS[1]) >= tonumber(ARGV[2]) then
   return {1, index, 0}
 end
+local per_site = tonumber(ARGV[4])
+if per_site > 0 and estimate(KEYS[5]) >= per_site then
+  return {3, index, 0}
+end
 local failures = 0
 if redis.call('EXISTS', KEYS[4]) == 0 then
   failures = estimate(KEYS[2])
@@ -73,7 +79,7 @@ if redis.call('EXISTS', KEYS[4]) == 0 then
     return {2, index, math.floor(failures)}
   end
 end
-for i = 1, 3 do
+for _, i in ipairs(per_site > 0 and {1, 2, 3, 5} or {1, 2, 3}) do
   local key = KEYS[i] .. ':' .. string.format('%d', index)
   redis.call('INCR', key)
   redis.call('PEXPIRE', key, 2 * window)
@@ -81,11 +87,12 @@ end
 return {0, index, math.floor(failures)}
 ";
 
-/// Takes an admitted attempt back out of window `ARGV[1]` of the three prefixes in KEYS,
-/// never below zero (DECR keeps a key's TTL; a key that expired is left missing). With
-/// `ARGV[2]` > 0 (milliseconds) the attempt succeeded: `KEYS[4]` trusts the pair that long.
+/// Takes an admitted attempt back out of window `ARGV[1]` of the window prefixes in KEYS
+/// (the first three, and the site's `KEYS[5]` when `ARGV[3]` is 1), never below zero
+/// (DECR keeps a key's TTL; a key that expired is left missing). With `ARGV[2]` > 0
+/// (milliseconds) the attempt succeeded: `KEYS[4]` trusts the pair that long.
 const GIVE_BACK_SCRIPT: &str = r"
-for i = 1, 3 do
+for _, i in ipairs(ARGV[3] == '1' and {1, 2, 3, 5} or {1, 2, 3}) do
   local key = KEYS[i] .. ':' .. ARGV[1]
   if tonumber(redis.call('GET', key) or '0') > 0 then
     redis.call('DECR', key)
@@ -166,10 +173,12 @@ pub struct SharedWindows {
     forgive: redis::Script,
 }
 
-/// The window prefixes of a network, a name and the name's failures from the site, and
-/// the trust key of the name from the network. For IPv4, and wherever the site is the
-/// network, the keys are those of the releases that keyed the pair on the network.
-fn keys(origin: Origin, name: &SharedName) -> [String; 4] {
+/// The window prefixes of a network, a name and the name's failures from the site, the
+/// trust key of the name from the network, and the site's window prefix (the
+/// network's, as a site has no window of its own when it is the network). For IPv4,
+/// and wherever the site is the network, the keys are those of the releases that keyed
+/// the pair on the network.
+fn keys(origin: Origin, name: &SharedName) -> [String; 5] {
     let SharedName(hash) = name;
     let Origin { net, site } = origin;
     [
@@ -177,6 +186,7 @@ fn keys(origin: Origin, name: &SharedName) -> [String; 4] {
         format!("postern:{{auth}}:user:{hash}"),
         format!("postern:{{auth}}:pair:{hash}:{site}"),
         format!("postern:{{auth}}:trusted:{hash}:{net}"),
+        format!("postern:{{auth}}:net:{site}"),
     ]
 }
 
@@ -202,7 +212,12 @@ impl SharedWindows {
         origin: Origin,
         name: &SharedName,
     ) -> Result<SharedAdmission, StoreError> {
-        let [net_key, user_key, pair_key, trust_key] = keys(origin, name);
+        let [net_key, user_key, pair_key, trust_key, site_key] = keys(origin, name);
+        let per_site = if origin.wider_site().is_some() {
+            self.limits.per_site
+        } else {
+            0
+        };
         let (verdict, index, failures): (u8, i64, u64) = self
             .redis
             .invoke(
@@ -211,9 +226,11 @@ impl SharedWindows {
                     .key(user_key)
                     .key(pair_key)
                     .key(trust_key)
+                    .key(site_key)
                     .arg(self.window())
                     .arg(self.limits.per_net)
-                    .arg(self.limits.per_user),
+                    .arg(self.limits.per_user)
+                    .arg(per_site),
             )
             .await?;
         match verdict {
@@ -234,11 +251,12 @@ impl SharedWindows {
             }
             1 => Ok(SharedAdmission::Refused(Refusal::Net)),
             2 => Ok(SharedAdmission::Refused(Refusal::User)),
+            3 => Ok(SharedAdmission::Refused(Refusal::Site)),
             // Another script under our name, or a server that ran ours wrongly: an
             // error, so the failure mode decides, rather than a guess.
             _ => Err(StoreError::Redis(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
-                "the AUTH admit script answered neither 0, 1 nor 2",
+                "the AUTH admit script answered none of 0, 1, 2 and 3",
             )))),
         }
     }
@@ -256,7 +274,7 @@ impl SharedWindows {
     }
 
     async fn take_back(&self, place: &Place, trust_for: u64) -> Result<(), StoreError> {
-        let [net_key, user_key, pair_key, trust_key] = keys(place.origin, &place.name);
+        let [net_key, user_key, pair_key, trust_key, site_key] = keys(place.origin, &place.name);
         let _: u8 = self
             .redis
             .invoke(
@@ -265,8 +283,10 @@ impl SharedWindows {
                     .key(user_key)
                     .key(pair_key)
                     .key(trust_key)
+                    .key(site_key)
                     .arg(place.index)
-                    .arg(trust_for),
+                    .arg(trust_for)
+                    .arg(u8::from(place.origin.wider_site().is_some())),
             )
             .await?;
         Ok(())
@@ -280,7 +300,7 @@ impl SharedWindows {
         name: &SharedName,
         n: u32,
     ) -> Result<(), StoreError> {
-        let [_, user_key, pair_key, _] = keys(origin, name);
+        let [_, user_key, pair_key, ..] = keys(origin, name);
         let _: u8 = self
             .redis
             .invoke(
@@ -305,6 +325,7 @@ mod tests {
     fn limits(per_net: u32, per_user: u32) -> AuthLimits {
         AuthLimits {
             per_net,
+            per_site: 4 * per_net,
             per_user,
             // Windows are aligned on the epoch: a month makes a turn during a test
             // (which would weigh the earlier window less than 1) negligible.
@@ -434,7 +455,7 @@ mod tests {
             panic!("refused");
         };
         shared.succeeded(&place).await.unwrap();
-        let [.., trust] = keys(net(1), &alice);
+        let [_, _, _, trust, _] = keys(net(1), &alice);
         let mut connection = redis.inspect().await;
         let ttl: i64 = redis::cmd("PTTL")
             .arg(&trust)

@@ -33,11 +33,17 @@ fn behind_proxy(configure: impl FnOnce(PosternBuilder) -> PosternBuilder) -> (Po
     (postern, admin)
 }
 
-/// An implicit-TLS session from `client` (a PROXY v1 header), greeted and past EHLO.
+/// An implicit-TLS session from `client`, IPv4 or IPv6 (a PROXY v1 header), greeted and
+/// past EHLO.
 async fn from(postern: &Postern, client: &str) -> SmtpClient {
     let mut c = SmtpClient::connect(postern.smtps).await;
+    let (family, to) = if client.contains(':') {
+        ("TCP6", "::1")
+    } else {
+        ("TCP4", "127.0.0.1")
+    };
     let header = format!(
-        "PROXY TCP4 {client} 127.0.0.1 40000 {}\r\n",
+        "PROXY {family} {client} {to} 40000 {}\r\n",
         postern.smtps.port()
     );
     c.send(header.as_bytes()).await;
@@ -600,6 +606,48 @@ async fn ipv6_connections_are_capped_per_64_and_per_48() {
         rejected(admin, "max_connections_per_wide_prefix").await,
         1.0
     );
+}
+
+/// Wrong passwords for a name from two /64s of one /48 put it over its limit: every /64
+/// of that site is refused for it, even with the right password, so one customer cannot
+/// walk its 65,536 /64s for one more guess each. Another site still logs in.
+#[tokio::test]
+async fn failures_for_a_user_refuse_every_64_of_the_failing_site() {
+    let (postern, _) = behind_proxy(|b| {
+        b.flag("--max-auth-failures-per-user", "2")
+            .flag("--auth-failure-delay", "0s")
+    });
+    for failing in ["2001:db8:a:1::1", "2001:db8:a:2::1"] {
+        let mut c = from(&postern, failing).await;
+        c.auth_plain(USER, "wrong", "535 5.7.8").await;
+    }
+    for fresh in ["2001:db8:a:3::1", "2001:db8:a:ffff::9"] {
+        let mut c = from(&postern, fresh).await;
+        c.auth_plain(USER, PASSWORD, "454 4.7.0").await;
+    }
+    let mut other_site = from(&postern, "2001:db8:b::1").await;
+    other_site.auth_plain(USER, PASSWORD, "235").await;
+}
+
+/// Guesses for many names from the /64s of one /48 meet the site's own failure limit
+/// (--max-auth-failures-per-wide-prefix), past which every AUTH from the site gets 454.
+#[tokio::test]
+async fn failures_from_many_64s_meet_the_site_limit() {
+    let (postern, admin) = behind_proxy(|b| {
+        b.flag("--max-auth-failures-per-ip", "1")
+            .flag("--max-auth-failures-per-wide-prefix", "2")
+            .flag("--auth-failure-delay", "0s")
+    });
+    for (failing, name) in [("2001:db8:a:1::1", "alice"), ("2001:db8:a:2::1", "bob")] {
+        let mut c = from(&postern, failing).await;
+        c.auth_plain(name, "guess", "535 5.7.8").await;
+    }
+    let mut c = from(&postern, "2001:db8:a:3::1").await;
+    c.auth_plain(USER, PASSWORD, "454 4.7.0").await;
+    let mut other_site = from(&postern, "2001:db8:b::1").await;
+    other_site.auth_plain(USER, PASSWORD, "235").await;
+    let throttled = metric_sum(admin, "postern_auth_throttled_total{scope=\"wide_prefix\"}").await;
+    assert_eq!(throttled, Some(1.0));
 }
 
 // ---- 9. A fair share of hashing (issue 12, point 4) ---------------------------------------

@@ -12,7 +12,7 @@ use common::haproxy::{Haproxy, Route};
 use common::postern::{Postern, USER, json_lines, log_field as field, log_message, span_field};
 use common::postfix::{self, Postfix, PostfixOptions};
 use common::tools::SmtplibSession;
-use common::{CLIENT_V4, PASSWORD, SmtpClient, SmtpSink, V4, V6, free_addr, have, within_for};
+use common::{CLIENT_V4, PASSWORD, SmtpClient, V4, V6, free_addr, have, within_for};
 
 const TRUSTED: &str = "127.0.0.1/32,::1/128";
 
@@ -335,43 +335,6 @@ async fn per_ip_limit_counts_the_address_from_the_header() {
     let closed = postern.wait_session_closed(SocketAddr::new(IpAddr::V4(b), 40003));
     assert_eq!(field(&closed, "result"), "quit", "{closed}");
     drop(first);
-}
-
-/// AUTH failures from the /64s of one IPv6 site (a /48, as the header tells postern)
-/// refuse the name from every /64 of that site once it is over its limit, even with the
-/// right password: one customer cannot walk its 65,536 /64s for a guess each. Another
-/// site still logs in.
-#[tokio::test]
-async fn auth_failures_refuse_the_name_from_every_64_of_the_failing_site() {
-    let sink = SmtpSink::start();
-    let postern = postfix::postern(sink.addr)
-        .flag("--proxy-protocol", "true")
-        .flag("--proxy-protocol-from", TRUSTED)
-        .flag("--max-auth-failures-per-user", "2")
-        .start();
-    let addr = postern.addr("--listen");
-    let tls = postern.tls_config();
-    let login = |from: &'static str, password: &'static str, expect: &'static str| {
-        let tls = tls.clone();
-        async move {
-            let mut client = SmtpClient::connect(addr).await;
-            let header = format!("PROXY TCP6 {from} ::1 40000 25\r\n");
-            client.send(header.as_bytes()).await;
-            client.expect("220 ").await;
-            client.cmd("EHLO client.example", "250").await;
-            client.starttls(tls).await;
-            client.cmd("EHLO client.example", "250").await;
-            let reply = client.auth_plain(USER, password, expect).await;
-            (client, reply)
-        }
-    };
-    login("2001:db8:a:1::1", "wrong", "535 5.7.8").await;
-    login("2001:db8:a:2::1", "wrong", "535 5.7.8").await;
-    for fresh in ["2001:db8:a:3::1", "2001:db8:a:ffff::9"] {
-        login(fresh, PASSWORD, "454 4.7.0").await;
-    }
-    let (mut other_site, _) = login("2001:db8:b::1", PASSWORD, "235 ").await;
-    other_site.cmd("QUIT", "221").await;
 }
 
 /// HAProxy's own health checks with `check-send-proxy` on a `send-proxy-v2` server
