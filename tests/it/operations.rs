@@ -100,6 +100,7 @@ fn every_counter_series() -> Vec<String> {
             "scope",
             &[
                 "ip",
+                "wide_prefix",
                 "user",
                 "connection",
                 "verifier",
