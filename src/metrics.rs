@@ -153,12 +153,14 @@ pub mod label {
         pub const REJECTED_LIMIT: &str = "rejected_limit";
         pub const REJECTED_STRICT_DATA: &str = "rejected_strict_data";
         pub const REJECTED_SMUGGLING: &str = "rejected_smuggling";
+        pub const UNANSWERED: &str = "unanswered";
         pub const ALL: &[&str] = &[
             ACCEPTED,
             REJECTED_BACKEND,
             REJECTED_LIMIT,
             REJECTED_STRICT_DATA,
             REJECTED_SMUGGLING,
+            UNANSWERED,
         ];
     }
     /// `limit` of [`LIMIT_REJECTIONS_TOTAL`](super::LIMIT_REJECTIONS_TOTAL).
@@ -489,6 +491,9 @@ pub enum MessageResult {
     RejectedStrictData,
     /// A body with an end-of-data lookalike (SMTP smuggling), refused by default.
     RejectedSmuggling,
+    /// The session ended after the message's end was forwarded, before the backend
+    /// answered it.
+    Unanswered,
 }
 
 impl MessageResult {
@@ -499,6 +504,7 @@ impl MessageResult {
             MessageResult::RejectedByLimit => label::message_result::REJECTED_LIMIT,
             MessageResult::RejectedStrictData => label::message_result::REJECTED_STRICT_DATA,
             MessageResult::RejectedSmuggling => label::message_result::REJECTED_SMUGGLING,
+            MessageResult::Unanswered => label::message_result::UNANSWERED,
         }
     }
 }

@@ -379,6 +379,15 @@ impl<'a> Shell<'a> {
                 m::recipients_accepted(u64::from(recipients));
             }
             Event::MessageRejected => m::message(MessageResult::RejectedByBackend),
+            Event::MessageUnanswered { recipients } => {
+                m::message(MessageResult::Unanswered);
+                info!(
+                    user = user(),
+                    recipients,
+                    "session ended before the backend answered a message's end: \
+                     counted against the sender's limits"
+                );
+            }
             Event::LimitReached(limit) => {
                 m::limit_rejection(limit.label());
                 if matches!(limit, Limit::MessagesPerUser | Limit::StoreUnavailable) {

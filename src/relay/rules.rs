@@ -123,6 +123,9 @@ pub enum Event {
     MessageAccepted { recipients: u32 },
     /// The backend refused a message at its end.
     MessageRejected,
+    /// The session ended after a message's end was forwarded and before the backend
+    /// answered it. Its slots stay taken.
+    MessageUnanswered { recipients: u32 },
     /// postern refused a MAIL or RCPT with 451.
     LimitReached(Limit),
     /// A DATA body was cut before something a lenient backend could read two ways:
@@ -460,7 +463,41 @@ impl Rules {
                 Claim::Recipient => self.ledger.unanswered_recipients += 1,
             }
         }
+        self.keep_unanswered_messages(out);
         self.ledger.finish(out);
+    }
+
+    /// Keeps the slots of every message whose end was forwarded but never answered:
+    /// Postfix and OpenSMTPD deliver a message whose client is gone once they have its
+    /// end, so giving its slots back would let a client that resets right after the
+    /// final dot send without limit. Exim drops such a message: counting it errs toward
+    /// the limit, as a store answer that never came does.
+    fn keep_unanswered_messages(&mut self, out: &mut Output) {
+        let ledger = &mut self.ledger;
+        let (mut messages, mut recipients, mut unanswered_rcpts) = (0, 0, 0);
+        for pending in &self.pending {
+            match *pending {
+                Pending::Mail { reserved, .. } => messages += u32::from(reserved),
+                Pending::Rcpt { reserved, .. } => {
+                    recipients += u32::from(reserved);
+                    unanswered_rcpts += 1;
+                }
+                Pending::EndOfData | Pending::Bdat { last: true } => {
+                    out.event(Event::MessageUnanswered {
+                        recipients: ledger.message_recipients + unanswered_rcpts,
+                    });
+                    ledger.held_message = false;
+                    ledger.held_recipients = 0;
+                    ledger.message_recipients = 0;
+                    ledger.unanswered_messages =
+                        ledger.unanswered_messages.saturating_sub(messages);
+                    ledger.unanswered_recipients =
+                        ledger.unanswered_recipients.saturating_sub(recipients);
+                    (messages, recipients, unanswered_rcpts) = (0, 0, 0);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Takes bytes the client sent; returns how many were taken. The rest (a partial

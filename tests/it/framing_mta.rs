@@ -965,6 +965,47 @@ async fn per_user_limits(kind: Kind) {
     }
 }
 
+/// Clients that reset the connection right after a message's final dot, before the
+/// MTA's answer: Postfix and OpenSMTPD deliver such a message, Exim drops it. Either
+/// way postern counts it against the sender's --max-messages-per-user, so the MTA
+/// never accepts more than the limit, however many times the client resets.
+async fn resets_after_the_final_dot(kind: Kind) {
+    let Some(mta) = Mta::start(kind) else {
+        return;
+    };
+    let user = user_for("resetafterdot");
+    let postern = Postern::builder(mta.addr())
+        .flag("--max-messages-per-user", "2/1h")
+        .user_line(format!("{user}:{{PLAIN}}{PASSWORD}"))
+        .start();
+    for i in 0..2 {
+        let mut c = Client::login(&postern, i % 2 == 0, &user).await;
+        for (cmd, want) in [
+            ("MAIL FROM:<reset@example.org>", "250"),
+            ("RCPT TO:<rcpt@example.net>", "250"),
+            ("DATA", "354"),
+        ] {
+            c.write(format!("{cmd}\r\n").as_bytes()).await;
+            c.expect(want).await;
+        }
+        c.tls.get_ref().0.set_zero_linger().expect("SO_LINGER");
+        c.write(format!("Subject: reset {i}\r\n\r\nbody\r\n.\r\n").as_bytes())
+            .await;
+        // Dropped with a zero linger: a reset, at once.
+        drop(c);
+    }
+    let mut c = Client::login(&postern, true, &user).await;
+    c.write(b"MAIL FROM:<third@example.org>\r\n").await;
+    c.expect("451 4.7.1").await;
+    let accepted = mta.accepted().await;
+    assert!(
+        accepted.len() <= 2,
+        "{} accepted {} messages past a limit of 2: {accepted:?}",
+        kind.name(),
+        accepted.len()
+    );
+}
+
 macro_rules! mta_tests {
     ($module:ident, $kind:expr) => {
         mod $module {
@@ -1003,6 +1044,11 @@ macro_rules! mta_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn per_user_message_and_recipient_limits_hold() {
                 per_user_limits($kind).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn resets_after_the_final_dot_still_count_against_the_limit() {
+                resets_after_the_final_dot($kind).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,6 +133,7 @@ fn every_counter_series() -> Vec<String> {
                 "rejected_limit",
                 "rejected_strict_data",
                 "rejected_smuggling",
+                "unanswered",
             ],
         )],
     );

@@ -949,6 +949,72 @@ fn message_slots_are_given_back_when_the_message_is_not_sent() {
     );
 }
 
+/// A client that resets right after a message's end, before the backend answers it:
+/// Postfix and OpenSMTPD deliver the message anyway, so its slots stay taken. What was
+/// pipelined after the end, with no end of its own, is given back.
+#[test]
+fn a_message_whose_end_is_unanswered_keeps_its_slots() {
+    let limited = Settings {
+        limits: Limits {
+            messages_per_user: Some(5),
+            recipients_per_user: Some(10),
+            ..Limits::default()
+        },
+        ..settings()
+    };
+    let script: &[(Dir, &[u8])] = &[
+        (
+            C,
+            b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nRCPT TO:<c>\r\nDATA\r\n",
+        ),
+        (B, b"250 m\r\n250 r\r\n250 r\r\n354 go\r\n"),
+        (C, b"x\r\n.\r\nMAIL FROM:<a>\r\nRCPT TO:<d>\r\n"),
+    ];
+    let run = split_invariant(&limited, NO_LOOKUP, script);
+    assert_eq!(
+        run.events.last(),
+        Some(&Event::MessageUnanswered { recipients: 2 })
+    );
+    assert_eq!(
+        run.usage,
+        Some(Usage {
+            messages: 1,
+            recipients: 2
+        })
+    );
+    // BDAT LAST pipelined behind its MAIL and RCPTs: none of them answered.
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"EHLO c\r\n"),
+        (B, b"250-legacy\r\n250 CHUNKING\r\n"),
+        (
+            C,
+            b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nBDAT 3 LAST\r\nabcRSET\r\n",
+        ),
+    ];
+    let run = split_invariant(&limited, NO_LOOKUP, script);
+    assert_eq!(
+        run.events.last(),
+        Some(&Event::MessageUnanswered { recipients: 1 })
+    );
+    assert_eq!(
+        run.usage,
+        Some(Usage {
+            messages: 1,
+            recipients: 1
+        })
+    );
+    // Answered, the same messages count as before.
+    let script: &[(Dir, &[u8])] = &[
+        (C, b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nDATA\r\n"),
+        (B, b"250 m\r\n250 r\r\n354 go\r\n"),
+        (C, b"x\r\n.\r\n"),
+        (B, b"554 no\r\n"),
+    ];
+    let run = split_invariant(&limited, NO_LOOKUP, script);
+    assert_eq!(run.events.last(), Some(&Event::MessageRejected));
+    assert_eq!(run.usage, Some(Usage::default()));
+}
+
 #[test]
 fn control_octets_in_command_lines_are_refused_not_forwarded() {
     for line in [
