@@ -18,6 +18,10 @@ pub struct ClientFacts<'a> {
     pub proto: &'static str,
 }
 
+/// The longest attribute value Postfix takes, as sent (xtext): it answers a longer one
+/// with 501, which would fail the whole session for a long EHLO name.
+const MAX_VALUE: usize = 255;
+
 /// The attribute names the backend lists after `XCLIENT`, if it offers it at all.
 pub fn offered_attributes(capabilities: &Capabilities) -> Option<Vec<String>> {
     capabilities.line("XCLIENT").map(|line| {
@@ -29,8 +33,8 @@ pub fn offered_attributes(capabilities: &Capabilities) -> Option<Vec<String>> {
 }
 
 /// The XCLIENT command lines (CRLF included) that carry `facts`, limited to the
-/// attributes the backend offers, each line within 512 octets. An attribute too long to
-/// fit any line is left out rather than cut: a truncated LOGIN would name someone else.
+/// attributes the backend offers, each line within 512 octets. An attribute longer than
+/// Postfix takes is left out rather than cut: a truncated LOGIN would name someone else.
 ///
 /// When the attributes need more than one line, ADDR and LOGIN travel together in the
 /// last one. Postfix checks `smtpd_authorized_xclient_hosts` against the client address
@@ -58,8 +62,9 @@ pub fn commands(offered: &[String], facts: &ClientFacts<'_>) -> Vec<String> {
         .into_iter()
         .filter_map(|(name, value)| Some((name, value?)))
         .filter(|(name, _)| offered.iter().any(|a| a == name))
-        .map(|(name, value)| (name, format!(" {name}={}", xtext(&value))))
-        .filter(|(_, attribute)| "XCLIENT".len() + attribute.len() <= MAX_COMMAND_LINE)
+        .map(|(name, value)| (name, xtext(&value)))
+        .filter(|(_, value)| value.len() <= MAX_VALUE)
+        .map(|(name, value)| (name, format!(" {name}={value}")))
         .collect();
 
     let total: usize = attributes.iter().map(|(_, a)| a.len()).sum();
@@ -167,8 +172,8 @@ mod tests {
 
     #[test]
     fn long_values_split_into_several_commands_under_512_octets() {
-        let helo = "h".repeat(300);
-        let login = "u".repeat(300);
+        let helo = "h".repeat(250);
+        let login = "u".repeat(250);
         let facts = ClientFacts {
             addr: "192.0.2.7".parse().unwrap(),
             port: 2,
@@ -197,23 +202,33 @@ mod tests {
                 .iter()
                 .all(|l| !l.contains(" ADDR=") && !l.contains(" LOGIN="))
         );
+    }
 
-        // A LOGIN that fits a line alone but not beside ADDR is left out, ADDR kept.
-        let login = "l".repeat(490);
-        let facts_490 = ClientFacts {
-            login: Some(&login),
-            ..facts.clone()
-        };
-        let lines = commands(&all(), &facts_490);
-        assert!(lines.iter().all(|l| l.len() <= 512), "{lines:?}");
-        assert!(lines.last().unwrap().contains(" ADDR=192.0.2.7"));
-        assert!(!lines.concat().contains("LOGIN="));
-
-        let huge = "x".repeat(600);
-        let facts = ClientFacts {
-            login: Some(&huge),
-            ..facts
-        };
-        assert!(!commands(&all(), &facts).concat().contains("LOGIN="));
+    #[test]
+    fn values_longer_than_postfix_takes_are_left_out_not_cut() {
+        // Postfix answers 501 to a value over 255 octets as sent: a long EHLO name
+        // (tripled by xtext when it is not ASCII) would fail the session.
+        let long_helo = "h".repeat(256);
+        let tripled = "\u{e9}".repeat(43); // 86 octets, 258 as xtext
+        let fits = "h".repeat(255);
+        let huge_login = "x".repeat(600);
+        for (helo, login, kept) in [
+            (long_helo.as_str(), None, false),
+            (tripled.as_str(), None, false),
+            (fits.as_str(), None, true),
+            ("client.example", Some(huge_login.as_str()), true),
+        ] {
+            let facts = ClientFacts {
+                addr: "192.0.2.7".parse().unwrap(),
+                port: 2,
+                helo,
+                login,
+                proto: "ESMTP",
+            };
+            let lines = commands(&all(), &facts).concat();
+            assert_eq!(lines.contains(" HELO="), kept, "{lines}");
+            assert!(lines.contains(" ADDR=192.0.2.7"), "{lines}");
+            assert!(!lines.contains("LOGIN="), "{lines}");
+        }
     }
 }

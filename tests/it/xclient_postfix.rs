@@ -156,6 +156,34 @@ fn long_helo_and_login_split_xclient_and_postfix_still_gets_the_login() {
     );
 }
 
+/// An EHLO name longer than Postfix takes in XCLIENT (255 octets) is left out of it,
+/// not sent for Postfix to refuse with 501, which failed the client's AUTH with 454.
+#[test]
+fn an_ehlo_name_too_long_for_xclient_is_left_out_and_the_login_still_reaches_postfix() {
+    let Some(postfix) = postfix_running(PostfixOptions::default()) else {
+        return;
+    };
+    let postern = xclient_postern(postfix.addr(V4));
+    let helo = vec!["h".repeat(63); 4].join(".") + ".test";
+    assert_eq!(helo.len(), 260);
+    let run = SmtplibSession::new(postern.addr("--listen"))
+        .from(CLIENT_V4)
+        .ehlo(&helo)
+        .starttls()
+        .login(USER, PASSWORD)
+        .rcpt("someone@outside.example")
+        .run();
+    assert_eq!(run.code("auth"), Some(235), "{}", run.raw);
+    assert_eq!(run.rcpt_codes(), [250], "{}", run.raw);
+    let lines = postfix
+        .session_lines("127.0.0.2", run.local().port())
+        .join("\n");
+    assert!(
+        lines.contains(&format!("sasl_method=XCLIENT, sasl_username={USER}")),
+        "{lines}"
+    );
+}
+
 /// `+` and `=` in the login travel xtext-encoded and Postfix decodes them back.
 #[test]
 fn login_with_plus_and_equals_reaches_postfix_decoded() {
