@@ -87,12 +87,15 @@ pub struct Client<'a> {
     pub attempt: u32,
 }
 
-/// What an AUTH ends in: the verdict, and for a valid one where the session goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What an AUTH ends in: the verdict, and for a valid one where the session goes and
+/// under which name.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub verdict: Verdict,
     /// A backend the source chose for this user (`None`: the configured one).
     pub route: Option<SocketAddr>,
+    /// The account's own name, when the source settled on one (`None`: as typed).
+    pub user: Option<String>,
 }
 
 impl From<Verdict> for Decision {
@@ -100,6 +103,7 @@ impl From<Verdict> for Decision {
         Decision {
             verdict,
             route: None,
+            user: None,
         }
     }
 }
@@ -351,7 +355,11 @@ impl Authenticator {
             && let (Some(cache), Credentials::Password { password, .. }) =
                 (&self.cache, &credentials)
         {
-            cache.store(&username, password, route, Instant::now());
+            let success = cache::Success {
+                route,
+                user: answer.user.clone(),
+            };
+            cache.store(&username, password, success, Instant::now());
         }
         let verdict = self
             .settle(
@@ -370,7 +378,12 @@ impl Authenticator {
                 },
             )
             .await;
-        Decision { verdict, route }
+        let user = answer.user.filter(|_| verdict == Verdict::Valid);
+        Decision {
+            verdict,
+            route,
+            user,
+        }
     }
 
     /// Whether a source may send a session to `backend` (`--backend-allow`).
@@ -441,13 +454,14 @@ impl Authenticator {
     ) -> Result<(Result<Answer, Unavailable>, Duration), Busy> {
         if let (Some(cache), Credentials::Password { username, password }) =
             (&self.cache, credentials)
-            && let Some(route) = cache.hit(username, password, Instant::now())
+            && let Some(success) = cache.hit(username, password, Instant::now())
         {
             let answer = Answer {
                 valid: true,
                 decoy_work: false,
-                route,
+                route: success.route,
                 wait: None,
+                user: success.user,
             };
             return Ok((Ok(answer), Duration::ZERO));
         }
@@ -462,6 +476,7 @@ impl Authenticator {
                 decoy_work: check.decoy_work,
                 route: None,
                 wait: None,
+                user: None,
             });
             self.record(&answer, took);
             return Ok((answer, took));
@@ -782,6 +797,7 @@ impl Authenticator {
                 decoy_work: false,
                 route: None,
                 wait: None,
+                user: None,
             }),
             took,
         );

@@ -439,7 +439,7 @@ where
                         .authenticate(auth_history, shutdown, who, mechanism, credentials)
                         .await;
                     route = decision.route;
-                    session.on_verified(decision.verdict);
+                    session.on_verified(decision.verdict, decision.user);
                 }
                 Action::SourceSasl(step) => {
                     if !matches!(step, SourceSasl::Cancel)

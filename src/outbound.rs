@@ -921,7 +921,7 @@ impl Driver<'_> {
                             return Next::Closed("io_error");
                         }
                         let verdict = self.verify(credentials).await;
-                        self.session.on_verified(verdict);
+                        self.session.on_verified(verdict, None);
                     }
                     // relay-out checks senders against its own users file and runs no
                     // mechanism through a source, so no step is ever asked for; one

@@ -451,17 +451,19 @@ impl Session {
     }
 
     /// The outcome of [`Action::Verify`].
-    pub fn on_verified(&mut self, verdict: Verdict) {
-        let actions = self.verified(verdict);
+    /// The outcome of [`Action::Verify`]; `account` is the name the credential source
+    /// settled on, when it accepts several spellings: the session goes on under it.
+    pub fn on_verified(&mut self, verdict: Verdict, account: Option<String>) {
+        let actions = self.verified(verdict, account);
         self.queue.extend(actions);
     }
 
-    fn verified(&mut self, verdict: Verdict) -> Vec<Action> {
+    fn verified(&mut self, verdict: Verdict, account: Option<String>) -> Vec<Action> {
         match std::mem::replace(&mut self.state, State::Command) {
             State::Verifying {
                 mechanism,
                 username,
-            } => self.concluded(verdict, mechanism, username),
+            } => self.concluded(verdict, mechanism, account.unwrap_or(username)),
             other => {
                 debug_assert!(false, "an outcome nobody asked for");
                 self.state = other;
@@ -954,7 +956,7 @@ mod tests {
             panic!("expected Verify, got {actions:?}");
         };
         assert_eq!(credentials.username(), "tim");
-        let actions = s.verified(Verdict::Valid);
+        let actions = s.verified(Verdict::Valid, None);
         let [Action::ConnectBackend { hello, login }] = &actions[..] else {
             panic!("{actions:?}")
         };
@@ -971,7 +973,7 @@ mod tests {
     fn backend_failure_gives_454_and_the_client_may_retry() {
         let mut s = greeted_tls();
         s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-        s.verified(Verdict::Valid);
+        s.verified(Verdict::Valid, None);
         assert_reply(&s.backend_ready(false), "454 4.7.0");
         assert!(s.authenticated().is_none());
         assert!(matches!(
@@ -984,7 +986,7 @@ mod tests {
     fn wrong_credentials_give_535_and_any_mechanism_may_be_retried() {
         let mut s = greeted_tls();
         s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-        assert_reply(&s.verified(Verdict::Invalid), "535 5.7.8");
+        assert_reply(&s.verified(Verdict::Invalid, None), "535 5.7.8");
         assert_reply(&s.on_line(b"MAIL FROM:<a@b>"), "530 5.7.0");
         assert_eq!(wire(&s.on_line(b"AUTH LOGIN")), "334 VXNlcm5hbWU6\r\n");
         assert_eq!(wire(&s.on_line(b"dGlt")), "334 UGFzc3dvcmQ6\r\n");
@@ -1065,7 +1067,7 @@ mod tests {
             (3, Verdict::Invalid, "421 4.7.0"),
         ] {
             s.on_line(format!("AUTH PLAIN {PLAIN_TIM}").as_bytes());
-            let actions = s.verified(verdict);
+            let actions = s.verified(verdict, None);
             assert!(
                 matches!(actions[0], Action::Delay(d) if d == Duration::from_secs(attempt)),
                 "{actions:?}"
@@ -1232,6 +1234,22 @@ mod tests {
     }
 
     #[test]
+    fn the_session_goes_on_under_the_name_the_source_settled_on() {
+        let mut s = greeted_tls();
+        s.receive(format!("AUTH PLAIN {PLAIN_TIM}\r\n").as_bytes());
+        assert!(matches!(s.next_action(), Some(Action::Verify { .. })));
+        s.on_verified(Verdict::Valid, Some("timothy".into()));
+        let actions = drain(&mut s);
+        let [Action::ConnectBackend { login, .. }] = &actions[..] else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(login.as_deref(), Some("timothy"));
+        s.on_backend_ready(true);
+        assert_reply(&drain(&mut s), "235 ");
+        assert_eq!(s.authenticated(), Some(("timothy", Mechanism::Plain)));
+    }
+
+    #[test]
     fn nothing_is_read_while_credentials_are_checked_and_the_rest_goes_to_the_relay() {
         let mut s = greeted_tls();
         let pipelined = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n";
@@ -1239,7 +1257,7 @@ mod tests {
         s.receive(pipelined);
         assert!(matches!(s.next_action(), Some(Action::Verify { .. })));
         assert!(s.next_action().is_none(), "read past an AUTH being checked");
-        s.on_verified(Verdict::Valid);
+        s.on_verified(Verdict::Valid, None);
         assert!(matches!(
             s.next_action(),
             Some(Action::ConnectBackend { .. })

@@ -24,8 +24,16 @@ pub struct Cache {
 struct Entry {
     digest: [u8; 32],
     expires: Instant,
-    /// The route the source gave with the success, reused with it.
-    route: Option<SocketAddr>,
+    success: Success,
+}
+
+/// What the source said with a success, reused with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Success {
+    /// Where the session must go.
+    pub route: Option<SocketAddr>,
+    /// The account's own name, when the source gave one.
+    pub user: Option<String>,
 }
 
 impl Cache {
@@ -47,17 +55,17 @@ impl Cache {
         hash.finalize().into()
     }
 
-    /// `Some(route)` if `user` logged in with `password` within the TTL.
-    pub fn hit(&self, user: &str, password: &[u8], now: Instant) -> Option<Option<SocketAddr>> {
+    /// What the source said if `user` logged in with `password` within the TTL.
+    pub fn hit(&self, user: &str, password: &[u8], now: Instant) -> Option<Success> {
         let digest = self.digest(user, password);
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let entry = entries.get(user)?;
         // Not constant-time: the comparison is of salted hashes the client cannot see.
-        (entry.expires > now && entry.digest == digest).then_some(entry.route)
+        (entry.expires > now && entry.digest == digest).then(|| entry.success.clone())
     }
 
-    /// `user` logged in with `password` now.
-    pub fn store(&self, user: &str, password: &[u8], route: Option<SocketAddr>, now: Instant) {
+    /// `user` logged in with `password` now, and the source said `success`.
+    pub fn store(&self, user: &str, password: &[u8], success: Success, now: Instant) {
         let digest = self.digest(user, password);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(user) {
@@ -71,7 +79,7 @@ impl Cache {
             Entry {
                 digest,
                 expires: now + self.ttl,
-                route,
+                success,
             },
         );
     }
@@ -93,9 +101,13 @@ mod tests {
     fn a_success_is_reused_for_the_same_password_until_it_expires() {
         let cache = Cache::new(Duration::from_secs(60), [7; 32]);
         let now = Instant::now();
+        let success = Success {
+            route: None,
+            user: None,
+        };
         assert_eq!(cache.hit("alice", b"secret", now), None);
-        cache.store("alice", b"secret", None, now);
-        assert_eq!(cache.hit("alice", b"secret", now), Some(None));
+        cache.store("alice", b"secret", success.clone(), now);
+        assert_eq!(cache.hit("alice", b"secret", now), Some(success));
         assert_eq!(cache.hit("alice", b"other", now), None, "another password");
         assert_eq!(cache.hit("bob", b"secret", now), None, "another user");
         assert_eq!(
@@ -108,12 +120,15 @@ mod tests {
     }
 
     #[test]
-    fn the_route_comes_back_with_the_success() {
+    fn the_route_and_the_name_come_back_with_the_success() {
         let cache = Cache::new(Duration::from_secs(60), [7; 32]);
         let now = Instant::now();
-        let route: SocketAddr = "192.0.2.7:25".parse().unwrap();
-        cache.store("alice", b"secret", Some(route), now);
-        assert_eq!(cache.hit("alice", b"secret", now), Some(Some(route)));
+        let success = Success {
+            route: Some("192.0.2.7:25".parse().unwrap()),
+            user: Some("alice".into()),
+        };
+        cache.store("Alice", b"secret", success.clone(), now);
+        assert_eq!(cache.hit("Alice", b"secret", now), Some(success));
     }
 
     #[test]

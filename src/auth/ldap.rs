@@ -440,6 +440,19 @@ pub fn read_password_file(path: &Path) -> Result<String, SettingsError> {
     Ok(password.to_owned())
 }
 
+/// The account a name the directory accepted stands for, as one spelling: without
+/// leading and trailing spaces, inner runs of spaces as one, in lower case. The
+/// attributes users log in with (`uid`, `mail`, `sAMAccountName`) match with
+/// caseIgnore rules and insignificant-space handling (RFC 4518 §2.6.1), so ` ALICE ` binds
+/// as `alice`; under its own spelling each would get a sending budget of its own.
+pub fn account_name(user: &str) -> String {
+    user.split(' ')
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
 /// The directory's answer about one user name and password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -1066,6 +1079,15 @@ mod tests {
             timeout: DEFAULT_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
         }
+    }
+
+    #[test]
+    fn every_spelling_the_directory_binds_is_one_account_name() {
+        for typed in ["alice", "ALICE", "Alice", " alice", "alice  ", "  ALICE  "] {
+            assert_eq!(account_name(typed), "alice", "{typed:?}");
+        }
+        assert_eq!(account_name("  Jean   Dupont "), "jean dupont");
+        assert_eq!(account_name("ÉLODIE@example.org"), "élodie@example.org");
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub struct Answer {
     pub route: Option<SocketAddr>,
     /// How long the client must wait for a refusal (auth_http's `Auth-Wait`).
     pub wait: Option<Duration>,
+    /// The account's own name, where the source accepts more than one spelling of it
+    /// (Dovecot's `user=`, LDAP's name as its matching rules read it): the session goes
+    /// on under it, so every spelling shares one sending budget and the backend is told
+    /// one login.
+    pub user: Option<String>,
 }
 
 impl Answer {
@@ -113,6 +118,7 @@ impl Answer {
             decoy_work: false,
             route: None,
             wait: None,
+            user: None,
         }
     }
 }
@@ -262,13 +268,17 @@ impl Source {
                     decoy_work: check.decoy_work,
                     route: None,
                     wait: None,
+                    user: None,
                 })
             }
             Source::Dovecot(client) => check_dovecot(client, attempt).await,
             Source::Ldap(source) => match attempt.credentials {
                 Credentials::Password { username, password } => {
                     match source.verify(username, password).await {
-                        ldap::Verdict::Valid => Ok(Answer::valid(true)),
+                        ldap::Verdict::Valid => Ok(Answer {
+                            user: Some(ldap::account_name(username)),
+                            ..Answer::valid(true)
+                        }),
                         ldap::Verdict::Invalid(refusal) => {
                             tracing::debug!(%refusal, "LDAP refused the credentials");
                             Ok(Answer::valid(false))
@@ -353,7 +363,10 @@ async fn check_dovecot(
         Err(e) => return Err(Unavailable::down(e.to_string())),
     };
     match step {
-        dovecot::Step::Success { .. } => Ok(Answer::valid(true)),
+        dovecot::Step::Success { user } => Ok(Answer {
+            user: Some(user),
+            ..Answer::valid(true)
+        }),
         dovecot::Step::Failure {
             temporary: true,
             reason,
@@ -409,10 +422,8 @@ async fn check_http(client: &http::Client, attempt: Attempt<'_>) -> Result<Answe
     };
     match client.ask(&request).await {
         Ok(http::Answer::Ok { backend }) => Ok(Answer {
-            valid: true,
-            decoy_work: false,
             route: backend,
-            wait: None,
+            ..Answer::valid(true)
         }),
         // An auth server that says "try later" (a 4xx code) is a source that cannot
         // check now, not a wrong password.
@@ -426,10 +437,8 @@ async fn check_http(client: &http::Client, attempt: Attempt<'_>) -> Result<Answe
         Ok(http::Answer::Refused { message, wait, .. }) => {
             tracing::debug!(%message, "auth_http server refused the credentials");
             Ok(Answer {
-                valid: false,
-                decoy_work: false,
-                route: None,
                 wait,
+                ..Answer::valid(false)
             })
         }
         Err(error) => Err(Unavailable::down(format!("auth_http server: {error}"))),

@@ -336,7 +336,7 @@ impl Driver {
                     assert!(self.greeted, "Verify before EHLO/HELO");
                     assert!(!credentials.username().is_empty());
                     let verdict = self.oracle.verdict();
-                    self.session.on_verified(verdict);
+                    self.session.on_verified(verdict, None);
                     self.pump(Some(Origin::Verified(verdict)));
                 }
                 // The driver's session runs every mechanism itself (no source relays).

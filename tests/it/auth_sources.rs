@@ -25,6 +25,7 @@ use base64::engine::general_purpose::STANDARD;
 use sha2::Digest;
 
 use common::dovecot::Dovecot;
+use common::postern::log_field;
 use common::tools::{Listener, swaks};
 use common::*;
 
@@ -183,6 +184,43 @@ async fn dovecot_checks_every_mechanism_it_offers_through_postern() {
         r#"postern_auth_source_duration_seconds_bucket{source="dovecot""#,
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+}
+
+/// Dovecot checks one account for `alice`, `ALICE` and `Alice` (its default
+/// `auth_username_format = %Lu`): the session goes on under the name Dovecot settled on,
+/// so every spelling shares the account's sending budget and is logged as the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_spellings_of_one_account_share_its_sending_budget() {
+    let Some(dovecot) = Dovecot::start() else {
+        return;
+    };
+    let backend = RawBackend::start();
+    let mut postern = postern_with_source(
+        backend.addr,
+        &[
+            dovecot_flag(&dovecot),
+            ("--max-messages-per-user", "1/1h".into()),
+            ("--log-format", "json".into()),
+        ],
+    );
+    let listen = postern.addr("--listen-tls");
+    let (mut first, _) = SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+    first.auth_plain("alice", PASSWORD, "235").await;
+    first.cmd("MAIL FROM:<alice@client.test>", "250").await;
+    first.cmd("RCPT TO:<bob@example.net>", "250").await;
+    first.cmd("DATA", "354").await;
+    first.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
+    first.cmd("QUIT", "221").await;
+    for spelling in ["ALICE", "Alice"] {
+        let (mut client, _) = SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+        client.auth_plain(spelling, PASSWORD, "235").await;
+        client
+            .cmd("MAIL FROM:<alice@client.test>", "451 4.7.1")
+            .await;
+        client.cmd("QUIT", "221").await;
+        let closed = postern.wait_session_closed(client.local_addr());
+        assert_eq!(log_field(&closed, "user"), "alice", "{closed}");
     }
 }
 

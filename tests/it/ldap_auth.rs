@@ -836,6 +836,14 @@ async fn slapd_gone_mid_run_is_down_within_the_timeout_and_back_after() {
 /// postern serving with this slapd as its source (search+bind over StartTLS with the
 /// test CA, as a site would run it), with its operations endpoint.
 fn postern_over(slapd: &Slapd) -> (common::Postern, tempfile::TempDir, common::RawBackend) {
+    postern_over_with(slapd, &[])
+}
+
+/// [`postern_over`] with more flags.
+fn postern_over_with(
+    slapd: &Slapd,
+    flags: &[(&str, &str)],
+) -> (common::Postern, tempfile::TempDir, common::RawBackend) {
     let secrets = tempfile::tempdir().expect("tempdir");
     let password_file = secrets.path().join("bind-password");
     std::fs::write(&password_file, format!("{SERVICE_PASSWORD}\n")).expect("write password");
@@ -853,9 +861,50 @@ fn postern_over(slapd: &Slapd) -> (common::Postern, tempfile::TempDir, common::R
             "--ldap-bind-password-file",
             password_file.display().to_string(),
         )
-        .flag("--ldap-timeout", "2s")
+        .flag("--ldap-timeout", "2s");
+    let postern = flags
+        .iter()
+        .fold(postern, |builder, (name, value)| builder.flag(name, *value))
         .start();
     (postern, secrets, backend)
+}
+
+/// The directory binds ` ALICE `, `Alice` and `alice` as one entry (`uid` matches
+/// without case or insignificant spaces): the session goes on as `alice`, so every
+/// spelling shares the account's sending budget and is logged as the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spellings_the_directory_binds_as_one_entry_share_its_sending_budget() {
+    let Some(slapd) = Slapd::start() else { return };
+    let (mut postern, _secrets, _backend) = postern_over_with(
+        &slapd,
+        &[
+            ("--max-messages-per-user", "1/1h"),
+            ("--log-format", "json"),
+        ],
+    );
+    let listen = postern.addr("--listen-tls");
+    let (mut first, _) = common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+    first.auth_plain(ALICE.0, ALICE.1, "235").await;
+    first.cmd("MAIL FROM:<alice@example.test>", "250").await;
+    first.cmd("RCPT TO:<bob@example.net>", "250").await;
+    first.cmd("DATA", "354").await;
+    first.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
+    first.cmd("QUIT", "221").await;
+    for spelling in [" ALICE ", "Alice", "alice  "] {
+        let (mut client, _) =
+            common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+        client.auth_plain(spelling, ALICE.1, "235").await;
+        client
+            .cmd("MAIL FROM:<alice@example.test>", "451 4.7.1")
+            .await;
+        client.cmd("QUIT", "221").await;
+        let closed = postern.wait_session_closed(client.local_addr());
+        assert_eq!(
+            common::postern::log_field(&closed, "user"),
+            "alice",
+            "{spelling:?}: {closed}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
