@@ -353,8 +353,9 @@ pub struct ServeArgs {
     pub auth_failure_delay: Duration,
 
     /// Failed AUTH attempts from one client IP (or IPv6 --ipv6-prefix network) per --auth-failure-window
-    /// after which its attempts get 454 4.7.0 without any password being checked. An
-    /// attempt counts from before its hash is computed, so a parallel burst cannot pass it.
+    /// after which its attempts get 454 4.7.0 without any password being checked, except a
+    /// user's who logged in from it within the window. An attempt counts from before its
+    /// hash is computed, so a parallel burst cannot pass it.
     #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_IP", value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_auth_failures_per_ip: u32,
 
@@ -369,7 +370,7 @@ pub struct ServeArgs {
     /// name is slowed down (--auth-failure-delay, doubling per further failure, at most
     /// 15s) and attempts for it get 454 4.7.0 from the networks that failed it (for IPv6,
     /// from their whole --ipv6-prefix-wide site); a network that logged in as that user
-    /// within the window is never refused.
+    /// within the window is not refused, for as many failures of its own.
     #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_USER", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_auth_failures_per_user: u32,
 

@@ -413,8 +413,13 @@ pub enum Admission {
 /// reserve under one lock), so a burst of parallel attempts can never verify more than
 /// the limit; a success gives its place back. Failures for a user name never lock the
 /// name out everywhere, which would let anyone deny service to any user: past the limit
-/// the name is slowed down, and refused only from the sites that failed it; a network
-/// that logged in as that user within the window is never refused for it.
+/// the name is slowed down, and refused only from the sites that failed it.
+///
+/// A network that logged in as a user within the window is trusted for that user: its
+/// attempts for the name meet none of these limits, network and site ones included, so
+/// a user sharing a carrier's address with a guesser keeps logging in. The trust is
+/// worth `per_user` attempts that did not succeed (see [`Trust`]), then the limits
+/// apply again: a guesser on the same address cannot use it to guess that user.
 #[derive(Debug)]
 pub struct AuthGate {
     limits: AuthLimits,
@@ -428,13 +433,34 @@ struct GateState {
     users: Table<UserKey>,
     /// Failures of one user name from one site: the sites a name over its limit refuses.
     user_sites: Table<(UserKey, ClientNet)>,
-    /// When a network last logged in as a user.
-    logged_in: HashMap<(UserKey, ClientNet), Instant>,
+    /// The networks that logged in as a user.
+    logged_in: HashMap<(UserKey, ClientNet), Trust>,
     /// Verifications running now, per network and wider site. Bounded by the
     /// connections, so not swept.
     running_nets: HashMap<ClientNet, u32>,
     running_users: HashMap<UserKey, u32>,
     running_user_sites: HashMap<(UserKey, ClientNet), u32>,
+}
+
+/// What a login earns a network for one user.
+#[derive(Debug, Clone, Copy)]
+struct Trust {
+    /// The last login: the trust lasts a window from it.
+    at: Instant,
+    /// Attempts admitted on the trust and not given back: failures, and those running.
+    /// They lapse a window after the last one.
+    attempts: u32,
+    last_attempt: Instant,
+}
+
+impl Trust {
+    fn attempts(&self, now: Instant, window: Duration) -> u32 {
+        if now.saturating_duration_since(self.last_attempt) < window {
+            self.attempts
+        } else {
+            0
+        }
+    }
 }
 
 fn increment<K: Hash + Eq>(map: &mut HashMap<K, u32>, key: K) {
@@ -475,23 +501,21 @@ impl AuthGate {
     pub fn admit(self: &Arc<Self>, origin: Origin, user: UserKey, now: Instant) -> Admission {
         let limits = self.limits;
         let mut state = lock(&self.state);
-        let net = origin.net;
-        let net_count = state.nets.estimate(&net, now) + running(&state.running_nets, &net);
-        if net_count >= f64::from(limits.per_net) {
-            return Admission::Refused(Refusal::Net);
-        }
-        if let Some(site) = origin.wider_site() {
-            let site_count = state.nets.estimate(&site, now) + running(&state.running_nets, &site);
-            if site_count >= f64::from(limits.per_site) {
-                return Admission::Refused(Refusal::Site);
-            }
-        }
-        let trusted = state
-            .logged_in
-            .get(&(user, net))
-            .is_some_and(|at| now.saturating_duration_since(*at) < limits.window);
+        let trusted = self.trusted(&state, origin, user, now);
         let mut delay = Duration::ZERO;
         if !trusted {
+            let net = origin.net;
+            let net_count = state.nets.estimate(&net, now) + running(&state.running_nets, &net);
+            if net_count >= f64::from(limits.per_net) {
+                return Admission::Refused(Refusal::Net);
+            }
+            if let Some(site) = origin.wider_site() {
+                let site_count =
+                    state.nets.estimate(&site, now) + running(&state.running_nets, &site);
+                if site_count >= f64::from(limits.per_site) {
+                    return Admission::Refused(Refusal::Site);
+                }
+            }
             let user_count =
                 state.users.estimate(&user, now) + running(&state.running_users, &user);
             if user_count >= f64::from(limits.per_user) {
@@ -505,7 +529,7 @@ impl AuthGate {
             }
         }
         Admission::Verify {
-            ticket: self.take_place(&mut state, origin, user),
+            ticket: self.take_place(&mut state, origin, user, trusted, now),
             delay,
         }
     }
@@ -513,9 +537,23 @@ impl AuthGate {
     /// Takes an attempt's place without checking the limits: the windows shared through
     /// the limits store decided, and this gate only keeps the replica's own count, to
     /// fall back on when the store cannot answer.
-    pub fn reserve(self: &Arc<Self>, origin: Origin, user: UserKey) -> AuthTicket {
+    pub fn reserve(self: &Arc<Self>, origin: Origin, user: UserKey, now: Instant) -> AuthTicket {
         let mut state = lock(&self.state);
-        self.take_place(&mut state, origin, user)
+        let trusted = self.trusted(&state, origin, user, now);
+        self.take_place(&mut state, origin, user, trusted, now)
+    }
+
+    /// Whether `origin`'s network logged in as `user` within the window, and has not
+    /// used up the attempts that earns.
+    fn trusted(&self, state: &GateState, origin: Origin, user: UserKey, now: Instant) -> bool {
+        let window = self.limits.window;
+        state
+            .logged_in
+            .get(&(user, origin.net))
+            .is_some_and(|trust| {
+                now.saturating_duration_since(trust.at) < window
+                    && trust.attempts(now, window) < self.limits.per_user
+            })
     }
 
     fn take_place(
@@ -523,7 +561,13 @@ impl AuthGate {
         state: &mut GateState,
         origin: Origin,
         user: UserKey,
+        trusted: bool,
+        now: Instant,
     ) -> AuthTicket {
+        if trusted && let Some(trust) = state.logged_in.get_mut(&(user, origin.net)) {
+            trust.attempts = trust.attempts(now, self.limits.window) + 1;
+            trust.last_attempt = now;
+        }
         increment(&mut state.running_nets, origin.net);
         if let Some(site) = origin.wider_site() {
             increment(&mut state.running_nets, site);
@@ -534,6 +578,7 @@ impl AuthGate {
             gate: self.clone(),
             origin,
             user,
+            trusted,
             settled: false,
         }
     }
@@ -546,9 +591,16 @@ impl AuthGate {
         state.user_sites.subtract(&(user, origin.site), n, now);
     }
 
-    fn settle(&self, origin: Origin, user: UserKey, outcome: Settled) {
+    fn settle(&self, origin: Origin, user: UserKey, trusted: bool, outcome: Settled) {
         let mut state = lock(&self.state);
         let Origin { net, site } = origin;
+        let given_back = !matches!(outcome, Settled::Failed(_));
+        if trusted
+            && given_back
+            && let Some(trust) = state.logged_in.get_mut(&(user, net))
+        {
+            trust.attempts = trust.attempts.saturating_sub(1);
+        }
         decrement(&mut state.running_nets, &net);
         if let Some(site) = origin.wider_site() {
             decrement(&mut state.running_nets, &site);
@@ -562,14 +614,23 @@ impl AuthGate {
                 if state.logged_in.len() >= MAX_TRACKED && !state.logged_in.contains_key(&pair) {
                     state
                         .logged_in
-                        .retain(|_, at| now.saturating_duration_since(*at) < window);
+                        .retain(|_, trust| now.saturating_duration_since(trust.at) < window);
                     if state.logged_in.len() >= MAX_TRACKED
                         && let Some(victim) = state.logged_in.keys().next().copied()
                     {
                         state.logged_in.remove(&victim);
                     }
                 }
-                state.logged_in.insert(pair, now);
+                // A login renews the trust, not the attempts it has left.
+                state
+                    .logged_in
+                    .entry(pair)
+                    .and_modify(|trust| trust.at = now)
+                    .or_insert(Trust {
+                        at: now,
+                        attempts: 0,
+                        last_attempt: now,
+                    });
             }
             Settled::Failed(now) => {
                 state.nets.add(net, 1, now);
@@ -609,6 +670,8 @@ impl AuthLimits {
 pub struct AuthTicket {
     gate: Arc<AuthGate>,
     origin: Origin,
+    /// Admitted on the trust of a login from its network.
+    trusted: bool,
     user: UserKey,
     settled: bool,
 }
@@ -618,22 +681,27 @@ impl AuthTicket {
     /// for this user for a window.
     pub fn succeeded(mut self, now: Instant) {
         self.settled = true;
-        self.gate
-            .settle(self.origin, self.user, Settled::Succeeded(now));
+        self.gate.settle(
+            self.origin,
+            self.user,
+            self.trusted,
+            Settled::Succeeded(now),
+        );
     }
 
     /// The credentials were wrong: the place becomes a failure.
     pub fn failed(mut self, now: Instant) {
         self.settled = true;
         self.gate
-            .settle(self.origin, self.user, Settled::Failed(now));
+            .settle(self.origin, self.user, self.trusted, Settled::Failed(now));
     }
 }
 
 impl Drop for AuthTicket {
     fn drop(&mut self) {
         if !self.settled {
-            self.gate.settle(self.origin, self.user, Settled::GivenBack);
+            self.gate
+                .settle(self.origin, self.user, self.trusted, Settled::GivenBack);
         }
     }
 }
@@ -1136,7 +1204,7 @@ mod tests {
     }
 
     #[test]
-    fn a_network_that_logged_in_is_never_refused_for_that_user() {
+    fn a_network_that_logged_in_is_trusted_for_that_user_for_as_many_failures() {
         let gate = gate(100, 2);
         let now = Instant::now();
         let home = net(1);
@@ -1144,18 +1212,58 @@ mod tests {
             Admission::Verify { ticket, .. } => ticket.succeeded(now),
             other => panic!("{other:?}"),
         }
+        // Guessing from elsewhere neither refuses nor slows the network that logged in.
         for i in 0..5 {
-            fail(&gate, home, ALICE, now);
             fail(&gate, net(50 + i), ALICE, now);
         }
-        match gate.admit(home.into(), ALICE, now) {
-            Admission::Verify { delay, .. } => assert_eq!(delay, Duration::ZERO),
-            other => panic!("{other:?}"),
-        }
         assert_eq!(refusal(&gate, net(50), ALICE, now), Some(Refusal::User));
-        // The trust lasts a window.
+        assert_eq!(fail(&gate, home, ALICE, now), Duration::ZERO);
+        // The trust lasts a window from the login.
         let later = now + Duration::from_secs(601);
         assert_eq!(refusal(&gate, home, ALICE, later), Some(Refusal::User));
+        // Its own failures use the trust up: two (per_user), then the limits apply.
+        assert_eq!(fail(&gate, home, ALICE, now), Duration::ZERO);
+        assert_eq!(refusal(&gate, home, ALICE, now), Some(Refusal::User));
+    }
+
+    #[test]
+    fn a_user_who_logged_in_passes_the_network_limit_a_guesser_there_used_up() {
+        let gate = gate(3, 2);
+        let now = Instant::now();
+        let shared = net(7);
+        match gate.admit(shared.into(), ALICE, now) {
+            Admission::Verify { ticket, .. } => ticket.succeeded(now),
+            other => panic!("{other:?}"),
+        }
+        // A guesser behind the same address fills its network window.
+        for user in 10..13 {
+            fail(&gate, shared, user, now);
+        }
+        assert_eq!(refusal(&gate, shared, BOB, now), Some(Refusal::Net));
+        // alice still gets in from there, and a success does not use the trust up.
+        for _ in 0..5 {
+            match gate.admit(shared.into(), ALICE, now) {
+                Admission::Verify { ticket, delay } => {
+                    assert_eq!(delay, Duration::ZERO);
+                    ticket.succeeded(now);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A burst on the trust stops at per_user running attempts...
+        let held: Vec<Admission> = (0..5)
+            .map(|_| gate.admit(shared.into(), ALICE, now))
+            .collect();
+        let admitted = held
+            .iter()
+            .filter(|a| matches!(a, Admission::Verify { .. }))
+            .count();
+        assert_eq!(admitted, 2);
+        drop(held);
+        // ...and failures on it use it up: then the network limit applies to alice too.
+        fail(&gate, shared, ALICE, now);
+        fail(&gate, shared, ALICE, now);
+        assert_eq!(refusal(&gate, shared, ALICE, now), Some(Refusal::Net));
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl FailureGate {
                 shared.answered();
                 Decision::Verify {
                     ticket: Ticket {
-                        local: Some(self.local.reserve(origin, name.local)),
+                        local: Some(self.local.reserve(origin, name.local, Instant::now())),
                         shared: Some((shared.windows.clone(), place)),
                     },
                     delay,
@@ -445,6 +445,37 @@ mod tests {
                 Some("wide_prefix"),
                 "{store}"
             );
+        }
+    }
+
+    /// A user who logged in from a network keeps logging in there after a guesser on
+    /// the same address used its failure window up, on every replica, for as many
+    /// attempts on the trust as the per-user limit: running ones included.
+    #[tokio::test]
+    async fn a_trusted_network_passes_its_own_network_limit_across_replicas() {
+        let redis = RedisServer::start().await;
+        for (store, [a, b]) in gates(limits(3, 2), redis.as_ref()) {
+            let shared = net(7);
+            succeed(&a, shared, "alice").await;
+            for (i, gate) in [&a, &b, &a].into_iter().enumerate() {
+                fail(gate, shared, &format!("guess{i}")).await;
+            }
+            assert_eq!(refusal(&b, shared, "bob").await, Some("ip"), "{store}");
+            assert_eq!(
+                succeed(&b, shared, "alice").await,
+                Duration::ZERO,
+                "{store}"
+            );
+            // Two attempts running on the trust are all it takes at once...
+            let first = admit(&a, shared, "alice").await.expect(store);
+            let second = admit(&b, shared, "alice").await.expect(store);
+            assert_eq!(refusal(&a, shared, "alice").await, Some("ip"), "{store}");
+            first.succeeded().await;
+            second.succeeded().await;
+            // ...and two failures use it up.
+            fail(&a, shared, "alice").await;
+            fail(&b, shared, "alice").await;
+            assert_eq!(refusal(&b, shared, "alice").await, Some("ip"), "{store}");
         }
     }
 

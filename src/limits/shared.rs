@@ -47,13 +47,14 @@ use super::{AuthLimits, Origin, Refusal};
 use crate::store::{self, StoreError};
 
 /// Decides and reserves, atomically, on the Redis clock. KEYS: the network, name and
-/// pair window prefixes (each fixed window appends `:<index>`), the pair's trust key,
-/// the site's window prefix. ARGV: the window in milliseconds, `per_net`, `per_user`,
-/// `per_site` (0 when the site is the network: no window of its own). Returns
-/// `{verdict, index, failures}`: verdict 0 to verify (the attempt now counts in window
-/// `index` of each), 1 refused for the network, 2 refused for the name, 3 refused for
-/// the site; `failures` is the name's estimate when it matters for the slowdown (not
-/// trusted), else 0.
+/// pair window prefixes (each fixed window appends `:<index>`), the trust key of the
+/// name from the network, the site's window prefix, and the count of attempts admitted
+/// on the trust. ARGV: the window in milliseconds, `per_net`, `per_user`, `per_site` (0
+/// when the site is the network: no window of its own). Returns `{verdict, index,
+/// failures, trusted}`: verdict 0 to verify (the attempt now counts in window `index` of
+/// each), 1 refused for the network, 2 refused for the name, 3 refused for the site;
+/// `failures` is the name's estimate when it matters for the slowdown (not trusted),
+/// else 0; `trusted` 1 when the attempt was admitted on the trust (no limit applied).
 const ADMIT_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -65,18 +66,21 @@ local function estimate(prefix)
   local previous = tonumber(redis.call('GET', prefix .. ':' .. string.format('%d', index - 1)) or '0')
   return current + previous * overlap
 end
-if estimate(KEYS[1]) >= tonumber(ARGV[2]) then
-  return {1, index, 0}
-end
+local per_user = tonumber(ARGV[3])
 local per_site = tonumber(ARGV[4])
-if per_site > 0 and estimate(KEYS[5]) >= per_site then
-  return {3, index, 0}
-end
+local trusted = redis.call('EXISTS', KEYS[4]) == 1
+  and tonumber(redis.call('GET', KEYS[6]) or '0') < per_user
 local failures = 0
-if redis.call('EXISTS', KEYS[4]) == 0 then
+if not trusted then
+  if estimate(KEYS[1]) >= tonumber(ARGV[2]) then
+    return {1, index, 0, 0}
+  end
+  if per_site > 0 and estimate(KEYS[5]) >= per_site then
+    return {3, index, 0, 0}
+  end
   failures = estimate(KEYS[2])
-  if failures >= tonumber(ARGV[3]) and estimate(KEYS[3]) > 0 then
-    return {2, index, math.floor(failures)}
+  if failures >= per_user and estimate(KEYS[3]) > 0 then
+    return {2, index, math.floor(failures), 0}
   end
 end
 for _, i in ipairs(per_site > 0 and {1, 2, 3, 5} or {1, 2, 3}) do
@@ -84,19 +88,28 @@ for _, i in ipairs(per_site > 0 and {1, 2, 3, 5} or {1, 2, 3}) do
   redis.call('INCR', key)
   redis.call('PEXPIRE', key, 2 * window)
 end
-return {0, index, math.floor(failures)}
+if trusted then
+  redis.call('INCR', KEYS[6])
+  redis.call('PEXPIRE', KEYS[6], window)
+  return {0, index, 0, 1}
+end
+return {0, index, math.floor(failures), 0}
 ";
 
 /// Takes an admitted attempt back out of window `ARGV[1]` of the window prefixes in KEYS
-/// (the first three, and the site's `KEYS[5]` when `ARGV[3]` is 1), never below zero
-/// (DECR keeps a key's TTL; a key that expired is left missing). With `ARGV[2]` > 0
-/// (milliseconds) the attempt succeeded: `KEYS[4]` trusts the pair that long.
+/// (the first three, and the site's `KEYS[5]` when `ARGV[3]` is 1), and out of the
+/// trust's attempts `KEYS[6]` when `ARGV[4]` is 1, never below zero (DECR keeps a key's
+/// TTL; a key that expired is left missing). With `ARGV[2]` > 0 (milliseconds) the
+/// attempt succeeded: `KEYS[4]` trusts the pair that long.
 const GIVE_BACK_SCRIPT: &str = r"
 for _, i in ipairs(ARGV[3] == '1' and {1, 2, 3, 5} or {1, 2, 3}) do
   local key = KEYS[i] .. ':' .. ARGV[1]
   if tonumber(redis.call('GET', key) or '0') > 0 then
     redis.call('DECR', key)
   end
+end
+if ARGV[4] == '1' and tonumber(redis.call('GET', KEYS[6]) or '0') > 0 then
+  redis.call('DECR', KEYS[6])
 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
@@ -150,6 +163,8 @@ pub struct Place {
     name: SharedName,
     /// The fixed window it was counted in.
     index: i64,
+    /// Admitted on the trust of a login from its network.
+    trusted: bool,
 }
 
 /// The shared windows' answer to an attempt.
@@ -174,11 +189,11 @@ pub struct SharedWindows {
 }
 
 /// The window prefixes of a network, a name and the name's failures from the site, the
-/// trust key of the name from the network, and the site's window prefix (the
-/// network's, as a site has no window of its own when it is the network). For IPv4,
-/// and wherever the site is the network, the keys are those of the releases that keyed
-/// the pair on the network.
-fn keys(origin: Origin, name: &SharedName) -> [String; 5] {
+/// trust key of the name from the network, the site's window prefix (the network's, as
+/// a site has no window of its own when it is the network), and the attempts admitted
+/// on the trust. For IPv4, and wherever the site is the network, the first four are
+/// those of the releases that keyed the pair on the network.
+fn keys(origin: Origin, name: &SharedName) -> [String; 6] {
     let SharedName(hash) = name;
     let Origin { net, site } = origin;
     [
@@ -187,6 +202,7 @@ fn keys(origin: Origin, name: &SharedName) -> [String; 5] {
         format!("postern:{{auth}}:pair:{hash}:{site}"),
         format!("postern:{{auth}}:trusted:{hash}:{net}"),
         format!("postern:{{auth}}:net:{site}"),
+        format!("postern:{{auth}}:trusted-attempts:{hash}:{net}"),
     ]
 }
 
@@ -212,13 +228,20 @@ impl SharedWindows {
         origin: Origin,
         name: &SharedName,
     ) -> Result<SharedAdmission, StoreError> {
-        let [net_key, user_key, pair_key, trust_key, site_key] = keys(origin, name);
+        let [
+            net_key,
+            user_key,
+            pair_key,
+            trust_key,
+            site_key,
+            attempts_key,
+        ] = keys(origin, name);
         let per_site = if origin.wider_site().is_some() {
             self.limits.per_site
         } else {
             0
         };
-        let (verdict, index, failures): (u8, i64, u64) = self
+        let (verdict, index, failures, trusted): (u8, i64, u64, u8) = self
             .redis
             .invoke(
                 self.admit
@@ -227,6 +250,7 @@ impl SharedWindows {
                     .key(pair_key)
                     .key(trust_key)
                     .key(site_key)
+                    .key(attempts_key)
                     .arg(self.window())
                     .arg(self.limits.per_net)
                     .arg(self.limits.per_user)
@@ -245,6 +269,7 @@ impl SharedWindows {
                         origin,
                         name: name.clone(),
                         index,
+                        trusted: trusted == 1,
                     },
                     delay,
                 })
@@ -274,7 +299,14 @@ impl SharedWindows {
     }
 
     async fn take_back(&self, place: &Place, trust_for: u64) -> Result<(), StoreError> {
-        let [net_key, user_key, pair_key, trust_key, site_key] = keys(place.origin, &place.name);
+        let [
+            net_key,
+            user_key,
+            pair_key,
+            trust_key,
+            site_key,
+            attempts_key,
+        ] = keys(place.origin, &place.name);
         let _: u8 = self
             .redis
             .invoke(
@@ -284,9 +316,11 @@ impl SharedWindows {
                     .key(pair_key)
                     .key(trust_key)
                     .key(site_key)
+                    .key(attempts_key)
                     .arg(place.index)
                     .arg(trust_for)
-                    .arg(u8::from(place.origin.wider_site().is_some())),
+                    .arg(u8::from(place.origin.wider_site().is_some()))
+                    .arg(u8::from(place.trusted)),
             )
             .await?;
         Ok(())
@@ -455,7 +489,7 @@ mod tests {
             panic!("refused");
         };
         shared.succeeded(&place).await.unwrap();
-        let [_, _, _, trust, _] = keys(net(1), &alice);
+        let [_, _, _, trust, ..] = keys(net(1), &alice);
         let mut connection = redis.inspect().await;
         let ttl: i64 = redis::cmd("PTTL")
             .arg(&trust)

@@ -121,6 +121,29 @@ async fn failures_for_a_user_refuse_only_the_networks_that_failed() {
     );
 }
 
+/// A carrier's address shared by a user and a guesser: the guesser's failures use up
+/// the address's failure window, and other names get 454 from it, but the user who
+/// logged in from it within the window keeps logging in.
+#[tokio::test]
+async fn a_user_who_logged_in_keeps_logging_in_past_a_guesser_on_the_same_address() {
+    let (postern, _) = behind_proxy(|b| {
+        b.flag("--max-auth-failures-per-ip", "3")
+            .flag("--auth-failure-delay", "0s")
+    });
+    let carrier = "198.51.100.7";
+    let mut alice = from(&postern, carrier).await;
+    alice.auth_plain(USER, PASSWORD, "235").await;
+    drop(alice);
+    for guess in ["root", "admin", "info"] {
+        let mut c = from(&postern, carrier).await;
+        c.auth_plain(guess, "guess", "535 5.7.8").await;
+    }
+    let mut other = from(&postern, carrier).await;
+    other.auth_plain("sha512", PASSWORD, "454 4.7.0").await;
+    let mut alice = from(&postern, carrier).await;
+    alice.auth_plain(USER, PASSWORD, "235").await;
+}
+
 // ---- 2. Count before you hash ---------------------------------------------------------
 
 /// 50 parallel wrong passwords from one address, each for its own name: no more than
