@@ -418,7 +418,7 @@ pub enum Admission {
 /// A network that logged in as a user within the window is trusted for that user: its
 /// attempts for the name meet none of these limits, network and site ones included, so
 /// a user sharing a carrier's address with a guesser keeps logging in. The trust is
-/// worth `per_user` attempts that did not succeed (see [`Trust`]), then the limits
+/// worth `per_user` attempts that did not succeed, running ones included, then the limits
 /// apply again: a guesser on the same address cannot use it to guess that user.
 #[derive(Debug)]
 pub struct AuthGate {

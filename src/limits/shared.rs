@@ -2,12 +2,13 @@
 //! (`--limits-store redis://...`) so that any number of replicas share one budget per
 //! client network and per user name.
 //!
-//! The rules are the gate's: an attempt is refused when its network is over
-//! `per_net`, or when its user name is over `per_user` and this site (see
-//! [`Origin`](super::Origin)) failed it within the window; a name over its limit is
-//! otherwise slowed down, and a network that logged in as that user within the window is
-//! never refused for it nor slowed. Windows slide
-//! (two fixed windows, the previous weighted by its overlap), aligned on the Redis clock.
+//! The rules are the gate's: an attempt is refused when its network is over `per_net`,
+//! its wider site over `per_site`, or its user name over `per_user` and this site (see
+//! [`Origin`]) failed it within the window; a name over its limit is otherwise slowed
+//! down. A network that logged in as that user within the window is neither refused nor
+//! slowed for it, for `per_user` attempts on that trust that do not succeed. Windows
+//! slide (two fixed windows, the previous weighted by its overlap), aligned on the Redis
+//! clock.
 //!
 //! How the store and the replicas can never disagree into a bypass:
 //! - Check and reserve are one Lua script: parallel attempts on any replicas never both
