@@ -207,6 +207,19 @@ fn keys(origin: Origin, name: &SharedName) -> [String; 6] {
     ]
 }
 
+/// `script` with every key of `origin` and `name`, in the order the scripts take them.
+fn with_keys<'a>(
+    script: &'a redis::Script,
+    origin: Origin,
+    name: &SharedName,
+) -> redis::ScriptInvocation<'a> {
+    let mut invocation = script.prepare_invoke();
+    for key in keys(origin, name) {
+        invocation.key(key);
+    }
+    invocation
+}
+
 impl SharedWindows {
     pub fn new(redis: Arc<store::Redis>, limits: AuthLimits) -> SharedWindows {
         SharedWindows {
@@ -229,14 +242,6 @@ impl SharedWindows {
         origin: Origin,
         name: &SharedName,
     ) -> Result<SharedAdmission, StoreError> {
-        let [
-            net_key,
-            user_key,
-            pair_key,
-            trust_key,
-            site_key,
-            attempts_key,
-        ] = keys(origin, name);
         let per_site = if origin.wider_site().is_some() {
             self.limits.per_site
         } else {
@@ -245,13 +250,7 @@ impl SharedWindows {
         let (verdict, index, failures, trusted): (u8, i64, u64, u8) = self
             .redis
             .invoke(
-                self.admit
-                    .key(net_key)
-                    .key(user_key)
-                    .key(pair_key)
-                    .key(trust_key)
-                    .key(site_key)
-                    .key(attempts_key)
+                with_keys(&self.admit, origin, name)
                     .arg(self.window())
                     .arg(self.limits.per_net)
                     .arg(self.limits.per_user)
@@ -300,24 +299,10 @@ impl SharedWindows {
     }
 
     async fn take_back(&self, place: &Place, trust_for: u64) -> Result<(), StoreError> {
-        let [
-            net_key,
-            user_key,
-            pair_key,
-            trust_key,
-            site_key,
-            attempts_key,
-        ] = keys(place.origin, &place.name);
         let _: u8 = self
             .redis
             .invoke(
-                self.give_back
-                    .key(net_key)
-                    .key(user_key)
-                    .key(pair_key)
-                    .key(trust_key)
-                    .key(site_key)
-                    .key(attempts_key)
+                with_keys(&self.give_back, place.origin, &place.name)
                     .arg(place.index)
                     .arg(trust_for)
                     .arg(u8::from(place.origin.wider_site().is_some()))
