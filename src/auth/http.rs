@@ -6,7 +6,8 @@
 //! (`Auth-Method`, `Auth-User`, `Auth-Pass`, `Auth-Protocol: smtp`,
 //! `Auth-Login-Attempt`, `Client-IP`, `Client-Host`, `Auth-SMTP-Helo`, and `Auth-Salt`
 //! for CRAM-MD5); the answer is `Auth-Status: OK`, optionally naming the backend
-//! (`Auth-Server`, `Auth-Port`), or an error text with an optional `Auth-Wait` (seconds
+//! (`Auth-Server`, `Auth-Port`) and the account (`Auth-User`, which nginx then gives the
+//! backend as the login), or an error text with an optional `Auth-Wait` (seconds
 //! before the client may try again) and `Auth-Error-Code` (the SMTP reply to give).
 //!
 //! [`Request::headers`] and [`Answer::parse`] are the protocol, sans-IO; [`Client`]
@@ -103,8 +104,12 @@ impl Request<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// The credentials are good. `backend`, when the server names one, is where this
-    /// session must go (per-user routing).
-    Ok { backend: Option<SocketAddr> },
+    /// session must go (per-user routing); `user`, when it names one, the account the
+    /// session goes on as (nginx's `Auth-User` in an answer).
+    Ok {
+        backend: Option<SocketAddr>,
+        user: Option<String>,
+    },
     /// The credentials are refused. `wait` is how long nginx would make the client
     /// wait before it may try again (without it nginx closes the connection);
     /// `error_code` the SMTP reply the server wants given, e.g. `535 5.7.8`.
@@ -150,6 +155,7 @@ impl Answer {
         }
         let mut auth_status = None;
         let (mut server, mut port, mut wait, mut error_code) = (None, None, None, None);
+        let mut user = None;
         for (name, value) in headers {
             let text = || {
                 std::str::from_utf8(value)
@@ -162,6 +168,7 @@ impl Answer {
                 "auth-port" => port = Some(text()?.to_owned()),
                 "auth-wait" => wait = Some(text()?.to_owned()),
                 "auth-error-code" => error_code = Some(text()?.to_owned()),
+                "auth-user" => user = Some(text()?.to_owned()),
                 _ => {}
             }
         }
@@ -178,7 +185,8 @@ impl Answer {
                     ));
                 }
             };
-            return Ok(Answer::Ok { backend });
+            let user = user.as_deref().map(account).transpose()?;
+            return Ok(Answer::Ok { backend, user });
         }
         let wait = match wait {
             None => None,
@@ -204,6 +212,16 @@ impl Answer {
 
 /// The longest `Auth-Wait` honoured: a server asking for more is capped, not obeyed.
 const MAX_WAIT_SECONDS: u64 = 60;
+
+/// An `Auth-User` the session can go on as: a name a client could have sent (postern's
+/// own bound on AUTH names), printable, at most 255 octets, as Postfix takes an
+/// XCLIENT LOGIN.
+fn account(name: &str) -> Result<String, Error> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(Error::Invalid(format!("Auth-User {name:?}")));
+    }
+    Ok(name.to_owned())
+}
 
 /// nginx takes only an IP address in `Auth-Server` (it does not resolve names there).
 fn backend_address(server: &str, port: &str) -> Result<SocketAddr, Error> {
@@ -415,7 +433,12 @@ mod tests {
 
     #[test]
     fn answers() {
-        let ok = |backend| Ok(Answer::Ok { backend });
+        let ok = |backend| {
+            Ok(Answer::Ok {
+                backend,
+                user: None,
+            })
+        };
         let refused = |message: &str, wait: Option<u64>, code: Option<&str>| {
             Ok(Answer::Refused {
                 message: message.into(),
@@ -529,8 +552,29 @@ mod tests {
                 ]
             ),
             Ok(Answer::Ok {
-                backend: Some("127.0.0.1:25".parse().unwrap())
+                backend: Some("127.0.0.1:25".parse().unwrap()),
+                user: None,
             })
         );
+    }
+
+    #[test]
+    fn auth_user_in_an_answer_names_the_account() {
+        assert_eq!(
+            parse(200, &[("Auth-Status", "OK"), ("Auth-User", " alice ")]),
+            Ok(Answer::Ok {
+                backend: None,
+                user: Some("alice".into()),
+            })
+        );
+        for bad in ["", "al\u{7f}ice", &"a".repeat(256)] {
+            assert!(
+                matches!(
+                    parse(200, &[("Auth-Status", "OK"), ("Auth-User", bad)]),
+                    Err(Error::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -421,8 +421,9 @@ async fn check_http(client: &http::Client, attempt: Attempt<'_>) -> Result<Answe
         helo: attempt.helo,
     };
     match client.ask(&request).await {
-        Ok(http::Answer::Ok { backend }) => Ok(Answer {
+        Ok(http::Answer::Ok { backend, user }) => Ok(Answer {
             route: backend,
+            user,
             ..Answer::valid(true)
         }),
         // An auth server that says "try later" (a 4xx code) is a source that cannot

@@ -288,6 +288,8 @@ enum Behaviour {
     Ok,
     /// OK, naming this backend.
     Route(SocketAddr),
+    /// OK, naming the account (`Auth-User`).
+    Account(&'static str),
     /// Answers after this long.
     Slow(Duration),
 }
@@ -365,6 +367,9 @@ fn serve_one(
             to.ip(),
             to.port()
         ),
+        Some(Behaviour::Account(name)) if good => {
+            format!("Auth-Status: OK\r\nAuth-User: {name}\r\n")
+        }
         Some(Behaviour::Slow(delay)) => {
             std::thread::sleep(*delay);
             "Auth-Status: OK\r\n".to_owned()
@@ -374,6 +379,41 @@ fn serve_one(
     let mut stream = stream;
     let _ = stream
         .write_all(format!("HTTP/1.0 200 OK\r\n{answer}Content-Length: 0\r\n\r\n").as_bytes());
+}
+
+/// An auth server that names the account (`Auth-User`, which nginx gives the backend as
+/// the login): the session goes on as that account, so the spellings it accepts share
+/// the account's sending budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_http_auth_user_names_the_account_the_session_goes_on_as() {
+    let backend = RawBackend::start();
+    let server = AuthServer::start(&[
+        ("Alice", Behaviour::Account("alice")),
+        ("ALICE", Behaviour::Account("alice")),
+    ]);
+    let mut postern = postern_with_source(
+        backend.addr,
+        &[
+            ("--auth-http", server.url()),
+            ("--max-messages-per-user", "1/1h".into()),
+            ("--log-format", "json".into()),
+        ],
+    );
+    let listen = postern.addr("--listen-tls");
+    let (mut first, _) = SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+    first.auth_plain("Alice", PASSWORD, "235").await;
+    first.cmd("MAIL FROM:<alice@client.test>", "250").await;
+    first.cmd("RCPT TO:<bob@example.net>", "250").await;
+    first.cmd("DATA", "354").await;
+    first.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
+    first.cmd("QUIT", "221").await;
+    let closed = postern.wait_session_closed(first.local_addr());
+    assert_eq!(log_field(&closed, "user"), "alice", "{closed}");
+    let (mut second, _) = SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+    second.auth_plain("ALICE", PASSWORD, "235").await;
+    second
+        .cmd("MAIL FROM:<alice@client.test>", "451 4.7.1")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
