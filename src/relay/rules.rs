@@ -192,6 +192,17 @@ impl Output {
         self.ops.push(Op::Event(event));
     }
 
+    /// How many bytes the `Forward` ops so far pass on.
+    fn forwarded_len(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Forward(range) => range.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     fn release(&mut self, messages: u32, recipients: u32) {
         if messages > 0 || recipients > 0 {
             self.ops.push(Op::Release {
@@ -218,17 +229,40 @@ pub enum Wants {
 /// `txn` is the client-side transaction the command was sent in (see [`Ledger`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    Ehlo { txn: u32 },
-    Helo { txn: u32 },
-    Rset { txn: u32 },
-    Mail { txn: u32, reserved: bool },
-    Rcpt { txn: u32, reserved: bool },
+    Ehlo {
+        txn: u32,
+    },
+    Helo {
+        txn: u32,
+    },
+    Rset {
+        txn: u32,
+    },
+    Mail {
+        txn: u32,
+        reserved: bool,
+    },
+    Rcpt {
+        txn: u32,
+        reserved: bool,
+    },
     Data,
-    EndOfData,
-    Bdat { last: bool },
+    /// The end of a DATA body; `ends_at` is the backend stream's length once its final
+    /// dot is in it.
+    EndOfData {
+        ends_at: u64,
+    },
+    /// `ends_at`: the backend stream's length once the chunk is in it.
+    Bdat {
+        last: bool,
+        ends_at: u64,
+    },
     Quit,
     Other,
-    Local { reply: Canned, close: bool },
+    Local {
+        reply: Canned,
+        close: bool,
+    },
 }
 
 impl Pending {
@@ -376,6 +410,11 @@ pub struct Rules {
     /// is also answered before the next is taken ([`Rules::between_chunks_unanswered`]).
     bdat_open: bool,
     ledger: Ledger,
+    /// Bytes forwarded to the backend by earlier calls: where in its stream a message
+    /// ends, to tell at the end of a session whether the backend ever got that end.
+    forwarded: u64,
+    /// `forwarded_len` of the current call's output when the call began.
+    call_base: usize,
 }
 
 impl Rules {
@@ -391,6 +430,8 @@ impl Rules {
             awaiting_reset: false,
             bdat_open: false,
             ledger: Ledger::default(),
+            forwarded: 0,
+            call_base: 0,
         }
     }
 
@@ -454,7 +495,9 @@ impl Rules {
 
     /// The session is over: what is still held or reserved is given back, including a
     /// slot granted for a command that was never sent.
-    pub fn finish(&mut self, out: &mut Output) {
+    /// Ends the session: what is still held or reserved is given back, but for the
+    /// messages whose end the backend got (`delivered`: the bytes written to it).
+    pub fn finish(&mut self, out: &mut Output, delivered: u64) {
         if let ReservationState::Answered(claim, Reservation::Granted { held: true }) =
             std::mem::replace(&mut self.reservation, ReservationState::Idle)
         {
@@ -463,7 +506,7 @@ impl Rules {
                 Claim::Recipient => self.ledger.unanswered_recipients += 1,
             }
         }
-        self.keep_unanswered_messages(out);
+        self.keep_unanswered_messages(out, delivered);
         self.ledger.finish(out);
     }
 
@@ -471,8 +514,9 @@ impl Rules {
     /// Postfix and OpenSMTPD deliver a message whose client is gone once they have its
     /// end, so giving its slots back would let a client that resets right after the
     /// final dot send without limit. Exim drops such a message: counting it errs toward
-    /// the limit, as a store answer that never came does.
-    fn keep_unanswered_messages(&mut self, out: &mut Output) {
+    /// the limit, as a store answer that never came does. A message whose end never got
+    /// to the backend (queued behind a client that reset) was not sent: its slots go back.
+    fn keep_unanswered_messages(&mut self, out: &mut Output, delivered: u64) {
         let ledger = &mut self.ledger;
         let (mut messages, mut recipients, mut unanswered_rcpts) = (0, 0, 0);
         for pending in &self.pending {
@@ -482,7 +526,15 @@ impl Rules {
                     recipients += u32::from(reserved);
                     unanswered_rcpts += 1;
                 }
-                Pending::EndOfData | Pending::Bdat { last: true } => {
+                Pending::EndOfData { ends_at }
+                | Pending::Bdat {
+                    last: true,
+                    ends_at,
+                } => {
+                    if ends_at > delivered {
+                        // Nor any later one: the stream goes in order.
+                        break;
+                    }
                     out.event(Event::MessageUnanswered {
                         recipients: ledger.message_recipients + unanswered_rcpts,
                     });
@@ -504,6 +556,18 @@ impl Rules {
     /// command line, or bytes after a point where the rules must wait, see
     /// [`Rules::wants`]) must be passed again, with more after them.
     pub fn client_bytes(&mut self, input: &[u8], out: &mut Output) -> usize {
+        self.call_base = out.forwarded_len();
+        let taken = self.take_client_bytes(input, out);
+        self.forwarded = self.forwarded_with(out);
+        taken
+    }
+
+    /// The length of the backend's stream once the current call's forwards are in it.
+    fn forwarded_with(&self, out: &Output) -> u64 {
+        self.forwarded + out.forwarded_len().saturating_sub(self.call_base) as u64
+    }
+
+    fn take_client_bytes(&mut self, input: &[u8], out: &mut Output) -> usize {
         let mut pos = 0;
         while pos < input.len() {
             let rest = &input[pos..];
@@ -541,7 +605,8 @@ impl Rules {
                         pos += used;
                         self.client = ClientState::Command;
                         self.ledger.end_of_message();
-                        self.pending.push_back(Pending::EndOfData);
+                        let ends_at = self.forwarded_with(out);
+                        self.pending.push_back(Pending::EndOfData { ends_at });
                     }
                     BodyStep::Ambiguous(at) => {
                         out.forward(pos..pos + at);
@@ -724,7 +789,8 @@ impl Rules {
                     self.ledger.end_of_message();
                 }
                 self.bdat_open = !last;
-                Pending::Bdat { last }
+                let ends_at = self.forwarded_with(out) + range.len() as u64 + size;
+                Pending::Bdat { last, ends_at }
             }
             Verb::Rset => Pending::Rset {
                 txn: self.ledger.txn,
@@ -949,7 +1015,7 @@ impl Rules {
                     self.ledger.reset(txn, later, out);
                 }
             }
-            Pending::EndOfData | Pending::Bdat { last: true } => {
+            Pending::EndOfData { .. } | Pending::Bdat { last: true, .. } => {
                 if positive {
                     out.event(Event::MessageAccepted {
                         recipients: ledger.message_recipients,
@@ -963,7 +1029,7 @@ impl Rules {
                 }
             }
             Pending::Local { reply, close } => emit_local(reply, close, out),
-            Pending::Data | Pending::Bdat { last: false } | Pending::Quit | Pending::Other => {}
+            Pending::Data | Pending::Bdat { last: false, .. } | Pending::Quit | Pending::Other => {}
         }
     }
 

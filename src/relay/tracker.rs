@@ -62,6 +62,8 @@ pub struct Tracker {
     /// postern's closing reply is queued: once it is written, the session ends.
     closing: bool,
     finished: bool,
+    /// Bytes written to the backend.
+    delivered: u64,
 }
 
 impl Tracker {
@@ -82,6 +84,7 @@ impl Tracker {
             backend_write_failed: false,
             closing: false,
             finished: false,
+            delivered: 0,
         };
         tracker.process();
         tracker
@@ -174,6 +177,7 @@ impl Tracker {
 
     pub fn backend_written(&mut self, n: usize) {
         self.to_backend.written(n);
+        self.delivered += n as u64;
         if self.to_backend.is_empty() {
             // Room again for the client's bytes that were waiting in the kernel.
             self.process();
@@ -250,7 +254,7 @@ impl Tracker {
         }
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
-        self.rules.finish(&mut out);
+        self.rules.finish(&mut out, self.delivered);
         self.apply(&out, Side::Client);
         self.scratch = out;
     }

@@ -1004,6 +1004,40 @@ async fn resets_after_the_final_dot(kind: Kind) {
         kind.name(),
         accepted.len()
     );
+    if !kind.chunking() {
+        return;
+    }
+    // A whole chunked message in one write, then a reset: whether postern wrote it to
+    // the MTA before it saw the reset or not, what it counts is what the MTA got.
+    let user = user_for("resetafterbdat");
+    let postern = Postern::builder(mta.addr())
+        .flag("--max-messages-per-user", "2/1h")
+        .user_line(format!("{user}:{{PLAIN}}{PASSWORD}"))
+        .start();
+    let before = mta.accepted().await.len();
+    for i in 0..2 {
+        let mut c = Client::login(&postern, i % 2 == 0, &user).await;
+        let body = format!("Subject: chunk {i}\r\n\r\nbody\r\n");
+        let message = format!(
+            "MAIL FROM:<chunk@example.org>\r\nRCPT TO:<rcpt@example.net>\r\nBDAT {} LAST\r\n{body}",
+            body.len()
+        );
+        c.tls.get_ref().0.set_zero_linger().expect("SO_LINGER");
+        c.write(message.as_bytes()).await;
+        drop(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delivered = mta.accepted().await.len() - before;
+    let mut c = Client::login(&postern, true, &user).await;
+    c.write(b"MAIL FROM:<third@example.org>\r\n").await;
+    let want = if delivered >= 2 { "451 4.7.1" } else { "250" };
+    if let Err(Problem::Wrong(e) | Problem::Gone(e)) = c.expect_within(want, REPLY).await {
+        panic!(
+            "{}: the MTA took {delivered} of the two reset messages: {e}\n{}",
+            kind.name(),
+            c.transcript
+        );
+    }
 }
 
 macro_rules! mta_tests {

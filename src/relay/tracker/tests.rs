@@ -1252,6 +1252,66 @@ fn a_slot_granted_after_the_session_closed_is_given_back() {
     assert_eq!(released, (0, 1));
 }
 
+/// A client that pipelines a whole chunked message and resets before any of it is
+/// written to the backend: the backend never got the message, so its slots go back.
+/// Once the bytes are written, the unanswered end keeps them.
+#[test]
+fn a_message_end_never_written_to_the_backend_gives_its_slots_back() {
+    let limited = Settings {
+        limits: Limits {
+            messages_per_user: Some(5),
+            recipients_per_user: Some(10),
+            ..Limits::default()
+        },
+        ..settings()
+    };
+    let message = b"MAIL FROM:<a>\r\nRCPT TO:<b>\r\nBDAT 3 LAST\r\nabc";
+    for written in [false, true] {
+        let mut tracker = Tracker::new(limited.clone(), message, b"");
+        while tracker.wants_reservation().is_some() {
+            tracker.on_reservation(Reservation::Granted { held: true });
+        }
+        assert_eq!(tracker.to_backend(), message);
+        if written {
+            tracker.backend_written(message.len() - 1);
+            // One octet short of the chunk's end is not the end.
+            let mut short = Tracker::new(limited.clone(), message, b"");
+            while short.wants_reservation().is_some() {
+                short.on_reservation(Reservation::Granted { held: true });
+            }
+            short.backend_written(message.len() - 1);
+            short.client_read(0);
+            short.finish();
+            assert_eq!(released(&mut short), ((1, 1), false));
+            tracker.backend_written(1);
+        }
+        tracker.client_read(0);
+        tracker.finish();
+        let expected = if written {
+            ((0, 0), true)
+        } else {
+            ((1, 1), false)
+        };
+        assert_eq!(released(&mut tracker), expected, "written: {written}");
+    }
+}
+
+/// The slots a finished tracker gave back, and whether it reported an unanswered end.
+fn released(tracker: &mut Tracker) -> ((u32, u32), bool) {
+    let (mut released, mut unanswered) = ((0, 0), false);
+    while let Some(notice) = tracker.next_notice() {
+        match notice {
+            Notice::Release {
+                messages,
+                recipients,
+            } => released = (released.0 + messages, released.1 + recipients),
+            Notice::Event(Event::MessageUnanswered { .. }) => unanswered = true,
+            Notice::Event(_) => {}
+        }
+    }
+    (released, unanswered)
+}
+
 #[test]
 fn nothing_queued_reaches_a_backend_that_answered_354_to_a_non_data_command() {
     // Found by the relay fuzz harness: the BDAT chunk queued behind NOOP would be body
