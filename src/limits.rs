@@ -1182,13 +1182,22 @@ mod tests {
             let addr = format!("2001:db8:{site:x}:{net:x}::1");
             NetGrouping::default().origin(addr.parse().unwrap())
         };
-        let mut user = 0;
+        // alice logged in from a /64 of the site before the guessing.
+        let home = from(0xa, 0x100);
+        match gate.admit(home, ALICE, now) {
+            Admission::Verify { ticket, .. } => ticket.succeeded(now),
+            other => panic!("{other:?}"),
+        }
+        let mut user = 100;
         for net in 0..4 {
             for _ in 0..3 {
                 user += 1;
                 fail(&gate, from(0xa, net), user, now);
             }
         }
+        // The site's window does not refuse her there.
+        assert_eq!(refusal(&gate, home, ALICE, now), None);
+        assert_eq!(refusal(&gate, home, BOB, now), Some(Refusal::Site));
         assert_eq!(refusal(&gate, from(0xa, 0), 99, now), Some(Refusal::Net));
         assert_eq!(refusal(&gate, from(0xa, 4), 99, now), Some(Refusal::Site));
         assert_eq!(

@@ -669,6 +669,23 @@ async fn failures_from_many_64s_meet_the_site_limit() {
     c.auth_plain(USER, PASSWORD, "454 4.7.0").await;
     let mut other_site = from(&postern, "2001:db8:b::1").await;
     other_site.auth_plain(USER, PASSWORD, "235").await;
+    // A user who logged in from a /64 of the site before it filled is not refused there.
+    let (postern, _) = behind_proxy(|b| {
+        b.flag("--max-auth-failures-per-ip", "1")
+            .flag("--max-auth-failures-per-wide-prefix", "2")
+            .flag("--auth-failure-delay", "0s")
+    });
+    let home = "2001:db8:a:100::1";
+    let mut c = from(&postern, home).await;
+    c.auth_plain(USER, PASSWORD, "235").await;
+    for (failing, name) in [("2001:db8:a:1::1", "alice"), ("2001:db8:a:2::1", "bob")] {
+        let mut c = from(&postern, failing).await;
+        c.auth_plain(name, "guess", "535 5.7.8").await;
+    }
+    let mut c = from(&postern, home).await;
+    c.auth_plain("sha512", PASSWORD, "454 4.7.0").await;
+    let mut c = from(&postern, home).await;
+    c.auth_plain(USER, PASSWORD, "235").await;
     let throttled = metric_sum(admin, "postern_auth_throttled_total{scope=\"wide_prefix\"}").await;
     assert_eq!(throttled, Some(1.0));
 }
