@@ -30,6 +30,7 @@
 //! replaces a connection's identity (RFC 4511 §4.2.1) and nothing but the next bind is
 //! ever sent on a user connection, so no user's identity is used for anything else.
 
+pub mod account;
 pub mod escape;
 pub mod ppolicy;
 
@@ -68,7 +69,7 @@ pub const MAX_POOL_SIZE: usize = 64;
 /// The longest user name sent to the directory; a longer one is refused unsent.
 const MAX_USER_LEN: usize = 256;
 
-/// The entry searches ask for: no attributes (RFC 4511 §4.5.1.8), the DN is all we use.
+/// No attributes (RFC 4511 §4.5.1.8): what a search asks for when only the DN is used.
 const NO_ATTRIBUTES: &str = "1.1";
 
 /// The RDN of the entry a failed search binds to (below the search base), so that an
@@ -440,19 +441,6 @@ pub fn read_password_file(path: &Path) -> Result<String, SettingsError> {
     Ok(password.to_owned())
 }
 
-/// The account a name the directory accepted stands for, as one spelling: without
-/// leading and trailing spaces, inner runs of spaces as one, in lower case. The
-/// attributes users log in with (`uid`, `mail`, `sAMAccountName`) match with
-/// caseIgnore rules and insignificant-space handling (RFC 4518 §2.6.1), so ` ALICE ` binds
-/// as `alice`; under its own spelling each would get a sending budget of its own.
-pub fn account_name(user: &str) -> String {
-    user.split(' ')
-        .filter(|word| !word.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
-}
-
 /// The directory's answer about one user name and password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -597,10 +585,17 @@ impl Idle {
     }
 }
 
-/// One found entry, none, or too many.
+/// Whether a bind reads the account name from the entry afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadAccount {
+    Yes,
+    No,
+}
+
+/// One found entry (its DN, and the account name it gives), none, or too many.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
-    One(String),
+    One { dn: String, account: Option<String> },
     None,
     Many,
 }
@@ -616,6 +611,8 @@ pub struct Source {
     binders: Idle,
     /// Verifications talking to the directory.
     slots: Semaphore,
+    /// The attributes an entry names its account with ([`account::attributes`]).
+    account_attributes: Vec<String>,
 }
 
 impl fmt::Debug for Source {
@@ -636,6 +633,7 @@ impl Source {
             None
         };
         Ok(Source {
+            account_attributes: account::attributes(&settings.mode),
             searchers: Idle::new(settings.pool_size),
             binders: Idle::new(settings.pool_size),
             slots: Semaphore::new(settings.pool_size),
@@ -651,31 +649,40 @@ impl Source {
 
     /// Asks the directory whether `password` is `user`'s, within `--ldap-timeout`.
     pub async fn verify(&self, user: &str, password: &[u8]) -> Verdict {
+        self.verify_account(user, password).await.0
+    }
+
+    /// [`Source::verify`], and for a valid login the account name the entry gives (see
+    /// [`account`]), when it gives one the user may read.
+    pub async fn verify_account(&self, user: &str, password: &[u8]) -> (Verdict, Option<String>) {
         // RFC 4513 §5.1.2: a bind with a DN and an empty password is "unauthenticated"
         // and a server may answer it with success. Never sent.
         if password.is_empty() {
-            return Verdict::Invalid(Refusal::EmptyPassword);
+            return (Verdict::Invalid(Refusal::EmptyPassword), None);
         }
         let Ok(password) = std::str::from_utf8(password) else {
-            return Verdict::Invalid(Refusal::PasswordNotUtf8);
+            return (Verdict::Invalid(Refusal::PasswordNotUtf8), None);
         };
-        if user.is_empty() || user.len() > MAX_USER_LEN {
-            return Verdict::Invalid(Refusal::UserName);
+        // A control character is no part of a login name; slapd binds `alice<TAB>` as
+        // alice in a DN.
+        if user.is_empty() || user.len() > MAX_USER_LEN || user.chars().any(char::is_control) {
+            return (Verdict::Invalid(Refusal::UserName), None);
         }
         let deadline = Instant::now() + self.settings.timeout;
         let Ok(Ok(_slot)) = timeout_at(deadline, self.slots.acquire()).await else {
-            return Verdict::Down(Down::new(
+            let down = Down::new(
                 Stage::Busy,
                 format!(
                     "all {} connections stayed busy for {:?}",
                     self.settings.pool_size, self.settings.timeout
                 ),
-            ));
+            );
+            return (Verdict::Down(down), None);
         };
         match &self.settings.mode {
             Mode::DirectBind { user_dn_template } => {
                 let dn = escape::fill(user_dn_template, &escape::dn_value(user));
-                self.bind(&dn, password, deadline).await
+                self.bind(&dn, password, deadline, ReadAccount::Yes).await
             }
             Mode::SearchBind {
                 base,
@@ -684,18 +691,27 @@ impl Source {
             } => {
                 let filter = escape::fill(filter_template, &escape::filter_value(user));
                 let refusal = match self.search(base, &filter, deadline).await {
-                    Err(down) => return Verdict::Down(down),
-                    Ok(Found::One(dn)) => return self.bind(&dn, password, deadline).await,
+                    Err(down) => return (Verdict::Down(down), None),
+                    Ok(Found::One { dn, account }) => {
+                        let (verdict, _) =
+                            self.bind(&dn, password, deadline, ReadAccount::No).await;
+                        let account = account.filter(|_| verdict == Verdict::Valid);
+                        return (verdict, account);
+                    }
                     Ok(Found::None) => Refusal::NoSuchUser,
                     Ok(Found::Many) => Refusal::Ambiguous,
                 };
                 // A bind that cannot succeed, so that an unknown user takes the round
                 // trips a wrong password takes, and a directory that stops answering
                 // now gives the answer a real bind would.
-                match self.bind(&decoy_dn(base), password, deadline).await {
-                    Verdict::Down(down) => Verdict::Down(down),
-                    Verdict::Valid | Verdict::Invalid(_) => Verdict::Invalid(refusal),
-                }
+                let verdict = match self
+                    .bind(&decoy_dn(base), password, deadline, ReadAccount::No)
+                    .await
+                {
+                    (Verdict::Down(down), _) => Verdict::Down(down),
+                    (Verdict::Valid | Verdict::Invalid(_), _) => Verdict::Invalid(refusal),
+                };
+                (verdict, None)
             }
         }
     }
@@ -745,13 +761,20 @@ impl Source {
         }
     }
 
-    /// A user bind as `dn`, on an idle user connection or a new one.
-    async fn bind(&self, dn: &str, password: &str, deadline: Instant) -> Verdict {
+    /// A user bind as `dn`, on an idle user connection or a new one; after a valid one,
+    /// with [`ReadAccount::Yes`], the account name the entry gives, read as the user.
+    async fn bind(
+        &self,
+        dn: &str,
+        password: &str,
+        deadline: Instant,
+        read: ReadAccount,
+    ) -> (Verdict, Option<String>) {
         let (mut conn, mut reused) = match self.binders.take() {
             Some(conn) => (conn, true),
             None => match self.connect(deadline).await {
                 Ok(conn) => (conn, false),
-                Err(down) => return Verdict::Down(down),
+                Err(down) => return (Verdict::Down(down), None),
             },
         };
         loop {
@@ -759,26 +782,57 @@ impl Source {
                 .with_controls(ppolicy::request())
                 .simple_bind(dn, password);
             match timeout_at(deadline, bind).await {
-                Err(_) => return Verdict::Down(self.timed_out(Stage::Bind)),
+                Err(_) => return (Verdict::Down(self.timed_out(Stage::Bind)), None),
                 Ok(Err(e)) if reused => {
                     // The server closed this idle connection since its last use
                     // (restart, idle timeout): one more try on a fresh one.
                     debug!(error = %e, "LDAP: idle connection failed, reconnecting");
                     conn = match self.connect(deadline).await {
                         Ok(conn) => conn,
-                        Err(down) => return Verdict::Down(down),
+                        Err(down) => return (Verdict::Down(down), None),
                     };
                     reused = false;
                 }
-                Ok(Err(e)) => return Verdict::Down(Down::new(Stage::Bind, e.to_string())),
+                Ok(Err(e)) => return (Verdict::Down(Down::new(Stage::Bind, e.to_string())), None),
                 Ok(Ok(result)) => {
                     let verdict = bind_verdict(&result);
+                    let account = match (&verdict, read) {
+                        (Verdict::Valid, ReadAccount::Yes) => {
+                            self.read_account(&mut conn, dn, deadline).await
+                        }
+                        _ => None,
+                    };
                     if !matches!(verdict, Verdict::Down(_)) {
                         self.binders.put(conn);
                     }
-                    return verdict;
+                    return (verdict, account);
                 }
             }
+        }
+    }
+
+    /// The account name the entry at `dn` gives, read on a connection bound as its
+    /// user; `None` when the template names no attribute, or the user may not read it.
+    async fn read_account(&self, conn: &mut Ldap, dn: &str, deadline: Instant) -> Option<String> {
+        if self.account_attributes.is_empty() {
+            return None;
+        }
+        let attributes: Vec<&str> = self.account_attributes.iter().map(String::as_str).collect();
+        let read = conn.search(dn, Scope::Base, "(objectClass=*)", attributes);
+        match timeout_at(deadline, read).await {
+            Ok(Ok(SearchResult(entries, result))) if result.rc == 0 => entries
+                .iter()
+                .find(|e| !e.is_ref() && !e.is_intermediate())
+                .and_then(|entry| account::from_entry(entry, &self.account_attributes)),
+            Ok(Ok(SearchResult(_, result))) => {
+                debug!(result = %describe(&result), "LDAP: the user's entry could not be read for its account name");
+                None
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "LDAP: the user's entry could not be read for its account name");
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -794,12 +848,14 @@ impl Source {
             let options = SearchOptions::new().sizelimit(2).timelimit(
                 i32::try_from(self.settings.timeout.as_secs().max(1)).unwrap_or(i32::MAX),
             );
-            let search = conn.with_search_options(options).search(
-                base,
-                Scope::Subtree,
-                filter,
-                vec![NO_ATTRIBUTES],
-            );
+            let attributes: Vec<&str> = if self.account_attributes.is_empty() {
+                vec![NO_ATTRIBUTES]
+            } else {
+                self.account_attributes.iter().map(String::as_str).collect()
+            };
+            let search =
+                conn.with_search_options(options)
+                    .search(base, Scope::Subtree, filter, attributes);
             match timeout_at(deadline, search).await {
                 Err(_) => return Err(self.timed_out(Stage::Search)),
                 Ok(Err(e)) if reused => {
@@ -809,7 +865,7 @@ impl Source {
                 }
                 Ok(Err(e)) => return Err(Down::new(Stage::Search, e.to_string())),
                 Ok(Ok(SearchResult(entries, result))) => {
-                    let found = found(&entries, &result)?;
+                    let found = found(&entries, &result, &self.account_attributes)?;
                     self.searchers.put(conn);
                     return Ok(found);
                 }
@@ -971,14 +1027,18 @@ fn account_state(result: &LdapResult) -> Option<Refusal> {
     }
 }
 
-/// What a search's entries and result say about the user.
-fn found(entries: &[ResultEntry], result: &LdapResult) -> Result<Found, Down> {
+/// What a search's entries and result say about the user; the account name is read
+/// from `account_attributes`.
+fn found(
+    entries: &[ResultEntry],
+    result: &LdapResult,
+    account_attributes: &[String],
+) -> Result<Found, Down> {
     // Continuation references (Active Directory returns them for other partitions)
     // and intermediate responses are not entries (RFC 4511 §4.5.2, §4.5.3).
-    let entries: Vec<Option<String>> = entries
+    let entries: Vec<&ResultEntry> = entries
         .iter()
         .filter(|e| !e.is_ref() && !e.is_intermediate())
-        .map(entry_dn)
         .collect();
     match result.rc {
         0 => {}
@@ -988,8 +1048,13 @@ fn found(entries: &[ResultEntry], result: &LdapResult) -> Result<Found, Down> {
     }
     match entries.as_slice() {
         [] => Ok(Found::None),
-        [Some(dn)] => Ok(Found::One(dn.clone())),
-        [None] => Err(Down::new(Stage::Search, "an entry without a usable DN")),
+        [entry] => match entry_dn(entry) {
+            Some(dn) => Ok(Found::One {
+                dn,
+                account: account::from_entry(entry, account_attributes),
+            }),
+            None => Err(Down::new(Stage::Search, "an entry without a usable DN")),
+        },
         _ => Ok(Found::Many),
     }
 }
@@ -1079,15 +1144,6 @@ mod tests {
             timeout: DEFAULT_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
         }
-    }
-
-    #[test]
-    fn every_spelling_the_directory_binds_is_one_account_name() {
-        for typed in ["alice", "ALICE", "Alice", " alice", "alice  ", "  ALICE  "] {
-            assert_eq!(account_name(typed), "alice", "{typed:?}");
-        }
-        assert_eq!(account_name("  Jean   Dupont "), "jean dupont");
-        assert_eq!(account_name("ÉLODIE@example.org"), "élodie@example.org");
     }
 
     #[test]
@@ -1487,18 +1543,20 @@ mod tests {
     fn searches_must_find_exactly_one_entry() {
         let alice = "uid=alice,ou=people,dc=example,dc=test";
         let ok = result(0, "", None);
+        let one = || {
+            Ok(Found::One {
+                dn: alice.into(),
+                account: None,
+            })
+        };
         for (entries, rc, expected) in [
-            (vec![entry(alice)], 0, Ok(Found::One(alice.into()))),
+            (vec![entry(alice)], 0, one()),
             (vec![], 0, Ok(Found::None)),
             (vec![entry(alice), entry("uid=bob")], 0, Ok(Found::Many)),
             (vec![entry(alice), entry("uid=bob")], 4, Ok(Found::Many)),
             (vec![entry(alice)], 4, Ok(Found::Many)),
             // Active Directory's continuation references are not entries.
-            (
-                vec![reference(), entry(alice), reference()],
-                0,
-                Ok(Found::One(alice.into())),
-            ),
+            (vec![reference(), entry(alice), reference()], 0, one()),
             (vec![reference()], 0, Ok(Found::None)),
             (vec![entry("")], 0, Err(Stage::Search)),
             (vec![], 32, Err(Stage::Search)),
@@ -1506,7 +1564,7 @@ mod tests {
             (vec![], 10, Err(Stage::Search)),
             (vec![], 51, Err(Stage::Search)),
         ] {
-            let got = found(&entries, &LdapResult { rc, ..ok.clone() });
+            let got = found(&entries, &LdapResult { rc, ..ok.clone() }, &["uid".into()]);
             assert_eq!(got.map_err(|d| d.stage), expected, "rc {rc}");
         }
     }

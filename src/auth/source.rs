@@ -274,16 +274,18 @@ impl Source {
             Source::Dovecot(client) => check_dovecot(client, attempt).await,
             Source::Ldap(source) => match attempt.credentials {
                 Credentials::Password { username, password } => {
-                    match source.verify(username, password).await {
-                        ldap::Verdict::Valid => Ok(Answer {
-                            user: Some(ldap::account_name(username)),
+                    match source.verify_account(username, password).await {
+                        (ldap::Verdict::Valid, account) => Ok(Answer {
+                            user: Some(
+                                account.unwrap_or_else(|| ldap::account::fallback(username)),
+                            ),
                             ..Answer::valid(true)
                         }),
-                        ldap::Verdict::Invalid(refusal) => {
+                        (ldap::Verdict::Invalid(refusal), _) => {
                             tracing::debug!(%refusal, "LDAP refused the credentials");
                             Ok(Answer::valid(false))
                         }
-                        ldap::Verdict::Down(down) => Err(Unavailable::down(down.to_string())),
+                        (ldap::Verdict::Down(down), _) => Err(Unavailable::down(down.to_string())),
                     }
                 }
                 Credentials::CramMd5 { .. } => Ok(Answer::valid(false)),

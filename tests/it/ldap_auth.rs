@@ -121,6 +121,21 @@ cn: John Smith
 sn: Smith
 userPassword: comma-password
 
+# Two accounts slapd keeps apart whose names Unicode case folding merges: xß and xẞ.
+dn:: dWlkPXjDnyxvdT1wZW9wbGUsZGM9ZXhhbXBsZSxkYz10ZXN0
+objectClass: inetOrgPerson
+uid:: eMOf
+cn: Eszett
+sn: Small
+userPassword: small-password
+
+dn:: dWlkPXjhup4sb3U9cGVvcGxlLGRjPWV4YW1wbGUsZGM9dGVzdA==
+objectClass: inetOrgPerson
+uid:: eOG6ng==
+cn: Eszett
+sn: Capital
+userPassword: capital-password
+
 dn: uid=eve,ou=admins,ou=people,dc=example,dc=test
 objectClass: inetOrgPerson
 uid: eve
@@ -237,7 +252,7 @@ overlay ppolicy
 ppolicy_default "cn=default,ou=policies,{SUFFIX}"
 ppolicy_use_lockout
 access to attrs=userPassword by anonymous auth by * none
-access to * by dn.exact="{SERVICE_DN}" read by * none
+access to * by dn.exact="{SERVICE_DN}" read by self read by * none
 "#,
             ca = ca.display(),
             cert = cert.display(),
@@ -619,9 +634,15 @@ async fn search_user_names_cannot_change_the_filter() {
     ];
     for user in injections {
         let verdict = verify(&source, (user, ALICE.1)).await;
+        // A control character is refused before anything is sent.
+        let refusal = if user.contains('\0') {
+            Refusal::UserName
+        } else {
+            Refusal::NoSuchUser
+        };
         assert_eq!(
             verdict,
-            Verdict::Invalid(Refusal::NoSuchUser),
+            Verdict::Invalid(refusal),
             "{user:?} with alice's password"
         );
     }
@@ -869,9 +890,10 @@ fn postern_over_with(
     (postern, secrets, backend)
 }
 
-/// The directory binds ` ALICE `, `Alice` and `alice` as one entry (`uid` matches
-/// without case or insignificant spaces): the session goes on as `alice`, so every
-/// spelling shares the account's sending budget and is logged as the account.
+/// The directory binds ` ALICE `, `Alice`, fullwidth `ａｌｉｃｅ` and `𝐚lice` as one entry
+/// (`uid` matches after RFC 4518's preparation): the session goes on as the account
+/// the entry names, `alice`, so every spelling shares its sending budget and is logged
+/// as it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spellings_the_directory_binds_as_one_entry_share_its_sending_budget() {
     let Some(slapd) = Slapd::start() else { return };
@@ -890,7 +912,7 @@ async fn spellings_the_directory_binds_as_one_entry_share_its_sending_budget() {
     first.cmd("DATA", "354").await;
     first.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
     first.cmd("QUIT", "221").await;
-    for spelling in [" ALICE ", "Alice", "alice  "] {
+    for spelling in [" ALICE ", "Alice", "alice  ", "ａｌｉｃｅ", "𝐚lice"] {
         let (mut client, _) =
             common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
         client.auth_plain(spelling, ALICE.1, "235").await;
@@ -905,6 +927,91 @@ async fn spellings_the_directory_binds_as_one_entry_share_its_sending_budget() {
             "{spelling:?}: {closed}"
         );
     }
+}
+
+/// Two accounts the directory keeps apart, `xß` and `xẞ`, whose names Unicode case
+/// folding merges: each goes on under its own name, with its own budget. And a direct
+/// bind reads the account's name from the entry as its user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_entry_is_its_own_account_whatever_folds_their_names_together() {
+    let Some(slapd) = Slapd::start() else { return };
+    let (mut postern, _secrets, _backend) = postern_over_with(
+        &slapd,
+        &[
+            ("--max-messages-per-user", "1/1h"),
+            ("--log-format", "json"),
+        ],
+    );
+    let listen = postern.addr("--listen-tls");
+    for (user, password) in [("xẞ", "capital-password"), ("xß", "small-password")] {
+        let (mut client, _) =
+            common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+        client.auth_plain(user, password, "235").await;
+        client.cmd("MAIL FROM:<x@example.test>", "250").await;
+        client.cmd("RCPT TO:<bob@example.net>", "250").await;
+        client.cmd("DATA", "354").await;
+        client.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
+        client.cmd("QUIT", "221").await;
+        let closed = postern.wait_session_closed(client.local_addr());
+        assert_eq!(
+            common::postern::log_field(&closed, "user"),
+            user,
+            "{closed}"
+        );
+    }
+
+    // Direct bind: the same spellings go on as the entry's own uid.
+    let backend = common::RawBackend::start();
+    let mut direct = common::Postern::builder(backend.addr)
+        .without_flag("--users")
+        .without_flag("--auth-mechanisms")
+        .flag("--ldap-url", slapd.ldap_url())
+        .flag("--ldap-starttls", "true")
+        .flag("--ldap-ca", slapd.ca().display().to_string())
+        .flag("--ldap-user-dn", format!("uid=%u,{PEOPLE}"))
+        .flag("--log-format", "json")
+        .start();
+    let listen = direct.addr("--listen-tls");
+    for spelling in [" ALICE ", "ａｌｉｃｅ"] {
+        let (mut client, _) =
+            common::SmtpClient::connect_implicit(listen, direct.tls_config()).await;
+        client.auth_plain(spelling, ALICE.1, "235").await;
+        client.cmd("QUIT", "221").await;
+        let closed = direct.wait_session_closed(client.local_addr());
+        assert_eq!(
+            common::postern::log_field(&closed, "user"),
+            "alice",
+            "{spelling:?}: {closed}"
+        );
+    }
+}
+
+/// Wrong passwords under many spellings of one name the directory binds as one entry
+/// meet one per-user failure limit: then even the right password, under yet another
+/// spelling, gets 454 from the network that guessed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spellings_of_one_name_share_its_failure_window() {
+    let Some(slapd) = Slapd::start() else { return };
+    let (postern, _secrets, _backend) = postern_over_with(
+        &slapd,
+        &[
+            ("--max-auth-failures-per-user", "2"),
+            ("--auth-failure-delay", "0s"),
+        ],
+    );
+    let listen = postern.addr("--listen-tls");
+    for spelling in ["alice", "ＡＬＩＣＥ", "𝖺𝗅𝗂𝖼𝖾"] {
+        let (mut client, _) =
+            common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+        let expected = if spelling == "𝖺𝗅𝗂𝖼𝖾" {
+            "454 4.7.0"
+        } else {
+            "535 5.7.8"
+        };
+        client.auth_plain(spelling, "wrong", expected).await;
+    }
+    let (mut client, _) = common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+    client.auth_plain("ａｌｉｃｅ", ALICE.1, "454 4.7.0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

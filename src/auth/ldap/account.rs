@@ -1,0 +1,218 @@
+//! The account a login stands for, as the directory names it.
+//!
+//! A directory binds many spellings of one name: `uid`, `mail` and `sAMAccountName`
+//! match without case, with insignificant spaces, and after Unicode compatibility
+//! mapping (RFC 4518), so `ALICE`, ` alice`, fullwidth `ａｌｉｃｅ` and `𝐚lice` all bind
+//! as alice. A session must go on under one name per account, or each spelling gets a
+//! sending budget of its own and the backend is told a login that is not the account's.
+//! No fold of the typed text can match every directory's rules (slapd keeps `xß` and
+//! `xẞ` apart, where Unicode case folding merges them), so the name is read from the
+//! entry: the value of the attribute the login is matched against, taken from the
+//! `--ldap-user-dn` or `--ldap-search-filter` template.
+
+use ldap3::ResultEntry;
+use ldap3::asn1::PL;
+
+use super::Mode;
+use super::escape::PLACEHOLDER;
+
+/// The longest account name taken from an entry: Postfix's bound on an XCLIENT value.
+const MAX_ACCOUNT_LEN: usize = 255;
+
+/// The attributes the login is matched against, in the template's order: the
+/// attribute of the RDN holding the placeholder (`uid=%u,ou=people,...`), or those
+/// compared for equality with it in the filter (`(|(uid=%u)(mail=%u))`: uid, mail).
+/// Empty when the template names none (a user principal name, `%u@corp.example`).
+pub fn attributes(mode: &Mode) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    match mode {
+        Mode::DirectBind { user_dn_template } => {
+            if let Some(rdn) = user_dn_template
+                .split(',')
+                .find(|rdn| rdn.contains(PLACEHOLDER))
+                && let Some((attribute, value)) = rdn.split_once('=')
+                && value.trim() == PLACEHOLDER
+            {
+                found.push(attribute.trim().to_owned());
+            }
+        }
+        Mode::SearchBind {
+            filter_template, ..
+        } => {
+            let equality = format!("={PLACEHOLDER})");
+            let mut rest = filter_template.as_str();
+            while let Some(at) = rest.find(&equality) {
+                let before = &rest[..at];
+                if let Some(open) = before.rfind('(') {
+                    let attribute = &before[open + 1..];
+                    // `~=`, `>=`, `<=` and extensible matches are not equality.
+                    let plain = !attribute.is_empty()
+                        && attribute
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+                    if plain && !found.iter().any(|a| a.eq_ignore_ascii_case(attribute)) {
+                        found.push(attribute.to_owned());
+                    }
+                }
+                rest = &rest[at + equality.len()..];
+            }
+        }
+    }
+    found.retain(|a| !a.is_empty());
+    found
+}
+
+/// The account name an entry gives: the first value of the first of `attributes` it
+/// has, if that can be a login (UTF-8, printable, at most 255 octets).
+pub fn from_entry(entry: &ResultEntry, attributes: &[String]) -> Option<String> {
+    let PL::C(parts) = &entry.0.payload else {
+        return None;
+    };
+    // SearchResultEntry (RFC 4511 §4.5.2): objectName, then the attribute list, each
+    // a SEQUENCE of the type and a SET of values.
+    let PL::C(list) = &parts.get(1)?.payload else {
+        return None;
+    };
+    let values_of = |wanted: &str| {
+        list.iter().find_map(|attribute| {
+            let PL::C(pair) = &attribute.payload else {
+                return None;
+            };
+            let (PL::P(name), PL::C(values)) = (&pair.first()?.payload, &pair.get(1)?.payload)
+            else {
+                return None;
+            };
+            std::str::from_utf8(name)
+                .ok()
+                .filter(|name| name.eq_ignore_ascii_case(wanted))
+                .map(|_| values)
+        })
+    };
+    attributes.iter().find_map(|wanted| {
+        let PL::P(value) = &values_of(wanted)?.first()?.payload else {
+            return None;
+        };
+        String::from_utf8(value.clone()).ok().filter(|name| {
+            !name.is_empty() && name.len() <= MAX_ACCOUNT_LEN && !name.chars().any(char::is_control)
+        })
+    })
+}
+
+/// The account name when the entry gives none (no attribute in the template, or one
+/// the user may not read): the typed name without leading and trailing spaces, inner
+/// runs of spaces as one, in lower case. It covers what real clients send (`Alice`,
+/// `alice `), not every spelling the directory binds.
+pub fn fallback(user: &str) -> String {
+    user.split(' ')
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ldap3::asn1::{StructureTag, TagClass};
+
+    fn direct(template: &str) -> Vec<String> {
+        attributes(&Mode::DirectBind {
+            user_dn_template: template.into(),
+        })
+    }
+
+    fn search(filter: &str) -> Vec<String> {
+        attributes(&Mode::SearchBind {
+            base: "dc=example,dc=test".into(),
+            filter_template: filter.into(),
+            bind_dn: "cn=postern".into(),
+            bind_password: "secret".into(),
+        })
+    }
+
+    #[test]
+    fn the_login_attribute_comes_from_the_template() {
+        assert_eq!(direct("uid=%u,ou=people,dc=example,dc=com"), ["uid"]);
+        assert_eq!(direct("ou=people,cn=%u,dc=example"), ["cn"]);
+        assert!(direct("%u@corp.example").is_empty());
+        assert!(direct("cn=x%u,dc=example").is_empty());
+        assert_eq!(search("(uid=%u)"), ["uid"]);
+        assert_eq!(search("(sAMAccountName=%u)"), ["sAMAccountName"]);
+        assert_eq!(
+            search("(&(objectClass=person)(|(uid=%u)(mail=%u)(UID=%u)))"),
+            ["uid", "mail"]
+        );
+        assert!(search("(cn~=%u)").is_empty());
+        assert!(search("(cn:caseExactMatch:=%u)").is_empty());
+        assert!(search("(mail=%u@example.org)").is_empty());
+    }
+
+    fn tag(class: TagClass, id: u64, payload: PL) -> StructureTag {
+        StructureTag { class, id, payload }
+    }
+
+    fn octets(text: &str) -> StructureTag {
+        tag(TagClass::Universal, 4, PL::P(text.as_bytes().to_vec()))
+    }
+
+    fn entry(attributes: &[(&str, &[&str])]) -> ResultEntry {
+        let list = attributes
+            .iter()
+            .map(|(name, values)| {
+                let values = values.iter().map(|v| octets(v)).collect();
+                tag(
+                    TagClass::Universal,
+                    16,
+                    PL::C(vec![
+                        octets(name),
+                        tag(TagClass::Universal, 17, PL::C(values)),
+                    ]),
+                )
+            })
+            .collect();
+        ResultEntry::new(tag(
+            TagClass::Application,
+            4,
+            PL::C(vec![
+                octets("uid=alice,ou=people,dc=example,dc=test"),
+                tag(TagClass::Universal, 16, PL::C(list)),
+            ]),
+        ))
+    }
+
+    #[test]
+    fn the_account_is_the_first_value_of_the_first_attribute_the_entry_has() {
+        let wanted = ["uid".to_owned(), "mail".to_owned()];
+        let both = entry(&[
+            ("mail", &["Alice@Example.org"]),
+            ("UID", &["alice", "asmith"]),
+        ]);
+        assert_eq!(from_entry(&both, &wanted).as_deref(), Some("alice"));
+        let mail_only = entry(&[("mail", &["alice@example.org"])]);
+        assert_eq!(
+            from_entry(&mail_only, &wanted).as_deref(),
+            Some("alice@example.org")
+        );
+        // Kept as the directory stores it: two accounts that differ only in a
+        // character Unicode folds together stay two.
+        let eszett = entry(&[("uid", &["xẞ"])]);
+        assert_eq!(from_entry(&eszett, &wanted).as_deref(), Some("xẞ"));
+        for unusable in [
+            entry(&[]),
+            entry(&[("uid", &[])]),
+            entry(&[("uid", &[""])]),
+            entry(&[("uid", &["al\tice"])]),
+            entry(&[("uid", &[&"a".repeat(256)])]),
+        ] {
+            assert_eq!(from_entry(&unusable, &wanted), None);
+        }
+    }
+
+    #[test]
+    fn the_fallback_folds_what_clients_send() {
+        for typed in ["alice", "ALICE", "Alice", " alice", "alice  ", "  ALICE  "] {
+            assert_eq!(fallback(typed), "alice", "{typed:?}");
+        }
+        assert_eq!(fallback("  Jean   Dupont "), "jean dupont");
+    }
+}
