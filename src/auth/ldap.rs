@@ -585,10 +585,10 @@ impl Idle {
     }
 }
 
-/// Whether a bind reads the account name from the entry afterwards.
+/// Whether a bind reads the account name from the entry afterwards, for the login typed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadAccount {
-    Yes,
+enum ReadAccount<'a> {
+    Yes(&'a str),
     No,
 }
 
@@ -682,7 +682,8 @@ impl Source {
         match &self.settings.mode {
             Mode::DirectBind { user_dn_template } => {
                 let dn = escape::fill(user_dn_template, &escape::dn_value(user));
-                self.bind(&dn, password, deadline, ReadAccount::Yes).await
+                self.bind(&dn, password, deadline, ReadAccount::Yes(user))
+                    .await
             }
             Mode::SearchBind {
                 base,
@@ -690,7 +691,7 @@ impl Source {
                 ..
             } => {
                 let filter = escape::fill(filter_template, &escape::filter_value(user));
-                let refusal = match self.search(base, &filter, deadline).await {
+                let refusal = match self.search(base, &filter, user, deadline).await {
                     Err(down) => return (Verdict::Down(down), None),
                     Ok(Found::One { dn, account }) => {
                         let (verdict, _) =
@@ -768,7 +769,7 @@ impl Source {
         dn: &str,
         password: &str,
         deadline: Instant,
-        read: ReadAccount,
+        read: ReadAccount<'_>,
     ) -> (Verdict, Option<String>) {
         let (mut conn, mut reused) = match self.binders.take() {
             Some(conn) => (conn, true),
@@ -797,8 +798,8 @@ impl Source {
                 Ok(Ok(result)) => {
                     let verdict = bind_verdict(&result);
                     let account = match (&verdict, read) {
-                        (Verdict::Valid, ReadAccount::Yes) => {
-                            self.read_account(&mut conn, dn, deadline).await
+                        (Verdict::Valid, ReadAccount::Yes(user)) => {
+                            self.read_account(&mut conn, dn, user, deadline).await
                         }
                         _ => None,
                     };
@@ -813,7 +814,13 @@ impl Source {
 
     /// The account name the entry at `dn` gives, read on a connection bound as its
     /// user; `None` when the template names no attribute, or the user may not read it.
-    async fn read_account(&self, conn: &mut Ldap, dn: &str, deadline: Instant) -> Option<String> {
+    async fn read_account(
+        &self,
+        conn: &mut Ldap,
+        dn: &str,
+        user: &str,
+        deadline: Instant,
+    ) -> Option<String> {
         if self.account_attributes.is_empty() {
             return None;
         }
@@ -823,7 +830,7 @@ impl Source {
             Ok(Ok(SearchResult(entries, result))) if result.rc == 0 => entries
                 .iter()
                 .find(|e| !e.is_ref() && !e.is_intermediate())
-                .and_then(|entry| account::from_entry(entry, &self.account_attributes)),
+                .and_then(|entry| account::from_entry(entry, &self.account_attributes, user)),
             Ok(Ok(SearchResult(_, result))) => {
                 debug!(result = %describe(&result), "LDAP: the user's entry could not be read for its account name");
                 None
@@ -837,7 +844,13 @@ impl Source {
     }
 
     /// Searches for the user's entry on an idle service connection or a new one.
-    async fn search(&self, base: &str, filter: &str, deadline: Instant) -> Result<Found, Down> {
+    async fn search(
+        &self,
+        base: &str,
+        filter: &str,
+        user: &str,
+        deadline: Instant,
+    ) -> Result<Found, Down> {
         let (mut conn, mut reused) = match self.searchers.take() {
             Some(conn) => (conn, true),
             None => (self.searcher(deadline).await?, false),
@@ -865,7 +878,7 @@ impl Source {
                 }
                 Ok(Err(e)) => return Err(Down::new(Stage::Search, e.to_string())),
                 Ok(Ok(SearchResult(entries, result))) => {
-                    let found = found(&entries, &result, &self.account_attributes)?;
+                    let found = found(&entries, &result, &self.account_attributes, user)?;
                     self.searchers.put(conn);
                     return Ok(found);
                 }
@@ -1027,12 +1040,13 @@ fn account_state(result: &LdapResult) -> Option<Refusal> {
     }
 }
 
-/// What a search's entries and result say about the user; the account name is read
-/// from `account_attributes`.
+/// What a search's entries and result say about `user`; the account name is read from
+/// `account_attributes`.
 fn found(
     entries: &[ResultEntry],
     result: &LdapResult,
     account_attributes: &[String],
+    user: &str,
 ) -> Result<Found, Down> {
     // Continuation references (Active Directory returns them for other partitions)
     // and intermediate responses are not entries (RFC 4511 §4.5.2, §4.5.3).
@@ -1051,7 +1065,7 @@ fn found(
         [entry] => match entry_dn(entry) {
             Some(dn) => Ok(Found::One {
                 dn,
-                account: account::from_entry(entry, account_attributes),
+                account: account::from_entry(entry, account_attributes, user),
             }),
             None => Err(Down::new(Stage::Search, "an entry without a usable DN")),
         },
@@ -1564,7 +1578,12 @@ mod tests {
             (vec![], 10, Err(Stage::Search)),
             (vec![], 51, Err(Stage::Search)),
         ] {
-            let got = found(&entries, &LdapResult { rc, ..ok.clone() }, &["uid".into()]);
+            let got = found(
+                &entries,
+                &LdapResult { rc, ..ok.clone() },
+                &["uid".into()],
+                "alice",
+            );
             assert_eq!(got.map_err(|d| d.stage), expected, "rc {rc}");
         }
     }

@@ -15,6 +15,7 @@ use ldap3::asn1::PL;
 
 use super::Mode;
 use super::escape::PLACEHOLDER;
+use crate::auth::names;
 
 /// The longest account name taken from an entry: Postfix's bound on an XCLIENT value.
 const MAX_ACCOUNT_LEN: usize = 255;
@@ -62,9 +63,13 @@ pub fn attributes(mode: &Mode) -> Vec<String> {
     found
 }
 
-/// The account name an entry gives: the first value of the first of `attributes` it
-/// has, if that can be a login (UTF-8, printable, at most 255 octets).
-pub fn from_entry(entry: &ResultEntry, attributes: &[String]) -> Option<String> {
+/// The account name an entry gives for the login `typed`: the value of the first of
+/// `attributes` the login matched. A single value is taken as it is; of several (a
+/// `mail` with aliases), the one `typed` folds to ([`names::fold`], wider than any
+/// directory's matching), never merely the first: a user who may edit their own
+/// aliases could otherwise put another account's name first and go on as that
+/// account. A value must be able to be a login (UTF-8, printable, at most 255 octets).
+pub fn from_entry(entry: &ResultEntry, attributes: &[String], typed: &str) -> Option<String> {
     let PL::C(parts) = &entry.0.payload else {
         return None;
     };
@@ -73,7 +78,7 @@ pub fn from_entry(entry: &ResultEntry, attributes: &[String]) -> Option<String> 
     let PL::C(list) = &parts.get(1)?.payload else {
         return None;
     };
-    let values_of = |wanted: &str| {
+    let values_of = |wanted: &str| -> Option<Vec<String>> {
         list.iter().find_map(|attribute| {
             let PL::C(pair) = &attribute.payload else {
                 return None;
@@ -82,19 +87,31 @@ pub fn from_entry(entry: &ResultEntry, attributes: &[String]) -> Option<String> 
             else {
                 return None;
             };
-            std::str::from_utf8(name)
-                .ok()
-                .filter(|name| name.eq_ignore_ascii_case(wanted))
-                .map(|_| values)
+            if !std::str::from_utf8(name).is_ok_and(|name| name.eq_ignore_ascii_case(wanted)) {
+                return None;
+            }
+            Some(
+                values
+                    .iter()
+                    .filter_map(|value| match &value.payload {
+                        PL::P(octets) => String::from_utf8(octets.clone()).ok(),
+                        PL::C(_) => None,
+                    })
+                    .collect(),
+            )
         })
     };
+    let typed = names::fold(typed);
     attributes.iter().find_map(|wanted| {
-        let PL::P(value) = &values_of(wanted)?.first()?.payload else {
-            return None;
+        let values = values_of(wanted)?;
+        let value = match values.as_slice() {
+            [only] => only.clone(),
+            several => several.iter().find(|v| names::fold(v) == typed)?.clone(),
         };
-        String::from_utf8(value.clone()).ok().filter(|name| {
-            !name.is_empty() && name.len() <= MAX_ACCOUNT_LEN && !name.chars().any(char::is_control)
-        })
+        (!value.is_empty()
+            && value.len() <= MAX_ACCOUNT_LEN
+            && !value.chars().any(char::is_control))
+        .then_some(value)
     })
 }
 
@@ -181,22 +198,35 @@ mod tests {
     }
 
     #[test]
-    fn the_account_is_the_first_value_of_the_first_attribute_the_entry_has() {
+    fn the_account_is_the_value_of_the_first_attribute_the_login_matched() {
         let wanted = ["uid".to_owned(), "mail".to_owned()];
-        let both = entry(&[
-            ("mail", &["Alice@Example.org"]),
-            ("UID", &["alice", "asmith"]),
-        ]);
-        assert_eq!(from_entry(&both, &wanted).as_deref(), Some("alice"));
+        let both = entry(&[("mail", &["Alice@Example.org"]), ("UID", &["alice"])]);
+        assert_eq!(
+            from_entry(&both, &wanted, "ALICE").as_deref(),
+            Some("alice")
+        );
+        // A single value is the account whatever spelling matched it.
+        assert_eq!(
+            from_entry(&both, &wanted, "ａｌｉｃｅ").as_deref(),
+            Some("alice")
+        );
         let mail_only = entry(&[("mail", &["alice@example.org"])]);
         assert_eq!(
-            from_entry(&mail_only, &wanted).as_deref(),
+            from_entry(&mail_only, &wanted, "Alice@Example.ORG").as_deref(),
             Some("alice@example.org")
         );
+        // Of several values, the one the login folds to, never merely the first:
+        // mallory put bob's address before her own.
+        let aliases = entry(&[("mail", &["bob@example.org", "mallory@example.org"])]);
+        assert_eq!(
+            from_entry(&aliases, &wanted, "MALLORY@example.org").as_deref(),
+            Some("mallory@example.org")
+        );
+        assert_eq!(from_entry(&aliases, &wanted, "m@example.org"), None);
         // Kept as the directory stores it: two accounts that differ only in a
         // character Unicode folds together stay two.
         let eszett = entry(&[("uid", &["xẞ"])]);
-        assert_eq!(from_entry(&eszett, &wanted).as_deref(), Some("xẞ"));
+        assert_eq!(from_entry(&eszett, &wanted, "xẞ").as_deref(), Some("xẞ"));
         for unusable in [
             entry(&[]),
             entry(&[("uid", &[])]),
@@ -204,7 +234,7 @@ mod tests {
             entry(&[("uid", &["al\tice"])]),
             entry(&[("uid", &[&"a".repeat(256)])]),
         ] {
-            assert_eq!(from_entry(&unusable, &wanted), None);
+            assert_eq!(from_entry(&unusable, &wanted, "alice"), None);
         }
     }
 
