@@ -370,7 +370,7 @@ pub struct ServeArgs {
     /// name is slowed down (--auth-failure-delay, doubling per further failure, at most
     /// 15s) and attempts for it get 454 4.7.0 from the networks that failed it (for IPv6,
     /// from their whole --ipv6-prefix-wide site); a network that logged in as that user
-    /// within the window is not refused, for as many failures of its own.
+    /// within the window is not refused while its own failures for the name stay below N.
     #[arg(long, env = "POSTERN_MAX_AUTH_FAILURES_PER_USER", value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_auth_failures_per_user: u32,
 

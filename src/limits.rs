@@ -417,9 +417,12 @@ pub enum Admission {
 ///
 /// A network that logged in as a user within the window is trusted for that user: its
 /// attempts for the name meet none of these limits, network and site ones included, so
-/// a user sharing a carrier's address with a guesser keeps logging in. The trust is
-/// worth `per_user` attempts that did not succeed, running ones included, then the limits
-/// apply again: a guesser on the same address cannot use it to guess that user.
+/// a user sharing a carrier's address with a guesser keeps logging in. The trust holds
+/// while the name's failures from that network (running attempts included) are below
+/// `per_user`: a guesser on the same address gets no more tries at that user's
+/// password than the per-user limit allows anywhere. Past it the user is refused there
+/// too, which cannot be helped: the two share an address. Failures from other /64s of
+/// the site do not count against a /64's trust.
 #[derive(Debug)]
 pub struct AuthGate {
     limits: AuthLimits,
@@ -433,34 +436,17 @@ struct GateState {
     users: Table<UserKey>,
     /// Failures of one user name from one site: the sites a name over its limit refuses.
     user_sites: Table<(UserKey, ClientNet)>,
-    /// The networks that logged in as a user.
-    logged_in: HashMap<(UserKey, ClientNet), Trust>,
+    /// Failures of one user name from one network, where its site is wider (for IPv4
+    /// `user_sites` is that count): what bounds the trust of a network.
+    user_nets: Table<(UserKey, ClientNet)>,
+    /// When a network last logged in as a user.
+    logged_in: HashMap<(UserKey, ClientNet), Instant>,
     /// Verifications running now, per network and wider site. Bounded by the
     /// connections, so not swept.
     running_nets: HashMap<ClientNet, u32>,
     running_users: HashMap<UserKey, u32>,
     running_user_sites: HashMap<(UserKey, ClientNet), u32>,
-}
-
-/// What a login earns a network for one user.
-#[derive(Debug, Clone, Copy)]
-struct Trust {
-    /// The last login: the trust lasts a window from it.
-    at: Instant,
-    /// Attempts admitted on the trust and not given back: failures, and those running.
-    /// They lapse a window after the last one.
-    attempts: u32,
-    last_attempt: Instant,
-}
-
-impl Trust {
-    fn attempts(&self, now: Instant, window: Duration) -> u32 {
-        if now.saturating_duration_since(self.last_attempt) < window {
-            self.attempts
-        } else {
-            0
-        }
-    }
+    running_user_nets: HashMap<(UserKey, ClientNet), u32>,
 }
 
 fn increment<K: Hash + Eq>(map: &mut HashMap<K, u32>, key: K) {
@@ -488,10 +474,12 @@ impl AuthGate {
                 nets: Table::new(limits.window),
                 users: Table::new(limits.window),
                 user_sites: Table::new(limits.window),
+                user_nets: Table::new(limits.window),
                 logged_in: HashMap::new(),
                 running_nets: HashMap::new(),
                 running_users: HashMap::new(),
                 running_user_sites: HashMap::new(),
+                running_user_nets: HashMap::new(),
             }),
         })
     }
@@ -501,7 +489,7 @@ impl AuthGate {
     pub fn admit(self: &Arc<Self>, origin: Origin, user: UserKey, now: Instant) -> Admission {
         let limits = self.limits;
         let mut state = lock(&self.state);
-        let trusted = self.trusted(&state, origin, user, now);
+        let trusted = self.trusted(&mut state, origin, user, now);
         let mut delay = Duration::ZERO;
         if !trusted {
             let net = origin.net;
@@ -529,7 +517,7 @@ impl AuthGate {
             }
         }
         Admission::Verify {
-            ticket: self.take_place(&mut state, origin, user, trusted, now),
+            ticket: self.take_place(&mut state, origin, user),
             delay,
         }
     }
@@ -537,23 +525,28 @@ impl AuthGate {
     /// Takes an attempt's place without checking the limits: the windows shared through
     /// the limits store decided, and this gate only keeps the replica's own count, to
     /// fall back on when the store cannot answer.
-    pub fn reserve(self: &Arc<Self>, origin: Origin, user: UserKey, now: Instant) -> AuthTicket {
+    pub fn reserve(self: &Arc<Self>, origin: Origin, user: UserKey) -> AuthTicket {
         let mut state = lock(&self.state);
-        let trusted = self.trusted(&state, origin, user, now);
-        self.take_place(&mut state, origin, user, trusted, now)
+        self.take_place(&mut state, origin, user)
     }
 
-    /// Whether `origin`'s network logged in as `user` within the window, and has not
-    /// used up the attempts that earns.
-    fn trusted(&self, state: &GateState, origin: Origin, user: UserKey, now: Instant) -> bool {
-        let window = self.limits.window;
-        state
+    /// Whether `origin`'s network logged in as `user` within the window, and the name's
+    /// failures from that network (running attempts included) are below `per_user`.
+    fn trusted(&self, state: &mut GateState, origin: Origin, user: UserKey, now: Instant) -> bool {
+        let logged_in = state
             .logged_in
             .get(&(user, origin.net))
-            .is_some_and(|trust| {
-                now.saturating_duration_since(trust.at) < window
-                    && trust.attempts(now, window) < self.limits.per_user
-            })
+            .is_some_and(|at| now.saturating_duration_since(*at) < self.limits.window);
+        if !logged_in {
+            return false;
+        }
+        let pair = (user, origin.net);
+        let failures = if origin.wider_site().is_some() {
+            state.user_nets.estimate(&pair, now) + running(&state.running_user_nets, &pair)
+        } else {
+            state.user_sites.estimate(&pair, now) + running(&state.running_user_sites, &pair)
+        };
+        failures < f64::from(self.limits.per_user)
     }
 
     fn take_place(
@@ -561,24 +554,20 @@ impl AuthGate {
         state: &mut GateState,
         origin: Origin,
         user: UserKey,
-        trusted: bool,
-        now: Instant,
     ) -> AuthTicket {
-        if trusted && let Some(trust) = state.logged_in.get_mut(&(user, origin.net)) {
-            trust.attempts = trust.attempts(now, self.limits.window) + 1;
-            trust.last_attempt = now;
-        }
         increment(&mut state.running_nets, origin.net);
         if let Some(site) = origin.wider_site() {
             increment(&mut state.running_nets, site);
         }
         increment(&mut state.running_users, user);
         increment(&mut state.running_user_sites, (user, origin.site));
+        if origin.wider_site().is_some() {
+            increment(&mut state.running_user_nets, (user, origin.net));
+        }
         AuthTicket {
             gate: self.clone(),
             origin,
             user,
-            trusted,
             settled: false,
         }
     }
@@ -589,24 +578,23 @@ impl AuthGate {
         let mut state = lock(&self.state);
         state.users.subtract(&user, n, now);
         state.user_sites.subtract(&(user, origin.site), n, now);
+        if origin.wider_site().is_some() {
+            state.user_nets.subtract(&(user, origin.net), n, now);
+        }
     }
 
-    fn settle(&self, origin: Origin, user: UserKey, trusted: bool, outcome: Settled) {
+    fn settle(&self, origin: Origin, user: UserKey, outcome: Settled) {
         let mut state = lock(&self.state);
         let Origin { net, site } = origin;
-        let given_back = !matches!(outcome, Settled::Failed(_));
-        if trusted
-            && given_back
-            && let Some(trust) = state.logged_in.get_mut(&(user, net))
-        {
-            trust.attempts = trust.attempts.saturating_sub(1);
-        }
         decrement(&mut state.running_nets, &net);
         if let Some(site) = origin.wider_site() {
             decrement(&mut state.running_nets, &site);
         }
         decrement(&mut state.running_users, &user);
         decrement(&mut state.running_user_sites, &(user, site));
+        if origin.wider_site().is_some() {
+            decrement(&mut state.running_user_nets, &(user, net));
+        }
         match outcome {
             Settled::Succeeded(now) => {
                 let pair = (user, net);
@@ -614,23 +602,14 @@ impl AuthGate {
                 if state.logged_in.len() >= MAX_TRACKED && !state.logged_in.contains_key(&pair) {
                     state
                         .logged_in
-                        .retain(|_, trust| now.saturating_duration_since(trust.at) < window);
+                        .retain(|_, at| now.saturating_duration_since(*at) < window);
                     if state.logged_in.len() >= MAX_TRACKED
                         && let Some(victim) = state.logged_in.keys().next().copied()
                     {
                         state.logged_in.remove(&victim);
                     }
                 }
-                // A login renews the trust, not the attempts it has left.
-                state
-                    .logged_in
-                    .entry(pair)
-                    .and_modify(|trust| trust.at = now)
-                    .or_insert(Trust {
-                        at: now,
-                        attempts: 0,
-                        last_attempt: now,
-                    });
+                state.logged_in.insert(pair, now);
             }
             Settled::Failed(now) => {
                 state.nets.add(net, 1, now);
@@ -639,6 +618,9 @@ impl AuthGate {
                 }
                 state.users.add(user, 1, now);
                 state.user_sites.add((user, site), 1, now);
+                if origin.wider_site().is_some() {
+                    state.user_nets.add((user, net), 1, now);
+                }
             }
             Settled::GivenBack => {}
         }
@@ -670,8 +652,6 @@ impl AuthLimits {
 pub struct AuthTicket {
     gate: Arc<AuthGate>,
     origin: Origin,
-    /// Admitted on the trust of a login from its network.
-    trusted: bool,
     user: UserKey,
     settled: bool,
 }
@@ -681,27 +661,22 @@ impl AuthTicket {
     /// for this user for a window.
     pub fn succeeded(mut self, now: Instant) {
         self.settled = true;
-        self.gate.settle(
-            self.origin,
-            self.user,
-            self.trusted,
-            Settled::Succeeded(now),
-        );
+        self.gate
+            .settle(self.origin, self.user, Settled::Succeeded(now));
     }
 
     /// The credentials were wrong: the place becomes a failure.
     pub fn failed(mut self, now: Instant) {
         self.settled = true;
         self.gate
-            .settle(self.origin, self.user, self.trusted, Settled::Failed(now));
+            .settle(self.origin, self.user, Settled::Failed(now));
     }
 }
 
 impl Drop for AuthTicket {
     fn drop(&mut self) {
         if !self.settled {
-            self.gate
-                .settle(self.origin, self.user, self.trusted, Settled::GivenBack);
+            self.gate.settle(self.origin, self.user, Settled::GivenBack);
         }
     }
 }

@@ -94,7 +94,7 @@ impl FailureGate {
                 shared.answered();
                 Decision::Verify {
                     ticket: Ticket {
-                        local: Some(self.local.reserve(origin, name.local, Instant::now())),
+                        local: Some(self.local.reserve(origin, name.local)),
                         shared: Some((shared.windows.clone(), place)),
                     },
                     delay,
@@ -476,6 +476,34 @@ mod tests {
             fail(&a, shared, "alice").await;
             fail(&b, shared, "alice").await;
             assert_eq!(refusal(&b, shared, "alice").await, Some("ip"), "{store}");
+        }
+    }
+
+    /// The trust of a login is bounded by the name's failures from that network, those
+    /// before the login included: a guesser sharing the address gets `per_user` tries at
+    /// the user's password in all, on every replica. From another /64 of the same site
+    /// the guesses do not touch a /64's trust.
+    #[tokio::test]
+    async fn a_trust_gives_a_neighbour_no_more_guesses_than_the_per_user_limit() {
+        let redis = RedisServer::start().await;
+        let from = |addr: &str| NetGrouping::default().origin(addr.parse().unwrap());
+        for (store, [a, b]) in gates(limits(100, 3), redis.as_ref()) {
+            let shared = net(7);
+            fail(&a, shared, "alice").await;
+            fail(&b, shared, "alice").await;
+            succeed(&a, shared, "alice").await;
+            fail(&b, shared, "alice").await;
+            assert_eq!(refusal(&a, shared, "alice").await, Some("user"), "{store}");
+
+            let home = from("2001:db8:a:100::1");
+            succeed(&a, home, "carol").await;
+            for i in 1..=5 {
+                let guesser = from(&format!("2001:db8:a:{i}::1"));
+                if let Some(ticket) = admit(&b, guesser, "carol").await {
+                    ticket.failed();
+                }
+            }
+            assert_eq!(succeed(&b, home, "carol").await, Duration::ZERO, "{store}");
         }
     }
 

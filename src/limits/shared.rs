@@ -6,7 +6,7 @@
 //! its wider site over `per_site`, or its user name over `per_user` and this site (see
 //! [`Origin`]) failed it within the window; a name over its limit is otherwise slowed
 //! down. A network that logged in as that user within the window is neither refused nor
-//! slowed for it, for `per_user` attempts on that trust that do not succeed. Windows
+//! slowed for it while the name's failures from its site are below `per_user`. Windows
 //! slide (two fixed windows, the previous weighted by its overlap), aligned on the Redis
 //! clock.
 //!
@@ -49,13 +49,14 @@ use crate::store::{self, StoreError};
 
 /// Decides and reserves, atomically, on the Redis clock. KEYS: the network, name and
 /// pair window prefixes (each fixed window appends `:<index>`), the trust key of the
-/// name from the network, the site's window prefix, and the count of attempts admitted
-/// on the trust. ARGV: the window in milliseconds, `per_net`, `per_user`, `per_site` (0
-/// when the site is the network: no window of its own). Returns `{verdict, index,
-/// failures, trusted}`: verdict 0 to verify (the attempt now counts in window `index` of
-/// each), 1 refused for the network, 2 refused for the name, 3 refused for the site;
-/// `failures` is the name's estimate when it matters for the slowdown (not trusted),
-/// else 0; `trusted` 1 when the attempt was admitted on the trust (no limit applied).
+/// name from the network, the site's window prefix, and the window prefix of the name
+/// from the network. ARGV: the window in milliseconds, `per_net`, `per_user`,
+/// `per_site` (0 when the site is the network: then neither the site nor the name from
+/// the network has a window apart from the pair's). Returns `{verdict, index, failures}`: verdict 0 to verify (the
+/// attempt now counts in window `index` of each), 1 refused for the network, 2 refused
+/// for the name, 3 refused for the site; `failures` is the name's estimate when it
+/// matters for the slowdown (not trusted), else 0. A trusted attempt (the trust key set,
+/// the name's failures from the network below `per_user`) meets no limit.
 const ADMIT_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -69,48 +70,39 @@ local function estimate(prefix)
 end
 local per_user = tonumber(ARGV[3])
 local per_site = tonumber(ARGV[4])
-local trusted = redis.call('EXISTS', KEYS[4]) == 1
-  and tonumber(redis.call('GET', KEYS[6]) or '0') < per_user
+local from_net = per_site > 0 and KEYS[6] or KEYS[3]
+local trusted = redis.call('EXISTS', KEYS[4]) == 1 and estimate(from_net) < per_user
 local failures = 0
 if not trusted then
   if estimate(KEYS[1]) >= tonumber(ARGV[2]) then
-    return {1, index, 0, 0}
+    return {1, index, 0}
   end
   if per_site > 0 and estimate(KEYS[5]) >= per_site then
-    return {3, index, 0, 0}
+    return {3, index, 0}
   end
   failures = estimate(KEYS[2])
   if failures >= per_user and estimate(KEYS[3]) > 0 then
-    return {2, index, math.floor(failures), 0}
+    return {2, index, math.floor(failures)}
   end
 end
-for _, i in ipairs(per_site > 0 and {1, 2, 3, 5} or {1, 2, 3}) do
+for _, i in ipairs(per_site > 0 and {1, 2, 3, 5, 6} or {1, 2, 3}) do
   local key = KEYS[i] .. ':' .. string.format('%d', index)
   redis.call('INCR', key)
   redis.call('PEXPIRE', key, 2 * window)
 end
-if trusted then
-  redis.call('INCR', KEYS[6])
-  redis.call('PEXPIRE', KEYS[6], window)
-  return {0, index, 0, 1}
-end
-return {0, index, math.floor(failures), 0}
+return {0, index, math.floor(failures)}
 ";
 
 /// Takes an admitted attempt back out of window `ARGV[1]` of the window prefixes in KEYS
-/// (the first three, and the site's `KEYS[5]` when `ARGV[3]` is 1), and out of the
-/// trust's attempts `KEYS[6]` when `ARGV[4]` is 1, never below zero (DECR keeps a key's
-/// TTL; a key that expired is left missing). With `ARGV[2]` > 0 (milliseconds) the
-/// attempt succeeded: `KEYS[4]` trusts the pair that long.
+/// (the first three, and `KEYS[5]` and `KEYS[6]` when `ARGV[3]` is 1), never below zero
+/// (DECR keeps a key's TTL; a key that expired is left missing). With `ARGV[2]` > 0
+/// (milliseconds) the attempt succeeded: `KEYS[4]` trusts the pair that long.
 const GIVE_BACK_SCRIPT: &str = r"
-for _, i in ipairs(ARGV[3] == '1' and {1, 2, 3, 5} or {1, 2, 3}) do
+for _, i in ipairs(ARGV[3] == '1' and {1, 2, 3, 5, 6} or {1, 2, 3}) do
   local key = KEYS[i] .. ':' .. ARGV[1]
   if tonumber(redis.call('GET', key) or '0') > 0 then
     redis.call('DECR', key)
   end
-end
-if ARGV[4] == '1' and tonumber(redis.call('GET', KEYS[6]) or '0') > 0 then
-  redis.call('DECR', KEYS[6])
 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
@@ -118,14 +110,15 @@ end
 return 0
 ";
 
-/// Takes back `ARGV[2]` failures from the name and pair prefixes in KEYS, from the
-/// current window first, the rest from the previous one (as the in-process table does).
+/// Takes back `ARGV[2]` failures from the window prefixes in KEYS (the name's, the
+/// pair's, and where the site is wider the name's from the network), from the current
+/// window first, the rest from the previous one (as the in-process table does).
 /// `ARGV[1]`: the window in milliseconds.
 const FORGIVE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local index = math.floor(now / tonumber(ARGV[1]))
-for i = 1, 2 do
+for i = 1, #KEYS do
   local left = tonumber(ARGV[2])
   for back = 0, 1 do
     if left <= 0 then
@@ -164,8 +157,6 @@ pub struct Place {
     name: SharedName,
     /// The fixed window it was counted in.
     index: i64,
-    /// Admitted on the trust of a login from its network.
-    trusted: bool,
 }
 
 /// The shared windows' answer to an attempt.
@@ -190,10 +181,10 @@ pub struct SharedWindows {
 }
 
 /// The window prefixes of a network, a name and the name's failures from the site, the
-/// trust key of the name from the network, the site's window prefix (the network's, as
-/// a site has no window of its own when it is the network), and the attempts admitted
-/// on the trust. For IPv4, and wherever the site is the network, the first four are
-/// those of the releases that keyed the pair on the network.
+/// trust key of the name from the network, the site's window prefix, and that of the
+/// name's failures from the network. The last two are used only where the site is wider
+/// than the network; for IPv4 the first four are those of the releases that keyed the
+/// pair on the network.
 fn keys(origin: Origin, name: &SharedName) -> [String; 6] {
     let SharedName(hash) = name;
     let Origin { net, site } = origin;
@@ -203,7 +194,7 @@ fn keys(origin: Origin, name: &SharedName) -> [String; 6] {
         format!("postern:{{auth}}:pair:{hash}:{site}"),
         format!("postern:{{auth}}:trusted:{hash}:{net}"),
         format!("postern:{{auth}}:net:{site}"),
-        format!("postern:{{auth}}:trusted-attempts:{hash}:{net}"),
+        format!("postern:{{auth}}:pair-net:{hash}:{net}"),
     ]
 }
 
@@ -247,7 +238,7 @@ impl SharedWindows {
         } else {
             0
         };
-        let (verdict, index, failures, trusted): (u8, i64, u64, u8) = self
+        let (verdict, index, failures): (u8, i64, u64) = self
             .redis
             .invoke(
                 with_keys(&self.admit, origin, name)
@@ -269,7 +260,6 @@ impl SharedWindows {
                         origin,
                         name: name.clone(),
                         index,
-                        trusted: trusted == 1,
                     },
                     delay,
                 })
@@ -305,8 +295,7 @@ impl SharedWindows {
                 with_keys(&self.give_back, place.origin, &place.name)
                     .arg(place.index)
                     .arg(trust_for)
-                    .arg(u8::from(place.origin.wider_site().is_some()))
-                    .arg(u8::from(place.trusted)),
+                    .arg(u8::from(place.origin.wider_site().is_some())),
             )
             .await?;
         Ok(())
@@ -320,16 +309,15 @@ impl SharedWindows {
         name: &SharedName,
         n: u32,
     ) -> Result<(), StoreError> {
-        let [_, user_key, pair_key, ..] = keys(origin, name);
+        let [_, user_key, pair_key, _, _, from_net_key] = keys(origin, name);
+        let mut invocation = self.forgive.key(user_key);
+        invocation.key(pair_key);
+        if origin.wider_site().is_some() {
+            invocation.key(from_net_key);
+        }
         let _: u8 = self
             .redis
-            .invoke(
-                self.forgive
-                    .key(user_key)
-                    .key(pair_key)
-                    .arg(self.window())
-                    .arg(n),
-            )
+            .invoke(invocation.arg(self.window()).arg(n))
             .await?;
         Ok(())
     }

@@ -144,6 +144,32 @@ async fn a_user_who_logged_in_keeps_logging_in_past_a_guesser_on_the_same_addres
     alice.auth_plain(USER, PASSWORD, "235").await;
 }
 
+/// The trust a login earns counts the user's failures from that address, those before
+/// the login included: a guesser sharing it gets --max-auth-failures-per-user tries at
+/// the user's password in all, not that many again on the trust.
+#[tokio::test]
+async fn a_guesser_sharing_the_address_gets_no_more_tries_through_the_trust() {
+    let (postern, _) = behind_proxy(|b| {
+        b.flag("--max-auth-failures-per-user", "3")
+            .flag("--auth-failure-delay", "0s")
+    });
+    let carrier = "198.51.100.7";
+    for _ in 0..2 {
+        let mut guesser = from(&postern, carrier).await;
+        guesser.auth_plain(USER, "guess", "535 5.7.8").await;
+    }
+    let mut alice = from(&postern, carrier).await;
+    alice.auth_plain(USER, PASSWORD, "235").await;
+    drop(alice);
+    let mut guesser = from(&postern, carrier).await;
+    guesser.auth_plain(USER, "guess", "535 5.7.8").await;
+    let mut guesser = from(&postern, carrier).await;
+    guesser.auth_plain(USER, "guess", "454 4.7.0").await;
+    // The user is refused there now too, not elsewhere.
+    let mut elsewhere = from(&postern, "203.0.113.9").await;
+    elsewhere.auth_plain(USER, PASSWORD, "235").await;
+}
+
 // ---- 2. Count before you hash ---------------------------------------------------------
 
 /// 50 parallel wrong passwords from one address, each for its own name: no more than
