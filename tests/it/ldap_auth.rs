@@ -136,6 +136,15 @@ cn: Eszett
 sn: Capital
 userPassword: capital-password
 
+# A user who set her mail (some directories let users edit it) to alice's.
+dn: uid=mallory,ou=people,dc=example,dc=test
+objectClass: inetOrgPerson
+uid: mallory
+cn: Mallory
+sn: Self-Service
+mail: alice@example.test
+userPassword: mallory-password
+
 dn: uid=eve,ou=admins,ou=people,dc=example,dc=test
 objectClass: inetOrgPerson
 uid: eve
@@ -982,6 +991,39 @@ async fn each_entry_is_its_own_account_whatever_folds_their_names_together() {
             common::postern::log_field(&closed, "user"),
             "alice",
             "{spelling:?}: {closed}"
+        );
+    }
+}
+
+/// With `(|(mail=%u)(uid=%u))`, mallory, who set her own mail to alice's, logs in as
+/// mallory and goes on as mallory: the account is the value her login matched, not the
+/// first attribute her entry has. alice's budget stays hers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_cannot_name_itself_after_another_account() {
+    let Some(slapd) = Slapd::start() else { return };
+    let (mut postern, _secrets, _backend) = postern_over_with(
+        &slapd,
+        &[
+            ("--ldap-search-filter", "(|(mail=%u)(uid=%u))"),
+            ("--max-messages-per-user", "1/1h"),
+            ("--log-format", "json"),
+        ],
+    );
+    let listen = postern.addr("--listen-tls");
+    for (user, password) in [("mallory", "mallory-password"), ALICE] {
+        let (mut client, _) =
+            common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
+        client.auth_plain(user, password, "235").await;
+        client.cmd("MAIL FROM:<x@example.test>", "250").await;
+        client.cmd("RCPT TO:<y@example.net>", "250").await;
+        client.cmd("DATA", "354").await;
+        client.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
+        client.cmd("QUIT", "221").await;
+        let closed = postern.wait_session_closed(client.local_addr());
+        assert_eq!(
+            common::postern::log_field(&closed, "user"),
+            user,
+            "{closed}"
         );
     }
 }

@@ -63,12 +63,13 @@ pub fn attributes(mode: &Mode) -> Vec<String> {
     found
 }
 
-/// The account name an entry gives for the login `typed`: the value of the first of
-/// `attributes` the login matched. A single value is taken as it is; of several (a
-/// `mail` with aliases), the one `typed` folds to ([`names::fold`], wider than any
-/// directory's matching), never merely the first: a user who may edit their own
-/// aliases could otherwise put another account's name first and go on as that
-/// account. A value must be able to be a login (UTF-8, printable, at most 255 octets).
+/// The account name an entry gives for the login `typed`: the value the login matched,
+/// in the first of `attributes` that has one. A value matches when it folds to what
+/// `typed` folds to ([`names::fold`], wider than any directory's matching); never
+/// merely the first value or attribute: a user who may edit their own `mail` could
+/// otherwise set it to another account's name and, logging in with their uid, go on as
+/// that account. A value must be able to be a login (UTF-8, printable, at most 255
+/// octets).
 pub fn from_entry(entry: &ResultEntry, attributes: &[String], typed: &str) -> Option<String> {
     let PL::C(parts) = &entry.0.payload else {
         return None;
@@ -103,11 +104,9 @@ pub fn from_entry(entry: &ResultEntry, attributes: &[String], typed: &str) -> Op
     };
     let typed = names::fold(typed);
     attributes.iter().find_map(|wanted| {
-        let values = values_of(wanted)?;
-        let value = match values.as_slice() {
-            [only] => only.clone(),
-            several => several.iter().find(|v| names::fold(v) == typed)?.clone(),
-        };
+        let value = values_of(wanted)?
+            .into_iter()
+            .find(|v| names::fold(v) == typed)?;
         (!value.is_empty()
             && value.len() <= MAX_ACCOUNT_LEN
             && !value.chars().any(char::is_control))
@@ -198,17 +197,28 @@ mod tests {
     }
 
     #[test]
-    fn the_account_is_the_value_of_the_first_attribute_the_login_matched() {
+    fn the_account_is_the_value_the_login_matched() {
         let wanted = ["uid".to_owned(), "mail".to_owned()];
         let both = entry(&[("mail", &["Alice@Example.org"]), ("UID", &["alice"])]);
         assert_eq!(
             from_entry(&both, &wanted, "ALICE").as_deref(),
             Some("alice")
         );
-        // A single value is the account whatever spelling matched it.
         assert_eq!(
             from_entry(&both, &wanted, "ａｌｉｃｅ").as_deref(),
             Some("alice")
+        );
+        assert_eq!(
+            from_entry(&both, &wanted, "alice@example.org").as_deref(),
+            Some("Alice@Example.org")
+        );
+        // mallory set her own mail, listed first in the filter, to alice's uid: logging
+        // in as mallory she goes on as mallory.
+        let mallory = entry(&[("mail", &["alice"]), ("uid", &["mallory"])]);
+        let mail_first = ["mail".to_owned(), "uid".to_owned()];
+        assert_eq!(
+            from_entry(&mallory, &mail_first, "mallory").as_deref(),
+            Some("mallory")
         );
         let mail_only = entry(&[("mail", &["alice@example.org"])]);
         assert_eq!(
@@ -227,6 +237,9 @@ mod tests {
         // character Unicode folds together stay two.
         let eszett = entry(&[("uid", &["xẞ"])]);
         assert_eq!(from_entry(&eszett, &wanted, "xẞ").as_deref(), Some("xẞ"));
+        // A login that matches no value the entry gives (a directory rule the fold
+        // does not know) gives no account: the caller falls back.
+        assert_eq!(from_entry(&eszett, &wanted, "someone"), None);
         for unusable in [
             entry(&[]),
             entry(&[("uid", &[])]),
