@@ -116,14 +116,16 @@ pub fn from_entry(entry: &ResultEntry, attributes: &[String], typed: &str) -> Op
 
 /// The account name when the entry gives none (no attribute in the template, or one
 /// the user may not read): the typed name without leading and trailing spaces, inner
-/// runs of spaces as one, in lower case. It covers what real clients send (`Alice`,
-/// `alice `), not every spelling the directory binds.
+/// runs of spaces as one, ASCII letters in lower case. It covers what real clients send
+/// (`Alice`, `alice `), not every spelling the directory binds. Only ASCII is folded:
+/// Unicode case folding merges names a directory keeps apart (`xẞ` would go on as
+/// `xß`, another account).
 pub fn fallback(user: &str) -> String {
     user.split(' ')
         .filter(|word| !word.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
-        .to_lowercase()
+        .to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -257,5 +259,7 @@ mod tests {
             assert_eq!(fallback(typed), "alice", "{typed:?}");
         }
         assert_eq!(fallback("  Jean   Dupont "), "jean dupont");
+        assert_eq!(fallback("xẞ"), "xẞ");
+        assert_eq!(fallback("\u{212a}elvin"), "\u{212a}elvin");
     }
 }
