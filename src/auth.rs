@@ -415,9 +415,13 @@ impl Authenticator {
             wait,
         } = settled;
         metrics::auth_attempt(mechanism.label(), valid);
+        // A switch of mechanism is forgiven for the very name typed, not for every name
+        // that shares its window: else logging in as `jurgen` would forgive guesses at
+        // `jürgen`'s password.
+        let exact = self.gate.exact_key(username);
         if valid {
             ticket.succeeded().await;
-            let forgiven = history.succeeded(user_key.local, mechanism);
+            let forgiven = history.succeeded(exact, mechanism);
             if forgiven > 0 {
                 self.gate.forgive(client.origin, &user_key, forgiven).await;
                 tracing::debug!(
@@ -429,7 +433,7 @@ impl Authenticator {
             return Verdict::Valid;
         }
         ticket.failed();
-        history.failed(user_key.local, mechanism);
+        history.failed(exact, mechanism);
         // Every failure answers after the costliest check's time, so response times tell
         // neither which names exist nor how each is stored (the verifier slot is free
         // again: this waits without holding CPU). An auth_http server's Auth-Wait can

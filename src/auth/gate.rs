@@ -45,8 +45,7 @@ struct Shared {
 /// A user name as the windows know it: never the name itself.
 #[derive(Debug, Clone)]
 pub struct NameKey {
-    /// The key in the process's tables, and in the connection's
-    /// [`AuthHistory`](crate::limits::AuthHistory).
+    /// The key in the process's tables.
     pub local: UserKey,
     shared: Option<SharedName>,
 }
@@ -73,6 +72,12 @@ impl FailureGate {
             shared,
             hasher: RandomState::new(),
         }
+    }
+
+    /// `name` exactly, as the process's tables hash it (for a connection's own
+    /// [`AuthHistory`](crate::limits::AuthHistory)).
+    pub fn exact_key(&self, name: &str) -> UserKey {
+        self.hasher.hash_one(name)
     }
 
     /// How the windows key `name`.

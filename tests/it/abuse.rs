@@ -170,6 +170,35 @@ async fn a_guesser_sharing_the_address_gets_no_more_tries_through_the_trust() {
     elsewhere.auth_plain(USER, PASSWORD, "235").await;
 }
 
+/// A switch of mechanism is forgiven for the very name typed only: the owner of
+/// `jurgen`, whose name shares `jürgen`'s failure window, cannot wipe out guesses at
+/// `jürgen`'s password by logging in as herself on the same connection.
+#[tokio::test]
+async fn logging_in_as_a_lookalike_name_forgives_no_guesses_at_another() {
+    let (postern, _) = behind_proxy(|b| {
+        b.users_file(&[
+            &format!("jürgen:{{PLAIN}}{PASSWORD}"),
+            "jurgen:{PLAIN}jurgens-own",
+        ])
+        .flag("--max-auth-failures-per-user", "3")
+        .flag("--auth-failure-delay", "0s")
+    });
+    let mut c = from(&postern, "198.51.100.7").await;
+    login_guess(&mut c, "jürgen", "535 5.7.8").await;
+    login_guess(&mut c, "jürgen", "535 5.7.8").await;
+    c.auth_plain("jurgen", "jurgens-own", "235").await;
+    let mut c = from(&postern, "198.51.100.7").await;
+    login_guess(&mut c, "jürgen", "535 5.7.8").await;
+    login_guess(&mut c, "jürgen", "454 4.7.0").await;
+}
+
+/// A wrong password for `user` with AUTH LOGIN, answered with `expect`.
+async fn login_guess(c: &mut SmtpClient, user: &str, expect: &str) {
+    c.cmd("AUTH LOGIN", "334").await;
+    c.cmd(&b64(user), "334").await;
+    c.cmd(&b64("wrong"), expect).await;
+}
+
 // ---- 2. Count before you hash ---------------------------------------------------------
 
 /// 50 parallel wrong passwords from one address, each for its own name: no more than
