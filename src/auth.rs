@@ -120,6 +120,8 @@ pub struct Authenticator {
     verifications_per_net: Arc<PerNetSlots>,
     /// AUTH failures per client network and per user name.
     gate: FailureGate,
+    /// The accounts login names stand for, so the windows count them as one.
+    logins: names::Logins,
     /// How long a failed AUTH takes at least (the costliest check's time).
     failure_pace: Arc<FailurePace>,
     /// Throttle log lines held back per network.
@@ -172,6 +174,7 @@ impl Authenticator {
             decoy_key,
             verifications_per_net: PerNetSlots::new(settings.verifications_per_network, u32::MAX),
             gate: FailureGate::new(settings.failures, &settings.store),
+            logins: names::Logins::new(settings.failures.window),
             settings,
             source,
             verifiers: VerifierPool::new(verifiers, verifiers * QUEUE_PER_VERIFIER),
@@ -270,7 +273,9 @@ impl Authenticator {
         username: &str,
         mechanism: Mechanism,
     ) -> Result<(Ticket, NameKey), Verdict> {
-        let user_key = self.gate.key(&window_name(username));
+        let user_key = self
+            .gate
+            .key(&self.logins.window_name(username, Instant::now()));
         let (ticket, delay) = match self.gate.admit(client.origin, &user_key).await {
             gate::Decision::Verify { ticket, delay } => (ticket, delay),
             gate::Decision::Refused(scope) => {
@@ -323,7 +328,12 @@ impl Authenticator {
         // hashing, and a paced failure holds no CPU.
         drop(verifying);
         let (answer, took) = match verified {
-            Ok((Ok(answer), took)) => (answer, took),
+            Ok((Ok(answer), took)) => {
+                if let Some(account) = answer.entry.as_ref().or(answer.user.as_ref()) {
+                    self.logins.learn(&username, account, Instant::now());
+                }
+                (answer, took)
+            }
             Ok((Err(Unavailable(reason, _)), _)) => {
                 warn!(source = self.source.kind().label(), %reason, user = ?LoggedName(&username), "credential source unavailable; 454 4.7.0");
                 return Verdict::Unavailable.into();
@@ -467,6 +477,7 @@ impl Authenticator {
                 route: success.route,
                 wait: None,
                 user: success.user,
+                entry: None,
             };
             return Ok((Ok(answer), Duration::ZERO));
         }
@@ -482,6 +493,7 @@ impl Authenticator {
                 route: None,
                 wait: None,
                 user: None,
+                entry: None,
             });
             self.record(&answer, took);
             return Ok((answer, took));
@@ -803,6 +815,7 @@ impl Authenticator {
                 route: None,
                 wait: None,
                 user: None,
+                entry: None,
             }),
             took,
         );
@@ -819,6 +832,9 @@ impl Authenticator {
                 }
             }
         };
+        if let Some(user) = &dovecot_user {
+            self.logins.learn(&name, user, Instant::now());
+        }
         let verdict = self
             .settle(
                 history,
@@ -906,11 +922,6 @@ impl fmt::Debug for Relayed {
             .field("mechanism", &self.mechanism)
             .finish_non_exhaustive()
     }
-}
-
-/// The name the failure windows count an attempt under: see [`names::fold`].
-fn window_name(name: &str) -> String {
-    names::fold(name)
 }
 
 /// Hash verifications at once: one per core keeps argon2's memory bounded while using

@@ -585,6 +585,18 @@ impl Idle {
     }
 }
 
+/// What the directory said of a login's entry, besides the verdict.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Login {
+    /// For a valid login, the account name the entry gives (see [`account`]), when it
+    /// gives one the user may read.
+    pub account: Option<String>,
+    /// The entry's first login name ([`account::first_name`]), when a search found it (a
+    /// wrong password included): every login name of the entry (its `uid`, each `mail`
+    /// alias) stands for it, and the failure windows count them all under it.
+    pub entry: Option<String>,
+}
+
 /// Whether a bind reads the account name from the entry afterwards, for the login typed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReadAccount<'a> {
@@ -592,10 +604,15 @@ enum ReadAccount<'a> {
     No,
 }
 
-/// One found entry (its DN, and the account name it gives), none, or too many.
+/// One found entry (its DN, the account name it gives the login, its first login
+/// name), none, or too many.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
-    One { dn: String, account: Option<String> },
+    One {
+        dn: String,
+        account: Option<String>,
+        first_name: Option<String>,
+    },
     None,
     Many,
 }
@@ -652,21 +669,21 @@ impl Source {
         self.verify_account(user, password).await.0
     }
 
-    /// [`Source::verify`], and for a valid login the account name the entry gives (see
-    /// [`account`]), when it gives one the user may read.
-    pub async fn verify_account(&self, user: &str, password: &[u8]) -> (Verdict, Option<String>) {
+    /// [`Source::verify`], and what the directory said of the login's entry (see
+    /// [`Login`]).
+    pub async fn verify_account(&self, user: &str, password: &[u8]) -> (Verdict, Login) {
         // RFC 4513 §5.1.2: a bind with a DN and an empty password is "unauthenticated"
         // and a server may answer it with success. Never sent.
         if password.is_empty() {
-            return (Verdict::Invalid(Refusal::EmptyPassword), None);
+            return (Verdict::Invalid(Refusal::EmptyPassword), Login::default());
         }
         let Ok(password) = std::str::from_utf8(password) else {
-            return (Verdict::Invalid(Refusal::PasswordNotUtf8), None);
+            return (Verdict::Invalid(Refusal::PasswordNotUtf8), Login::default());
         };
         // A control character is no part of a login name; slapd binds `alice<TAB>` as
         // alice in a DN.
         if user.is_empty() || user.len() > MAX_USER_LEN || user.chars().any(char::is_control) {
-            return (Verdict::Invalid(Refusal::UserName), None);
+            return (Verdict::Invalid(Refusal::UserName), Login::default());
         }
         let deadline = Instant::now() + self.settings.timeout;
         let Ok(Ok(_slot)) = timeout_at(deadline, self.slots.acquire()).await else {
@@ -677,13 +694,21 @@ impl Source {
                     self.settings.pool_size, self.settings.timeout
                 ),
             );
-            return (Verdict::Down(down), None);
+            return (Verdict::Down(down), Login::default());
         };
         match &self.settings.mode {
             Mode::DirectBind { user_dn_template } => {
                 let dn = escape::fill(user_dn_template, &escape::dn_value(user));
-                self.bind(&dn, password, deadline, ReadAccount::Yes(user))
-                    .await
+                let (verdict, account) = self
+                    .bind(&dn, password, deadline, ReadAccount::Yes(user))
+                    .await;
+                (
+                    verdict,
+                    Login {
+                        account,
+                        entry: None,
+                    },
+                )
             }
             Mode::SearchBind {
                 base,
@@ -692,12 +717,27 @@ impl Source {
             } => {
                 let filter = escape::fill(filter_template, &escape::filter_value(user));
                 let refusal = match self.search(base, &filter, user, deadline).await {
-                    Err(down) => return (Verdict::Down(down), None),
-                    Ok(Found::One { dn, account }) => {
+                    Err(down) => return (Verdict::Down(down), Login::default()),
+                    Ok(Found::One {
+                        dn,
+                        account,
+                        first_name,
+                    }) => {
                         let (verdict, _) =
                             self.bind(&dn, password, deadline, ReadAccount::No).await;
-                        let account = account.filter(|_| verdict == Verdict::Valid);
-                        return (verdict, account);
+                        let login = match verdict {
+                            Verdict::Valid => Login {
+                                account,
+                                entry: first_name,
+                            },
+                            // A wrong password too counts as the entry's.
+                            Verdict::Invalid(_) => Login {
+                                account: None,
+                                entry: first_name,
+                            },
+                            Verdict::Down(_) => Login::default(),
+                        };
+                        return (verdict, login);
                     }
                     Ok(Found::None) => Refusal::NoSuchUser,
                     Ok(Found::Many) => Refusal::Ambiguous,
@@ -712,7 +752,7 @@ impl Source {
                     (Verdict::Down(down), _) => Verdict::Down(down),
                     (Verdict::Valid | Verdict::Invalid(_), _) => Verdict::Invalid(refusal),
                 };
-                (verdict, None)
+                (verdict, Login::default())
             }
         }
     }
@@ -1066,6 +1106,7 @@ fn found(
             Some(dn) => Ok(Found::One {
                 dn,
                 account: account::from_entry(entry, account_attributes, user),
+                first_name: account::first_name(entry, account_attributes),
             }),
             None => Err(Down::new(Stage::Search, "an entry without a usable DN")),
         },
@@ -1561,6 +1602,7 @@ mod tests {
             Ok(Found::One {
                 dn: alice.into(),
                 account: None,
+                first_name: None,
             })
         };
         for (entries, rc, expected) in [

@@ -105,10 +105,13 @@ pub struct Answer {
     /// How long the client must wait for a refusal (auth_http's `Auth-Wait`).
     pub wait: Option<Duration>,
     /// The account's own name, where the source accepts more than one spelling of it
-    /// (Dovecot's `user=`, LDAP's name as its matching rules read it): the session goes
+    /// (Dovecot's `user=`, the LDAP entry's, auth_http's `Auth-User`): the session goes
     /// on under it, so every spelling shares one sending budget and the backend is told
     /// one login.
     pub user: Option<String>,
+    /// The name every login name of the account counts under in the failure windows,
+    /// valid or not (the LDAP entry's first login name).
+    pub entry: Option<String>,
 }
 
 impl Answer {
@@ -119,6 +122,7 @@ impl Answer {
             route: None,
             wait: None,
             user: None,
+            entry: None,
         }
     }
 }
@@ -269,21 +273,28 @@ impl Source {
                     route: None,
                     wait: None,
                     user: None,
+                    entry: None,
                 })
             }
             Source::Dovecot(client) => check_dovecot(client, attempt).await,
             Source::Ldap(source) => match attempt.credentials {
                 Credentials::Password { username, password } => {
                     match source.verify_account(username, password).await {
-                        (ldap::Verdict::Valid, account) => Ok(Answer {
+                        (ldap::Verdict::Valid, login) => Ok(Answer {
                             user: Some(
-                                account.unwrap_or_else(|| ldap::account::fallback(username)),
+                                login
+                                    .account
+                                    .unwrap_or_else(|| ldap::account::fallback(username)),
                             ),
+                            entry: login.entry,
                             ..Answer::valid(true)
                         }),
-                        (ldap::Verdict::Invalid(refusal), _) => {
+                        (ldap::Verdict::Invalid(refusal), login) => {
                             tracing::debug!(%refusal, "LDAP refused the credentials");
-                            Ok(Answer::valid(false))
+                            Ok(Answer {
+                                entry: login.entry,
+                                ..Answer::valid(false)
+                            })
                         }
                         (ldap::Verdict::Down(down), _) => Err(Unavailable::down(down.to_string())),
                     }

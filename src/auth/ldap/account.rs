@@ -64,53 +64,82 @@ pub fn attributes(mode: &Mode) -> Vec<String> {
 }
 
 /// The account name an entry gives for the login `typed`: the value the login matched,
-/// in the first of `attributes` that has one. A value matches when it folds to what
-/// `typed` folds to ([`names::fold`], wider than any directory's matching); never
-/// merely the first value or attribute: a user who may edit their own `mail` could
-/// otherwise set it to another account's name and, logging in with their uid, go on as
-/// that account. A value must be able to be a login (UTF-8, printable, at most 255
-/// octets).
+/// in the first of `attributes` that has one. Never merely the first value or
+/// attribute: a user who may edit their own `mail` could otherwise set it to another
+/// account's name and, logging in with their uid, go on as that account.
+///
+/// Which value matched is told as the directory would: a value equal to `typed` under
+/// [`names::directory_fold`]; failing that (a Unicode rule that fold does not know), the
+/// one value of all the attributes equal to it under the wider [`names::fold`]. Two such
+/// values (`alice` and `al ice`, which the wider fold merges) tell nothing: no name, and
+/// the caller falls back on the name typed. A value must be able to be a login (UTF-8,
+/// printable, at most 255 octets).
 pub fn from_entry(entry: &ResultEntry, attributes: &[String], typed: &str) -> Option<String> {
+    let values: Vec<String> = attributes
+        .iter()
+        .filter_map(|wanted| values_of(entry, wanted))
+        .flatten()
+        .filter(|v| can_be_login(v))
+        .collect();
+    let narrow = names::directory_fold(typed);
+    if let Some(value) = values.iter().find(|v| names::directory_fold(v) == narrow) {
+        return Some(value.clone());
+    }
+    let wide = names::fold(typed);
+    let mut matching = values.iter().filter(|v| names::fold(v) == wide);
+    match (matching.next(), matching.next()) {
+        (Some(value), None) => Some(value.clone()),
+        _ => None,
+    }
+}
+
+/// The name the failure windows count every login name of an entry under: the first
+/// value of the first of `attributes` it has (its `uid` before its `mail` aliases). Never
+/// a session's name (see [`from_entry`]): a user who may edit an attribute can set it to
+/// another account's name, which here only adds their failures to that name's window,
+/// as failing that name directly would.
+pub fn first_name(entry: &ResultEntry, attributes: &[String]) -> Option<String> {
+    attributes.iter().find_map(|wanted| {
+        values_of(entry, wanted)?
+            .into_iter()
+            .next()
+            .filter(|v| can_be_login(v))
+    })
+}
+
+fn can_be_login(value: &str) -> bool {
+    !value.is_empty() && value.len() <= MAX_ACCOUNT_LEN && !value.chars().any(char::is_control)
+}
+
+/// The values of attribute `wanted` in a SearchResultEntry (RFC 4511 §4.5.2: objectName,
+/// then the attribute list, each a SEQUENCE of the type and a SET of values), read
+/// without ldap3's `SearchEntry::construct`, which panics on a malformed entry.
+fn values_of(entry: &ResultEntry, wanted: &str) -> Option<Vec<String>> {
     let PL::C(parts) = &entry.0.payload else {
         return None;
     };
-    // SearchResultEntry (RFC 4511 §4.5.2): objectName, then the attribute list, each
-    // a SEQUENCE of the type and a SET of values.
     let PL::C(list) = &parts.get(1)?.payload else {
         return None;
     };
-    let values_of = |wanted: &str| -> Option<Vec<String>> {
-        list.iter().find_map(|attribute| {
-            let PL::C(pair) = &attribute.payload else {
-                return None;
-            };
-            let (PL::P(name), PL::C(values)) = (&pair.first()?.payload, &pair.get(1)?.payload)
-            else {
-                return None;
-            };
-            if !std::str::from_utf8(name).is_ok_and(|name| name.eq_ignore_ascii_case(wanted)) {
-                return None;
-            }
-            Some(
-                values
-                    .iter()
-                    .filter_map(|value| match &value.payload {
-                        PL::P(octets) => String::from_utf8(octets.clone()).ok(),
-                        PL::C(_) => None,
-                    })
-                    .collect(),
-            )
-        })
-    };
-    let typed = names::fold(typed);
-    attributes.iter().find_map(|wanted| {
-        let value = values_of(wanted)?
-            .into_iter()
-            .find(|v| names::fold(v) == typed)?;
-        (!value.is_empty()
-            && value.len() <= MAX_ACCOUNT_LEN
-            && !value.chars().any(char::is_control))
-        .then_some(value)
+    list.iter().find_map(|attribute| {
+        let PL::C(pair) = &attribute.payload else {
+            return None;
+        };
+        let (PL::P(name), PL::C(values)) = (&pair.first()?.payload, &pair.get(1)?.payload) else {
+            return None;
+        };
+        if !std::str::from_utf8(name).is_ok_and(|name| name.eq_ignore_ascii_case(wanted)) {
+            return None;
+        }
+        Some(
+            values
+                .iter()
+                .filter_map(|value| match &value.payload {
+                    PL::P(octets) => String::from_utf8(octets.clone()).ok(),
+                    PL::C(_) => None,
+                })
+                .collect(),
+        )
     })
 }
 
@@ -239,9 +268,29 @@ mod tests {
         // character Unicode folds together stay two.
         let eszett = entry(&[("uid", &["xẞ"])]);
         assert_eq!(from_entry(&eszett, &wanted, "xẞ").as_deref(), Some("xẞ"));
-        // A login that matches no value the entry gives (a directory rule the fold
-        // does not know) gives no account: the caller falls back.
+        // A login that matches no value the entry gives gives no account: the caller
+        // falls back.
         assert_eq!(from_entry(&eszett, &wanted, "someone"), None);
+        // trudy put alice's name beside her own "al ice", which the wide fold merges:
+        // logging in as "al ice" she goes on as "al ice".
+        let trudy = entry(&[("mail", &["alice", "al ice"]), ("uid", &["trudy"])]);
+        let mail_first = ["mail".to_owned(), "uid".to_owned()];
+        assert_eq!(
+            from_entry(&trudy, &mail_first, "al ice").as_deref(),
+            Some("al ice")
+        );
+        assert_eq!(
+            from_entry(&trudy, &mail_first, "AL  ICE").as_deref(),
+            Some("al ice")
+        );
+        // A spelling only the wide fold matches, and it matches both: no name.
+        assert_eq!(from_entry(&trudy, &mail_first, "ａｌ ｉｃｅ"), None);
+        // Across attributes too: the directory matched uid "al ice", not mail "alice".
+        let across = entry(&[("mail", &["alice"]), ("uid", &["al ice"])]);
+        assert_eq!(
+            from_entry(&across, &mail_first, "al ice").as_deref(),
+            Some("al ice")
+        );
         for unusable in [
             entry(&[]),
             entry(&[("uid", &[])]),
@@ -251,6 +300,22 @@ mod tests {
         ] {
             assert_eq!(from_entry(&unusable, &wanted, "alice"), None);
         }
+    }
+
+    #[test]
+    fn the_window_name_of_an_entry_is_its_first_login_name() {
+        let wanted = ["uid".to_owned(), "mail".to_owned()];
+        let dora = entry(&[
+            ("mail", &["dora@example.test", "sales@example.test"]),
+            ("uid", &["dora"]),
+        ]);
+        assert_eq!(first_name(&dora, &wanted).as_deref(), Some("dora"));
+        let no_uid = entry(&[("mail", &["sales@example.test", "dora@example.test"])]);
+        assert_eq!(
+            first_name(&no_uid, &wanted).as_deref(),
+            Some("sales@example.test")
+        );
+        assert_eq!(first_name(&entry(&[]), &wanted), None);
     }
 
     #[test]
