@@ -120,8 +120,6 @@ pub struct Authenticator {
     verifications_per_net: Arc<PerNetSlots>,
     /// AUTH failures per client network and per user name.
     gate: FailureGate,
-    /// The accounts login names stand for, so the windows count them as one.
-    logins: names::Logins,
     /// How long a failed AUTH takes at least (the costliest check's time).
     failure_pace: Arc<FailurePace>,
     /// Throttle log lines held back per network.
@@ -174,7 +172,6 @@ impl Authenticator {
             decoy_key,
             verifications_per_net: PerNetSlots::new(settings.verifications_per_network, u32::MAX),
             gate: FailureGate::new(settings.failures, &settings.store),
-            logins: names::Logins::new(settings.failures.window),
             settings,
             source,
             verifiers: VerifierPool::new(verifiers, verifiers * QUEUE_PER_VERIFIER),
@@ -273,9 +270,7 @@ impl Authenticator {
         username: &str,
         mechanism: Mechanism,
     ) -> Result<(Ticket, NameKey), Verdict> {
-        let user_key = self
-            .gate
-            .key(&self.logins.window_name(username, Instant::now()));
+        let user_key = self.gate.key(&names::fold(username));
         let (ticket, delay) = match self.gate.admit(client.origin, &user_key).await {
             gate::Decision::Verify { ticket, delay } => (ticket, delay),
             gate::Decision::Refused(scope) => {
@@ -328,12 +323,7 @@ impl Authenticator {
         // hashing, and a paced failure holds no CPU.
         drop(verifying);
         let (answer, took) = match verified {
-            Ok((Ok(answer), took)) => {
-                if let Some(account) = answer.entry.as_ref().or(answer.user.as_ref()) {
-                    self.logins.learn(&username, account, Instant::now());
-                }
-                (answer, took)
-            }
+            Ok((Ok(answer), took)) => (answer, took),
             Ok((Err(Unavailable(reason, _)), _)) => {
                 warn!(source = self.source.kind().label(), %reason, user = ?LoggedName(&username), "credential source unavailable; 454 4.7.0");
                 return Verdict::Unavailable.into();
@@ -477,7 +467,6 @@ impl Authenticator {
                 route: success.route,
                 wait: None,
                 user: success.user,
-                entry: None,
             };
             return Ok((Ok(answer), Duration::ZERO));
         }
@@ -493,7 +482,6 @@ impl Authenticator {
                 route: None,
                 wait: None,
                 user: None,
-                entry: None,
             });
             self.record(&answer, took);
             return Ok((answer, took));
@@ -815,7 +803,6 @@ impl Authenticator {
                 route: None,
                 wait: None,
                 user: None,
-                entry: None,
             }),
             took,
         );
@@ -832,9 +819,6 @@ impl Authenticator {
                 }
             }
         };
-        if let Some(user) = &dovecot_user {
-            self.logins.learn(&name, user, Instant::now());
-        }
         let verdict = self
             .settle(
                 history,

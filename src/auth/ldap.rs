@@ -591,10 +591,6 @@ pub struct Login {
     /// For a valid login, the account name the entry gives (see [`account`]), when it
     /// gives one the user may read.
     pub account: Option<String>,
-    /// The entry's first login name ([`account::first_name`]), when a search found it (a
-    /// wrong password included): every login name of the entry (its `uid`, each `mail`
-    /// alias) stands for it, and the failure windows count them all under it.
-    pub entry: Option<String>,
 }
 
 /// Whether a bind reads the account name from the entry afterwards, for the login typed.
@@ -604,15 +600,10 @@ enum ReadAccount<'a> {
     No,
 }
 
-/// One found entry (its DN, the account name it gives the login, its first login
-/// name), none, or too many.
+/// One found entry (its DN, and the account name it gives the login), none, or too many.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
-    One {
-        dn: String,
-        account: Option<String>,
-        first_name: Option<String>,
-    },
+    One { dn: String, account: Option<String> },
     None,
     Many,
 }
@@ -702,13 +693,7 @@ impl Source {
                 let (verdict, account) = self
                     .bind(&dn, password, deadline, ReadAccount::Yes(user))
                     .await;
-                (
-                    verdict,
-                    Login {
-                        account,
-                        entry: None,
-                    },
-                )
+                (verdict, Login { account })
             }
             Mode::SearchBind {
                 base,
@@ -718,26 +703,11 @@ impl Source {
                 let filter = escape::fill(filter_template, &escape::filter_value(user));
                 let refusal = match self.search(base, &filter, user, deadline).await {
                     Err(down) => return (Verdict::Down(down), Login::default()),
-                    Ok(Found::One {
-                        dn,
-                        account,
-                        first_name,
-                    }) => {
+                    Ok(Found::One { dn, account }) => {
                         let (verdict, _) =
                             self.bind(&dn, password, deadline, ReadAccount::No).await;
-                        let login = match verdict {
-                            Verdict::Valid => Login {
-                                account,
-                                entry: first_name,
-                            },
-                            // A wrong password too counts as the entry's.
-                            Verdict::Invalid(_) => Login {
-                                account: None,
-                                entry: first_name,
-                            },
-                            Verdict::Down(_) => Login::default(),
-                        };
-                        return (verdict, login);
+                        let account = account.filter(|_| verdict == Verdict::Valid);
+                        return (verdict, Login { account });
                     }
                     Ok(Found::None) => Refusal::NoSuchUser,
                     Ok(Found::Many) => Refusal::Ambiguous,
@@ -1106,7 +1076,6 @@ fn found(
             Some(dn) => Ok(Found::One {
                 dn,
                 account: account::from_entry(entry, account_attributes, user),
-                first_name: account::first_name(entry, account_attributes),
             }),
             None => Err(Down::new(Stage::Search, "an entry without a usable DN")),
         },
@@ -1602,7 +1571,6 @@ mod tests {
             Ok(Found::One {
                 dn: alice.into(),
                 account: None,
-                first_name: None,
             })
         };
         for (entries, rc, expected) in [

@@ -109,9 +109,6 @@ pub struct Answer {
     /// on under it, so every spelling shares one sending budget and the backend is told
     /// one login.
     pub user: Option<String>,
-    /// The name every login name of the account counts under in the failure windows,
-    /// valid or not (the LDAP entry's first login name).
-    pub entry: Option<String>,
 }
 
 impl Answer {
@@ -122,7 +119,6 @@ impl Answer {
             route: None,
             wait: None,
             user: None,
-            entry: None,
         }
     }
 }
@@ -273,7 +269,6 @@ impl Source {
                     route: None,
                     wait: None,
                     user: None,
-                    entry: None,
                 })
             }
             Source::Dovecot(client) => check_dovecot(client, attempt).await,
@@ -286,15 +281,11 @@ impl Source {
                                     .account
                                     .unwrap_or_else(|| ldap::account::fallback(username)),
                             ),
-                            entry: login.entry,
                             ..Answer::valid(true)
                         }),
-                        (ldap::Verdict::Invalid(refusal), login) => {
+                        (ldap::Verdict::Invalid(refusal), _) => {
                             tracing::debug!(%refusal, "LDAP refused the credentials");
-                            Ok(Answer {
-                                entry: login.entry,
-                                ..Answer::valid(false)
-                            })
+                            Ok(Answer::valid(false))
                         }
                         (ldap::Verdict::Down(down), _) => Err(Unavailable::down(down.to_string())),
                     }

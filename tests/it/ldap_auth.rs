@@ -136,16 +136,6 @@ cn: Eszett
 sn: Capital
 userPassword: capital-password
 
-# One entry, three login names with (|(uid=%u)(mail=%u)).
-dn: uid=dora,ou=people,dc=example,dc=test
-objectClass: inetOrgPerson
-uid: dora
-cn: Dora
-sn: Explorer
-mail: dora@example.test
-mail: sales@example.test
-userPassword: dora-password
-
 # A user who set her mail (some directories let users edit it) to alice's.
 dn: uid=mallory,ou=people,dc=example,dc=test
 objectClass: inetOrgPerson
@@ -1035,37 +1025,6 @@ async fn an_entry_cannot_name_itself_after_another_account() {
             user,
             "{closed}"
         );
-    }
-}
-
-/// Wrong passwords under an entry's other login names (its mail aliases) count as the
-/// entry's once the directory has named it: each alias gets one attempt of its own at
-/// most, not a per-user limit of its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_entrys_login_names_share_its_failure_window() {
-    let Some(slapd) = Slapd::start() else { return };
-    let (postern, _secrets, _backend) = postern_over_with(
-        &slapd,
-        &[
-            ("--ldap-search-filter", "(|(uid=%u)(mail=%u))"),
-            ("--max-auth-failures-per-user", "2"),
-            ("--max-auth-failures-per-ip", "1000"),
-            ("--auth-failure-delay", "0s"),
-        ],
-    );
-    let listen = postern.addr("--listen-tls");
-    for (login, expected) in [
-        ("dora", "535 5.7.8"),
-        ("dora", "535 5.7.8"),
-        ("dora", "454 4.7.0"),
-        ("dora@example.test", "535 5.7.8"),
-        ("dora@example.test", "454 4.7.0"),
-        ("SALES@example.test", "535 5.7.8"),
-        ("sales@example.test", "454 4.7.0"),
-    ] {
-        let (mut client, _) =
-            common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
-        client.auth_plain(login, "wrong", expected).await;
     }
 }
 

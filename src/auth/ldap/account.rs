@@ -79,32 +79,19 @@ pub fn from_entry(entry: &ResultEntry, attributes: &[String], typed: &str) -> Op
         .iter()
         .filter_map(|wanted| values_of(entry, wanted))
         .flatten()
-        .filter(|v| can_be_login(v))
         .collect();
+    // Which value matched is decided before whether it can be a login: were an unusable
+    // match set aside first, the wide rule below could pick another value for it.
     let narrow = names::directory_fold(typed);
     if let Some(value) = values.iter().find(|v| names::directory_fold(v) == narrow) {
-        return Some(value.clone());
+        return Some(value.clone()).filter(|v| can_be_login(v));
     }
     let wide = names::fold(typed);
     let mut matching = values.iter().filter(|v| names::fold(v) == wide);
     match (matching.next(), matching.next()) {
-        (Some(value), None) => Some(value.clone()),
+        (Some(value), None) => Some(value.clone()).filter(|v| can_be_login(v)),
         _ => None,
     }
-}
-
-/// The name the failure windows count every login name of an entry under: the first
-/// value of the first of `attributes` it has (its `uid` before its `mail` aliases). Never
-/// a session's name (see [`from_entry`]): a user who may edit an attribute can set it to
-/// another account's name, which here only adds their failures to that name's window,
-/// as failing that name directly would.
-pub fn first_name(entry: &ResultEntry, attributes: &[String]) -> Option<String> {
-    attributes.iter().find_map(|wanted| {
-        values_of(entry, wanted)?
-            .into_iter()
-            .next()
-            .filter(|v| can_be_login(v))
-    })
 }
 
 fn can_be_login(value: &str) -> bool {
@@ -283,6 +270,11 @@ mod tests {
             from_entry(&trudy, &mail_first, "AL  ICE").as_deref(),
             Some("al ice")
         );
+        // The value the login matched cannot be a login (too long): no name, never the
+        // other value the wide fold would match.
+        let long = format!("al{}ice", " ".repeat(300));
+        let trudy3 = entry(&[("mail", &["alice", &long]), ("uid", &["trudy3"])]);
+        assert_eq!(from_entry(&trudy3, &mail_first, "al ice"), None);
         // A spelling only the wide fold matches, and it matches both: no name.
         assert_eq!(from_entry(&trudy, &mail_first, "ａｌ ｉｃｅ"), None);
         // Across attributes too: the directory matched uid "al ice", not mail "alice".
@@ -300,22 +292,6 @@ mod tests {
         ] {
             assert_eq!(from_entry(&unusable, &wanted, "alice"), None);
         }
-    }
-
-    #[test]
-    fn the_window_name_of_an_entry_is_its_first_login_name() {
-        let wanted = ["uid".to_owned(), "mail".to_owned()];
-        let dora = entry(&[
-            ("mail", &["dora@example.test", "sales@example.test"]),
-            ("uid", &["dora"]),
-        ]);
-        assert_eq!(first_name(&dora, &wanted).as_deref(), Some("dora"));
-        let no_uid = entry(&[("mail", &["sales@example.test", "dora@example.test"])]);
-        assert_eq!(
-            first_name(&no_uid, &wanted).as_deref(),
-            Some("sales@example.test")
-        );
-        assert_eq!(first_name(&entry(&[]), &wanted), None);
     }
 
     #[test]
