@@ -29,14 +29,16 @@ pub fn fold(name: &str) -> String {
         .collect()
 }
 
-/// A user name as a directory compares it, as near as postern can tell: X.520's
-/// preparation with case folding, then insignificant spaces (RFC 4518 §2.6.1: none
-/// leading or trailing, inner runs as one). Narrower than [`fold`], which also merges
-/// names a directory keeps apart (`al ice` and `alice`).
+/// A user name as a directory compares it, as near as postern can tell (RFC 4518's
+/// caseIgnoreMatch): X.520's preparation with case folding, compatibility
+/// normalization, then insignificant spaces (none leading or trailing, inner runs as
+/// one). Narrower than [`fold`], which also merges names a directory keeps apart
+/// (`al ice` and `alice`).
 pub fn directory_fold(name: &str) -> String {
     let lower = name.to_lowercase();
     let prepared = stringprep::x520prep(&lower, true).unwrap_or(Cow::Borrowed(&lower));
-    prepared
+    let normalized: String = prepared.nfkc().collect();
+    normalized
         .split(' ')
         .filter(|w| !w.is_empty())
         .collect::<Vec<_>>()

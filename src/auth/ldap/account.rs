@@ -64,34 +64,28 @@ pub fn attributes(mode: &Mode) -> Vec<String> {
 }
 
 /// The account name an entry gives for the login `typed`: the value the login matched,
-/// in the first of `attributes` that has one. Never merely the first value or
-/// attribute: a user who may edit their own `mail` could otherwise set it to another
-/// account's name and, logging in with their uid, go on as that account.
+/// among all of `attributes`. Never merely the first value or attribute: a user who
+/// may edit their own `mail` could otherwise set it to another account's name and,
+/// logging in with their uid, go on as that account.
 ///
-/// Which value matched is told as the directory would: a value equal to `typed` under
-/// [`names::directory_fold`]; failing that (a Unicode rule that fold does not know), the
-/// one value of all the attributes equal to it under the wider [`names::fold`]. Two such
-/// values (`alice` and `al ice`, which the wider fold merges) tell nothing: no name, and
-/// the caller falls back on the name typed. A value must be able to be a login (UTF-8,
-/// printable, at most 255 octets).
+/// Which value matched is told as the directory compares ([`names::directory_fold`]);
+/// a value that compares alike only under a wider fold proves nothing (slapd reads an
+/// IA5 value only up to a NUL, so `a lice<NUL>z` matched `a lice` while `alice`, beside
+/// it, folded alike under the wide fold). No value, two of them, or one that cannot be
+/// a login (UTF-8, printable, at most 255 octets): no name, and the caller falls back
+/// on the name typed.
 pub fn from_entry(entry: &ResultEntry, attributes: &[String], typed: &str) -> Option<String> {
-    let values: Vec<String> = attributes
+    let narrow = names::directory_fold(typed);
+    let mut matching = attributes
         .iter()
         .filter_map(|wanted| values_of(entry, wanted))
         .flatten()
-        .collect();
-    // Which value matched is decided before whether it can be a login: were an unusable
-    // match set aside first, the wide rule below could pick another value for it.
-    let narrow = names::directory_fold(typed);
-    if let Some(value) = values.iter().find(|v| names::directory_fold(v) == narrow) {
-        return Some(value.clone()).filter(|v| can_be_login(v));
+        .filter(|v| names::directory_fold(v) == narrow);
+    let value = matching.next()?;
+    if matching.any(|other| other != value) {
+        return None;
     }
-    let wide = names::fold(typed);
-    let mut matching = values.iter().filter(|v| names::fold(v) == wide);
-    match (matching.next(), matching.next()) {
-        (Some(value), None) => Some(value.clone()).filter(|v| can_be_login(v)),
-        _ => None,
-    }
+    Some(value).filter(|v| can_be_login(v))
 }
 
 fn can_be_login(value: &str) -> bool {
@@ -275,8 +269,13 @@ mod tests {
         let long = format!("al{}ice", " ".repeat(300));
         let trudy3 = entry(&[("mail", &["alice", &long]), ("uid", &["trudy3"])]);
         assert_eq!(from_entry(&trudy3, &mail_first, "al ice"), None);
-        // A spelling only the wide fold matches, and it matches both: no name.
-        assert_eq!(from_entry(&trudy, &mail_first, "ａｌ ｉｃｅ"), None);
+        // slapd reads an IA5 value up to a NUL: a value it matched that way is not
+        // seen here, and `alice` beside it, alike only under the wide fold, is no match.
+        let trudy4 = entry(&[("mail", &["alice", "a lice\0z"]), ("uid", &["trudy4"])]);
+        assert_eq!(from_entry(&trudy4, &mail_first, "a lice"), None);
+        // Two values that compare alike: no name.
+        let twice = entry(&[("mail", &["Al Ice", "al  ice"])]);
+        assert_eq!(from_entry(&twice, &mail_first, "al ice"), None);
         // Across attributes too: the directory matched uid "al ice", not mail "alice".
         let across = entry(&[("mail", &["alice"]), ("uid", &["al ice"])]);
         assert_eq!(
