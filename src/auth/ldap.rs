@@ -585,21 +585,6 @@ impl Idle {
     }
 }
 
-/// What the directory said of a login's entry, besides the verdict.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Login {
-    /// For a valid login, the account name the entry gives (see [`account`]), when it
-    /// gives one the user may read.
-    pub account: Option<String>,
-}
-
-/// Whether a bind reads the account name from the entry afterwards, for the login typed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadAccount<'a> {
-    Yes(&'a str),
-    No,
-}
-
 /// One found entry (its DN, and the account name it gives the login), none, or too many.
 #[derive(Debug, PartialEq, Eq)]
 enum Found {
@@ -660,21 +645,21 @@ impl Source {
         self.verify_account(user, password).await.0
     }
 
-    /// [`Source::verify`], and what the directory said of the login's entry (see
-    /// [`Login`]).
-    pub async fn verify_account(&self, user: &str, password: &[u8]) -> (Verdict, Login) {
+    /// [`Source::verify`], and for a valid login the account name the entry gives (see
+    /// [`account`]), when it gives one the user may read.
+    pub async fn verify_account(&self, user: &str, password: &[u8]) -> (Verdict, Option<String>) {
         // RFC 4513 §5.1.2: a bind with a DN and an empty password is "unauthenticated"
         // and a server may answer it with success. Never sent.
         if password.is_empty() {
-            return (Verdict::Invalid(Refusal::EmptyPassword), Login::default());
+            return (Verdict::Invalid(Refusal::EmptyPassword), None);
         }
         let Ok(password) = std::str::from_utf8(password) else {
-            return (Verdict::Invalid(Refusal::PasswordNotUtf8), Login::default());
+            return (Verdict::Invalid(Refusal::PasswordNotUtf8), None);
         };
         // A control character is no part of a login name; slapd binds `alice<TAB>` as
         // alice in a DN.
         if user.is_empty() || user.len() > MAX_USER_LEN || user.chars().any(char::is_control) {
-            return (Verdict::Invalid(Refusal::UserName), Login::default());
+            return (Verdict::Invalid(Refusal::UserName), None);
         }
         let deadline = Instant::now() + self.settings.timeout;
         let Ok(Ok(_slot)) = timeout_at(deadline, self.slots.acquire()).await else {
@@ -685,15 +670,12 @@ impl Source {
                     self.settings.pool_size, self.settings.timeout
                 ),
             );
-            return (Verdict::Down(down), Login::default());
+            return (Verdict::Down(down), None);
         };
         match &self.settings.mode {
             Mode::DirectBind { user_dn_template } => {
                 let dn = escape::fill(user_dn_template, &escape::dn_value(user));
-                let (verdict, account) = self
-                    .bind(&dn, password, deadline, ReadAccount::Yes(user))
-                    .await;
-                (verdict, Login { account })
+                self.bind(&dn, password, deadline, Some(user)).await
             }
             Mode::SearchBind {
                 base,
@@ -702,12 +684,11 @@ impl Source {
             } => {
                 let filter = escape::fill(filter_template, &escape::filter_value(user));
                 let refusal = match self.search(base, &filter, user, deadline).await {
-                    Err(down) => return (Verdict::Down(down), Login::default()),
+                    Err(down) => return (Verdict::Down(down), None),
                     Ok(Found::One { dn, account }) => {
-                        let (verdict, _) =
-                            self.bind(&dn, password, deadline, ReadAccount::No).await;
+                        let (verdict, _) = self.bind(&dn, password, deadline, None).await;
                         let account = account.filter(|_| verdict == Verdict::Valid);
-                        return (verdict, Login { account });
+                        return (verdict, account);
                     }
                     Ok(Found::None) => Refusal::NoSuchUser,
                     Ok(Found::Many) => Refusal::Ambiguous,
@@ -715,14 +696,11 @@ impl Source {
                 // A bind that cannot succeed, so that an unknown user takes the round
                 // trips a wrong password takes, and a directory that stops answering
                 // now gives the answer a real bind would.
-                let verdict = match self
-                    .bind(&decoy_dn(base), password, deadline, ReadAccount::No)
-                    .await
-                {
+                let verdict = match self.bind(&decoy_dn(base), password, deadline, None).await {
                     (Verdict::Down(down), _) => Verdict::Down(down),
                     (Verdict::Valid | Verdict::Invalid(_), _) => Verdict::Invalid(refusal),
                 };
-                (verdict, Login::default())
+                (verdict, None)
             }
         }
     }
@@ -773,13 +751,14 @@ impl Source {
     }
 
     /// A user bind as `dn`, on an idle user connection or a new one; after a valid one,
-    /// with [`ReadAccount::Yes`], the account name the entry gives, read as the user.
+    /// with `read_account_for` the login typed, the account name the entry gives it,
+    /// read as the user.
     async fn bind(
         &self,
         dn: &str,
         password: &str,
         deadline: Instant,
-        read: ReadAccount<'_>,
+        read_account_for: Option<&str>,
     ) -> (Verdict, Option<String>) {
         let (mut conn, mut reused) = match self.binders.take() {
             Some(conn) => (conn, true),
@@ -807,8 +786,8 @@ impl Source {
                 Ok(Err(e)) => return (Verdict::Down(Down::new(Stage::Bind, e.to_string())), None),
                 Ok(Ok(result)) => {
                     let verdict = bind_verdict(&result);
-                    let account = match (&verdict, read) {
-                        (Verdict::Valid, ReadAccount::Yes(user)) => {
+                    let account = match (&verdict, read_account_for) {
+                        (Verdict::Valid, Some(user)) => {
                             self.read_account(&mut conn, dn, user, deadline).await
                         }
                         _ => None,

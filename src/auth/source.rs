@@ -275,11 +275,9 @@ impl Source {
             Source::Ldap(source) => match attempt.credentials {
                 Credentials::Password { username, password } => {
                     match source.verify_account(username, password).await {
-                        (ldap::Verdict::Valid, login) => Ok(Answer {
+                        (ldap::Verdict::Valid, account) => Ok(Answer {
                             user: Some(
-                                login
-                                    .account
-                                    .unwrap_or_else(|| ldap::account::fallback(username)),
+                                account.unwrap_or_else(|| ldap::account::fallback(username)),
                             ),
                             ..Answer::valid(true)
                         }),
