@@ -108,6 +108,12 @@ impl Origin {
     pub fn wider_site(self) -> Option<ClientNet> {
         (self.site != self.net).then_some(self.site)
     }
+
+    /// The networks an attempt from here counts in: its own, and its site where wider
+    /// (a `ClientNet` carries its prefix length, so the two never share a key).
+    fn counted_in(self) -> impl Iterator<Item = ClientNet> {
+        std::iter::once(self.net).chain(self.wider_site())
+    }
 }
 
 /// An origin whose site is its own network, as for every IPv4 client.
@@ -434,10 +440,8 @@ struct GateState {
     /// Failures per network, and per site where it is wider (see [`Origin`]).
     nets: Table<ClientNet>,
     users: Table<UserKey>,
-    /// Failures of one user name from one site: the sites a name over its limit refuses.
-    user_sites: Table<(UserKey, ClientNet)>,
-    /// Failures of one user name from one network, where its site is wider (for IPv4
-    /// `user_sites` is that count): what bounds the trust of a network.
+    /// Failures of one user name from one network, and from its site where wider: the
+    /// sites a name over its limit refuses, and what bounds the trust of a network.
     user_nets: Table<(UserKey, ClientNet)>,
     /// When a network last logged in as a user.
     logged_in: HashMap<(UserKey, ClientNet), Instant>,
@@ -445,7 +449,6 @@ struct GateState {
     /// connections, so not swept.
     running_nets: HashMap<ClientNet, u32>,
     running_users: HashMap<UserKey, u32>,
-    running_user_sites: HashMap<(UserKey, ClientNet), u32>,
     running_user_nets: HashMap<(UserKey, ClientNet), u32>,
 }
 
@@ -473,12 +476,10 @@ impl AuthGate {
             state: Mutex::new(GateState {
                 nets: Table::new(limits.window),
                 users: Table::new(limits.window),
-                user_sites: Table::new(limits.window),
                 user_nets: Table::new(limits.window),
                 logged_in: HashMap::new(),
                 running_nets: HashMap::new(),
                 running_users: HashMap::new(),
-                running_user_sites: HashMap::new(),
                 running_user_nets: HashMap::new(),
             }),
         })
@@ -508,8 +509,8 @@ impl AuthGate {
                 state.users.estimate(&user, now) + running(&state.running_users, &user);
             if user_count >= f64::from(limits.per_user) {
                 let at_site = (user, origin.site);
-                let failed_here = state.user_sites.estimate(&at_site, now) > 0.0
-                    || state.running_user_sites.contains_key(&at_site);
+                let failed_here = state.user_nets.estimate(&at_site, now) > 0.0
+                    || state.running_user_nets.contains_key(&at_site);
                 if failed_here {
                     return Admission::Refused(Refusal::User);
                 }
@@ -541,11 +542,8 @@ impl AuthGate {
             return false;
         }
         let pair = (user, origin.net);
-        let failures = if origin.wider_site().is_some() {
-            state.user_nets.estimate(&pair, now) + running(&state.running_user_nets, &pair)
-        } else {
-            state.user_sites.estimate(&pair, now) + running(&state.running_user_sites, &pair)
-        };
+        let failures =
+            state.user_nets.estimate(&pair, now) + running(&state.running_user_nets, &pair);
         failures < f64::from(self.limits.per_user)
     }
 
@@ -555,14 +553,10 @@ impl AuthGate {
         origin: Origin,
         user: UserKey,
     ) -> AuthTicket {
-        increment(&mut state.running_nets, origin.net);
-        if let Some(site) = origin.wider_site() {
-            increment(&mut state.running_nets, site);
-        }
         increment(&mut state.running_users, user);
-        increment(&mut state.running_user_sites, (user, origin.site));
-        if origin.wider_site().is_some() {
-            increment(&mut state.running_user_nets, (user, origin.net));
+        for net in origin.counted_in() {
+            increment(&mut state.running_nets, net);
+            increment(&mut state.running_user_nets, (user, net));
         }
         AuthTicket {
             gate: self.clone(),
@@ -577,27 +571,21 @@ impl AuthGate {
     pub fn forgive(&self, origin: Origin, user: UserKey, n: u32, now: Instant) {
         let mut state = lock(&self.state);
         state.users.subtract(&user, n, now);
-        state.user_sites.subtract(&(user, origin.site), n, now);
-        if origin.wider_site().is_some() {
-            state.user_nets.subtract(&(user, origin.net), n, now);
+        for net in origin.counted_in() {
+            state.user_nets.subtract(&(user, net), n, now);
         }
     }
 
     fn settle(&self, origin: Origin, user: UserKey, outcome: Settled) {
         let mut state = lock(&self.state);
-        let Origin { net, site } = origin;
-        decrement(&mut state.running_nets, &net);
-        if let Some(site) = origin.wider_site() {
-            decrement(&mut state.running_nets, &site);
-        }
         decrement(&mut state.running_users, &user);
-        decrement(&mut state.running_user_sites, &(user, site));
-        if origin.wider_site().is_some() {
+        for net in origin.counted_in() {
+            decrement(&mut state.running_nets, &net);
             decrement(&mut state.running_user_nets, &(user, net));
         }
         match outcome {
             Settled::Succeeded(now) => {
-                let pair = (user, net);
+                let pair = (user, origin.net);
                 let window = self.limits.window;
                 if state.logged_in.len() >= MAX_TRACKED && !state.logged_in.contains_key(&pair) {
                     state
@@ -612,13 +600,9 @@ impl AuthGate {
                 state.logged_in.insert(pair, now);
             }
             Settled::Failed(now) => {
-                state.nets.add(net, 1, now);
-                if let Some(site) = origin.wider_site() {
-                    state.nets.add(site, 1, now);
-                }
                 state.users.add(user, 1, now);
-                state.user_sites.add((user, site), 1, now);
-                if origin.wider_site().is_some() {
+                for net in origin.counted_in() {
+                    state.nets.add(net, 1, now);
                     state.user_nets.add((user, net), 1, now);
                 }
             }

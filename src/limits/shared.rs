@@ -51,10 +51,10 @@ use crate::store::{self, StoreError};
 /// pair window prefixes (each fixed window appends `:<index>`), the trust key of the
 /// name from the network, the site's window prefix, and the window prefix of the name
 /// from the network. ARGV: the window in milliseconds, `per_net`, `per_user`,
-/// `per_site` (0 when the site is the network: then neither the site nor the name from
-/// the network has a window apart from the pair's). Returns `{verdict, index, failures}`: verdict 0 to verify (the
-/// attempt now counts in window `index` of each), 1 refused for the network, 2 refused
-/// for the name, 3 refused for the site; `failures` is the name's estimate when it
+/// `per_site` (0 when the site is the network: then the site's and the pair's keys are
+/// the network's, counted once). Returns `{verdict, index, failures}`: verdict 0 to
+/// verify (the attempt now counts in window `index` of each), 1 refused for the
+/// network, 2 refused for the name, 3 refused for the site; `failures` is the name's estimate when it
 /// matters for the slowdown (not trusted), else 0. A trusted attempt (the trust key set,
 /// the name's failures from the network below `per_user`) meets no limit.
 const ADMIT_SCRIPT: &str = r"
@@ -70,8 +70,7 @@ local function estimate(prefix)
 end
 local per_user = tonumber(ARGV[3])
 local per_site = tonumber(ARGV[4])
-local from_net = per_site > 0 and KEYS[6] or KEYS[3]
-local trusted = redis.call('EXISTS', KEYS[4]) == 1 and estimate(from_net) < per_user
+local trusted = redis.call('EXISTS', KEYS[4]) == 1 and estimate(KEYS[6]) < per_user
 local failures = 0
 if not trusted then
   if estimate(KEYS[1]) >= tonumber(ARGV[2]) then
@@ -182,9 +181,10 @@ pub struct SharedWindows {
 
 /// The window prefixes of a network, a name and the name's failures from the site, the
 /// trust key of the name from the network, the site's window prefix, and that of the
-/// name's failures from the network. The last two are used only where the site is wider
-/// than the network; for IPv4 the first four are those of the releases that keyed the
-/// pair on the network.
+/// name's failures from the network. The pair and site keys are the network's own
+/// wherever the site is the network (IPv4); a `ClientNet` shows its prefix length, so
+/// an IPv6 site's keys never meet its networks'. The name's failures from a network
+/// keep the key earlier releases used for them.
 fn keys(origin: Origin, name: &SharedName) -> [String; 6] {
     let SharedName(hash) = name;
     let Origin { net, site } = origin;
@@ -194,7 +194,7 @@ fn keys(origin: Origin, name: &SharedName) -> [String; 6] {
         format!("postern:{{auth}}:pair:{hash}:{site}"),
         format!("postern:{{auth}}:trusted:{hash}:{net}"),
         format!("postern:{{auth}}:net:{site}"),
-        format!("postern:{{auth}}:pair-net:{hash}:{net}"),
+        format!("postern:{{auth}}:pair:{hash}:{net}"),
     ]
 }
 
