@@ -159,12 +159,15 @@ pub enum Op {
 pub struct Output {
     pub ops: Vec<Op>,
     pub replies: Vec<u8>,
+    /// How many bytes the `Forward` ops pass on.
+    forwarded: usize,
 }
 
 impl Output {
     pub fn clear(&mut self) {
         self.ops.clear();
         self.replies.clear();
+        self.forwarded = 0;
     }
 
     /// Forwards a range, merged into the previous op when contiguous so a bulk read
@@ -173,6 +176,7 @@ impl Output {
         if range.is_empty() {
             return;
         }
+        self.forwarded += range.len();
         if let Some(Op::Forward(last)) = self.ops.last_mut()
             && last.end == range.start
         {
@@ -190,17 +194,6 @@ impl Output {
 
     fn event(&mut self, event: Event) {
         self.ops.push(Op::Event(event));
-    }
-
-    /// How many bytes the `Forward` ops so far pass on.
-    fn forwarded_len(&self) -> usize {
-        self.ops
-            .iter()
-            .map(|op| match op {
-                Op::Forward(range) => range.len(),
-                _ => 0,
-            })
-            .sum()
     }
 
     fn release(&mut self, messages: u32, recipients: u32) {
@@ -413,7 +406,7 @@ pub struct Rules {
     /// Bytes forwarded to the backend by earlier calls: where in its stream a message
     /// ends, to tell at the end of a session whether the backend ever got that end.
     forwarded: u64,
-    /// `forwarded_len` of the current call's output when the call began.
+    /// The current call's output's `forwarded` when the call began.
     call_base: usize,
 }
 
@@ -556,7 +549,7 @@ impl Rules {
     /// command line, or bytes after a point where the rules must wait, see
     /// [`Rules::wants`]) must be passed again, with more after them.
     pub fn client_bytes(&mut self, input: &[u8], out: &mut Output) -> usize {
-        self.call_base = out.forwarded_len();
+        self.call_base = out.forwarded;
         let taken = self.take_client_bytes(input, out);
         self.forwarded = self.forwarded_with(out);
         taken
@@ -564,7 +557,7 @@ impl Rules {
 
     /// The length of the backend's stream once the current call's forwards are in it.
     fn forwarded_with(&self, out: &Output) -> u64 {
-        self.forwarded + out.forwarded_len().saturating_sub(self.call_base) as u64
+        self.forwarded + out.forwarded.saturating_sub(self.call_base) as u64
     }
 
     fn take_client_bytes(&mut self, input: &[u8], out: &mut Output) -> usize {
