@@ -344,6 +344,15 @@ impl SmtpClient {
         c
     }
 
+    /// Sends one short message from `from` and QUITs, each step accepted.
+    pub async fn send_one_and_quit(&mut self, from: &str) {
+        self.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
+        self.cmd("RCPT TO:<rcpt@example.net>", "250").await;
+        self.cmd("DATA", "354").await;
+        self.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
+        self.cmd("QUIT", "221").await;
+    }
+
     /// Shuts down the write side (TLS close_notify, then TCP FIN).
     pub async fn shutdown(&mut self) {
         let _ = match &mut self.stream {

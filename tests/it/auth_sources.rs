@@ -207,11 +207,7 @@ async fn dovecot_spellings_of_one_account_share_its_sending_budget() {
     let listen = postern.addr("--listen-tls");
     let (mut first, _) = SmtpClient::connect_implicit(listen, postern.tls_config()).await;
     first.auth_plain("alice", PASSWORD, "235").await;
-    first.cmd("MAIL FROM:<alice@client.test>", "250").await;
-    first.cmd("RCPT TO:<bob@example.net>", "250").await;
-    first.cmd("DATA", "354").await;
-    first.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
-    first.cmd("QUIT", "221").await;
+    first.send_one_and_quit("alice@client.test").await;
     for spelling in ["ALICE", "Alice"] {
         let (mut client, _) = SmtpClient::connect_implicit(listen, postern.tls_config()).await;
         client.auth_plain(spelling, PASSWORD, "235").await;
@@ -402,11 +398,7 @@ async fn auth_http_auth_user_names_the_account_the_session_goes_on_as() {
     let listen = postern.addr("--listen-tls");
     let (mut first, _) = SmtpClient::connect_implicit(listen, postern.tls_config()).await;
     first.auth_plain("Alice", PASSWORD, "235").await;
-    first.cmd("MAIL FROM:<alice@client.test>", "250").await;
-    first.cmd("RCPT TO:<bob@example.net>", "250").await;
-    first.cmd("DATA", "354").await;
-    first.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
-    first.cmd("QUIT", "221").await;
+    first.send_one_and_quit("alice@client.test").await;
     let closed = postern.wait_session_closed(first.local_addr());
     assert_eq!(log_field(&closed, "user"), "alice", "{closed}");
     let (mut second, _) = SmtpClient::connect_implicit(listen, postern.tls_config()).await;

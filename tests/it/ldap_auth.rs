@@ -916,11 +916,7 @@ async fn spellings_the_directory_binds_as_one_entry_share_its_sending_budget() {
     let listen = postern.addr("--listen-tls");
     let (mut first, _) = common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
     first.auth_plain(ALICE.0, ALICE.1, "235").await;
-    first.cmd("MAIL FROM:<alice@example.test>", "250").await;
-    first.cmd("RCPT TO:<bob@example.net>", "250").await;
-    first.cmd("DATA", "354").await;
-    first.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
-    first.cmd("QUIT", "221").await;
+    first.send_one_and_quit("alice@example.test").await;
     for spelling in [" ALICE ", "Alice", "alice  ", "ａｌｉｃｅ", "𝐚lice"] {
         let (mut client, _) =
             common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
@@ -956,11 +952,7 @@ async fn each_entry_is_its_own_account_whatever_folds_their_names_together() {
         let (mut client, _) =
             common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
         client.auth_plain(user, password, "235").await;
-        client.cmd("MAIL FROM:<x@example.test>", "250").await;
-        client.cmd("RCPT TO:<bob@example.net>", "250").await;
-        client.cmd("DATA", "354").await;
-        client.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
-        client.cmd("QUIT", "221").await;
+        client.send_one_and_quit("x@example.test").await;
         let closed = postern.wait_session_closed(client.local_addr());
         assert_eq!(
             common::postern::log_field(&closed, "user"),
@@ -1014,11 +1006,7 @@ async fn an_entry_cannot_name_itself_after_another_account() {
         let (mut client, _) =
             common::SmtpClient::connect_implicit(listen, postern.tls_config()).await;
         client.auth_plain(user, password, "235").await;
-        client.cmd("MAIL FROM:<x@example.test>", "250").await;
-        client.cmd("RCPT TO:<y@example.net>", "250").await;
-        client.cmd("DATA", "354").await;
-        client.cmd("Subject: one\r\n\r\none\r\n.", "250").await;
-        client.cmd("QUIT", "221").await;
+        client.send_one_and_quit("x@example.test").await;
         let closed = postern.wait_session_closed(client.local_addr());
         assert_eq!(
             common::postern::log_field(&closed, "user"),
