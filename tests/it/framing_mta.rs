@@ -1008,7 +1008,7 @@ async fn resets_after_the_final_dot(kind: Kind) {
         return;
     }
     // A whole chunked message in one write, then a reset: whether postern wrote it to
-    // the MTA before it saw the reset or not, what it counts is what the MTA got.
+    // the MTA before it saw the reset or not, it never counts less than the MTA got.
     let user = user_for("resetafterbdat");
     let postern = Postern::builder(mta.addr())
         .flag("--max-messages-per-user", "2/1h")
@@ -1030,7 +1030,14 @@ async fn resets_after_the_final_dot(kind: Kind) {
     let delivered = mta.accepted().await.len() - before;
     let mut c = Client::login(&postern, true, &user).await;
     c.write(b"MAIL FROM:<third@example.org>\r\n").await;
-    let want = if delivered >= 2 { "451 4.7.1" } else { "250" };
+    // Never fewer counted than delivered. Exim drops a message whose client is gone
+    // after its end, which postern counts once it wrote that end: more counted than
+    // delivered, toward the limit, as documented.
+    let want = match (delivered >= 2, kind) {
+        (true, _) => "451 4.7.1",
+        (false, Kind::Exim) => "250|451 4.7.1",
+        (false, _) => "250",
+    };
     if let Err(Problem::Wrong(e) | Problem::Gone(e)) = c.expect_within(want, REPLY).await {
         panic!(
             "{}: the MTA took {delivered} of the two reset messages: {e}\n{}",
