@@ -17,9 +17,16 @@ use std::time::{Duration, Instant};
 use crate::sasl::Mechanism;
 
 pub mod shared;
+mod trust;
+
+use trust::TrustedNets;
 
 /// Most keys the failure table tracks at once (~50 bytes each).
 pub const MAX_TRACKED: usize = 100_000;
+
+/// A failure table full of live keys forgets this fraction of them at once (one
+/// in ten), those with the fewest failures: one scan pays for many insertions.
+const EVICTED_WHEN_FULL: usize = 10;
 
 /// A client's network as the limits see it: an IPv4 address, or an IPv6 prefix (one
 /// subscriber usually owns a whole /64 or more, so counting single IPv6 addresses is
@@ -314,18 +321,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
     /// Records `n` events for `key`.
     fn add(&mut self, key: K, n: u32, now: Instant) {
         if self.entries.len() >= MAX_TRACKED && !self.entries.contains_key(&key) {
-            let window = self.window;
-            if self.next_sweep.is_none_or(|at| now >= at) {
-                self.entries
-                    .retain(|_, counts| now.saturating_duration_since(counts.start) < window * 2);
-                self.next_sweep = Some(now + window / 4);
-            }
-            if self.entries.len() >= MAX_TRACKED {
-                // Still full of live entries: forget an arbitrary one rather than grow.
-                if let Some(victim) = self.entries.keys().next().cloned() {
-                    self.entries.remove(&victim);
-                }
-            }
+            self.make_room(now);
         }
         let counts = self.entries.entry(key).or_insert(Counts {
             start: now,
@@ -334,6 +330,48 @@ impl<K: Hash + Eq + Clone> Table<K> {
         });
         counts.advance(now, self.window);
         counts.current = counts.current.saturating_add(n);
+    }
+
+    /// Frees room in a full table: expired entries go first (at most one scan per
+    /// quarter window, so a flood of new keys does not scan per insertion), then, while
+    /// it is still full of live entries, the tenth with the fewest events. Whoever floods
+    /// the table with fresh keys (one failure each, from many networks) so pushes out
+    /// only keys as cheap as its own: to make postern forget a name with k failures it
+    /// must first hold nine tenths of the table at k failures or more.
+    fn make_room(&mut self, now: Instant) {
+        let window = self.window;
+        if self.next_sweep.is_none_or(|at| now >= at) {
+            self.entries
+                .retain(|_, counts| now.saturating_duration_since(counts.start) < window * 2);
+            self.next_sweep = Some(now + window / 4);
+        }
+        if self.entries.len() < MAX_TRACKED {
+            return;
+        }
+        let mut estimates: Vec<f64> = self
+            .entries
+            .values_mut()
+            .map(|counts| {
+                counts.advance(now, window);
+                counts.estimate(now, window)
+            })
+            .collect();
+        let evict = (estimates.len() / EVICTED_WHEN_FULL).max(1);
+        let (_, &mut threshold, _) = estimates.select_nth_unstable_by(evict - 1, f64::total_cmp);
+        // Below the threshold are fewer than `evict` entries; ties at it go until the
+        // tenth is reached, so a table of equal counts still keeps nine tenths.
+        let mut ties = evict - estimates.iter().filter(|&&e| e < threshold).count();
+        self.entries.retain(|_, counts| {
+            let estimate = counts.estimate(now, window);
+            if estimate < threshold {
+                return false;
+            }
+            if estimate == threshold && ties > 0 {
+                ties -= 1;
+                return false;
+            }
+            true
+        });
     }
 
     /// Takes back up to `n` events recorded for `key`, newest first.
@@ -443,8 +481,8 @@ struct GateState {
     /// Failures of one user name from one network, and from its site where wider: the
     /// sites a name over its limit refuses, and what bounds the trust of a network.
     user_nets: Table<(UserKey, ClientNet)>,
-    /// When a network last logged in as a user.
-    logged_in: HashMap<(UserKey, ClientNet), Instant>,
+    /// The networks that logged in as each user.
+    logged_in: TrustedNets,
     /// Verifications running now, per network and wider site. Bounded by the
     /// connections, so not swept.
     running_nets: HashMap<ClientNet, u32>,
@@ -477,7 +515,7 @@ impl AuthGate {
                 nets: Table::new(limits.window),
                 users: Table::new(limits.window),
                 user_nets: Table::new(limits.window),
-                logged_in: HashMap::new(),
+                logged_in: TrustedNets::new(limits.window),
                 running_nets: HashMap::new(),
                 running_users: HashMap::new(),
                 running_user_nets: HashMap::new(),
@@ -534,11 +572,7 @@ impl AuthGate {
     /// Whether `origin`'s network logged in as `user` within the window, and the name's
     /// failures from that network (running attempts included) are below `per_user`.
     fn trusted(&self, state: &mut GateState, origin: Origin, user: UserKey, now: Instant) -> bool {
-        let logged_in = state
-            .logged_in
-            .get(&(user, origin.net))
-            .is_some_and(|at| now.saturating_duration_since(*at) < self.limits.window);
-        if !logged_in {
+        if !state.logged_in.logged_in(user, origin.net, now) {
             return false;
         }
         let pair = (user, origin.net);
@@ -584,21 +618,7 @@ impl AuthGate {
             decrement(&mut state.running_user_nets, &(user, net));
         }
         match outcome {
-            Settled::Succeeded(now) => {
-                let pair = (user, origin.net);
-                let window = self.limits.window;
-                if state.logged_in.len() >= MAX_TRACKED && !state.logged_in.contains_key(&pair) {
-                    state
-                        .logged_in
-                        .retain(|_, at| now.saturating_duration_since(*at) < window);
-                    if state.logged_in.len() >= MAX_TRACKED
-                        && let Some(victim) = state.logged_in.keys().next().copied()
-                    {
-                        state.logged_in.remove(&victim);
-                    }
-                }
-                state.logged_in.insert(pair, now);
-            }
+            Settled::Succeeded(now) => state.logged_in.record(user, origin.net, now),
             Settled::Failed(now) => {
                 state.users.add(user, 1, now);
                 for net in origin.counted_in() {
@@ -1016,6 +1036,42 @@ mod tests {
             table.add(i, 1, now);
         }
         assert!(table.len() <= MAX_TRACKED);
+    }
+
+    #[test]
+    fn a_flood_of_fresh_keys_pushes_out_the_cheapest_not_a_counted_name() {
+        let window = Duration::from_secs(600);
+        let mut table = Table::new(window);
+        let t0 = Instant::now();
+        table.add(u32::MAX, 3, t0);
+        // Many times the table's size of one-failure keys, later in the same window, so
+        // the sweep of expired entries frees nothing.
+        let later = t0 + Duration::from_secs(10);
+        for i in 0..(3 * MAX_TRACKED as u32) {
+            table.add(i, 1, later);
+        }
+        assert!(table.len() <= MAX_TRACKED);
+        assert_eq!(table.estimate(&u32::MAX, later), 3.0);
+        // Keys costlier than the counted one do push it out, once they fill the table.
+        for i in 0..MAX_TRACKED as u32 {
+            table.add(i, 4, later);
+        }
+        assert_eq!(table.estimate(&u32::MAX, later), 0.0);
+    }
+
+    #[test]
+    fn a_full_table_of_equal_counts_forgets_a_tenth_at_once() {
+        let mut table = Table::new(Duration::from_secs(600));
+        let now = Instant::now();
+        for i in 0..MAX_TRACKED as u32 {
+            table.add(i, 1, now);
+        }
+        assert_eq!(table.len(), MAX_TRACKED);
+        table.add(u32::MAX, 1, now);
+        assert_eq!(
+            table.len(),
+            MAX_TRACKED - MAX_TRACKED / EVICTED_WHEN_FULL + 1
+        );
     }
 
     fn gate(per_net: u32, per_user: u32) -> Arc<AuthGate> {
