@@ -10,6 +10,7 @@
 //! stops reading therefore stalls only what is sent to it.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 
 pub use super::rules::{
     Claim, Event, Limit, Limits, MAX_CHUNK, MAX_EHLO_REPLY, MAX_PENDING, Reservation, Settings,
@@ -255,7 +256,7 @@ impl Tracker {
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
         self.rules.finish(&mut out, self.delivered);
-        self.apply(&out, Side::Client);
+        self.apply(&out, Side::Client, Forwarding::Copied);
         self.scratch = out;
     }
 
@@ -268,7 +269,7 @@ impl Tracker {
                 out.clear();
                 let taken = self.rules.backend_bytes(self.from_backend.data(), &mut out);
                 progress |= taken > 0 || !out.ops.is_empty();
-                self.apply(&out, Side::Backend);
+                self.apply(&out, Side::Backend, Forwarding::Copied);
                 self.from_backend.consume(taken);
                 self.scratch = out;
             }
@@ -283,8 +284,17 @@ impl Tracker {
                 progress |= taken > 0
                     || !out.ops.is_empty()
                     || matches!(self.rules.wants(), Wants::Reservation(_));
-                self.apply(&out, Side::Client);
-                self.from_client.consume(taken);
+                match self.handover(&out) {
+                    Some(forward) => {
+                        self.apply(&out, Side::Client, Forwarding::HandedOver);
+                        self.from_client
+                            .hand_over(forward, taken, &mut self.to_backend);
+                    }
+                    None => {
+                        self.apply(&out, Side::Client, Forwarding::Copied);
+                        self.from_client.consume(taken);
+                    }
+                }
                 self.scratch = out;
             }
             if !progress {
@@ -293,8 +303,35 @@ impl Tracker {
         }
     }
 
-    /// Performs one call's ops. `side` is where the rules' input came from.
-    fn apply(&mut self, out: &Output, side: Side) {
+    /// The client bytes `out` forwards, when the read buffer holding them can become the
+    /// backend's queue as it is instead of being copied into it: the queue is empty, they
+    /// are one range worth a buffer, and nothing in `out` cuts the backend off or closes.
+    /// Under bulk DATA this saves a copy of every relayed byte (glibc's `memcpy` can
+    /// also be many times slower for some distances between two buffers, which a
+    /// long-lived pair of them keeps hitting: benches/README.md).
+    fn handover(&self, out: &Output) -> Option<Range<usize>> {
+        if !self.to_backend.is_empty()
+            || self.backend_abandoned
+            || self.backend_write_failed
+            || self.closing
+        {
+            return None;
+        }
+        let mut forward = None;
+        for op in &out.ops {
+            match op {
+                Op::Forward(range) if forward.is_none() => forward = Some(range.clone()),
+                Op::Forward(_) | Op::CloseBackend | Op::Close => return None,
+                Op::Reply(_) | Op::Event(_) | Op::Release { .. } => {}
+            }
+        }
+        forward
+            .filter(|range| range.len() >= MIN_BUFFER && range.end <= self.from_client.data().len())
+    }
+
+    /// Performs one call's ops. `side` is where the rules' input came from; a client
+    /// range the read buffer hands over (see [`Tracker::handover`]) is not copied.
+    fn apply(&mut self, out: &Output, side: Side, forwarding: Forwarding) {
         for op in &out.ops {
             // After the closing reply nothing more is written, but what is counted or
             // given back to the store still is.
@@ -313,6 +350,7 @@ impl Tracker {
                     };
                     match side {
                         Side::Client if self.backend_abandoned || self.backend_write_failed => {}
+                        Side::Client if forwarding == Forwarding::HandedOver => {}
                         Side::Client => self.to_backend.push(bytes),
                         Side::Backend => self.to_client.push(bytes),
                     }
@@ -343,6 +381,14 @@ impl Tracker {
 enum Side {
     Client,
     Backend,
+}
+
+/// How forwarded client bytes reach the backend's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forwarding {
+    Copied,
+    /// The read buffer becomes the queue after the ops are performed.
+    HandedOver,
 }
 
 /// One direction's read buffer: bytes read but not yet taken by the rules sit at
@@ -387,14 +433,35 @@ impl InBuffer {
     fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
         if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            if !self.last_read_filled
-                && self.last_read < MIN_BUFFER
-                && self.bytes.len() > MIN_BUFFER
-            {
-                self.bytes = vec![0; MIN_BUFFER];
-            }
+            self.emptied();
+        }
+    }
+
+    fn emptied(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        if !self.last_read_filled && self.last_read < MIN_BUFFER && self.bytes.len() > MIN_BUFFER {
+            self.bytes = vec![0; MIN_BUFFER];
+        }
+    }
+
+    /// Consumes `taken` bytes, of which `forward` (a range of [`InBuffer::data`]) goes
+    /// to the empty `queue` by handing it this buffer whole; the queue's own buffer
+    /// becomes this one, with the bytes not taken yet copied to its front.
+    fn hand_over(&mut self, forward: Range<usize>, taken: usize, queue: &mut OutQueue) {
+        let forward = self.start + forward.start..self.start + forward.end;
+        let kept = (self.start + taken).min(self.end)..self.end;
+        let size = self.bytes.len().max(kept.len());
+        let mut fresh = queue.exchange(std::mem::take(&mut self.bytes), forward);
+        if fresh.len() < size {
+            fresh.resize(size, 0);
+        }
+        fresh[..kept.len()].copy_from_slice(&queue.bytes[kept.clone()]);
+        self.bytes = fresh;
+        self.start = 0;
+        self.end = kept.len();
+        if kept.is_empty() {
+            self.emptied();
         }
     }
 
@@ -424,20 +491,23 @@ impl InBuffer {
     }
 }
 
-/// Bytes waiting to be written to one side.
+/// Bytes waiting to be written to one side: `bytes[sent..end]`. The buffer stays
+/// initialized to its full length, so it can become a read buffer (see
+/// [`InBuffer::hand_over`]) without being zeroed.
 #[derive(Debug, Default)]
 struct OutQueue {
     bytes: Vec<u8>,
     sent: usize,
+    end: usize,
 }
 
 impl OutQueue {
     fn pending(&self) -> &[u8] {
-        &self.bytes[self.sent..]
+        &self.bytes[self.sent..self.end]
     }
 
     fn len(&self) -> usize {
-        self.bytes.len() - self.sent
+        self.end - self.sent
     }
 
     fn is_empty(&self) -> bool {
@@ -447,15 +517,30 @@ impl OutQueue {
     fn push(&mut self, bytes: &[u8]) {
         if self.is_empty() {
             // Already cleared when its last byte was written; the room it kept stays.
-            self.bytes.clear();
             self.sent = 0;
+            self.end = 0;
         }
-        self.bytes.extend_from_slice(bytes);
+        let end = self.end + bytes.len();
+        if end > self.bytes.len() {
+            self.bytes.resize(end.max(2 * self.bytes.len()), 0);
+        }
+        self.bytes[self.end..end].copy_from_slice(bytes);
+        self.end = end;
+    }
+
+    /// Takes `full`, whose `pending` range is what to write next, in place of this
+    /// empty queue's buffer, which it returns.
+    fn exchange(&mut self, full: Vec<u8>, pending: Range<usize>) -> Vec<u8> {
+        debug_assert!(self.is_empty(), "a queue handed a buffer while not empty");
+        let end = pending.end.min(full.len());
+        self.sent = pending.start.min(end);
+        self.end = end;
+        std::mem::replace(&mut self.bytes, full)
     }
 
     fn written(&mut self, n: usize) {
         debug_assert!(n <= self.len(), "wrote more than was pending");
-        self.sent = (self.sent + n).min(self.bytes.len());
+        self.sent = (self.sent + n).min(self.end);
         if self.is_empty() {
             self.clear();
         }
@@ -466,12 +551,10 @@ impl OutQueue {
         // batch keeps its room for the next one, and the first small batch after a
         // burst (the reply after the body, the next command) gives the room back, so
         // an idle session keeps no burst-sized queue.
-        let batch = self.bytes.len();
-        self.bytes.clear();
+        let batch = self.end;
         self.sent = 0;
-        if self.bytes.capacity() > MAX_BUFFER
-            || (batch < MIN_BUFFER && self.bytes.capacity() > MIN_BUFFER)
-        {
+        self.end = 0;
+        if self.bytes.len() > MAX_BUFFER || (batch < MIN_BUFFER && self.bytes.len() > MIN_BUFFER) {
             self.bytes = Vec::new();
         }
     }
