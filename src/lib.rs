@@ -49,12 +49,14 @@
 //! - [`tls`]: certificate loading, the rustls configuration, certificates chosen by SNI
 //!   (`tls::sni`), the usual chain mistakes (`tls::check`) and the server stream (`tls::stream`).
 //! - [`metrics`]: metric names, the Prometheus recorder, typed helpers.
+//! - [`copy`]: large copies between the relay's buffers, clear of a glibc slow path.
 
 pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod conn;
+pub mod copy;
 pub mod demo;
 pub mod limits;
 pub mod listener;

@@ -17,6 +17,7 @@ pub use super::rules::{
     Usage, Wants, chunk_limit,
 };
 use super::rules::{Op, Output, Rules};
+use crate::copy::copy_pieces;
 
 /// A read buffer starts this small, so an idle session costs little memory (nginx's
 /// mail proxy holds ~24 KiB per idle session; tokio's copy_bidirectional 128 KiB): a
@@ -524,7 +525,7 @@ impl OutQueue {
         if end > self.bytes.len() {
             self.bytes.resize(end.max(2 * self.bytes.len()), 0);
         }
-        self.bytes[self.end..end].copy_from_slice(bytes);
+        copy_pieces(&mut self.bytes[self.end..end], bytes);
         self.end = end;
     }
 

@@ -57,6 +57,8 @@ use tokio_rustls::rustls::unbuffered::{
 };
 use tokio_rustls::rustls::{self, CommonState, ProtocolVersion, ServerConfig};
 
+use crate::copy::copy_pieces;
+
 /// A TLS record header: content type, legacy version, length (RFC 8446 §5.1).
 const RECORD_HEADER: usize = 5;
 
@@ -242,7 +244,8 @@ impl<IO> ServerStream<IO> {
                                 let mut payload = record.payload;
                                 if let Some(into) = into.as_deref_mut() {
                                     let n = payload.len().min(into.remaining());
-                                    into.put_slice(&payload[..n]);
+                                    copy_pieces(into.initialize_unfilled_to(n), &payload[..n]);
+                                    into.advance(n);
                                     payload = &payload[n..];
                                 }
                                 self.plain.push(payload);
