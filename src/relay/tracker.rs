@@ -455,6 +455,8 @@ impl InBuffer {
         let size = self.bytes.len().max(kept.len());
         let mut fresh = queue.exchange(std::mem::take(&mut self.bytes), forward);
         if fresh.len() < size {
+            // Exactly the size: growing by doubling could allocate past MAX_BUFFER.
+            fresh.reserve_exact(size - fresh.len());
             fresh.resize(size, 0);
         }
         fresh[..kept.len()].copy_from_slice(&queue.bytes[kept.clone()]);
@@ -523,7 +525,9 @@ impl OutQueue {
         }
         let end = self.end + bytes.len();
         if end > self.bytes.len() {
-            self.bytes.resize(end.max(2 * self.bytes.len()), 0);
+            let grown = end.max(2 * self.bytes.len());
+            self.bytes.reserve_exact(grown - self.bytes.len());
+            self.bytes.resize(grown, 0);
         }
         copy_pieces(&mut self.bytes[self.end..end], bytes);
         self.end = end;
@@ -555,7 +559,8 @@ impl OutQueue {
         let batch = self.end;
         self.sent = 0;
         self.end = 0;
-        if self.bytes.len() > MAX_BUFFER || (batch < MIN_BUFFER && self.bytes.len() > MIN_BUFFER) {
+        let room = self.bytes.capacity();
+        if room > MAX_BUFFER || (batch < MIN_BUFFER && room > MIN_BUFFER) {
             self.bytes = Vec::new();
         }
     }

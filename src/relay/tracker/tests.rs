@@ -1377,6 +1377,42 @@ fn a_queue_gives_back_its_burst_room_after_the_first_small_batch() {
 }
 
 #[test]
+fn a_handed_over_read_buffer_is_allocated_within_max_buffer() {
+    let mut queue = OutQueue::default();
+    queue.push(&vec![b'x'; 20_000]);
+    // Not a small batch: the queue keeps its room.
+    queue.written(20_000);
+    let mut buffer = InBuffer::new(b"");
+    while buffer.bytes.len() < MAX_BUFFER {
+        let n = buffer.space().map_or(0, |s| s.len());
+        buffer.filled(n);
+        buffer.consume(n);
+    }
+    let n = buffer.space().map_or(0, |s| s.len());
+    buffer.filled(n);
+    buffer.hand_over(0..n, n, &mut queue);
+    assert!(
+        buffer.bytes.capacity() <= MAX_BUFFER,
+        "a read buffer of {} octets",
+        buffer.bytes.capacity()
+    );
+}
+
+#[test]
+fn a_queue_handed_an_oversized_buffer_gives_it_back_when_written() {
+    let mut queue = OutQueue::default();
+    let mut big = Vec::with_capacity(60_000);
+    big.resize(MAX_BUFFER, b'x');
+    drop(queue.exchange(big, 0..MAX_BUFFER));
+    queue.written(MAX_BUFFER);
+    assert!(
+        queue.bytes.capacity() <= MAX_BUFFER,
+        "a queue of {} octets",
+        queue.bytes.capacity()
+    );
+}
+
+#[test]
 fn a_read_buffer_keeps_its_size_through_short_bulk_reads_and_shrinks_after_a_small_one() {
     let mut buffer = InBuffer::new(b"");
     // Reads that fill it: it grows to the largest size.
